@@ -1,0 +1,1 @@
+"""Weight conversion between HuggingFace-format checkpoints and mm's TP/PP/VPP shards (mm-convert)."""

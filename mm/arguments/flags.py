@@ -1,0 +1,146 @@
+"""Megatron-style command-line flags, with the names Megatron-LM and MindSpeed-MM users know.
+
+Unknown flags are an error (not ignored), and abbreviations are not accepted: a misspelt flag in a
+launch script must stop the run before it starts, not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from mm.accelerator.device import ACCELERATOR_CHOICES
+from mm.arguments.errors import ConfigError
+
+CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we raise instead
+        raise ConfigError(f"{message} (run with --help for the list of flags)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=_positive_int, default=None,
+                   help="model chunks per pipeline stage; 1 or unset means no interleaving")
+    g.add_argument("--context-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--context-parallel-algo", choices=CP_ALGOS, default="ulysses_cp_algo")
+    g.add_argument("--ulysses-degree-in-cp", type=_positive_int, default=None,
+                   help="Ulysses part of CP for hybrid_cp_algo; CP / this is the ring part")
+    g.add_argument("--cp-window-size", type=_positive_int, default=1,
+                   help="> 1: double-ring attention with inner rings of this many ranks")
+    g.add_argument("--use-cp-send-recv-overlap", action="store_true")
+    g.add_argument("--attention-mask-type", choices=("general", "causal"), default="general")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--variable-seq-lengths", action="store_true",
+                   help="pipeline stages exchange tensor shapes each micro-batch (dynamic resolution)")
+    g.add_argument("--use-multiparameter-pipeline-model-parallel", action="store_true",
+                   help="pipeline stages pass several tensors (hidden states and conditioning)")
+    g.add_argument("--optimization-level", type=int, choices=(0, 1, 2), default=2,
+                   help="accepted for MindSpeed-MM scripts; mm applies the same code at every level")
+    g.add_argument("--distributed-backend", choices=("nccl", "hccl", "gloo"), default=None,
+                   help="default: the accelerator's (nccl on GPUs, hccl on NPUs, gloo on CPUs)")
+    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10)
+    g.add_argument("--accelerator", choices=ACCELERATOR_CHOICES, default=None,
+                   help="default: MM_ACCELERATOR from the environment, else auto")
+    g.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="accepted from older launchers; LOCAL_RANK from the environment decides")
+
+
+def _training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+                   help="default: micro-batch-size x data-parallel size")
+    g.add_argument("--train-iters", type=_positive_int, default=None)
+    g.add_argument("--eval-interval", type=_positive_int, default=None)
+    g.add_argument("--eval-iters", type=_non_negative_int, default=0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--num-workers", type=_non_negative_int, default=2)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--allow-tf32", action="store_true")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                   action="store_false")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+
+
+def _optimizer(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="constant")
+    g.add_argument("--lr-decay-iters", type=_positive_int, default=None)
+    g.add_argument("--lr-warmup-iters", type=_non_negative_int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--loss-scale", type=float, default=None, help="static loss scale for --fp16")
+
+
+def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch_dist")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=_positive_int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=_positive_int, default=1)
+    g.add_argument("--log-throughput", action="store_true")
+
+
+def _mm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mm configuration files")
+    g.add_argument("--mm-model", required=True, help="model JSON (predictor, ae, text_encoder, diffusion)")
+    g.add_argument("--mm-data", default=None, help="data JSON (dataset_param, dataloader_param)")
+    g.add_argument("--mm-tool", default=None, help="tools JSON (profiling and similar switches)")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, allow_abbrev=False,
+                     description="mm: Megatron-style training and inference for video DiTs")
+    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _mm):
+        add(parser)
+    return parser
+
+
+def parse_flags(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: sys.argv[1:]); raises ConfigError on unknown or malformed flags."""
+    return build_parser(prog).parse_args(argv)

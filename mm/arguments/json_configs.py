@@ -1,0 +1,239 @@
+"""The model JSON (``--mm-model``) and data JSON (``--mm-data``) as typed objects.
+
+The layout follows MindSpeed-MM's files (seed 003): a model JSON has a ``predictor`` section and
+optional ``ae``, ``text_encoder``, ``image_encoder`` and ``diffusion`` sections plus run-wide
+switches (``enable_encoder_dp``, ``encoder_offload_interval``, ...); a data JSON has
+``dataset_param`` (with ``basic_parameters.data_path`` pointing at a ``data.txt``) and
+``dataloader_param``. The keys every run depends on are typed fields here; keys that only one
+component interprets stay in that component's ``params`` and are checked by the component.
+Unknown top-level keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mm.arguments.errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def load_json(path: str, flag: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``; errors name ``flag`` and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{flag} {path!r}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} {path!r}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {path!r}: the top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+class _Reader:
+    """Pops typed keys out of one JSON object, collecting problems under a key path."""
+
+    def __init__(self, data: dict[str, Any], where: str, problems: list[str]):
+        self.data = dict(data)
+        self.where = where
+        self.problems = problems
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        if name not in self.data:
+            if required:
+                self.problems.append(f"{self.key(name)} is required")
+            return default
+        value = self.data.pop(name)
+        if value is None:
+            return default
+        # bool is an int subclass in Python; a JSON true is not a number
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+            names = "/".join(k.__name__ for k in _as_tuple(kinds))
+            self.problems.append(f"{self.key(name)} = {value!r}: expected {names}")
+            return default
+        return value
+
+    def section(self, name: str, required: bool = False) -> "_Reader | None":
+        value = self.get(name, dict, required=required)
+        return None if value is None else _Reader(value, self.key(name), self.problems)
+
+    def rest(self) -> dict[str, Any]:
+        return self.data
+
+    def reject_rest(self, valid: list[str]) -> None:
+        for name in self.data:
+            self.problems.append(f"{self.key(name)}: unknown key; valid keys here: {', '.join(sorted(valid))}")
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+@dataclass
+class ComponentConfig:
+    """One model part (predictor, ae, text encoder ...): which implementation and its weights."""
+
+    model_id: str
+    from_pretrained: str | None = None
+    dtype: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # keys the component itself interprets
+
+
+@dataclass
+class PredictorConfig(ComponentConfig):
+    num_layers: int | None = None
+    num_heads: int | None = None
+    # 1-D [layers per stage] (PP) or 2-D [[layers per stage] per virtual chunk] (PP x VPP)
+    pipeline_num_layers: list[int] | list[list[int]] | None = None
+
+
+@dataclass
+class AEConfig(ComponentConfig):
+    vae_cp_size: int = 1
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    predictor: PredictorConfig
+    ae: AEConfig | None = None
+    text_encoder: list[ComponentConfig] = field(default_factory=list)
+    image_encoder: ComponentConfig | None = None
+    diffusion: ComponentConfig | None = None
+    load_video_features: bool = False
+    load_text_features: bool = False
+    enable_encoder_dp: bool = False
+    encoder_offload_interval: int = 1
+    # sections this issue does not type yet (sampling settings of inference JSONs, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_COMPONENT_KEYS = ["model_id", "from_pretrained", "dtype"]
+
+
+def _component(reader: _Reader, cls: type[ComponentConfig], **typed: Any) -> ComponentConfig:
+    model_id = reader.get("model_id", str, default="", required=True)
+    from_pretrained = reader.get("from_pretrained", str)
+    dtype = reader.get("dtype", str)
+    if dtype is not None and dtype not in DTYPES:
+        reader.problems.append(f"{reader.key('dtype')} = {dtype!r}; valid: {', '.join(DTYPES)}")
+    return cls(model_id=model_id, from_pretrained=from_pretrained, dtype=dtype, params=reader.rest(), **typed)
+
+
+def _pipeline_num_layers(reader: _Reader) -> list | None:
+    value = reader.get("pipeline_num_layers", list)
+    if value is None:
+        return None
+    flat = value if not value or not isinstance(value[0], list) else [x for row in value for x in row]
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in flat)
+    two_d = bool(value) and all(isinstance(row, list) for row in value)
+    one_d = all(not isinstance(row, list) for row in value)
+    if not value or not ok or not (one_d or two_d):
+        reader.problems.append(
+            f"{reader.key('pipeline_num_layers')} = {value!r}: expected a non-empty list of layer counts "
+            "(>= 0) per pipeline stage, e.g. [8, 8, 8, 8], or per virtual chunk and stage, e.g. [[4, 4], [4, 4]]"
+        )
+        return None
+    return value
+
+
+_MODEL_KEYS = ["predictor", "ae", "text_encoder", "image_encoder", "diffusion", "load_video_features",
+               "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "inference"]
+
+
+def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> ModelConfig | None:
+    top = _Reader(data, "", problems)
+    pred = top.section("predictor", required=True)
+    predictor = None
+    if pred is not None:
+        typed = dict(num_layers=pred.get("num_layers", int), num_heads=pred.get("num_heads", int),
+                     pipeline_num_layers=_pipeline_num_layers(pred))
+        predictor = _component(pred, PredictorConfig, **typed)
+    ae = None
+    ae_reader = top.section("ae")
+    if ae_reader is not None:
+        ae = _component(ae_reader, AEConfig, vae_cp_size=ae_reader.get("vae_cp_size", int, default=1))
+    text_encoders: list[ComponentConfig] = []
+    raw_te = top.get("text_encoder", (dict, list))
+    if raw_te is not None:
+        items = raw_te if isinstance(raw_te, list) else [raw_te]
+        for i, item in enumerate(items):
+            where = "text_encoder" if isinstance(raw_te, dict) else f"text_encoder[{i}]"
+            if not isinstance(item, dict):
+                problems.append(f"{where} = {item!r}: expected a JSON object")
+                continue
+            text_encoders.append(_component(_Reader(item, where, problems), ComponentConfig))
+    image_reader = top.section("image_encoder")
+    diffusion_reader = top.section("diffusion")
+    config = ModelConfig(
+        path=path,
+        predictor=predictor,
+        ae=ae,
+        text_encoder=text_encoders,
+        image_encoder=None if image_reader is None else _component(image_reader, ComponentConfig),
+        diffusion=None if diffusion_reader is None else _component(diffusion_reader, ComponentConfig),
+        load_video_features=top.get("load_video_features", bool, default=False),
+        load_text_features=top.get("load_text_features", bool, default=False),
+        enable_encoder_dp=top.get("enable_encoder_dp", bool, default=False),
+        encoder_offload_interval=top.get("encoder_offload_interval", int, default=1),
+        extra={"inference": top.get("inference", dict, default={})},
+    )
+    top.reject_rest(_MODEL_KEYS)
+    return config if predictor is not None else None
+
+
+DATASET_TYPES = ("t2v", "i2v", "t2i", "image")
+
+
+@dataclass
+class DataConfig:
+    path: str
+    dataset_type: str
+    data_path: str
+    data_folder: str | None = None
+    data_storage_mode: str = "combine"
+    preprocess: dict[str, Any] = field(default_factory=dict)  # interpreted by mm.data
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    dataloader: dict[str, Any] = field(default_factory=dict)
+    use_text_processer: bool = True
+
+
+def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> DataConfig | None:
+    top = _Reader(data, "", problems)
+    ds = top.section("dataset_param", required=True)
+    dataloader = top.get("dataloader_param", dict, default={})
+    top.reject_rest(["dataset_param", "dataloader_param"])
+    if ds is None:
+        return None
+    dataset_type = ds.get("dataset_type", str, default="", required=True)
+    if dataset_type and dataset_type not in DATASET_TYPES:
+        problems.append(f"dataset_param.dataset_type = {dataset_type!r}; valid: {', '.join(DATASET_TYPES)}")
+    basic = ds.section("basic_parameters", required=True)
+    data_path, data_folder, mode = "", None, "combine"
+    if basic is not None:
+        data_path = basic.get("data_path", str, default="", required=True)
+        data_folder = basic.get("data_folder", str)
+        mode = basic.get("data_storage_mode", str, default="combine")
+        basic.reject_rest(["data_path", "data_folder", "data_storage_mode"])
+    config = DataConfig(
+        path=path,
+        dataset_type=dataset_type,
+        data_path=data_path,
+        data_folder=data_folder,
+        data_storage_mode=mode,
+        preprocess=ds.get("preprocess_parameters", dict, default={}),
+        tokenizer=ds.get("tokenizer_config", dict, default={}),
+        use_text_processer=ds.get("use_text_processer", bool, default=True),
+        dataloader=dataloader,
+    )
+    ds.reject_rest(["dataset_type", "basic_parameters", "preprocess_parameters", "tokenizer_config",
+                    "use_text_processer"])
+    return config

@@ -1,0 +1,228 @@
+"""Checks of flags, model JSON and data JSON together, before any process group or tensor exists.
+
+Every rule reports the flag or key, the value given and what would be valid; all problems of a
+configuration are reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mm.accelerator.device import BACKENDS, backend_accepted
+from mm.arguments.json_configs import DataConfig, ModelConfig
+from mm.parallel.groups import ParallelSizes
+
+MODES = ("train", "inference")
+
+
+def ulysses_degree(args: argparse.Namespace) -> int:
+    """How many ranks split attention heads: all of CP for Ulysses, part of it for hybrid."""
+    if args.context_parallel_algo == "ulysses_cp_algo":
+        return args.context_parallel_size
+    if args.context_parallel_algo == "hybrid_cp_algo":
+        return args.ulysses_degree_in_cp or 1
+    return 1
+
+
+def virtual_pipeline_size(args: argparse.Namespace) -> int | None:
+    """VPP chunks, or None without interleaving (MindSpeed scripts pass VP=1 for 'off')."""
+    vpp = args.virtual_pipeline_model_parallel_size
+    return None if vpp in (None, 1) else vpp
+
+
+def parallel_sizes(args: argparse.Namespace, model: ModelConfig | None, world_size: int) -> ParallelSizes:
+    return ParallelSizes(
+        world_size=world_size,
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        context_parallel=args.context_parallel_size,
+        ulysses_degree=ulysses_degree(args),
+        cp_window_size=args.cp_window_size,
+        vae_cp_size=model.ae.vae_cp_size if model is not None and model.ae is not None else 1,
+    )
+
+
+def _check_parallel(args: argparse.Namespace, world_size: int, problems: list[str]) -> None:
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world_size % (tp * pp * cp) != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}; "
+            "change the sizes or the number of processes (GPUS_PER_NODE x NNODES)"
+        )
+    if args.sequence_parallel and tp == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1); drop the flag or raise TP")
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp > 1 and pp == 1:
+        problems.append(
+            f"--virtual-pipeline-model-parallel-size {vpp} needs --pipeline-model-parallel-size > 1 (got 1)"
+        )
+    algo = args.context_parallel_algo
+    if algo == "hybrid_cp_algo":
+        u = args.ulysses_degree_in_cp
+        if u is None:
+            problems.append("--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp (a divisor of CP, > 1)")
+        elif u <= 1 or cp % u != 0 or u == cp:
+            problems.append(
+                f"--ulysses-degree-in-cp {u} with --context-parallel-size {cp}: hybrid_cp_algo needs a "
+                f"degree > 1 that divides CP and is smaller than CP (valid: "
+                f"{[d for d in range(2, cp) if cp % d == 0] or 'none for this CP; use ulysses_cp_algo or megatron_cp_algo'})"
+            )
+    elif args.ulysses_degree_in_cp not in (None, 1) and algo != "hybrid_cp_algo":
+        problems.append(
+            f"--ulysses-degree-in-cp {args.ulysses_degree_in_cp} is only used with --context-parallel-algo "
+            f"hybrid_cp_algo (got {algo})"
+        )
+    w = args.cp_window_size
+    if w > 1:
+        ring = cp // ulysses_degree(args) if algo == "hybrid_cp_algo" else cp
+        if algo == "ulysses_cp_algo":
+            problems.append(
+                f"--cp-window-size {w} (double ring) needs --context-parallel-algo megatron_cp_algo or "
+                "hybrid_cp_algo (got ulysses_cp_algo)"
+            )
+        elif cp % w != 0 or ring % w != 0:
+            problems.append(
+                f"--cp-window-size {w} must divide the ring size ({ring} = --context-parallel-size {cp}"
+                + (f" / --ulysses-degree-in-cp {args.ulysses_degree_in_cp}" if algo == "hybrid_cp_algo" else "")
+                + f"); valid: {[d for d in range(1, ring + 1) if ring % d == 0]}"
+            )
+    if args.attention_mask_type != "general":
+        problems.append(
+            f"--attention-mask-type {args.attention_mask_type}: DiT attention is bidirectional; valid: general"
+        )
+
+
+def _check_precision_and_recompute(args: argparse.Namespace, problems: list[str]) -> None:
+    if args.bf16 and args.fp16:
+        problems.append("--bf16 and --fp16 are mutually exclusive; pass one")
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        problems.append(
+            f"--recompute-method {args.recompute_method} needs --recompute-granularity full "
+            f"(got {args.recompute_granularity})"
+        )
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        problems.append(
+            "--recompute-granularity full needs --recompute-method (uniform or block) and --recompute-num-layers"
+        )
+
+
+def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems: list[str]) -> None:
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    if world_size % model_parallel != 0:
+        return  # reported by _check_parallel
+    dp = world_size // model_parallel
+    gbs, mbs = args.global_batch_size, args.micro_batch_size
+    if gbs is not None and gbs % (mbs * dp) != 0:
+        problems.append(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size ({mbs}) x data-parallel size "
+            f"({dp} = world {world_size} / (TP x PP x CP)); valid: multiples of {mbs * dp}"
+        )
+    if mode == "train":
+        if args.train_iters is None:
+            problems.append("--train-iters is required for training")
+        if args.lr is None:
+            problems.append("--lr is required for training")
+        if args.save_interval is not None and args.save is None:
+            problems.append(f"--save-interval {args.save_interval} needs --save (a checkpoint directory)")
+
+
+def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[str]) -> None:
+    pred = model.predictor
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    u = ulysses_degree(args)
+    if pred.num_heads is not None and pred.num_heads % (tp * u) != 0:
+        problems.append(
+            f"predictor.num_heads = {pred.num_heads} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"Ulysses degree ({u}, from --context-parallel-algo {args.context_parallel_algo}"
+            + (f" and --ulysses-degree-in-cp" if args.context_parallel_algo == "hybrid_cp_algo" else
+               " and --context-parallel-size" if args.context_parallel_algo == "ulysses_cp_algo" else "")
+            + f") = {tp * u}"
+        )
+    _check_pipeline_num_layers(args, pred.pipeline_num_layers, pred.num_layers, problems)
+    vae_cp = model.ae.vae_cp_size if model.ae is not None else 1
+    if vae_cp < 1:
+        problems.append(f"ae.vae_cp_size = {vae_cp}; valid: an integer >= 1")
+    elif vae_cp > 1:
+        if pp > 1:
+            problems.append(
+                f"ae.vae_cp_size = {vae_cp} (VAE-CP) does not work with pipeline parallelism "
+                f"(--pipeline-model-parallel-size {pp}); set vae_cp_size to 1 or PP to 1"
+            )
+        tpcp = tp * args.context_parallel_size
+        if tpcp % vae_cp != 0:
+            problems.append(
+                f"ae.vae_cp_size = {vae_cp} must divide TP x CP = {tpcp} (the ranks that hold the same video); "
+                f"valid: {[d for d in range(1, tpcp + 1) if tpcp % d == 0]}"
+            )
+    if model.enable_encoder_dp:
+        if pp > 1:
+            problems.append(
+                f"enable_encoder_dp = true does not work with pipeline parallelism (--pipeline-model-parallel-size {pp})"
+            )
+        if vae_cp > 1:
+            problems.append(f"enable_encoder_dp = true does not work with VAE-CP (ae.vae_cp_size = {vae_cp})")
+    if model.encoder_offload_interval < 1:
+        problems.append(f"encoder_offload_interval = {model.encoder_offload_interval}; valid: an integer >= 1")
+
+
+def _check_pipeline_num_layers(args: argparse.Namespace, layout: list | None, num_layers: int | None,
+                               problems: list[str]) -> None:
+    pp = args.pipeline_model_parallel_size
+    vpp = virtual_pipeline_size(args)
+    key = "predictor.pipeline_num_layers"
+    if layout is None:
+        if pp > 1:
+            problems.append(
+                f"--pipeline-model-parallel-size {pp} needs {key} in the model JSON: the DiT layers per stage, "
+                f"e.g. {[num_layers // pp] * pp if num_layers and num_layers % pp == 0 else [8] * pp}"
+            )
+        return
+    two_d = isinstance(layout[0], list)
+    if two_d:
+        rows_ok = len(layout) == (vpp or 1) and all(len(row) == pp for row in layout)
+        if not rows_ok:
+            problems.append(
+                f"{key} = {layout}: a 2-D layout needs {vpp or 1} row(s) (--virtual-pipeline-model-parallel-size) "
+                f"of {pp} stage(s) each (--pipeline-model-parallel-size)"
+            )
+            return
+        total = sum(sum(row) for row in layout)
+    else:
+        if vpp is not None:
+            problems.append(
+                f"{key} = {layout} is 1-D but --virtual-pipeline-model-parallel-size is {vpp}; "
+                f"give {vpp} rows of {pp} stages, e.g. [[4, 4], [4, 4]]"
+            )
+            return
+        if len(layout) != pp:
+            problems.append(
+                f"{key} = {layout} has {len(layout)} stage(s) but --pipeline-model-parallel-size is {pp}; "
+                "the list needs one entry per pipeline stage"
+            )
+            return
+        total = sum(layout)
+    if num_layers is not None and total != num_layers:
+        problems.append(f"{key} = {layout} sums to {total} layers but predictor.num_layers = {num_layers}")
+
+
+def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, world_size: int,
+             mode: str = "train", accelerator: str | None = None) -> list[str]:
+    """All problems of this configuration (empty when it is valid)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; valid: {MODES}")
+    problems: list[str] = []
+    _check_parallel(args, world_size, problems)
+    _check_precision_and_recompute(args, problems)
+    _check_batch(args, world_size, mode, problems)
+    if model is not None:
+        _check_model(args, model, problems)
+    if mode == "train" and data is None and (model is None or not model.load_video_features):
+        problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
+    backend = args.distributed_backend
+    if backend is not None and accelerator is not None and not backend_accepted(accelerator, backend):
+        problems.append(
+            f"--distributed-backend {backend} does not match the accelerator {accelerator!r}; valid: "
+            f"{BACKENDS[accelerator]} (or leave the flag out)"
+        )
+    return problems
