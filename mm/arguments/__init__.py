@@ -43,7 +43,12 @@ def load_config(argv: Sequence[str] | None, world_size: int, mode: str = "train"
 
     Raises ConfigError listing every problem; nothing is started before this returns.
     """
-    args = parse_flags(argv, prog=prog)
+    return config_from_args(parse_flags(argv, prog=prog), world_size, mode, accelerator)
+
+
+def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "train",
+                     accelerator: str | None = None) -> RunConfig:
+    """``load_config`` for flags that are already parsed."""
     problems: list[str] = []
     model = parse_model_config(load_json(args.mm_model, "--mm-model"), args.mm_model, problems)
     data = None
@@ -66,6 +71,7 @@ __all__ = [
     "PredictorConfig",
     "RunConfig",
     "build_parser",
+    "config_from_args",
     "load_config",
     "parse_flags",
     "ulysses_degree",

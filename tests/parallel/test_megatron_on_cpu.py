@@ -230,3 +230,84 @@ def test_pipeline_schedule_matches_single_process(vpp):
     last_rank_losses = results[-1][1]
     assert len(last_rank_losses) == NUM_MICRO
     torch.testing.assert_close(sum(last_rank_losses) / NUM_MICRO, twin_loss)
+
+
+# ---------------------------------------------------------------- DDP and the distributed optimizer
+
+DDP_IN, DDP_HIDDEN, DDP_BATCH, DDP_STEPS, LR = 6, 10, 4, 3, 0.05
+
+
+def _ddp_data(world: int):
+    g = torch.Generator().manual_seed(11)
+    w1 = torch.randn(DDP_HIDDEN, DDP_IN, generator=g)
+    w2 = torch.randn(1, DDP_HIDDEN, generator=g)
+    xs = [torch.randn(world * DDP_BATCH, DDP_IN, generator=g) for _ in range(DDP_STEPS)]
+    ys = [torch.randn(world * DDP_BATCH, 1, generator=g) * 10 for _ in range(DDP_STEPS)]
+    return w1, w2, xs, ys
+
+
+def _make_mlp(w1, w2):
+    net = torch.nn.Sequential(torch.nn.Linear(DDP_IN, DDP_HIDDEN, bias=False), torch.nn.Tanh(),
+                              torch.nn.Linear(DDP_HIDDEN, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(w1)
+        net[2].weight.copy_(w2)
+    return net
+
+
+def _twin_ddp(world: int):
+    w1, w2, xs, ys = _ddp_data(world)
+    net = _make_mlp(w1, w2)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    norms = []
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)))
+        opt.step()
+    return [p.detach() for p in net.parameters()], norms
+
+
+def _ddp_worker(rank: int, world: int, distributed_optimizer: bool, overlap: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=world), seed=5)
+    w1, w2, xs, ys = _ddp_data(world)
+    config = TransformerConfig(num_layers=1, hidden_size=DDP_HIDDEN, num_attention_heads=1,
+                               use_cpu_initialization=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                               use_distributed_optimizer=distributed_optimizer,
+                                               bucket_size=16 if overlap else None)
+    model = DistributedDataParallel(config, ddp_config, _make_mlp(w1, w2))
+    opt_config = OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+                                 adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    norms = []
+    local = slice(rank * DDP_BATCH, (rank + 1) * DDP_BATCH)
+    for x, y in zip(xs, ys):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        ((model(x[local]) - y[local]) ** 2).mean().backward()
+        finalize_model_grads([model])
+        ok, norm, _ = optimizer.step()
+        assert ok
+        norms.append(float(norm))
+    params = [p.detach().clone() for p in model.module.parameters()]
+    destroy_parallel()
+    return params, norms
+
+
+@pytest.mark.parametrize("distributed_optimizer,overlap", [(False, False), (True, True)],
+                         ids=["ddp", "distributed_optimizer_overlap"])
+def test_ddp_and_distributed_optimizer_match_single_process(distributed_optimizer, overlap):
+    twin_params, twin_norms = _twin_ddp(2)
+    results = run_distributed(2, _ddp_worker, distributed_optimizer, overlap)
+    for params, norms in results:
+        assert norms == pytest.approx(twin_norms, rel=1e-5)
+        assert twin_norms[0] > 1.0  # the clip really acted
+        for p, q in zip(params, twin_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,55 @@
+"""Start a run: configuration first, then the accelerator, the process groups and the RNG.
+
+Every entry point (pretrain_*.py, inference.py) begins with ``start``: flags, model JSON and data
+JSON are parsed and validated for the launch's world size before any process group exists; a bad
+configuration ends the process with exit code 2 and a message naming each offending flag or key.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from mm.accelerator import Accelerator, LaunchEnv, init_distributed, rank0_print, read_launch_env, select_accelerator
+from mm.accelerator.device import AcceleratorError
+from mm.accelerator.distributed import LaunchError
+from mm.arguments import ConfigError, RunConfig, config_from_args, parse_flags
+from mm.parallel import describe_layout, initialize_parallel
+
+
+@dataclass
+class Runtime:
+    config: RunConfig
+    accelerator: Accelerator
+    launch: LaunchEnv
+
+
+def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
+    """Parse and validate everything; select the accelerator. Starts no process group."""
+    args = parse_flags(argv, prog=prog)
+    accelerator = select_accelerator(args.accelerator)
+    launch = read_launch_env()
+    config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name)
+    return config, accelerator, launch
+
+
+def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None) -> Runtime:
+    """``configure``, then the default process group, megatron-core's and mm's groups, and seeds."""
+    try:
+        config, accelerator, launch = configure(argv, mode, prog)
+    except (ConfigError, AcceleratorError, LaunchError) as e:
+        print(f"{prog or sys.argv[0]}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    args = config.args
+    init_distributed(accelerator, args.distributed_timeout_minutes, launch)
+    initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
+                        timeout_minutes=args.distributed_timeout_minutes, seed=args.seed)
+    rank0_print(
+        f"mm: {launch.world_size} rank(s) on {accelerator.name} ({accelerator.backend}); "
+        f"TP={config.sizes.tensor_parallel} PP={config.sizes.pipeline_parallel} "
+        f"VPP={config.virtual_pipeline_size or 1} CP={config.sizes.context_parallel} "
+        f"({args.context_parallel_algo}) DP={config.sizes.data_parallel}\n"
+        f"rank 0 groups:\n{describe_layout(config.sizes, 0)}"
+    )
+    return Runtime(config=config, accelerator=accelerator, launch=launch)

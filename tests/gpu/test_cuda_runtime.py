@@ -1,0 +1,55 @@
+"""The CUDA path of the accelerator layer and runtime, on one GPU (run on the accelerator machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.gpu
+
+
+def test_quickstart_smoke_on_one_gpu(tmp_path):
+    model = json.loads((REPO / "examples/quickstart/model.json").read_text())
+    del model["predictor"]["pipeline_num_layers"]
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    env = dict(os.environ, MM_ACCELERATOR="cuda", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "examples/quickstart/parallel_smoke.py", "--mm-model", str(tmp_path / "model.json"),
+           "--mm-data", "examples/quickstart/data.json", "--lr", "3e-3", "--train-iters", "40",
+           "--log-interval", "10", "--micro-batch-size", "2", "--use-distributed-optimizer"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 rank(s) on cuda (nccl)" in result.stdout and "(fell)" in result.stdout
+
+
+def test_tensor_parallel_layers_on_gpu_match_cpu():
+    # megatron-core's layers on the real device, world of one, against a CPU reference
+    code = """
+import torch
+from mm.accelerator import init_distributed, select_accelerator
+from mm.parallel import ParallelSizes, initialize_parallel
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear
+acc = select_accelerator('cuda')
+init_distributed(acc, 5)
+initialize_parallel(ParallelSizes(world_size=1), seed=3)
+layer = ColumnParallelLinear(16, 32, config=ModelParallelConfig(params_dtype=torch.float32),
+                             init_method=torch.nn.init.normal_, bias=False, gather_output=True)
+assert layer.weight.device.type == 'cuda'
+x = torch.randn(4, 2, 16, device='cuda')
+out, _ = layer(x)
+ref = x.double().cpu() @ layer.weight.double().cpu().t()
+err = (out.double().cpu() - ref).norm() / ref.norm()
+assert err < 1e-2, err
+print('ok', float(err))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

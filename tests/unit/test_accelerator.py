@@ -1,0 +1,192 @@
+"""Accelerator selection, the launch environment, communication knobs, and the CPU mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm.accelerator import (
+    AcceleratorError,
+    LaunchError,
+    backend_accepted,
+    check_comm_env,
+    read_launch_env,
+    select_accelerator,
+)
+from mm.accelerator import cuda_on_cpu, device
+
+
+@pytest.fixture
+def fresh_selection(monkeypatch):
+    """Each test selects from scratch; whatever it installs is undone afterwards."""
+    monkeypatch.setattr(device, "_SELECTED", None)
+    was_installed = cuda_on_cpu.is_installed()
+    yield
+    if not was_installed:
+        cuda_on_cpu.uninstall()
+
+
+def test_cpu_selected_by_flag(fresh_selection):
+    acc = select_accelerator("cpu")
+    assert (acc.name, acc.backend) == ("cpu", "gloo")
+    assert acc.device() == torch.device("cpu")
+    assert cuda_on_cpu.is_installed()
+
+
+def test_env_decides_without_flag(fresh_selection, monkeypatch):
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    assert select_accelerator(None).name == "cpu"
+
+
+def test_auto_falls_back_to_cpu_without_gpu(fresh_selection, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "_npu_present", lambda: False)
+    assert select_accelerator("auto").name == "cpu"
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(fresh_selection, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AcceleratorError, match="--accelerator / MM_ACCELERATOR = 'cuda', but torch sees no CUDA GPU"):
+        select_accelerator("cuda")
+
+
+def test_npu_requested_without_torch_npu(fresh_selection, monkeypatch):
+    monkeypatch.setattr(device, "_npu_present", lambda: False)
+    with pytest.raises(AcceleratorError, match="torch_npu is not installed"):
+        select_accelerator("npu")
+
+
+def test_unknown_accelerator(fresh_selection):
+    with pytest.raises(AcceleratorError, match="valid: auto, cuda, npu, cpu"):
+        select_accelerator("tpu")
+
+
+def test_cannot_switch_after_selection(fresh_selection, monkeypatch):
+    select_accelerator("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(AcceleratorError, match="already selected as 'cpu'"):
+        select_accelerator("cuda")
+
+
+def test_backend_accepted():
+    assert backend_accepted("cpu", "gloo") and not backend_accepted("cpu", "nccl")
+    assert backend_accepted("npu", "hccl") and backend_accepted("npu", "nccl")
+    assert not backend_accepted("cuda", "hccl")
+
+
+def test_launch_env_single_process_without_torchrun():
+    env = read_launch_env({})
+    assert (env.rank, env.world_size, env.local_rank) == (0, 1, 0) and env.master_port > 0
+
+
+def test_launch_env_from_torchrun_variables():
+    env = read_launch_env({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 16, 1, 8)
+    assert (env.master_addr, env.master_port) == ("10.0.0.1", 29501)
+
+
+def test_launch_env_incomplete():
+    with pytest.raises(LaunchError, match="MASTER_ADDR, MASTER_PORT missing"):
+        read_launch_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_launch_env_rank_out_of_range():
+    with pytest.raises(LaunchError, match=r"RANK=4 is outside \[0, WORLD_SIZE=4\)"):
+        read_launch_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+
+
+def test_hccl_knob_ranges():
+    assert check_comm_env("hccl", 10, {"HCCL_CONNECT_TIMEOUT": "1200"}) == []
+    with pytest.raises(LaunchError, match=r"HCCL_CONNECT_TIMEOUT=60 is outside its valid range \[120, 7200\]"):
+        check_comm_env("hccl", 10, {"HCCL_CONNECT_TIMEOUT": "60"})
+    with pytest.raises(LaunchError, match="HCCL_EXEC_TIMEOUT='soon' must be an integer"):
+        check_comm_env("hccl", 10, {"HCCL_EXEC_TIMEOUT": "soon"})
+
+
+def test_hccl_exec_timeout_shorter_than_collective_timeout_warns():
+    warnings = check_comm_env("hccl", 60, {"HCCL_EXEC_TIMEOUT": "1800"})
+    assert len(warnings) == 1 and "HCCL_EXEC_TIMEOUT=1800s is shorter than --distributed-timeout-minutes=60" in warnings[0]
+
+
+def test_nccl_knobs_checked_only_for_nccl():
+    with pytest.raises(LaunchError, match="TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"):
+        check_comm_env("nccl", 10, {"TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "0"})
+    assert check_comm_env("gloo", 10, {"TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "0"}) == []
+    assert "watchdog monitor" in check_comm_env("nccl", 10, {"TORCH_NCCL_ENABLE_MONITORING": "0"})[0]
+
+
+# ---- the CPU mode itself
+
+@pytest.fixture
+def cpu_mode():
+    was_installed = cuda_on_cpu.is_installed()
+    cuda_on_cpu.install()
+    yield
+    if not was_installed:
+        cuda_on_cpu.uninstall()
+
+
+def test_cuda_device_arguments_land_on_cpu(cpu_mode):
+    for dev in ("cuda", "cuda:0", torch.device("cuda"), torch.cuda.current_device()):
+        assert torch.zeros(2, device=dev).device.type == "cpu"
+    t = torch.ones(3)
+    assert t.cuda() is t and t.to("cuda").device.type == "cpu" and t.to(torch.float64).dtype == torch.float64
+
+
+def test_cuda_type_names_for_cpu_tensors(cpu_mode):
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.ones(1).type("torch.cuda.HalfTensor").dtype == torch.float16
+
+
+def test_cuda_rng_is_the_cpu_generator(cpu_mode):
+    torch.cuda.manual_seed(123)
+    a = torch.rand(4)
+    state = torch.cuda.get_rng_state()
+    b = torch.rand(4)
+    torch.cuda.set_rng_state(state)
+    torch.testing.assert_close(torch.rand(4), b)
+    torch.manual_seed(123)
+    torch.testing.assert_close(torch.rand(4), a)
+    assert torch.cuda.default_generators[0] is torch.default_generator
+
+
+def test_streams_events_and_sync_are_host_objects(cpu_mode):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.ones(2) * 2
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda.synchronize()
+    end.record()
+    assert end.query() and start.elapsed_time(end) >= 0.0 and x.sum().item() == 4.0
+
+
+def test_backward_sees_the_redirection(cpu_mode):
+    class AllocatesOnCuda(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2 + torch.zeros_like(grad, device=torch.cuda.current_device())
+
+    x = torch.ones(3, requires_grad=True)
+    AllocatesOnCuda.apply(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    y = torch.ones(2, requires_grad=True)
+    torch.autograd.backward([AllocatesOnCuda.apply(y).sum()], grad_tensors=[torch.tensor(3.0)])
+    torch.testing.assert_close(y.grad, torch.full((2,), 6.0))
+
+
+def test_uninstall_restores_torch_cuda():
+    if cuda_on_cpu.is_installed():
+        pytest.skip("CPU mode installed by an earlier test in this process")
+    original = torch.cuda.current_device
+    cuda_on_cpu.install()
+    assert torch.cuda.current_device is not original
+    cuda_on_cpu.uninstall()
+    assert torch.cuda.current_device is original
