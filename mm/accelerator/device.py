@@ -72,17 +72,9 @@ class Accelerator:
         if not self.is_cpu:
             self.module.synchronize()
 
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        if not self.is_cpu:
-            self.module.manual_seed_all(seed)
-
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated on this device since the last reset (0 on the CPU)."""
         return 0 if self.is_cpu else self.module.max_memory_allocated()
-
-    def memory_allocated(self) -> int:
-        return 0 if self.is_cpu else self.module.memory_allocated()
 
     def reset_peak_memory_stats(self) -> None:
         if not self.is_cpu:
