@@ -1,0 +1,234 @@
+"""Building blocks of the Wan DiT on megatron-core tensor-parallel layers, ``[s, b, h]`` layout.
+
+Tensor parallelism: q/k/v and FFN-up are column-parallel, the attention output and FFN-down are
+row-parallel; each TP rank holds ``num_heads / tp`` heads. Sequence parallelism: between the
+row-parallel outputs and the next column-parallel inputs activations are split along the
+sequence; the column-parallel layers all-gather it and the row-parallel ones reduce-scatter.
+Cross-attention keys/values read the text (and image) context, which every rank holds whole, so
+they use column-parallel layers without the sequence all-gather.
+
+Parameters applied to sequence shards but not split by TP (adaLN tables, the cross-attention
+norm, the time embedding) carry ``sequence_parallel = True`` so megatron-core's
+``finalize_model_grads`` sums their gradients over the TP group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from mm.models.predictor.wan.config import WanDiTConfig
+from mm.parallel.attention import CoreAttention
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: Wan computes norms, modulation and RoPE in fp32; fp64 (tests) stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def mark_sequence_parallel(module_or_param, enabled: bool) -> None:
+    """Tag parameters whose gradients are partial sums over sequence shards under SP."""
+    params = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else module_or_param.parameters()
+    for p in params:
+        setattr(p, "sequence_parallel", enabled)
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[n] -> [n, dim]: cos then sin of ``t * max_period^(-i / (dim/2))``, in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+    angles = timestep.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class FP32LayerNorm(torch.nn.LayerNorm):
+    """LayerNorm computed in fp32, result in the input dtype (Wan keeps its norms in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = upcast(self.weight) if self.weight is not None else None
+        bias = upcast(self.bias) if self.bias is not None else None
+        return F.layer_norm(upcast(x), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+class TPRMSNorm(torch.nn.Module):
+    """RMSNorm over the whole hidden size of q or k while each TP rank holds only its heads' part.
+
+    Wan normalises q and k across all heads, so the mean square is summed over the TP group
+    (an all-reduce whose backward is again an all-reduce: each rank's loss depends on the
+    statistic through its own heads).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, tp_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.hidden_size, self.eps, self.tp_size = hidden_size, eps, tp_size
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp_size, dtype=dtype))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sum_sq = upcast(x).pow(2).sum(dim=-1, keepdim=True)
+        if self.tp_size > 1:
+            sum_sq = dist.nn.functional.all_reduce(sum_sq, group=mpu.get_tensor_model_parallel_group())
+        normed = upcast(x) * torch.rsqrt(sum_sq / self.hidden_size + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(config: WanDiTConfig, frames: int, height: int, width: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the 3-D RoPE angles for a ``frames x height x width`` token grid: ``[s, 1, 1, d/2]``.
+
+    Head channels are split into frame, row and column parts (``config.rope_dims``); token
+    ``(f, y, x)`` of the flattened grid rotates channel pair ``j`` of a part by ``pos * theta^(-2j/n)``.
+    Computed from global positions in fp64; ``apply_rope`` casts them to its compute dtype.
+    """
+    angles = []
+    for size, dim in zip((frames, height, width), config.rope_dims):
+        freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+        angles.append(torch.outer(torch.arange(size, dtype=torch.float64, device=device), freqs))
+    grid = torch.cat([
+        angles[0][:, None, None, :].expand(frames, height, width, -1),
+        angles[1][None, :, None, :].expand(frames, height, width, -1),
+        angles[2][None, None, :, :].expand(frames, height, width, -1),
+    ], dim=-1).reshape(frames * height * width, 1, 1, -1)
+    return grid.cos(), grid.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs ``(x[2j], x[2j+1])`` of ``[s, b, n, d]`` by the tables."""
+    pairs = upcast(x).unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(pairs.dtype), sin.to(pairs.dtype)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def _column(config: TransformerConfig, in_size: int, out_size: int, gather_sequence: bool = True):
+    # cross-attention keys/values read the context every rank holds whole: no sequence all-gather
+    cfg = config if gather_sequence else dataclasses.replace(config, sequence_parallel=False)
+    return tensor_parallel.ColumnParallelLinear(in_size, out_size, config=cfg, init_method=config.init_method,
+                                                bias=True, gather_output=False)
+
+
+def _row(config: TransformerConfig, in_size: int, out_size: int):
+    return tensor_parallel.RowParallelLinear(in_size, out_size, config=config,
+                                             init_method=config.output_layer_init_method, bias=True,
+                                             input_is_parallel=True, skip_bias_add=False)
+
+
+class _AttentionBase(MegatronModule):
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+        super().__init__(config)
+        tp = config.tensor_model_parallel_size
+        self.heads_per_rank = wan.num_heads // tp
+        self.head_dim = wan.head_dim
+        h = wan.hidden_size
+        self.q_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
+        self.k_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
+        self.core_attention = CoreAttention()
+        self.linear_proj = _row(config, h, h)
+        self.recompute_core_attention = config.recompute_granularity == "selective"
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.recompute_core_attention and self.training:
+            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
+        return self.core_attention(q, k, v)
+
+
+class WanSelfAttention(_AttentionBase):
+    """Self-attention over video tokens: fused column-parallel q/k/v (each rank's slice holds its
+    heads' q, k and v), RMSNorm across all heads, 3-D RoPE."""
+
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+        super().__init__(wan, config)
+        self.linear_qkv = _column(config, wan.hidden_size, 3 * wan.hidden_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv, _ = self.linear_qkv(x)  # [s, b, 3h/tp]
+        q, k, v = qkv.chunk(3, dim=-1)
+        q = apply_rope(self._heads(self.q_norm(q)), *rope)
+        k = apply_rope(self._heads(self.k_norm(k)), *rope)
+        out, _ = self.linear_proj(self._attend(q, k, self._heads(v)))
+        return out
+
+
+class WanCrossAttention(_AttentionBase):
+    """Attention from video tokens to the text context, plus (I2V/FLF2V) to the CLIP image context
+    with its own keys/values; the two results are added before the output projection."""
+
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+        super().__init__(wan, config)
+        h = wan.hidden_size
+        self.linear_q = _column(config, h, h)
+        self.linear_kv = _column(config, h, 2 * h, gather_sequence=False)
+        self.has_image = wan.image_dim is not None
+        if self.has_image:
+            self.linear_kv_img = _column(config, h, 2 * h, gather_sequence=False)
+            self.k_img_norm = TPRMSNorm(h, wan.eps, config.tensor_model_parallel_size, config.params_dtype)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+        q, _ = self.linear_q(x)
+        q = self._heads(self.q_norm(q))
+        kv, _ = self.linear_kv(context)
+        k, v = kv.chunk(2, dim=-1)
+        out = self._attend(q, self._heads(self.k_norm(k)), self._heads(v))
+        if self.has_image:
+            kv_img, _ = self.linear_kv_img(context_img)
+            k_img, v_img = kv_img.chunk(2, dim=-1)
+            out = out + self._attend(q, self._heads(self.k_img_norm(k_img)), self._heads(v_img))
+        out, _ = self.linear_proj(out)
+        return out
+
+
+class WanMLP(MegatronModule):
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+        super().__init__(config)
+        self.linear_fc1 = _column(config, wan.hidden_size, wan.ffn_dim)
+        self.linear_fc2 = _row(config, wan.ffn_dim, wan.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_fc1(x)
+        out, _ = self.linear_fc2(F.gelu(hidden, approximate="tanh"))
+        return out
+
+
+class WanLayer(MegatronModule):
+    """One DiT block: adaLN-modulated self-attention, cross-attention, adaLN-modulated FFN.
+
+    ``modulation`` is Wan's learned ``[1, 6, h]`` table added to the projected timestep embedding:
+    shift/scale/gate for self-attention, then for the FFN.
+    """
+
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig, layer_number: int):
+        super().__init__(config)
+        h = wan.hidden_size
+        self.layer_number = layer_number
+        self.norm1 = FP32LayerNorm(h, eps=wan.eps, elementwise_affine=False)
+        self.self_attention = WanSelfAttention(wan, config)
+        self.cross_attn_norm = (FP32LayerNorm(h, eps=wan.eps, elementwise_affine=True, dtype=config.params_dtype)
+                                if wan.cross_attn_norm else torch.nn.Identity())
+        self.cross_attention = WanCrossAttention(wan, config)
+        self.norm3 = FP32LayerNorm(h, eps=wan.eps, elementwise_affine=False)
+        self.mlp = WanMLP(wan, config)
+        self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=config.params_dtype) / h**0.5)
+        mark_sequence_parallel(self.modulation, config.sequence_parallel)
+        mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
+                context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [s, b, h] (a sequence shard under SP); time_mod: [b, 6, h]; context: [L, b, h]."""
+        mod = upcast(self.modulation) + upcast(time_mod)  # [b, 6, h]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i].unsqueeze(0) for i in range(6))
+        normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
+        x = (upcast(x) + upcast(self.self_attention(normed, rope)) * gate_sa).type_as(x)
+        x = x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
+        normed = (upcast(self.norm3(x)) * (1 + scale_ff) + shift_ff).type_as(x)
+        return (upcast(x) + upcast(self.mlp(normed)) * gate_ff).type_as(x)

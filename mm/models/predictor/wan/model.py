@@ -1,0 +1,168 @@
+"""The Wan DiT: patch embedding, time/text/image conditioning, DiT layers, adaLN head, unpatchify."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from mm.models.predictor.wan.config import WanDiTConfig
+from mm.models.predictor.wan.layers import (
+    FP32LayerNorm,
+    WanLayer,
+    mark_sequence_parallel,
+    rope_tables,
+    sinusoidal_embedding,
+    upcast,
+)
+
+
+class _TwoLayerMLP(torch.nn.Module):
+    def __init__(self, in_size: int, hidden: int, out_size: int, activation, dtype: torch.dtype):
+        super().__init__()
+        self.linear_1 = torch.nn.Linear(in_size, hidden, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(hidden, out_size, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class WanImageEmbedder(torch.nn.Module):
+    """CLIP image tokens -> hidden: LayerNorm, Linear, GELU, Linear, LayerNorm (+ FLF2V position embedding)."""
+
+    def __init__(self, wan: WanDiTConfig, dtype: torch.dtype):
+        super().__init__()
+        d = wan.image_dim
+        self.norm1 = FP32LayerNorm(d, eps=1e-5, dtype=dtype)
+        self.linear_1 = torch.nn.Linear(d, d, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(d, wan.hidden_size, dtype=dtype)
+        self.norm2 = FP32LayerNorm(wan.hidden_size, eps=1e-5, dtype=dtype)
+        self.pos_embed = (torch.nn.Parameter(torch.zeros(1, wan.pos_embed_seq_len, d, dtype=dtype))
+                          if wan.pos_embed_seq_len is not None else None)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # FLF2V: first- and last-frame CLIP tokens, concatenated
+            if image.shape[1] != self.pos_embed.shape[1]:
+                raise ValueError(f"FLF2V image context has {image.shape[1]} tokens; predictor.pos_embed_seq_len "
+                                 f"= {self.pos_embed.shape[1]} (first-frame then last-frame tokens)")
+            image = image + self.pos_embed
+        return self.norm2(self.linear_2(F.gelu(self.linear_1(self.norm1(image)))))
+
+
+class WanHead(torch.nn.Module):
+    """adaLN (its own ``[1, 2, h]`` shift/scale table on the raw time embedding) + linear to patches."""
+
+    def __init__(self, wan: WanDiTConfig, dtype: torch.dtype):
+        super().__init__()
+        h = wan.hidden_size
+        self.norm = FP32LayerNorm(h, eps=wan.eps, elementwise_affine=False)
+        self.proj = torch.nn.Linear(h, wan.out_dim * math.prod(wan.patch_size), dtype=dtype)
+        self.modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=dtype) / h**0.5)
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        mod = upcast(self.modulation) + upcast(time_emb).unsqueeze(1)  # [b, 2, h]
+        shift, scale = mod[:, 0].unsqueeze(0), mod[:, 1].unsqueeze(0)
+        return self.proj((upcast(self.norm(x)) * (1 + scale) + shift).type_as(x))
+
+
+class WanDiT(MegatronModule):
+    """Wan2.1 / Wan2.2 diffusion transformer.
+
+    ``forward(latents [b, c, f, h, w], timestep [b], context [b, L, text_dim],
+    context_image [b, Li, image_dim] or None) -> [b, out_dim, f, h, w]``; for FLF2V ``context_image``
+    holds the first frame's CLIP tokens followed by the last frame's. Inside, activations are
+    ``[s, b, hidden]`` with ``s = f/pt * h/ph * w/pw`` tokens in (frame, row, column) order; under
+    sequence parallelism each TP rank holds ``s / tp`` of them between the layers.
+    """
+
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+        super().__init__(config)
+        if wan.num_heads % config.tensor_model_parallel_size:
+            raise ValueError(f"predictor.num_heads = {wan.num_heads} is not divisible by "
+                             f"--tensor-model-parallel-size {config.tensor_model_parallel_size}")
+        self.wan = wan
+        dtype = config.params_dtype
+        h = wan.hidden_size
+        self.patch_embedding = torch.nn.Conv3d(wan.in_dim, h, kernel_size=wan.patch_size, stride=wan.patch_size,
+                                               dtype=dtype)
+        self.time_embedder = _TwoLayerMLP(wan.freq_dim, h, h, F.silu, dtype)
+        self.time_projection = torch.nn.Linear(h, 6 * h, dtype=dtype)
+        self.text_embedder = _TwoLayerMLP(wan.text_dim, h, h, lambda x: F.gelu(x, approximate="tanh"), dtype)
+        self.image_embedder = WanImageEmbedder(wan, dtype) if wan.image_dim is not None else None
+        self.blocks = torch.nn.ModuleList(WanLayer(wan, config, i) for i in range(wan.num_layers))
+        self.head = WanHead(wan, dtype)
+        # used on sequence shards under SP: their gradients are partial sums over TP ranks
+        for part in (self.time_embedder, self.time_projection, self.head):
+            mark_sequence_parallel(part, config.sequence_parallel)
+
+    def _run_blocks(self, x, time_mod, context, context_img, rope):
+        cfg = self.config
+        if cfg.recompute_granularity != "full" or not self.training:
+            for block in self.blocks:
+                x = block(x, time_mod, context, context_img, rope)
+            return x
+        n, chunk = len(self.blocks), cfg.recompute_num_layers
+
+        def run(start, end):
+            def fn(x_, time_mod_, context_, context_img_, cos_, sin_):
+                for block in self.blocks[start:end]:
+                    x_ = block(x_, time_mod_, context_, context_img_, (cos_, sin_))
+                return x_
+            return fn
+
+        # megatron's methods: "uniform" checkpoints groups of recompute_num_layers layers,
+        # "block" checkpoints the first recompute_num_layers layers one by one
+        start = 0
+        while start < n:
+            if cfg.recompute_method == "uniform":
+                end = min(start + chunk, n)
+                x = tensor_parallel.checkpoint(run(start, end), False, x, time_mod, context, context_img, *rope)
+            else:
+                end = start + 1
+                if start < chunk:
+                    x = tensor_parallel.checkpoint(run(start, end), False, x, time_mod, context, context_img, *rope)
+                else:
+                    x = run(start, end)(x, time_mod, context, context_img, *rope)
+            start = end
+        return x
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                context_image: torch.Tensor | None = None) -> torch.Tensor:
+        wan, cfg = self.wan, self.config
+        b, _, frames, height, width = latents.shape
+        pt, ph, pw = wan.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent size {frames}x{height}x{width} is not divisible by patch_size {wan.patch_size}")
+        f, gh, gw = frames // pt, height // ph, width // pw
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, b, h]
+        if cfg.sequence_parallel:
+            tp = cfg.tensor_model_parallel_size
+            if x.shape[0] % tp:
+                raise ValueError(f"{x.shape[0]} video tokens ({f}x{gh}x{gw}) are not divisible by "
+                                 f"--tensor-model-parallel-size {tp}, which --sequence-parallel needs")
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+
+        time_emb = self.time_embedder(sinusoidal_embedding(timestep, wan.freq_dim).to(x.dtype))  # [b, h]
+        time_mod = self.time_projection(F.silu(time_emb)).unflatten(1, (6, wan.hidden_size))  # [b, 6, h]
+        context = self.text_embedder(context.to(x.dtype)).transpose(0, 1).contiguous()  # [L, b, h]
+        context_img = None
+        if self.image_embedder is not None:
+            if context_image is None:
+                raise ValueError("this Wan DiT has an image branch (predictor.image_dim): pass context_image")
+            context_img = self.image_embedder(context_image.to(x.dtype)).transpose(0, 1).contiguous()
+        rope = rope_tables(wan, f, gh, gw, x.device)
+
+        x = self._run_blocks(x, time_mod, context, context_img, rope)
+        x = self.head(x, time_emb)  # [s(/tp), b, out * pt * ph * pw]
+        if cfg.sequence_parallel:
+            # the unpatchified output is used whole on every TP rank: backward keeps this rank's slice
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        x = x.transpose(0, 1).reshape(b, f, gh, gw, pt, ph, pw, wan.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, wan.out_dim, frames, height, width)
+
