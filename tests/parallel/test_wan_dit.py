@@ -102,3 +102,75 @@ def test_tensor_parallel_matches_single_rank(sp, variant):
         torch.testing.assert_close(full_tp[name], full_ref[name], rtol=1e-9, atol=1e-10, msg=name)
     # q/k RMSNorm statistics span both ranks' heads: per-rank normalisation would change these
     assert any("norm_q" in n for n in full_ref)
+
+
+def _recompute_worker(rank, world):
+    from mm.models.predictor.wan import load_hf_weights
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    kwargs = tiny_kwargs(image=True, layers=3)
+    source = diffusers_model(kwargs).state_dict()
+    x = inputs(kwargs, 3, 4, 4)
+    results = {}
+    settings = {"none": {}, "full_uniform": dict(recompute_granularity="full", recompute_method="uniform",
+                                                 recompute_num_layers=2),
+                "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+                "selective": dict(recompute_granularity="selective")}
+    for name, extra in settings.items():
+        model = _build_mm(kwargs, **extra)
+        load_hf_weights(model, source)
+        model.train()
+        out = model(**x)
+        out.square().sum().backward()
+        results[name] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    destroy_parallel()
+    return results
+
+
+def test_activation_recompute_gives_the_same_gradients():
+    (results,) = run_distributed(1, _recompute_worker)
+    ref_out, ref_grads = results.pop("none")
+    for name, (out, grads) in results.items():
+        torch.testing.assert_close(out, ref_out, msg=name)
+        for key in ref_grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], msg=f"{name}: {key}")
+
+
+def _loader_errors_worker(rank, world):
+    from mm.models.predictor.wan import WeightMappingError, load_hf_weights, mm_to_hf
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    kwargs = tiny_kwargs()
+    ref = diffusers_model(kwargs)
+    source = ref.state_dict()
+    messages = {}
+    broken = dict(source)
+    del broken["blocks.1.attn1.to_k.weight"]
+    broken["blocks.7.attn1.to_q.weight"] = torch.zeros(1)
+    for name, sd in {"keys": broken,
+                     "shape": dict(source, **{"proj_out.weight": torch.zeros(3, 24)})}.items():
+        try:
+            load_hf_weights(_build_mm(kwargs), sd)
+        except WeightMappingError as e:
+            messages[name] = str(e)
+    # the original release's key names load to the same model
+    model = _build_mm(kwargs)
+    load_hf_weights(model, source)
+    original = mm_to_hf([model.state_dict()], fmt="original")
+    twin = _build_mm(kwargs)
+    load_hf_weights(twin, original)
+    x = inputs(kwargs, 1, 4, 4)
+    same = torch.equal(model(**x), twin(**x))
+    destroy_parallel()
+    return messages, sorted(original)[:3], same
+
+
+def test_loading_fails_loudly_and_reads_original_keys():
+    (messages, original_keys, same), = run_distributed(1, _loader_errors_worker)
+    assert "missing (1): blocks.1.attn1.to_k.weight" in messages["keys"]
+    assert "unexpected (1): blocks.7.attn1.to_q.weight" in messages["keys"]
+    assert "head.proj.weight: source gives (3, 24), model has (16, 24)" in messages["shape"]
+    assert original_keys == ["blocks.0.cross_attn.k.bias", "blocks.0.cross_attn.k.weight", "blocks.0.cross_attn.norm_k.weight"]
+    assert same

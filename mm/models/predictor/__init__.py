@@ -1,18 +1,24 @@
-"""DiT predictors, built from megatron-core tensor-parallel layers; ``build_predictor`` picks one by
-the model JSON's ``predictor.model_id``."""
+"""DiT predictors, built from megatron-core tensor-parallel layers, chosen by the model JSON's
+``predictor.model_id``."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from megatron.core.transformer import TransformerConfig
 
 from mm.models.predictor.wan import WanDiT, WanDiTConfig
 
 PREDICTORS = {"wan_dit": (WanDiT, WanDiTConfig)}
 
 
-def build_predictor(model_id: str, params: dict[str, Any], **kwargs: Any):
-    """The predictor ``model_id`` with the JSON ``params`` (predictor section minus the common keys)."""
+def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | None, num_heads: int | None):
+    """The typed architecture config of predictor ``model_id`` from its JSON keys."""
     if model_id not in PREDICTORS:
         raise ValueError(f"predictor.model_id = {model_id!r}; valid: {', '.join(sorted(PREDICTORS))}")
-    model_cls, config_cls = PREDICTORS[model_id]
-    return model_cls(config_cls.from_json(params), **kwargs)
+    return PREDICTORS[model_id][1].from_json(dict(params, num_layers=num_layers, num_heads=num_heads))
+
+
+def build_predictor(model_id: str, arch_config: Any, config: TransformerConfig):
+    """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``)."""
+    return PREDICTORS[model_id][0](arch_config, config)

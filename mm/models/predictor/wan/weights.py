@@ -91,6 +91,11 @@ class WeightMappingError(KeyError):
         return self.args[0]
 
 
+def is_weight_key(key: str) -> bool:
+    """State-dict entries that are tensors of the model (megatron layers add ``_extra_state``)."""
+    return not key.endswith("._extra_state")
+
+
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
@@ -138,11 +143,11 @@ def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank
     for key in mm_keys:
         rule, values = rule_for(key)
         names = [s.format(**values) for s in rule.sources(fmt)]
+        used.update(names)
         absent = [n for n in names if n not in source]
         if absent:
             missing.extend(absent)
             continue
-        used.update(names)
         parts = [_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
         out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     ignored = IGNORED_SOURCE_KEYS[fmt]
@@ -161,7 +166,7 @@ def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "diffusers") -> d
     """Merge the state dicts of all TP ranks (in rank order) back into full source-format tensors."""
     out = {}
     tp = len(shards)
-    for key in shards[0]:
+    for key in filter(is_weight_key, shards[0]):
         rule, values = rule_for(key)
         names = [s.format(**values) for s in rule.sources(fmt)]
         pieces = [shard[key].chunk(len(names), dim=0) if len(names) > 1 else (shard[key],) for shard in shards]
@@ -179,7 +184,7 @@ def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_
     """Load full diffusers/original weights into this rank's (TP-sharded) model; never guesses:
     missing/unexpected keys and shape mismatches are all listed in one error."""
     own = model.state_dict()
-    keys = [k for k in own if not k.endswith("._extra_state")]
+    keys = [k for k in own if is_weight_key(k)]
     mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt)
     bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
            for k, v in mapped.items() if v.shape != own[k].shape]
