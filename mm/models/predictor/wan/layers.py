@@ -115,8 +115,17 @@ def _column(config: TransformerConfig, in_size: int, out_size: int, gather_seque
                                                 bias=True, gather_output=False)
 
 
+class _RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core 0.19's RowParallelLinear hands ``tp_group=None`` to its matmul, which then
+    warns on every call; under torch.compile that warning is a graph break. Pass the layer's group."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def _row(config: TransformerConfig, in_size: int, out_size: int):
-    return tensor_parallel.RowParallelLinear(in_size, out_size, config=config,
+    return _RowParallelLinear(in_size, out_size, config=config,
                                              init_method=config.output_layer_init_method, bias=True,
                                              input_is_parallel=True, skip_bias_add=False)
 
