@@ -48,11 +48,16 @@ def megatron_config(kwargs: dict, tp: int = 1, sequence_parallel: bool = False, 
 
 
 def inputs(kwargs: dict, frames: int, height: int, width: int, batch: int = 2, seed: int = 1,
-           dtype=torch.float32) -> dict:
+           dtype=torch.float32, per_token: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
+    tokens = frames * height * width // 4
+    timestep = torch.tensor([37.0, 912.0][:batch])
+    if per_token:  # TI2V: the first latent frame's tokens are clean (timestep 0)
+        timestep = timestep[:, None].repeat(1, tokens)
+        timestep[:, : height * width // 4] = 0.0
     out = dict(
         latents=torch.randn(batch, kwargs["in_dim"], frames, height, width, generator=g, dtype=dtype),
-        timestep=torch.tensor([37.0, 912.0][:batch]),
+        timestep=timestep,
         context=torch.randn(batch, TEXT_LEN, kwargs["text_dim"], generator=g, dtype=dtype),
     )
     if kwargs.get("image_dim"):

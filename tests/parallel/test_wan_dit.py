@@ -23,12 +23,13 @@ def _parity_worker(rank, world, variant):
 
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
     kwargs = tiny_kwargs(image=variant == "i2v", flf2v=variant == "flf2v")
+    per_token = variant == "ti2v_per_token"
     ref = diffusers_model(kwargs)
     model = _build_mm(kwargs)
     load_hf_weights(model, ref.state_dict())
     errors = []
     for frames, height, width in SHAPES:
-        x = inputs(kwargs, frames, height, width)
+        x = inputs(kwargs, frames, height, width, per_token=per_token)
         x_ref = {k: v.clone().requires_grad_(v.is_floating_point() and k != "timestep") for k, v in x.items()}
         x_mm = {k: v.clone().requires_grad_(v.is_floating_point() and k != "timestep") for k, v in x.items()}
         ref.zero_grad()
@@ -50,7 +51,7 @@ def _parity_worker(rank, world, variant):
     return errors
 
 
-@pytest.mark.parametrize("variant", ["t2v", "i2v", "flf2v"])
+@pytest.mark.parametrize("variant", ["t2v", "i2v", "flf2v", "ti2v_per_token"])
 def test_matches_diffusers_outputs_and_gradients(variant):
     (errors,) = run_distributed(1, _parity_worker, variant)
     worst = {name: max(e for n, e in errors if n == name) for name, _ in errors}
@@ -69,7 +70,7 @@ def _tp_worker(rank, world, sp, variant):
     model = _build_mm(kwargs, tp=world, sp=sp, dtype=torch.float64)
     load_hf_weights(model, source, tp_size=world, tp_rank=rank)
     x = {k: (v.double() if k != "timestep" else v).requires_grad_(k != "timestep")
-         for k, v in inputs(kwargs, 3, 4, 6).items()}
+         for k, v in inputs(kwargs, 3, 4, 6, per_token=variant == "ti2v_per_token").items()}
     out = model(**x)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
     (out * probe).sum().backward()
@@ -85,7 +86,7 @@ def _tp_worker(rank, world, sp, variant):
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
-@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+@pytest.mark.parametrize("variant", ["t2v", "i2v", "ti2v_per_token"])
 def test_tensor_parallel_matches_single_rank(sp, variant):
     from mm.models.predictor.wan import mm_to_hf
 

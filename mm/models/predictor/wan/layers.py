@@ -233,9 +233,10 @@ class WanLayer(MegatronModule):
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [s, b, h] (a sequence shard under SP); time_mod: [b, 6, h]; context: [L, b, h]."""
-        mod = upcast(self.modulation) + upcast(time_mod)  # [b, 6, h]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i].unsqueeze(0) for i in range(6))
+        """x: [s, b, h] (a sequence shard under SP); time_mod: [1, b, 6, h], or [s, b, 6, h] with
+        per-token timesteps; context: [L, b, h]."""
+        mod = upcast(self.modulation) + upcast(time_mod)  # [1|s, b, 6, h]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, :, i] for i in range(6))
         normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
         x = (upcast(x) + upcast(self.self_attention(normed, rope)) * gate_sa).type_as(x)
         x = x + self.cross_attention(self.cross_attn_norm(x), context, context_img)

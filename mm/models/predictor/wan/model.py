@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -65,17 +66,19 @@ class WanHead(torch.nn.Module):
         self.modulation = torch.nn.Parameter(torch.randn(1, 2, h, dtype=dtype) / h**0.5)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        mod = upcast(self.modulation) + upcast(time_emb).unsqueeze(1)  # [b, 2, h]
-        shift, scale = mod[:, 0].unsqueeze(0), mod[:, 1].unsqueeze(0)
+        """x: [s, b, h]; time_emb: [1, b, h] or, with per-token timesteps, [s, b, h]."""
+        mod = upcast(self.modulation) + upcast(time_emb).unsqueeze(2)  # [1|s, b, 2, h]
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
         return self.proj((upcast(self.norm(x)) * (1 + scale) + shift).type_as(x))
 
 
 class WanDiT(MegatronModule):
     """Wan2.1 / Wan2.2 diffusion transformer.
 
-    ``forward(latents [b, c, f, h, w], timestep [b], context [b, L, text_dim],
+    ``forward(latents [b, c, f, h, w], timestep [b] or [b, s], context [b, L, text_dim],
     context_image [b, Li, image_dim] or None) -> [b, out_dim, f, h, w]``; for FLF2V ``context_image``
-    holds the first frame's CLIP tokens followed by the last frame's. Inside, activations are
+    holds the first frame's CLIP tokens followed by the last frame's. A ``[b, s]`` timestep gives every
+    video token its own noise level (Wan2.2 TI2V-5B keeps the conditioning frame's tokens at 0). Inside, activations are
     ``[s, b, hidden]`` with ``s = f/pt * h/ph * w/pw`` tokens in (frame, row, column) order; under
     sequence parallelism each TP rank holds ``s / tp`` of them between the layers.
     """
@@ -131,6 +134,20 @@ class WanDiT(MegatronModule):
             start = end
         return x
 
+    def _time_embedding(self, timestep: torch.Tensor, batch: int, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """[b] -> [1, b, h]; per-token [b, s] -> [s, b, h], this rank's shard of it under SP."""
+        per_token = timestep.dim() == 2
+        if per_token and timestep.shape != (batch, tokens):
+            raise ValueError(f"per-token timestep has shape {tuple(timestep.shape)}; expected ({batch}, {tokens})")
+        steps = timestep.reshape(batch, -1)
+        emb = self.time_embedder(sinusoidal_embedding(steps.flatten(), self.wan.freq_dim).to(dtype))
+        emb = emb.view(batch, steps.shape[1], -1).transpose(0, 1)
+        if per_token and self.config.sequence_parallel:
+            # plain slicing: each rank's gradient covers its own tokens, and the time embedding's
+            # parameters are summed over TP by finalize_model_grads (they are marked sequence_parallel)
+            emb = emb.chunk(self.config.tensor_model_parallel_size)[mpu.get_tensor_model_parallel_rank()]
+        return emb
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 context_image: torch.Tensor | None = None) -> torch.Tensor:
         wan, cfg = self.wan, self.config
@@ -148,8 +165,8 @@ class WanDiT(MegatronModule):
                                  f"--tensor-model-parallel-size {tp}, which --sequence-parallel needs")
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
 
-        time_emb = self.time_embedder(sinusoidal_embedding(timestep, wan.freq_dim).to(x.dtype))  # [b, h]
-        time_mod = self.time_projection(F.silu(time_emb)).unflatten(1, (6, wan.hidden_size))  # [b, 6, h]
+        time_emb = self._time_embedding(timestep, b, f * gh * gw, x.dtype)  # [1|s, b, h]
+        time_mod = self.time_projection(F.silu(time_emb)).unflatten(-1, (6, wan.hidden_size))  # [1|s, b, 6, h]
         context = self.text_embedder(context.to(x.dtype)).transpose(0, 1).contiguous()  # [L, b, h]
         context_img = None
         if self.image_embedder is not None:
