@@ -14,6 +14,7 @@ from megatron.core import tensor_parallel
 from mm.parallel.groups import MM_GROUP_BUILDERS, ParallelSizes, RankGroups
 
 _MM_GROUPS: dict[str, dist.ProcessGroup] = {}
+_ATTENTION = {"algo": "ulysses_cp_algo", "overlap": False, "kernel": "auto"}
 _MM_GROUP_RANKS: dict[str, list[int]] = {}
 _SIZES: ParallelSizes | None = None
 
@@ -23,8 +24,14 @@ def initialize_parallel(
     virtual_pipeline_parallel: int | None = None,
     timeout_minutes: int = 30,
     seed: int | None = None,
+    cp_algo: str = "ulysses_cp_algo",
+    cp_overlap: bool = False,
+    attention_kernel: str = "auto",
 ) -> None:
-    """Create megatron-core's groups and mm's, then seed megatron's RNG tracker (if ``seed``)."""
+    """Create megatron-core's groups and mm's, then seed megatron's RNG tracker (if ``seed``).
+
+    ``cp_algo`` / ``cp_overlap`` / ``attention_kernel`` are how self-attention runs under CP
+    (--context-parallel-algo, --use-cp-send-recv-overlap, --attention-kernel)."""
     global _SIZES
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel needs the default process group (mm.accelerator.init_distributed)")
@@ -43,6 +50,7 @@ def initialize_parallel(
     for name, build in MM_GROUP_BUILDERS.items():
         _create_groups(name, build(sizes), rank)
     _SIZES = sizes
+    _ATTENTION.update(algo=cp_algo, overlap=cp_overlap, kernel=attention_kernel)
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -89,3 +97,9 @@ def get_group_ranks(name: str) -> list[int]:
 def get_encoder_dp_group() -> dist.ProcessGroup:
     """Ranks that encode the same batch redundantly unless encoder-DP shares the work: TP x CP."""
     return mpu.get_tensor_and_context_parallel_group()
+
+
+def get_attention_options() -> dict:
+    """{"algo", "overlap", "kernel"} of this run's self-attention."""
+    get_parallel_sizes()
+    return dict(_ATTENTION)

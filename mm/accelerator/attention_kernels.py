@@ -1,0 +1,145 @@
+"""Attention kernels that return the log-sum-exp, behind one interface.
+
+Context-parallel attention computes attention block by block and merges the partial results, so a
+kernel must give, besides the output, the row-wise log-sum-exp of the scaled scores, and must have
+a backward that takes the *final* output and log-sum-exp (after merging across blocks).
+
+Shapes: ``q [b, n, sq, d]``, ``k, v [b, n, sk, d]``; ``forward -> (out [b, n, sq, d] in q's dtype,
+lse [b, n, sq] in fp32, or fp64 for fp64 inputs)``; ``backward(dout, q, k, v, out, lse) -> dq, dk, dv``.
+
+Kernels: ``math`` (pure PyTorch, any device, the reference), ``flash`` and ``cudnn`` (torch's aten
+SDPA kernels on CUDA GPUs, which expose the log-sum-exp), ``npu_fusion_attention`` (Ascend, through
+torch_npu; import-guarded and not yet run on hardware here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from mm.accelerator.device import get_accelerator
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least fp32 for scores and the log-sum-exp; fp64 stays fp64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class MathAttention:
+    """Reference kernel in plain PyTorch: materialises the score matrix, so for tests and CPUs."""
+
+    name = "math"
+
+    def forward(self, q, k, v, scale: float):
+        dt = compute_dtype(q)
+        scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(dt))
+        return out.to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, scale: float):
+        dt = compute_dtype(q)
+        q_, k_, v_, do = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
+        p = torch.exp(torch.matmul(q_, k_.transpose(-1, -2)) * scale - lse.to(dt).unsqueeze(-1))
+        dv = torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, v_.transpose(-1, -2))
+        delta = (do * out.to(dt)).sum(dim=-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq = torch.matmul(ds, k_) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), q_) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class FlashAttention:
+    """torch's flash-attention SDPA kernel (CUDA, fp16/bf16)."""
+
+    name = "flash"
+
+    def forward(self, q, k, v, scale: float):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, scale: float):
+        sq, sk = q.shape[2], k.shape[2]
+        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.float(), empty, empty, sq, sk, 0.0, False, seed, seed, scale=scale)
+        return dq, dk, dv
+
+
+class CudnnAttention:
+    """torch's cuDNN SDPA kernel (CUDA, fp16/bf16); the fastest at DiT sequence lengths on H100."""
+
+    name = "cudnn"
+
+    def forward(self, q, k, v, scale: float):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale)
+        return out, lse.reshape(q.shape[:3])
+
+    def backward(self, dout, q, k, v, out, lse, scale: float):
+        sq, sk = q.shape[2], k.shape[2]
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout.contiguous(), q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
+            empty, empty, sq, sk, 0.0, False, scale=scale)
+        return dq, dk, dv
+
+
+class NpuFusionAttention:
+    """Ascend's fused attention through torch_npu, BNSD layout (not yet run on hardware here)."""
+
+    name = "npu_fusion_attention"
+
+    def forward(self, q, k, v, scale: float):
+        import torch_npu
+
+        out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
+            q, k, v, q.shape[1], "BNSD", scale=scale, keep_prob=1.0)
+        lse = (softmax_max[..., 0] + torch.log(softmax_sum[..., 0])).float()
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, scale: float):
+        # the NPU kernel's backward wants its own (max, sum) pair; feed the merged lse as max with sum 1
+        import torch_npu
+
+        softmax_max = lse.float().unsqueeze(-1).expand(*lse.shape, 8).contiguous()
+        softmax_sum = torch.ones_like(softmax_max)
+        dq, dk, dv, *_ = torch_npu.npu_fusion_attention_grad(
+            q, k, v, dout, q.shape[1], "BNSD", softmax_max=softmax_max, softmax_sum=softmax_sum,
+            attention_in=out, scale_value=scale, keep_prob=1.0)
+        return dq, dk, dv
+
+
+KERNELS = {k.name: k for k in (MathAttention, FlashAttention, CudnnAttention, NpuFusionAttention)}
+KERNEL_CHOICES = ("auto", *KERNELS)
+
+
+def available_kernels() -> list[str]:
+    """Kernels usable on this process's accelerator, fastest first."""
+    acc = get_accelerator()
+    if acc.name == "cuda":
+        return ["cudnn", "flash", "math"]
+    if acc.name == "npu" and importlib.util.find_spec("torch_npu") is not None:
+        return ["npu_fusion_attention", "math"]
+    return ["math"]
+
+
+def get_kernel(name: str = "auto"):
+    """The kernel ``name`` (``auto``: the fastest available here)."""
+    if name == "auto":
+        name = available_kernels()[0]
+    if name not in KERNELS:
+        raise ValueError(f"--attention-kernel {name!r}; valid: {', '.join(KERNEL_CHOICES)}")
+    if name not in available_kernels():
+        raise ValueError(f"--attention-kernel {name!r} is not available on {get_accelerator().name}; "
+                         f"available: {', '.join(available_kernels())}")
+    return KERNELS[name]()
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
