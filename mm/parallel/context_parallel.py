@@ -254,3 +254,24 @@ def local_attention(q, k, v, kernel, scale: float):
 def shard_valid_counts(valid_tokens: int, shard_len: int, shards: int) -> list[int]:
     """Real (non-padding) tokens in each of ``shards`` consecutive shards of ``shard_len``."""
     return [max(0, min(shard_len, valid_tokens - i * shard_len)) for i in range(shards)]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather ``[s_local, ...]`` shards along dim 0; backward keeps this rank's slice (the
+    gathered tensor is used whole, identically, on every rank of the group)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(dist.get_world_size(ctx.group))[dist.get_rank(ctx.group)].contiguous(), None
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _GatherSequence.apply(x, group)

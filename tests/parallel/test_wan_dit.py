@@ -175,3 +175,72 @@ def test_loading_fails_loudly_and_reads_original_keys():
     assert "head.proj.weight: source gives (3, 24), model has (16, 24)" in messages["shape"]
     assert original_keys == ["blocks.0.cross_attn.k.bias", "blocks.0.cross_attn.k.weight", "blocks.0.cross_attn.norm_k.weight"]
     assert same
+
+
+CP_LAYOUTS = {
+    2: [dict(cp=2, algo="ulysses_cp_algo"), dict(cp=2, algo="megatron_cp_algo"),
+        dict(cp=2, algo="megatron_cp_algo", overlap=True)],
+    4: [dict(cp=4, algo="hybrid_cp_algo", u=2, overlap=True), dict(cp=4, algo="megatron_cp_algo", w=2),
+        dict(tp=2, cp=2, algo="ulysses_cp_algo", sp=True), dict(tp=2, cp=2, algo="megatron_cp_algo")],
+}
+
+
+def _cp_dit_worker(rank, world, layouts):
+    from megatron.core import parallel_state as mpu
+
+    from mm.models.predictor.wan import load_hf_weights
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    kwargs = dict(tiny_kwargs(image=True), num_heads=4, hidden_size=48)
+    source = {k: v.double() for k, v in diffusers_model(kwargs).state_dict().items()}
+    results = []
+    for layout in layouts:
+        tp, cp, sp = layout.get("tp", 1), layout.get("cp", 1), layout.get("sp", False)
+        algo = layout.get("algo", "ulysses_cp_algo")
+        u = cp if algo == "ulysses_cp_algo" else layout.get("u", 1)
+        initialize_parallel(ParallelSizes(world_size=world, tensor_parallel=tp, context_parallel=cp,
+                                          ulysses_degree=u, cp_window_size=layout.get("w", 1)),
+                            cp_algo=algo, cp_overlap=layout.get("overlap", False), seed=0)
+        model = _build_mm(kwargs, tp=tp, sp=sp, dtype=torch.float64, context_parallel_size=cp)
+        load_hf_weights(model, source, tp_size=tp, tp_rank=mpu.get_tensor_model_parallel_rank())
+        x = {k: (v.double() if k != "timestep" else v).requires_grad_(k != "timestep")
+             for k, v in inputs(kwargs, 3, 4, 6).items()}  # 18 tokens: padded for CP 4 and TP2 x CP2 + SP
+        out = model(**x)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        (out * probe).sum().backward()
+        # what DDP (over CP) and finalize_model_grads (over TP, sequence-parallel parameters) do
+        cp_group, tp_group = mpu.get_context_parallel_group(), mpu.get_tensor_model_parallel_group()
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad, group=cp_group)
+            if sp and getattr(p, "sequence_parallel", False):
+                torch.distributed.all_reduce(p.grad, group=tp_group)
+        input_grads = {}
+        for k, v in x.items():
+            if v.grad is not None:
+                torch.distributed.all_reduce(v.grad, group=cp_group)
+                input_grads[k] = v.grad
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        results.append((out.detach(), grads, input_grads, mpu.get_tensor_model_parallel_rank(),
+                        mpu.get_context_parallel_rank()))
+        destroy_parallel()
+    return results
+
+
+@pytest.mark.parametrize("world", sorted(CP_LAYOUTS))
+def test_context_parallel_dit_matches_single_rank(world):
+    from mm.models.predictor.wan import mm_to_hf
+
+    ((ref_out, ref_grads, ref_inputs, _, _),), = run_distributed(1, _cp_dit_worker, [{}])
+    full_ref = mm_to_hf([ref_grads])
+    per_rank = run_distributed(world, _cp_dit_worker, CP_LAYOUTS[world])
+    for i, layout in enumerate(CP_LAYOUTS[world]):
+        results = [r[i] for r in per_rank]
+        for out, _, input_grads, _, _ in results:
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10, msg=str(layout))
+            for k in ref_inputs:
+                torch.testing.assert_close(input_grads[k], ref_inputs[k], rtol=1e-9, atol=1e-10, msg=f"{layout} d{k}")
+        tp = layout.get("tp", 1)
+        shards = [next(r[1] for r in results if r[3] == t and r[4] == 0) for t in range(tp)]
+        merged = mm_to_hf(shards)
+        for name in full_ref:
+            torch.testing.assert_close(merged[name], full_ref[name], rtol=1e-9, atol=1e-10, msg=f"{layout} {name}")

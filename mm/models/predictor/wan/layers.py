@@ -131,7 +131,7 @@ def _row(config: TransformerConfig, in_size: int, out_size: int):
 
 
 class _AttentionBase(MegatronModule):
-    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig, context_parallel: bool = False):
         super().__init__(config)
         tp = config.tensor_model_parallel_size
         self.heads_per_rank = wan.num_heads // tp
@@ -139,33 +139,35 @@ class _AttentionBase(MegatronModule):
         h = wan.hidden_size
         self.q_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
         self.k_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
-        self.core_attention = CoreAttention()
+        self.core_attention = CoreAttention(context_parallel=context_parallel)
         self.linear_proj = _row(config, h, h)
         self.recompute_core_attention = config.recompute_granularity == "selective"
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_tokens: int | None = None) -> torch.Tensor:
         if self.recompute_core_attention and self.training:
-            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
-        return self.core_attention(q, k, v)
+            return tensor_parallel.checkpoint(lambda q_, k_, v_: self.core_attention(q_, k_, v_, valid_tokens),
+                                              False, q, k, v)
+        return self.core_attention(q, k, v, valid_tokens)
 
 
 class WanSelfAttention(_AttentionBase):
     """Self-attention over video tokens: fused column-parallel q/k/v (each rank's slice holds its
-    heads' q, k and v), RMSNorm across all heads, 3-D RoPE."""
+    heads' q, k and v), RMSNorm across all heads, 3-D RoPE; context-parallel over CP ranks."""
 
     def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
-        super().__init__(wan, config)
+        super().__init__(wan, config, context_parallel=True)
         self.linear_qkv = _column(config, wan.hidden_size, 3 * wan.hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                valid_tokens: int | None = None) -> torch.Tensor:
         qkv, _ = self.linear_qkv(x)  # [s, b, 3h/tp]
         q, k, v = qkv.chunk(3, dim=-1)
         q = apply_rope(self._heads(self.q_norm(q)), *rope)
         k = apply_rope(self._heads(self.k_norm(k)), *rope)
-        out, _ = self.linear_proj(self._attend(q, k, self._heads(v)))
+        out, _ = self.linear_proj(self._attend(q, k, self._heads(v), valid_tokens))
         return out
 
 
@@ -232,13 +234,15 @@ class WanLayer(MegatronModule):
         mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
-                context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                valid_tokens: int | None = None) -> torch.Tensor:
         """x: [s, b, h] (a sequence shard under SP); time_mod: [1, b, 6, h], or [s, b, 6, h] with
-        per-token timesteps; context: [L, b, h]."""
+        per-token timesteps; context: [L, b, h]; valid_tokens: the unpadded video length when CP
+        padded it."""
         mod = upcast(self.modulation) + upcast(time_mod)  # [1|s, b, 6, h]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, :, i] for i in range(6))
         normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
-        x = (upcast(x) + upcast(self.self_attention(normed, rope)) * gate_sa).type_as(x)
+        x = (upcast(x) + upcast(self.self_attention(normed, rope, valid_tokens)) * gate_sa).type_as(x)
         x = x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
         normed = (upcast(self.norm3(x)) * (1 + scale_ff) + shift_ff).type_as(x)
         return (upcast(x) + upcast(self.mlp(normed)) * gate_ff).type_as(x)

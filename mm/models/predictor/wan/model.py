@@ -12,6 +12,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from mm.models.predictor.wan.config import WanDiTConfig
+from mm.parallel.context_parallel import gather_sequence
 from mm.models.predictor.wan.layers import (
     FP32LayerNorm,
     WanLayer,
@@ -103,18 +104,18 @@ class WanDiT(MegatronModule):
         for part in (self.time_embedder, self.time_projection, self.head):
             mark_sequence_parallel(part, config.sequence_parallel)
 
-    def _run_blocks(self, x, time_mod, context, context_img, rope):
+    def _run_blocks(self, x, time_mod, context, context_img, rope, valid_tokens):
         cfg = self.config
         if cfg.recompute_granularity != "full" or not self.training:
             for block in self.blocks:
-                x = block(x, time_mod, context, context_img, rope)
+                x = block(x, time_mod, context, context_img, rope, valid_tokens)
             return x
         n, chunk = len(self.blocks), cfg.recompute_num_layers
 
         def run(start, end):
             def fn(x_, time_mod_, context_, context_img_, cos_, sin_):
                 for block in self.blocks[start:end]:
-                    x_ = block(x_, time_mod_, context_, context_img_, (cos_, sin_))
+                    x_ = block(x_, time_mod_, context_, context_img_, (cos_, sin_), valid_tokens)
                 return x_
             return fn
 
@@ -142,11 +143,30 @@ class WanDiT(MegatronModule):
         steps = timestep.reshape(batch, -1)
         emb = self.time_embedder(sinusoidal_embedding(steps.flatten(), self.wan.freq_dim).to(dtype))
         emb = emb.view(batch, steps.shape[1], -1).transpose(0, 1)
-        if per_token and self.config.sequence_parallel:
-            # plain slicing: each rank's gradient covers its own tokens, and the time embedding's
-            # parameters are summed over TP by finalize_model_grads (they are marked sequence_parallel)
-            emb = emb.chunk(self.config.tensor_model_parallel_size)[mpu.get_tensor_model_parallel_rank()]
+        if per_token:
+            emb = self._token_shard(emb, tp_slice=self.config.sequence_parallel)
         return emb
+
+    def _split_multiple(self) -> int:
+        """The sequence is padded to a multiple of this: CP ranks x (under SP) TP ranks."""
+        cfg = self.config
+        return cfg.context_parallel_size * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+
+    def _token_shard(self, t: torch.Tensor, tp_slice: bool) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence ``[s, ...]`` tensor: the sequence padded to
+        ``_split_multiple()``, this rank's CP shard of it, and (``tp_slice``) its TP slice of that.
+
+        Plain slicing: each rank's gradient covers its own tokens; parameters behind the tensor get
+        partial gradients, summed by DDP over CP and (for ``sequence_parallel`` ones) over TP."""
+        cfg = self.config
+        multiple = self._split_multiple()
+        if t.shape[0] % multiple:
+            t = torch.cat([t, t.new_zeros(multiple - t.shape[0] % multiple, *t.shape[1:])], dim=0)
+        if cfg.context_parallel_size > 1:
+            t = t.chunk(cfg.context_parallel_size)[mpu.get_context_parallel_rank()]
+        if tp_slice and cfg.tensor_model_parallel_size > 1:
+            t = t.chunk(cfg.tensor_model_parallel_size)[mpu.get_tensor_model_parallel_rank()]
+        return t
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 context_image: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,11 +178,12 @@ class WanDiT(MegatronModule):
         f, gh, gw = frames // pt, height // ph, width // pw
         x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, b, h]
+        tokens = x.shape[0]
+        # CP / SP: this rank's part of the sequence, padded to a multiple of CP (x TP under SP);
+        # padded keys take no part in attention and padded outputs are dropped at the end
+        valid_tokens = tokens if tokens % self._split_multiple() else None
+        x = self._token_shard(x, tp_slice=False)
         if cfg.sequence_parallel:
-            tp = cfg.tensor_model_parallel_size
-            if x.shape[0] % tp:
-                raise ValueError(f"{x.shape[0]} video tokens ({f}x{gh}x{gw}) are not divisible by "
-                                 f"--tensor-model-parallel-size {tp}, which --sequence-parallel needs")
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
 
         time_emb = self._time_embedding(timestep, b, f * gh * gw, x.dtype)  # [1|s, b, h]
@@ -173,13 +194,17 @@ class WanDiT(MegatronModule):
             if context_image is None:
                 raise ValueError("this Wan DiT has an image branch (predictor.image_dim): pass context_image")
             context_img = self.image_embedder(context_image.to(x.dtype)).transpose(0, 1).contiguous()
-        rope = rope_tables(wan, f, gh, gw, x.device)
+        # RoPE of this CP shard's global positions (attention sees the whole shard on each TP rank)
+        rope = tuple(self._token_shard(t, tp_slice=False) for t in rope_tables(wan, f, gh, gw, x.device))
 
-        x = self._run_blocks(x, time_mod, context, context_img, rope)
-        x = self.head(x, time_emb)  # [s(/tp), b, out * pt * ph * pw]
+        x = self._run_blocks(x, time_mod, context, context_img, rope, valid_tokens)
+        x = self.head(x, time_emb)  # [s(/cp)(/tp), b, out * pt * ph * pw]
         if cfg.sequence_parallel:
             # the unpatchified output is used whole on every TP rank: backward keeps this rank's slice
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        if cfg.context_parallel_size > 1:
+            x = gather_sequence(x, mpu.get_context_parallel_group())
+        x = x[:tokens]
         x = x.transpose(0, 1).reshape(b, f, gh, gw, pt, ph, pw, wan.out_dim)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, wan.out_dim, frames, height, width)
 
