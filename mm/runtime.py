@@ -44,7 +44,9 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
     args = config.args
     init_distributed(accelerator, args.distributed_timeout_minutes, launch)
     initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
-                        timeout_minutes=args.distributed_timeout_minutes, seed=args.seed)
+                        timeout_minutes=args.distributed_timeout_minutes, seed=args.seed,
+                        cp_algo=args.context_parallel_algo, cp_overlap=args.use_cp_send_recv_overlap,
+                        attention_kernel=args.attention_kernel)
     rank0_print(
         f"mm: {launch.world_size} rank(s) on {accelerator.name} ({accelerator.backend}); "
         f"TP={config.sizes.tensor_parallel} PP={config.sizes.pipeline_parallel} "

@@ -119,14 +119,18 @@ KERNELS = {k.name: k for k in (MathAttention, FlashAttention, CudnnAttention, Np
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 
-def available_kernels() -> list[str]:
-    """Kernels usable on this process's accelerator, fastest first."""
-    acc = get_accelerator()
-    if acc.name == "cuda":
+def kernels_for(accelerator_name: str) -> list[str]:
+    """Kernels usable on an accelerator, fastest first."""
+    if accelerator_name == "cuda":
         return ["cudnn", "flash", "math"]
-    if acc.name == "npu" and importlib.util.find_spec("torch_npu") is not None:
+    if accelerator_name == "npu" and importlib.util.find_spec("torch_npu") is not None:
         return ["npu_fusion_attention", "math"]
     return ["math"]
+
+
+def available_kernels() -> list[str]:
+    """Kernels usable on this process's accelerator, fastest first."""
+    return kernels_for(get_accelerator().name)
 
 
 def get_kernel(name: str = "auto"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from mm.accelerator.attention_kernels import KERNEL_CHOICES
 from mm.accelerator.device import ACCELERATOR_CHOICES
 from mm.arguments.errors import ConfigError
 
@@ -48,6 +49,8 @@ def _parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cp-window-size", type=_positive_int, default=1,
                    help="> 1: double-ring attention with inner rings of this many ranks")
     g.add_argument("--use-cp-send-recv-overlap", action="store_true")
+    g.add_argument("--attention-kernel", choices=KERNEL_CHOICES, default="auto",
+                   help="attention kernel under context parallelism; auto: the fastest on this device")
     g.add_argument("--attention-mask-type", choices=("general", "causal"), default="general")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from mm.accelerator.attention_kernels import kernels_for
 from mm.accelerator.device import BACKENDS, backend_accepted
 from mm.arguments.json_configs import DataConfig, ModelConfig
 from mm.parallel.groups import ParallelSizes
@@ -219,6 +220,10 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
         _check_model(args, model, problems)
     if mode == "train" and data is None and (model is None or not model.load_video_features):
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
+    if accelerator is not None and args.attention_kernel != "auto":
+        if args.attention_kernel not in kernels_for(accelerator):
+            problems.append(f"--attention-kernel {args.attention_kernel} is not available on {accelerator!r}; valid: "
+                            f"auto, {', '.join(kernels_for(accelerator))}")
     backend = args.distributed_backend
     if backend is not None and accelerator is not None and not backend_accepted(accelerator, backend):
         problems.append(

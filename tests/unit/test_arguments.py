@@ -292,3 +292,9 @@ def test_parse_flags_defaults():
     args = parse_flags(["--mm-model", "m.json"])
     assert args.tensor_model_parallel_size == 1 and args.context_parallel_algo == "ulysses_cp_algo"
     assert args.cp_window_size == 1 and args.distributed_timeout_minutes == 10
+
+
+def test_attention_kernel_must_exist_on_the_device(tmp_path):
+    msg = _problems(tmp_path, flags=["--attention-kernel", "cudnn"], accelerator="cpu")
+    assert "--attention-kernel cudnn is not available on 'cpu'; valid: auto, math" in msg
+    _load(tmp_path, flags=["--attention-kernel", "flash"], accelerator="cuda")
