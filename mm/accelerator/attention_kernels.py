@@ -63,10 +63,12 @@ class FlashAttention:
 
     def backward(self, dout, q, k, v, out, lse, scale: float):
         sq, sk = q.shape[2], k.shape[2]
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        no_cum_seq = None  # an undefined tensor: a dense batch, not variable-length sequences
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # unused without dropout
+        rng_unused = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float(), empty, empty, sq, sk, 0.0, False, seed, seed, scale=scale)
+            dout.contiguous(), q, k, v, out, lse.float().contiguous(), no_cum_seq, no_cum_seq, sq, sk, 0.0, False,
+            rng_state, rng_unused, scale=scale)
         return dq, dk, dv
 
 
@@ -82,11 +84,11 @@ class CudnnAttention:
 
     def backward(self, dout, q, k, v, out, lse, scale: float):
         sq, sk = q.shape[2], k.shape[2]
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # unused without dropout
+        # no attention bias and no cumulative sequence lengths (undefined tensors: a dense batch)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout.contiguous(), q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
-            empty, empty, sq, sk, 0.0, False, scale=scale)
+            None, None, sq, sk, 0.0, False, scale=scale)
         return dq, dk, dv
 
 
