@@ -40,3 +40,14 @@ def test_bad_configuration_stops_before_any_process_group():
 def test_unknown_flag_stops_the_run():
     result = _torchrun(2, SMOKE + ["--tensor-model-paralel-size", "2"], timeout=120)
     assert result.returncode != 0 and "unrecognized arguments: --tensor-model-paralel-size" in result.stderr
+
+
+def test_cp_scaling_benchmark_runs_on_cpu(tmp_path):
+    model = tmp_path / "model.json"
+    model.write_text('{"predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 48, '
+                     '"ffn_dim": 64, "in_dim": 4, "out_dim": 4, "freq_dim": 16, "text_dim": 16}}')
+    result = _torchrun(2, ["benchmarks/cp_scaling.py", "--accelerator", "cpu", "--model", str(model), "--latent",
+                           "3", "8", "12", "--text-len", "16", "--repeats", "1", "--context-parallel-algo",
+                           "megatron_cp_algo", "--use-cp-send-recv-overlap"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"algo": "megatron_cp_algo", "cp": 2' in result.stdout and '"tokens": 72' in result.stdout
