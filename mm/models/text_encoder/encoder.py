@@ -1,0 +1,57 @@
+"""Text encoder: tokenizer + T5-family encoder from one local directory, frozen.
+
+Wan pads every prompt to 512 tokens and zeroes the embeddings past each prompt's length, so the
+DiT's cross-attention sees exact zeros there; ``encode`` does the same (``zero_padding``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_ENCODERS = {"umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel", "t5": "T5EncoderModel"}
+
+
+def check_pretrained_dir(path: str | None, key: str) -> Path:
+    """A local model directory; errors name the JSON key (no hub downloads here)."""
+    if not path:
+        raise ValueError(f"{key} is required: a local directory with config.json and the weights")
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{key} = {path!r}: no config.json there (a local directory is expected)")
+    return p
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, model_id: str, from_pretrained: str, dtype: str = "bf16", max_length: int = 512,
+                 zero_padding: bool = True):
+        super().__init__()
+        import transformers
+
+        if model_id not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder.model_id = {model_id!r}; valid: {', '.join(TEXT_ENCODERS)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"text_encoder.dtype = {dtype!r}; valid: {', '.join(DTYPES)}")
+        path = check_pretrained_dir(from_pretrained, "text_encoder.from_pretrained")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model_cls = getattr(transformers, TEXT_ENCODERS[model_id])
+        self.model = model_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.max_length, self.zero_padding = max_length, zero_padding
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``[b, max_length]``, padded and truncated to ``max_length``."""
+        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return out.input_ids, out.attention_mask
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[b, max_length, hidden]`` last hidden states; zero past each prompt's length."""
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.zero_padding:
+            hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden
