@@ -6,36 +6,13 @@ import pytest
 import torch
 
 from mm.models.ae import WanVAE, WanVAEConfig
-
-VARIANTS = {
-    "wan2.1": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                   temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                   latents_std=[1.5, 0.5, 2.0, 1.0]),
-    "wan2.2": dict(base_dim=8, decoder_base_dim=12, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                   attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
-                   in_channels=12, out_channels=12,
-                   scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
-}
-
-
-def _pair(variant):
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(**VARIANTS[variant]).eval()
-    with torch.no_grad():
-        for p in ref.parameters():  # informative values everywhere (gains are ones at init)
-            p.add_(torch.randn_like(p) * 0.1)
-    ours = WanVAE(WanVAEConfig(**VARIANTS[variant])).eval()
-    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
-    assert not missing and not unexpected
-    return ref, ours
+from tests.vae_helpers import VARIANTS, vae_pair
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("frames", [1, 5, 17])
 def test_encode_decode_match_diffusers(variant, frames):
-    ref, ours = _pair(variant)
+    ref, ours = vae_pair(variant)
     scale = 16 if variant == "wan2.2" else 8
     video = torch.rand(2, 3, frames, 2 * scale, 3 * scale) * 2 - 1  # non-square
     with torch.no_grad():
@@ -55,3 +32,19 @@ def test_latent_normalisation_roundtrip():
     normed = vae.normalize(z)
     torch.testing.assert_close(normed[:, 1], (z[:, 1] + 0.2) / 0.5)
     torch.testing.assert_close(vae.denormalize(normed), z)
+
+
+def test_loads_a_diffusers_directory_and_rejects_bad_ones(tmp_path):
+    from mm.models.ae import load_wan_vae
+
+    ref, _ = vae_pair("wan2.2")
+    ref.save_pretrained(tmp_path / "vae")
+    vae = load_wan_vae(str(tmp_path / "vae"))
+    video = torch.rand(1, 3, 5, 32, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(video)[0], ref.encode(video).latent_dist.mean, atol=1e-4, rtol=0)
+    assert not any(p.requires_grad for p in vae.parameters())
+    with pytest.raises(FileNotFoundError, match="ae.from_pretrained = .*no config.json"):
+        load_wan_vae(str(tmp_path))
+    with pytest.raises(ValueError, match=r"ae keys \['base_dimm'\] are not Wan VAE parameters"):
+        WanVAEConfig.from_json({"base_dimm": 8})

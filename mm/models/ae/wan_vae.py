@@ -13,11 +13,16 @@ Module and parameter names follow diffusers' ``AutoencoderKLWan`` so its checkpo
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mm.models.ae.vae_cp import HaloCache, check_frames, gather_frames, split_counts
 
 CACHED_FRAMES = 2  # a kernel-3 causal convolution needs the two frames before a chunk
 
@@ -48,18 +53,37 @@ class WanVAEConfig:
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
 
+    @classmethod
+    def from_json(cls, params: dict) -> "WanVAEConfig":
+        """From the model JSON's ``ae`` keys (or a diffusers config.json); unknown keys are an error."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in params.items() if not k.startswith("_")}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"ae keys {unknown} are not Wan VAE parameters; valid: {sorted(valid)}")
+        return cls(**values)
+
 
 class CausalCache:
-    """Per-module state carried between temporal chunks."""
+    """What comes before the frames a module is processing: the end of the previous temporal
+    chunk's input to the same module (``None`` at the start of the video)."""
 
     def __init__(self) -> None:
-        self.state: dict[int, object] = {}
+        self.state: dict[int, torch.Tensor] = {}
+        self.started: set[int] = set()
 
-    def get(self, module: nn.Module):
-        return self.state.get(id(module))
+    def previous(self, module: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor | None:
+        """Up to ``frames`` frames that precede ``x`` for ``module``; remembers ``x``'s tail."""
+        prev = self.state.get(id(module))
+        joined = x if prev is None else torch.cat([prev, x], dim=2)
+        self.state[id(module)] = joined[:, :, -frames:].detach().clone()
+        return prev
 
-    def set(self, module: nn.Module, value) -> None:
-        self.state[id(module)] = value
+    def at_start(self, module: nn.Module) -> bool:
+        """True the first time ``module`` asks: its input begins with the video's first frame."""
+        first = id(module) not in self.started
+        self.started.add(id(module))
+        return first
 
 
 class CausalConv3d(nn.Conv3d):
@@ -72,15 +96,11 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, 0, 0)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        prev = cache.get(self) if cache is not None and self.time_pad else None
+        prev = cache.previous(self, x, self.time_pad) if cache is not None and self.time_pad else None
         if prev is not None:
-            x_in = torch.cat([prev, x], dim=2)
-        else:
-            x_in = x
-        if cache is not None and self.time_pad:
-            cache.set(self, x_in[:, :, -CACHED_FRAMES:].detach().clone())
+            x = torch.cat([prev, x], dim=2)
         front = self.time_pad - (prev.shape[2] if prev is not None else 0)
-        return super().forward(F.pad(x_in, (*self.space_pad, front, 0)))
+        return super().forward(F.pad(x, (*self.space_pad, front, 0)))
 
 
 class RMSNorm(nn.Module):
@@ -158,22 +178,24 @@ class Resample(nn.Module):
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x, cache: CausalCache):
-        b, c, t, h, w = x.shape
         if self.mode == "upsample3d":
-            # the first latent frame stays one frame; later ones become two
-            if cache.get(self) is not None:
-                x = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
-                x = torch.stack((x[:, 0], x[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
-            cache.set(self, True)
-        t = x.shape[2]
+            # the video's first latent frame stays one frame; every later one becomes two
+            first, rest = (x[:, :, :1], x[:, :, 1:]) if cache.at_start(self) else (None, x)
+            if rest.shape[2]:
+                b, c, t, h, w = rest.shape
+                rest = self.time_conv(rest, cache).reshape(b, 2, c, t, h, w)
+                rest = torch.stack((rest[:, 0], rest[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
+            x = rest if first is None else torch.cat([first, rest], dim=2)
+        b, c, t, h, w = x.shape
         y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
         x = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
         if self.mode == "downsample3d":
-            # the first frame passes through; later frames merge in pairs with the frame before them
-            prev = cache.get(self)
-            cache.set(self, x[:, :, -1:].detach().clone())
+            # the video's first frame passes through; later frames merge in pairs with the frame before
+            prev = cache.previous(self, x, 1)
             if prev is not None:
                 x = self.time_conv(torch.cat([prev, x], dim=2))
+            elif x.shape[2] > 1:
+                x = torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
         return x
 
 
@@ -365,21 +387,44 @@ class WanVAE(nn.Module):
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
-    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, video: torch.Tensor, vae_cp: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vae_cp = (group, ranks)``: share the frames over a VAE-CP group (every rank passes the
+        same video and gets the whole result)."""
         frames = video.shape[2]
         if self.cfg.patch_size:
             video = patchify(video, self.cfg.patch_size)
-        cache = CausalCache()
-        # the first frame alone, then 4 frames per chunk; frames past the last full chunk are unused
-        chunks = [video[:, :, :1]] + [video[:, :, 1 + 4 * i: 5 + 4 * i] for i in range((frames - 1) // 4)]
-        h = self.quant_conv(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
-        mean, logvar = h.chunk(2, dim=1)
+        chunks = (frames - 1) // 4  # the first frame alone, then 4 frames per chunk; the rest is unused
+        if vae_cp is None:
+            cache = CausalCache()
+            pieces = [video[:, :, :1]] + [video[:, :, 1 + 4 * i: 5 + 4 * i] for i in range(chunks)]
+            h = torch.cat([self.encoder(piece, cache) for piece in pieces], dim=2)
+        else:
+            group, ranks = vae_cp
+            check_frames(frames, len(ranks), "video")
+            halo = HaloCache(group, ranks)
+            counts = split_counts(chunks, len(ranks))
+            start = 1 + 4 * sum(counts[: halo.index]) if halo.index else 0
+            end = 1 + 4 * sum(counts[: halo.index + 1])
+            h = gather_frames(self.encoder(video[:, :, start:end], halo),
+                              [n + (1 if i == 0 else 0) for i, n in enumerate(counts)], group)
+        mean, logvar = self.quant_conv(h).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, vae_cp: tuple | None = None) -> torch.Tensor:
         x = self.post_quant_conv(z)
-        cache = CausalCache()
-        out = torch.cat([self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])], dim=2)
+        if vae_cp is None:
+            cache = CausalCache()
+            out = torch.cat([self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
+                             for i in range(x.shape[2])], dim=2)
+        else:
+            group, ranks = vae_cp
+            check_frames(x.shape[2], len(ranks), "latent")
+            halo = HaloCache(group, ranks)
+            counts = split_counts(x.shape[2] - 1, len(ranks))
+            counts[0] += 1  # rank 0 also decodes the first latent frame
+            start = sum(counts[: halo.index])
+            piece = self.decoder(x[:, :, start:start + counts[halo.index]], halo, first_chunk=halo.index == 0)
+            out = gather_frames(piece, [4 * n - (3 if i == 0 else 0) for i, n in enumerate(counts)], group)
         if self.cfg.patch_size:
             out = unpatchify(out, self.cfg.patch_size)
         return out.clamp(-1.0, 1.0)
@@ -389,3 +434,25 @@ class WanVAE(nn.Module):
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.latents_std.to(latents) + self.latents_mean.to(latents)
+
+
+def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32) -> WanVAE:
+    """A Wan VAE from a diffusers-format directory (config.json + diffusion_pytorch_model*.safetensors);
+    missing or unexpected weights are an error that lists them."""
+    from safetensors.torch import load_file
+
+    path = Path(from_pretrained)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no config.json there")
+    vae = WanVAE(WanVAEConfig.from_json(json.loads((path / "config.json").read_text())))
+    files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no diffusion_pytorch_model*.safetensors")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"ae.from_pretrained = {from_pretrained!r}: weights do not match the config: "
+                       f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return vae.to(dtype).eval().requires_grad_(False)
