@@ -52,6 +52,11 @@ class WanVAEConfig:
     patch_size: int | None = None
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
+    # spatial tiling for large frames (mm's keys): tiles of this many (patchified) pixels, this far
+    # apart; overlaps are blended linearly, as diffusers' tiled encode/decode do
+    use_tiling: bool = False
+    tile_sample_min_size: int = 256
+    tile_sample_stride: int = 192
 
     @classmethod
     def from_json(cls, params: dict) -> "WanVAEConfig":
@@ -371,6 +376,31 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, cp // (p * p), t, h * p, w * p)
 
 
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """Fade ``a``'s last ``extent`` rows/columns (``dim`` -2 or -1) into ``b``'s first, in place."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return
+    w = torch.arange(extent, dtype=b.dtype, device=b.device) / extent
+    w = w.view(-1, 1) if dim == -2 else w
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + head * w)
+
+
+def _stitch(rows: list[list[torch.Tensor]], blend: int, stride: int, height: int, width: int) -> torch.Tensor:
+    out_rows = []
+    for i, row in enumerate(rows):
+        pieces = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend(rows[i - 1][j], tile, blend, -2)
+            if j > 0:
+                _blend(row[j - 1], tile, blend, -1)
+            pieces.append(tile[..., :stride, :stride])
+        out_rows.append(torch.cat(pieces, dim=-1))
+    return torch.cat(out_rows, dim=-2)[..., :height, :width]
+
+
 class WanVAE(nn.Module):
     """``encode(video [b, 3, 1 + 4k, H, W] in [-1, 1]) -> (mean, logvar)`` of the latent distribution
     ``[b, z, 1 + k, H / s, W / s]``; ``decode(z) -> video`` clamped to [-1, 1]; ``normalize`` /
@@ -394,10 +424,11 @@ class WanVAE(nn.Module):
         if self.cfg.patch_size:
             video = patchify(video, self.cfg.patch_size)
         chunks = (frames - 1) // 4  # the first frame alone, then 4 frames per chunk; the rest is unused
-        if vae_cp is None:
-            cache = CausalCache()
-            pieces = [video[:, :, :1]] + [video[:, :, 1 + 4 * i: 5 + 4 * i] for i in range(chunks)]
-            h = torch.cat([self.encoder(piece, cache) for piece in pieces], dim=2)
+        tile = self.cfg.tile_sample_min_size
+        if vae_cp is None and self.cfg.use_tiling and max(video.shape[-2:]) > tile:
+            h = self._tiled_encode(video, chunks)
+        elif vae_cp is None:
+            h = self._encode_chunks(video, chunks)
         else:
             group, ranks = vae_cp
             check_frames(frames, len(ranks), "video")
@@ -410,12 +441,37 @@ class WanVAE(nn.Module):
         mean, logvar = self.quant_conv(h).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    def _encode_chunks(self, video: torch.Tensor, chunks: int) -> torch.Tensor:
+        cache = CausalCache()
+        pieces = [video[:, :, :1]] + [video[:, :, 1 + 4 * i: 5 + 4 * i] for i in range(chunks)]
+        return torch.cat([self.encoder(piece, cache) for piece in pieces], dim=2)
+
+    def _tiled_encode(self, video: torch.Tensor, chunks: int) -> torch.Tensor:
+        size, stride = self.cfg.tile_sample_min_size, self.cfg.tile_sample_stride
+        ratio = self.cfg.scale_factor_spatial // (self.cfg.patch_size or 1)
+        height, width = video.shape[-2:]
+        rows = [[self._encode_chunks(video[..., i:i + size, j:j + size], chunks) for j in range(0, width, stride)]
+                for i in range(0, height, stride)]
+        return _stitch(rows, (size - stride) // ratio, stride // ratio, height // ratio, width // ratio)
+
+    def _decode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        cache = CausalCache()
+        return torch.cat([self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])], dim=2)
+
+    def _tiled_decode(self, x: torch.Tensor) -> torch.Tensor:
+        size, stride, p = self.cfg.tile_sample_min_size, self.cfg.tile_sample_stride, self.cfg.patch_size or 1
+        ratio = self.cfg.scale_factor_spatial
+        height, width = x.shape[-2:]
+        rows = [[self._decode_frames(x[..., i:i + size // ratio, j:j + size // ratio])
+                 for j in range(0, width, stride // ratio)] for i in range(0, height, stride // ratio)]
+        return _stitch(rows, size // p - stride // p, stride // p, height * ratio // p, width * ratio // p)
+
     def decode(self, z: torch.Tensor, vae_cp: tuple | None = None) -> torch.Tensor:
         x = self.post_quant_conv(z)
-        if vae_cp is None:
-            cache = CausalCache()
-            out = torch.cat([self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0)
-                             for i in range(x.shape[2])], dim=2)
+        if vae_cp is None and self.cfg.use_tiling and max(x.shape[-2:]) > self.cfg.tile_sample_min_size // self.cfg.scale_factor_spatial:
+            out = self._tiled_decode(x)
+        elif vae_cp is None:
+            out = self._decode_frames(x)
         else:
             group, ranks = vae_cp
             check_frames(x.shape[2], len(ranks), "latent")
