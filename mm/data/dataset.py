@@ -1,0 +1,193 @@
+"""The video dataset: frame sampling, resize + centre crop to a bucket, [-1, 1], optional flip,
+tokenisation in the workers, and bad samples skipped and counted.
+
+Buckets: static resolution is one bucket ``(num_frames, height, width)``; dynamic resolution is a
+list of buckets (``preprocess_parameters.buckets: [[frames, height, width], ...]``) and each sample
+goes to the bucket whose aspect ratio is closest to its own among those it has enough frames for.
+Every micro-batch comes from one bucket (``BucketSampler``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mm.data.decoding import BadSample, probe, read_frames, resolve_reader
+from mm.data.sources import Sample
+
+SHORT_CLIP_POLICIES = ("skip", "pad")
+
+
+@dataclass
+class VideoDataConfig:
+    """``dataset_param.preprocess_parameters`` of the data JSON, typed."""
+
+    buckets: list[tuple[int, int, int]]  # (frames, height, width)
+    train_fps: float | None = None  # None: every source frame (stride 1)
+    short_clip: str = "skip"
+    hflip: bool = False
+    video_reader_type: str = "auto"
+    max_substitutes: int = 8  # how many other samples to try in place of a bad one
+    seed: int = 42
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, params: dict[str, Any]) -> "VideoDataConfig":
+        key = "dataset_param.preprocess_parameters"
+        p = dict(params)
+        if "buckets" in p:
+            buckets = [tuple(int(v) for v in b) for b in p.pop("buckets")]
+        else:
+            try:
+                buckets = [(int(p.pop("num_frames")), int(p.pop("max_height", p.pop("height", 0)) or 0),
+                            int(p.pop("max_width", p.pop("width", 0)) or 0))]
+            except KeyError:
+                raise ValueError(f"{key}: give 'buckets' (dynamic resolution) or 'num_frames' with "
+                                 "'max_height'/'max_width' (static resolution)") from None
+        for b in buckets:
+            if len(b) != 3 or min(b) < 1:
+                raise ValueError(f"{key}.buckets entry {list(b)}: expected [frames, height, width], all >= 1")
+        short = p.pop("short_clip", "skip")
+        if short not in SHORT_CLIP_POLICIES:
+            raise ValueError(f"{key}.short_clip = {short!r}; valid: {', '.join(SHORT_CLIP_POLICIES)}")
+        reader = p.pop("video_reader_type", "auto")
+        resolve_reader(reader)
+        fps = p.pop("train_fps", None)
+        return cls(buckets=buckets, train_fps=float(fps) if fps else None, short_clip=short,
+                   hflip=bool(p.pop("hflip", False)), video_reader_type=reader,
+                   max_substitutes=int(p.pop("max_substitutes", 8)), seed=int(p.pop("seed", 42)), extra=p)
+
+
+def _seed(*parts: int) -> int:
+    """A seed from integers, the same in every process (str hashes are salted per process)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (1 << 61)
+    return value
+
+
+def frame_indices(available: int, src_fps: float, wanted: int, train_fps: float | None, short_clip: str,
+                  rng: random.Random) -> list[int]:
+    """``wanted`` frame indices at ``train_fps`` (stride from the source fps), from a random start.
+    A clip too short is padded with its last frame (``short_clip: pad``) or is a BadSample."""
+    stride = max(1, round(src_fps / train_fps)) if train_fps and src_fps else 1
+    span = (wanted - 1) * stride + 1
+    if span <= available:
+        start = rng.randint(0, available - span)
+        return list(range(start, start + span, stride))
+    if short_clip == "pad":
+        return [min(i * stride, available - 1) for i in range(wanted)]
+    raise BadSample("too short", f"{available} frames, {wanted} needed at stride {stride}")
+
+
+def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[T, C, H, W]`` float: scale so the frame covers ``height x width``, then crop the centre."""
+    h, w = video.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+    video = F.interpolate(video, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return video[..., top:top + height, left:left + width]
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Item ``i``: ``{"video": [3, T, H, W] in [-1, 1], "caption", "bucket", "path", "skipped"}`` (plus
+    ``input_ids``/``attention_mask`` with a tokenizer). A bad sample is replaced by another of the
+    same bucket; what was skipped, and why, travels in ``skipped``."""
+
+    def __init__(self, samples: list[Sample], config: VideoDataConfig, tokenizer=None, max_length: int = 512,
+                 epoch: int = 0):
+        self.samples, self.config, self.tokenizer, self.max_length = samples, config, tokenizer, max_length
+        self.reader = resolve_reader(config.video_reader_type)
+        self.epoch = epoch
+        self.bucket_of = [self._bucket(s) for s in samples]
+        self.by_bucket: dict[int, list[int]] = {}
+        for i, b in enumerate(self.bucket_of):
+            self.by_bucket.setdefault(b, []).append(i)
+
+    def _bucket(self, sample: Sample) -> int:
+        buckets = self.config.buckets
+        if len(buckets) == 1:
+            return 0
+        frames = sample.num_frames or 1
+        ratio = (sample.height / sample.width) if sample.height and sample.width else 1.0
+        fitting = [i for i, b in enumerate(buckets) if b[0] <= frames] or [min(range(len(buckets)),
+                                                                               key=lambda i: buckets[i][0])]
+        best_ratio = min(abs(math.log(buckets[i][1] / buckets[i][2] / ratio)) for i in fitting)
+        close = [i for i in fitting if abs(math.log(buckets[i][1] / buckets[i][2] / ratio)) <= best_ratio + 1e-9]
+        return max(close, key=lambda i: buckets[i][0])  # the most frames among the best-shaped
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> dict:
+        sample, bucket = self.samples[index], self.bucket_of[index]
+        frames, height, width = self.config.buckets[bucket]
+        rng = random.Random(_seed(self.config.seed, self.epoch, index, 0))
+        if sample.is_image:
+            indices = [0] * frames
+        else:
+            info = probe(sample.path, self.reader)
+            indices = frame_indices(info.num_frames, info.fps, frames, self.config.train_fps,
+                                    self.config.short_clip, rng)
+        raw = read_frames(sample.path, indices, self.reader)  # [T, H, W, 3] uint8
+        video = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        video = resize_center_crop(video, height, width)
+        if self.config.hflip and rng.random() < 0.5:
+            video = video.flip(-1)
+        item = {"video": video.permute(1, 0, 2, 3).contiguous(), "caption": sample.caption, "bucket": bucket,
+                "path": sample.path}
+        if self.tokenizer is not None:
+            tok = self.tokenizer(sample.caption, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt")
+            item["input_ids"], item["attention_mask"] = tok.input_ids[0], tok.attention_mask[0]
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        peers = self.by_bucket[self.bucket_of[index]]
+        rng = random.Random(_seed(self.config.seed, self.epoch, index, 1))
+        candidate = index
+        for _ in range(self.config.max_substitutes + 1):
+            try:
+                item = self._load(candidate)
+                item["skipped"] = skipped
+                return item
+            except BadSample as bad:
+                skipped.append((self.samples[candidate].path, bad.reason))
+                candidate = rng.choice(peers)
+        raise RuntimeError(f"{len(skipped)} bad samples in a row in bucket {self.bucket_of[index]}: {skipped}; "
+                           "the dataset looks broken (increase preprocess_parameters.max_substitutes to keep going)")
+
+
+class SkipCounter:
+    """Running count of skipped samples by reason, for the periodic rank-0 summary."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def update(self, batch: dict) -> None:
+        for _, reason in batch.get("skipped", []):
+            self.counts[reason] += 1
+
+    def summary(self) -> str:
+        total = sum(self.counts.values())
+        return f"skipped {total} bad samples" + (f" ({dict(self.counts)})" if total else "")
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack one bucket's items; the skipped lists are concatenated."""
+    out = {"video": torch.stack([i["video"] for i in items]), "caption": [i["caption"] for i in items],
+           "bucket": items[0]["bucket"], "path": [i["path"] for i in items],
+           "skipped": [s for i in items for s in i["skipped"]]}
+    if "input_ids" in items[0]:
+        out["input_ids"] = torch.stack([i["input_ids"] for i in items])
+        out["attention_mask"] = torch.stack([i["attention_mask"] for i in items])
+    return out

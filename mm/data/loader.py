@@ -1,0 +1,37 @@
+"""The training data loader from a validated data JSON: samples, buckets, tokenizer, sampler."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mm.arguments.json_configs import DataConfig
+from mm.data.dataset import VideoDataConfig, VideoDataset, collate
+from mm.data.sampler import BucketSampler
+from mm.data.sources import read_data_txt
+
+logger = logging.getLogger(__name__)
+
+
+def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_parallel_rank: int,
+                           data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2,
+                           seed: int = 1234) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
+    """Batches of one bucket each, this DP rank's share, resuming after ``consumed_samples``."""
+    samples, dropped = read_data_txt(data.data_path)
+    if dropped and data_parallel_rank == 0:
+        logger.warning("data: %d annotation entries left out at start-up (%s)", sum(dropped.values()), dict(dropped))
+    tokenizer, max_length = None, 512
+    if data.use_text_processer and data.tokenizer.get("from_pretrained"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer["from_pretrained"])
+        max_length = int(data.tokenizer.get("model_max_length", 512))
+    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess), tokenizer, max_length)
+    sampler = BucketSampler(dataset.bucket_of, micro_batch_size, data_parallel_rank, data_parallel_size,
+                            consumed_samples=consumed_samples, seed=seed,
+                            shuffle=bool(data.dataloader.get("shuffle", True)))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                         prefetch_factor=2 if num_workers else None,
+                                         persistent_workers=num_workers > 0)
+    return loader, dataset
