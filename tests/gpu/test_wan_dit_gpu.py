@@ -34,7 +34,7 @@ print('bf16 relative error', rel)
 assert rel < 2e-2, rel
 layer = model.blocks[0]
 s, bsz, h = 120, 2, kw['hidden_size']
-args = (torch.randn(s, bsz, h, device='cuda', dtype=torch.bfloat16), torch.randn(bsz, 6, h, device='cuda'),
+args = (torch.randn(s, bsz, h, device='cuda', dtype=torch.bfloat16), torch.randn(1, bsz, 6, h, device='cuda'),
         torch.randn(512, bsz, h, device='cuda', dtype=torch.bfloat16), torch.randn(5, bsz, h, device='cuda', dtype=torch.bfloat16),
         tuple(t.cuda() for t in __import__('mm.models.predictor.wan.layers', fromlist=['rope_tables']).rope_tables(model.wan, 5, 4, 6, torch.device('cuda'))))
 explanation = torch._dynamo.explain(layer)(*args)
