@@ -12,7 +12,6 @@ Selecting the NPU imports ``torch_npu`` and ``torch_npu.contrib.transfer_to_npu`
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -79,21 +78,6 @@ class Accelerator:
     def reset_peak_memory_stats(self) -> None:
         if not self.is_cpu:
             self.module.reset_peak_memory_stats()
-
-    def new_stream(self) -> Any:
-        """A side stream for overlapping communication with compute (a no-op stream on the CPU)."""
-        return cuda_on_cpu.HostStream() if self.is_cpu else self.module.Stream()
-
-    def current_stream(self) -> Any:
-        return cuda_on_cpu.HostStream() if self.is_cpu else self.module.current_stream()
-
-    def stream(self, stream: Any) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext(stream) if self.is_cpu else self.module.stream(stream)
-
-    def new_event(self, enable_timing: bool = False) -> Any:
-        if self.is_cpu:
-            return cuda_on_cpu.HostEvent(enable_timing=enable_timing)
-        return self.module.Event(enable_timing=enable_timing)
 
 
 _SELECTED: Accelerator | None = None

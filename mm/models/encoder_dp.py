@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]  # sent by index
+
+
 def share_bounds(batch: int, group_size: int, rank: int) -> tuple[int, int]:
     """[start, end) of ``rank``'s samples out of ``batch``."""
     base, extra = divmod(batch, group_size)
@@ -48,5 +51,3 @@ def encode_data_parallel(encode: Callable[..., torch.Tensor], *inputs: torch.Ten
               for r in range(size)]
     return torch.cat(pieces, dim=0)
 
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]

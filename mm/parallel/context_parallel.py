@@ -51,26 +51,17 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return recv.transpose(0, 1).reshape(b, u * nu, s // u, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _UlyssesAllToAll(torch.autograd.Function):
+    """Sequence shards -> head shards (``to_heads``) or back; the backward is the opposite exchange."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return _seq_to_heads(x, group) if to_heads else _heads_to_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 # ------------------------------------------------------------------------------------------ ring
@@ -222,12 +213,12 @@ def ulysses_attention(q, k, v, group, kernel, scale: float, valid_total: int, ri
                       ring_valid: list[int] | None = None, overlap: bool = False):
     """Ulysses all-to-all around attention over the whole (Ulysses-gathered) sequence; with ``ring``,
     that attention is itself ring attention across the ring group (hybrid)."""
-    q, k, v = (_SeqToHeads.apply(t, group) for t in (q, k, v))
+    q, k, v = (_UlyssesAllToAll.apply(t, group, True) for t in (q, k, v))
     if ring is None:
         out = _LocalAttention.apply(q, k[:, :, :valid_total], v[:, :, :valid_total], kernel, scale)
     else:
         out = ring_attention(q, k, v, ring, kernel, scale, ring_valid, overlap)
-    return _HeadsToSeq.apply(out, group)
+    return _UlyssesAllToAll.apply(out, group, False)
 
 
 class _LocalAttention(torch.autograd.Function):

@@ -192,15 +192,8 @@ def test_uninstall_restores_torch_cuda():
     assert torch.cuda.current_device is original
 
 
-def test_cpu_accelerator_streams_and_events(fresh_selection):
+def test_cpu_accelerator_device_queries(fresh_selection):
     acc = select_accelerator("cpu")
-    side = acc.new_stream()
-    with acc.stream(side):
-        y = torch.arange(4.0) + 1
-    acc.current_stream().wait_stream(side)
-    start, end = acc.new_event(enable_timing=True), acc.new_event(enable_timing=True)
-    start.record()
     acc.synchronize()
-    end.record()
-    assert start.elapsed_time(end) >= 0.0 and y.sum().item() == 10.0
-    assert acc.max_memory_allocated() == 0 and acc.device_count() == 1
+    acc.reset_peak_memory_stats()
+    assert acc.max_memory_allocated() == 0 and acc.device_count() == 1 and acc.device(3).type == "cpu"
