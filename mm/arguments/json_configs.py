@@ -190,7 +190,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> 
     return config if predictor is not None else None
 
 
-DATASET_TYPES = ("t2v", "i2v", "t2i", "image")
+DATASET_TYPES = ("t2v", "i2v", "flf2v", "t2i", "image")
 
 
 @dataclass

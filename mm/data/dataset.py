@@ -23,6 +23,8 @@ from mm.data.decoding import BadSample, probe, read_frames, resolve_reader
 from mm.data.sources import Sample
 
 SHORT_CLIP_POLICIES = ("skip", "pad")
+# condition frames each dataset type carries (I2V: the first frame; FLF2V: the first and the last)
+CONDITION_FRAMES = {"i2v": (0,), "flf2v": (0, -1)}
 
 
 @dataclass
@@ -36,10 +38,11 @@ class VideoDataConfig:
     video_reader_type: str = "auto"
     max_substitutes: int = 8  # how many other samples to try in place of a bad one
     seed: int = 42
+    dataset_type: str = "t2v"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, params: dict[str, Any]) -> "VideoDataConfig":
+    def from_json(cls, params: dict[str, Any], dataset_type: str = "t2v") -> "VideoDataConfig":
         key = "dataset_param.preprocess_parameters"
         p = dict(params)
         if "buckets" in p:
@@ -62,7 +65,8 @@ class VideoDataConfig:
         fps = p.pop("train_fps", None)
         return cls(buckets=buckets, train_fps=float(fps) if fps else None, short_clip=short,
                    hflip=bool(p.pop("hflip", False)), video_reader_type=reader,
-                   max_substitutes=int(p.pop("max_substitutes", 8)), seed=int(p.pop("seed", 42)), extra=p)
+                   max_substitutes=int(p.pop("max_substitutes", 8)), seed=int(p.pop("seed", 42)),
+                   dataset_type=dataset_type, extra=p)
 
 
 def _seed(*parts: int) -> int:
@@ -99,14 +103,24 @@ def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Te
 
 class VideoDataset(torch.utils.data.Dataset):
     """Item ``i``: ``{"video": [3, T, H, W] in [-1, 1], "caption", "bucket", "path", "skipped"}`` (plus
-    ``input_ids``/``attention_mask`` with a tokenizer). A bad sample is replaced by another of the
-    same bucket; what was skipped, and why, travels in ``skipped``."""
+    ``input_ids``/``attention_mask`` with a tokenizer, and ``condition_frames [3, n, H, W]`` for I2V
+    (first frame) and FLF2V (first and last)). Images are 1-frame samples and need a 1-frame bucket;
+    without one they are left out when the dataset is built (counted in ``dropped``). A bad sample is
+    replaced by another of the same bucket; what was skipped, and why, travels in ``skipped``."""
 
     def __init__(self, samples: list[Sample], config: VideoDataConfig, tokenizer=None, max_length: int = 512,
                  epoch: int = 0):
         self.samples, self.config, self.tokenizer, self.max_length = samples, config, tokenizer, max_length
         self.reader = resolve_reader(config.video_reader_type)
         self.epoch = epoch
+        self.dropped: Counter = Counter()
+        if not any(b[0] == 1 for b in config.buckets):
+            kept = [s for s in samples if not s.is_image]
+            if len(kept) < len(samples):
+                self.dropped["image without a 1-frame bucket"] = len(samples) - len(kept)
+            self.samples = samples = kept
+        if not samples:
+            raise ValueError(f"no usable samples for buckets {config.buckets} ({dict(self.dropped)})")
         self.bucket_of = [self._bucket(s) for s in samples]
         self.by_bucket: dict[int, list[int]] = {}
         for i, b in enumerate(self.bucket_of):
@@ -114,12 +128,17 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _bucket(self, sample: Sample) -> int:
         buckets = self.config.buckets
+        if sample.is_image:
+            buckets_1 = [i for i, b in enumerate(buckets) if b[0] == 1]
+            ratio = (sample.height / sample.width) if sample.height and sample.width else 1.0
+            return min(buckets_1, key=lambda i: abs(math.log(buckets[i][1] / buckets[i][2] / ratio)))
         if len(buckets) == 1:
             return 0
         frames = sample.num_frames or 1
         ratio = (sample.height / sample.width) if sample.height and sample.width else 1.0
-        fitting = [i for i, b in enumerate(buckets) if b[0] <= frames] or [min(range(len(buckets)),
-                                                                               key=lambda i: buckets[i][0])]
+        video_buckets = [i for i, b in enumerate(buckets) if b[0] > 1] or list(range(len(buckets)))
+        fitting = [i for i in video_buckets if buckets[i][0] <= frames] or [min(video_buckets,
+                                                                                key=lambda i: buckets[i][0])]
         best_ratio = min(abs(math.log(buckets[i][1] / buckets[i][2] / ratio)) for i in fitting)
         close = [i for i in fitting if abs(math.log(buckets[i][1] / buckets[i][2] / ratio)) <= best_ratio + 1e-9]
         return max(close, key=lambda i: buckets[i][0])  # the most frames among the best-shaped
@@ -144,6 +163,8 @@ class VideoDataset(torch.utils.data.Dataset):
             video = video.flip(-1)
         item = {"video": video.permute(1, 0, 2, 3).contiguous(), "caption": sample.caption, "bucket": bucket,
                 "path": sample.path}
+        if self.config.dataset_type in CONDITION_FRAMES:
+            item["condition_frames"] = item["video"][:, list(CONDITION_FRAMES[self.config.dataset_type])]
         if self.tokenizer is not None:
             tok = self.tokenizer(sample.caption, padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt")
@@ -187,6 +208,8 @@ def collate(items: list[dict]) -> dict:
     out = {"video": torch.stack([i["video"] for i in items]), "caption": [i["caption"] for i in items],
            "bucket": items[0]["bucket"], "path": [i["path"] for i in items],
            "skipped": [s for i in items for s in i["skipped"]]}
+    if "condition_frames" in items[0]:
+        out["condition_frames"] = torch.stack([i["condition_frames"] for i in items])
     if "input_ids" in items[0]:
         out["input_ids"] = torch.stack([i["input_ids"] for i in items])
         out["attention_mask"] = torch.stack([i["attention_mask"] for i in items])

@@ -27,7 +27,9 @@ def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_paralle
 
         tokenizer = AutoTokenizer.from_pretrained(data.tokenizer["from_pretrained"])
         max_length = int(data.tokenizer.get("model_max_length", 512))
-    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess), tokenizer, max_length)
+    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizer, max_length)
+    if dataset.dropped and data_parallel_rank == 0:
+        logger.warning("data: %s", dict(dataset.dropped))
     sampler = BucketSampler(dataset.bucket_of, micro_batch_size, data_parallel_rank, data_parallel_size,
                             consumed_samples=consumed_samples, seed=seed,
                             shuffle=bool(data.dataloader.get("shuffle", True)))

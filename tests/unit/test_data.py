@@ -150,3 +150,25 @@ def test_dataloader_from_the_data_json(dataset_dir, tmp_path):
     batch = next(iter(loader))
     assert batch["video"].shape[0] == 2 and batch["video"].shape[2] == 5
     assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"].sum() > 0
+
+
+def test_images_are_one_frame_samples_and_i2v_carries_condition_frames(dataset_dir, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 80, 3), 200, dtype=np.uint8)).save(tmp_path / "still.png")
+    records = json.loads((dataset_dir / "annotation.json").read_text())[:2]
+    records = [dict(r, path=str(dataset_dir / r["path"])) for r in records]
+    records.append({"path": str(tmp_path / "still.png"), "cap": "a grey picture",
+                    "resolution": {"height": 40, "width": 80}})
+    (tmp_path / "annotation.json").write_text(json.dumps(records))
+    (tmp_path / "data.txt").write_text(f"/,{tmp_path / 'annotation.json'}\n")
+    samples, _ = read_data_txt(tmp_path / "data.txt")
+    cfg = VideoDataConfig.from_json({"buckets": [[9, 32, 32], [9, 32, 64], [1, 32, 64]]}, dataset_type="flf2v")
+    ds = VideoDataset(samples, cfg)
+    image = ds[2]
+    assert image["video"].shape == (3, 1, 32, 64) and image["caption"] == "a grey picture"
+    clip = ds[0]
+    assert clip["condition_frames"].shape == (3, 2, 32, 32)
+    torch.testing.assert_close(clip["condition_frames"][:, 1], clip["video"][:, -1])
+    without = VideoDataset(samples, VideoDataConfig.from_json({"buckets": [[9, 32, 32]]}))
+    assert len(without) == 2 and without.dropped["image without a 1-frame bucket"] == 1
