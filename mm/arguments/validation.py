@@ -136,7 +136,7 @@ def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[st
         problems.append(
             f"predictor.num_heads = {pred.num_heads} is not divisible by --tensor-model-parallel-size ({tp}) x "
             f"Ulysses degree ({u}, from --context-parallel-algo {args.context_parallel_algo}"
-            + (f" and --ulysses-degree-in-cp" if args.context_parallel_algo == "hybrid_cp_algo" else
+            + (" and --ulysses-degree-in-cp" if args.context_parallel_algo == "hybrid_cp_algo" else
                " and --context-parallel-size" if args.context_parallel_algo == "ulysses_cp_algo" else "")
             + f") = {tp * u}"
         )

@@ -167,7 +167,6 @@ class _Chunk(torch.nn.Module):
 
 def _pipeline_worker(rank: int, world: int, vpp: int | None):
     from megatron.core import ModelParallelConfig
-    from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
