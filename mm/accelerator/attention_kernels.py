@@ -135,10 +135,14 @@ def available_kernels() -> list[str]:
     return kernels_for(get_accelerator().name)
 
 
-def get_kernel(name: str = "auto"):
-    """The kernel ``name`` (``auto``: the fastest available here)."""
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def get_kernel(name: str = "auto", dtype: torch.dtype | None = None):
+    """The kernel ``name`` (``auto``: the fastest available here for ``dtype``; the fused GPU/NPU
+    kernels take fp16/bf16 only, so fp32/fp64 inputs get the math kernel)."""
     if name == "auto":
-        name = available_kernels()[0]
+        name = next(k for k in available_kernels() if k == "math" or dtype is None or dtype in LOW_PRECISION)
     if name not in KERNELS:
         raise ValueError(f"--attention-kernel {name!r}; valid: {', '.join(KERNEL_CHOICES)}")
     if name not in available_kernels():

@@ -34,7 +34,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                kernel=None) -> torch.Tensor:
     """Attention over the whole CP-sharded sequence for this rank's ``[b, n, s_local, d]`` shard."""
     options = get_attention_options()
-    kernel = kernel or get_kernel(options["kernel"])
+    kernel = kernel or get_kernel(options["kernel"], q.dtype)
     scale = default_scale(q.shape[-1])
     cp_size = mpu.get_context_parallel_world_size()
     s_local = q.shape[2]

@@ -197,3 +197,13 @@ def test_cpu_accelerator_device_queries(fresh_selection):
     acc.synchronize()
     acc.reset_peak_memory_stats()
     assert acc.max_memory_allocated() == 0 and acc.device_count() == 1 and acc.device(3).type == "cpu"
+
+
+def test_auto_attention_kernel_fits_the_dtype(monkeypatch):
+    from mm.accelerator import attention_kernels as ak
+
+    monkeypatch.setattr(ak, "available_kernels", lambda: ["cudnn", "flash", "math"])
+    assert ak.get_kernel("auto", torch.bfloat16).name == "cudnn"
+    assert ak.get_kernel("auto", torch.float32).name == "math"
+    with pytest.raises(ValueError, match="--attention-kernel 'fast'; valid: auto, math, flash, cudnn"):
+        ak.get_kernel("fast")
