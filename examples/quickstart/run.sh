@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# The README's demo command. It sets up .venv itself (Python 3.12, pinned requirements).
+# The README's demo command. It sets up .venv itself (Python 3.12, pinned requirements), makes its
+# own assets (a synthetic video dataset of moving shapes, a tiny random Wan VAE and UMT5 text
+# encoder, model/data JSONs) under outputs/quickstart, and trains a tiny Wan DiT with
+# pretrain_t2v.py on 2 CPU processes with ring context parallelism (send/recv overlap).
+# Sampling the trained model to an .mp4 comes with inference.py (issue 10).
 #
-# Today mm has its foundation only (configuration, accelerator layer, process groups, megatron-core
-# on CPU and GPU), so this runs a smoke test of that: 4 processes, TP=2 x PP=2, training a toy
-# residual MLP with megatron-core's pipeline schedule, DDP and distributed optimizer. It will train
-# a tiny video DiT on synthetic videos and sample an .mp4 once the model, data, training and
-# inference issues land.
-#
-#   GPUS_PER_NODE=4 MM_ACCELERATOR=cpu bash examples/quickstart/run.sh
+#   GPUS_PER_NODE=2 MM_ACCELERATOR=cpu bash examples/quickstart/run.sh
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 source "$repo/scripts/bootstrap_venv.sh"
 cd "$repo"
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-4}
+OUT=${OUT:-outputs/quickstart}
+GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29517}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-TP=${TP:-2}
-PP=${PP:-2}
+CP=${CP:-2}
 export MM_ACCELERATOR=${MM_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+[[ -f "$OUT/model.json" ]] || "$MM_PYTHON" examples/quickstart/make_assets.py "$OUT"
+
 DISTRIBUTED_ARGS="--nproc_per_node $GPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
-GPT_ARGS="--tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
-    --micro-batch-size 2 --global-batch-size 4 --lr 3e-3 --clip-grad 1.0 --train-iters 60 \
-    --use-distributed-optimizer --log-interval 10 --seed 1234"
-MM_ARGS="--mm-model examples/quickstart/model.json --mm-data examples/quickstart/data.json"
+GPT_ARGS="--context-parallel-size $CP --context-parallel-algo megatron_cp_algo --use-cp-send-recv-overlap \
+    --micro-batch-size 2 --global-batch-size 2 --lr 1e-3 --lr-warmup-iters 5 --clip-grad 1.0 --train-iters 40 \
+    --use-distributed-optimizer --log-interval 5 --num-workers 1 --seed 1234"
+MM_ARGS="--mm-model $OUT/model.json --mm-data $OUT/data.json"
 
-"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS examples/quickstart/parallel_smoke.py $GPT_ARGS $MM_ARGS
+"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS
+echo "quickstart: trained; sampling to .mp4 is not in mm yet (inference.py, issue 10)"

@@ -512,3 +512,15 @@ def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32) -> Wa
         raise KeyError(f"ae.from_pretrained = {from_pretrained!r}: weights do not match the config: "
                        f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     return vae.to(dtype).eval().requires_grad_(False)
+
+
+def save_wan_vae(vae: WanVAE, directory: str) -> None:
+    """Write ``vae`` as a diffusers-format directory that ``load_wan_vae`` (and diffusers) read."""
+    from safetensors.torch import save_file
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in dataclasses.asdict(vae.cfg).items()
+              if k not in ("use_tiling", "tile_sample_min_size", "tile_sample_stride")}
+    (path / "config.json").write_text(json.dumps(dict(config, _class_name="AutoencoderKLWan"), indent=1))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "diffusion_pytorch_model.safetensors"))

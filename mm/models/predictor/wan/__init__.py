@@ -2,6 +2,14 @@
 
 from mm.models.predictor.wan.config import WanDiTConfig
 from mm.models.predictor.wan.model import WanDiT
-from mm.models.predictor.wan.weights import WAN_NAME_TABLE, WeightMappingError, hf_to_mm, load_hf_weights, mm_to_hf
+from mm.models.predictor.wan.weights import (
+    WAN_NAME_TABLE,
+    WeightMappingError,
+    hf_to_mm,
+    load_hf_weights,
+    mm_to_hf,
+    read_safetensors_dir,
+)
 
-__all__ = ["WAN_NAME_TABLE", "WanDiT", "WanDiTConfig", "WeightMappingError", "hf_to_mm", "load_hf_weights", "mm_to_hf"]
+__all__ = ["WAN_NAME_TABLE", "WanDiT", "WanDiTConfig", "WeightMappingError", "hf_to_mm", "load_hf_weights", "mm_to_hf",
+           "read_safetensors_dir"]

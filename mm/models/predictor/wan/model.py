@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
@@ -103,6 +104,15 @@ class WanDiT(MegatronModule):
         # used on sequence shards under SP: their gradients are partial sums over TP ranks
         for part in (self.time_embedder, self.time_projection, self.head):
             mark_sequence_parallel(part, config.sequence_parallel)
+        # what megatron-core's schedules and finalize_model_grads ask of a model (one stage holds it all)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process = self.post_process = True
+        self.share_embeddings_and_output_weights = False
+
+    def set_input_tensor(self, tensor) -> None:
+        """megatron-core's pipeline hook; the whole model is one stage, whose input is the batch."""
+        if tensor not in (None, [None]):
+            raise RuntimeError("the Wan DiT does not run as a later pipeline stage yet")
 
     def _run_blocks(self, x, time_mod, context, context_img, rope, valid_tokens):
         cfg = self.config

@@ -193,3 +193,19 @@ def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_
     with torch.no_grad():
         for key, value in mapped.items():
             own[key].copy_(value)
+
+
+def read_safetensors_dir(directory: str, key: str = "predictor.from_pretrained") -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in a checkpoint directory (diffusers' sharded
+    layout or the original release's single file)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{key} = {directory!r}: no *.safetensors files there")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state

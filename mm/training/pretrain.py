@@ -1,0 +1,150 @@
+"""Text-to-video pre-training of a Wan DiT: the loop behind ``pretrain_t2v.py``.
+
+First increment (issue 8): no pipeline parallelism yet, no checkpoints yet (``--save``/``--load``
+are refused with a clear error rather than ignored). TP, SP, CP (every algorithm), DP with
+megatron-core's DDP and (optionally) distributed optimizer, recompute, bf16/fp16, the LR schedule,
+frozen VAE and text encoder, Wan's flow-matching objective, megatron-style iteration logs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
+
+from mm.accelerator import destroy_distributed, rank0_print
+from mm.data.dataset import SkipCounter
+from mm.data.loader import build_video_dataloader
+from mm.diffusion import FlowMatching, FlowMatchingConfig
+from mm.models.ae import load_wan_vae
+from mm.models.predictor import build_predictor, predictor_config
+from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.text_encoder import TextEncoder
+from mm.runtime import start
+
+
+def params_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def transformer_config(args, arch, on_cpu: bool) -> TransformerConfig:
+    """megatron-core's config for the DiT from the flags (parallel sizes, precision, recompute)."""
+    return TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+        params_dtype=params_dtype(args), bf16=args.bf16, fp16=args.fp16, pipeline_dtype=params_dtype(args),
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False)
+
+
+def _refuse_unfinished(args) -> None:
+    unsupported = {"--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
+                   "--save": args.save is not None, "--load": args.load is not None}
+    named = [flag for flag, used in unsupported.items() if used]
+    if named:
+        raise SystemExit(f"pretrain: {', '.join(named)} not supported by this version of the training loop yet "
+                         "(issue 8: pipeline parallelism and checkpoints are next)")
+
+
+def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -> list[float]:
+    """Train; returns the per-iteration losses seen on this rank (for tests)."""
+    runtime = start(argv, mode="train", prog=prog)
+    args, cfg = runtime.config.args, runtime.config
+    _refuse_unfinished(args)
+    acc = runtime.accelerator
+    device, dtype = acc.device(), params_dtype(args)
+    pred = cfg.model.predictor
+    arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    tf_config = transformer_config(args, arch, acc.is_cpu)
+    dit = build_predictor(pred.model_id, arch, tf_config)
+    if pred.from_pretrained:  # full (diffusers or original-Wan) weights, split for this TP rank
+        load_hf_weights(dit, read_safetensors_dir(pred.from_pretrained), tp_size=args.tensor_model_parallel_size,
+                        tp_rank=mpu.get_tensor_model_parallel_rank())
+    dit = dit.to(device)
+    model = DistributedDataParallel(tf_config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer), dit)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
+        initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
+        use_distributed_optimizer=args.use_distributed_optimizer), [model])
+    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    num_micro = gbs // (args.micro_batch_size * dp)
+    warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else int(args.lr_warmup_fraction * args.train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup * gbs,
+        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style="constant")
+    tf_config.finalize_model_grads_func = finalize_model_grads
+
+    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
+    text = cfg.model.text_encoder[0]
+    text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
+                               max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
+    flow = FlowMatching(FlowMatchingConfig(**(cfg.model.diffusion.params if cfg.model.diffusion else {})))
+    loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, num_workers=args.num_workers,
+                                       seed=args.seed)
+    batches = iter(loader)
+    skips = SkipCounter()
+    # the same noise on every TP/CP rank of a DP replica (they compute one sample together)
+    rng = {"noise": torch.Generator(device=device), "sigmas": torch.Generator()}
+
+    def forward_step(data_iterator, chunk):
+        batch = next(batches)
+        skips.update(batch)
+        with torch.no_grad():
+            latents = vae.normalize(vae.encode(batch["video"].to(device, dtype))[0])
+            context = text_encoder.encode(batch["input_ids"], batch["attention_mask"]).to(dtype)
+        noise = torch.randn(latents.shape, generator=rng["noise"], device=device, dtype=torch.float32).to(dtype)
+        sigmas = flow.sample_sigmas(latents.shape[0], generator=rng["sigmas"], device=device)
+        output = chunk(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas), context)
+        target = flow.target(latents, noise)
+
+        def loss_func(out):
+            loss = flow.loss(out, target)
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    losses = []
+    forward_backward = get_forward_backward_func()
+    for iteration in range(1, args.train_iters + 1):
+        for gen in rng.values():
+            gen.manual_seed(args.seed * 100_003 + iteration * 1009 + dp_rank)
+        start_time = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_losses = forward_backward(forward_step_func=forward_step, data_iterator=None, model=[model],
+                                       num_microbatches=num_micro, seq_length=1, micro_batch_size=args.micro_batch_size,
+                                       forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=gbs)
+        acc.synchronize()
+        elapsed = time.perf_counter() - start_time
+        loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
+        torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
+        losses.append(loss.item() / dp)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            rank0_print(
+                f" iteration {iteration:>6}/{args.train_iters} | consumed samples {iteration * gbs:>8} | "
+                f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | learning rate: "
+                f"{optimizer.param_groups[0]['lr']:.3e} | global batch size: {gbs} | loss: {losses[-1]:.6e} | "
+                f"grad norm: {float(grad_norm or 0):.3f} | samples/s: {gbs / elapsed:.2f} | "
+                f"max memory (GiB): {acc.max_memory_allocated() / 2**30:.1f} | {skips.summary()}")
+    destroy_distributed()
+    return losses
+

@@ -1,0 +1,82 @@
+"""pretrain_t2v.py through torchrun on the quickstart's synthetic assets (CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qs")
+    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
+                   capture_output=True)
+    # fixed DiT weights in diffusers layout, so every parallel layout starts from the same model
+    code = f"""
+import json, torch
+from safetensors.torch import save_file
+from tests.dist_helper import run_distributed
+def worker(rank, world):
+    from mm.parallel import ParallelSizes, initialize_parallel, destroy_parallel
+    from mm.models.predictor import build_predictor, predictor_config
+    from mm.models.predictor.wan import mm_to_hf
+    from mm.training.pretrain import transformer_config
+    import argparse
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    pred = json.load(open('{root}/model.json'))['predictor']
+    params = {{k: v for k, v in pred.items() if k not in ('model_id', 'dtype', 'num_layers', 'num_heads')}}
+    arch = predictor_config('wan_dit', params, pred['num_layers'], pred['num_heads'])
+    from megatron.core.transformer import TransformerConfig
+    model = build_predictor('wan_dit', arch, TransformerConfig(num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_heads, use_cpu_initialization=True))
+    sd = mm_to_hf([{{k: v for k, v in model.state_dict().items()}}])
+    destroy_parallel()
+    return sd
+sd = run_distributed(1, worker)[0]
+import os; os.makedirs('{root}/dit', exist_ok=True)
+save_file({{k: v.contiguous() for k, v in sd.items()}}, '{root}/dit/diffusion_pytorch_model.safetensors')
+model = json.load(open('{root}/model.json')); model['predictor']['from_pretrained'] = '{root}/dit'
+json.dump(model, open('{root}/model.json', 'w'))
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    return root
+
+
+def _train(assets, nproc, *flags, iters=4):
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "pretrain_t2v.py", "--mm-model", str(assets / "model.json"), "--mm-data", str(assets / "data.json"),
+           "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", str(iters),
+           "--log-interval", "1", "--num-workers", "0", "--seed", "7", *flags]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", result.stdout)], result.stdout
+
+
+@pytest.mark.slow
+def test_tp2_sp_cp2_training_equals_one_process(assets):
+    ref, _ = _train(assets, 1)
+    par, out = _train(assets, 4, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                      "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+                      "--use-cp-send-recv-overlap", "--use-distributed-optimizer")
+    assert "TP=2 PP=1 VPP=1 CP=2 (megatron_cp_algo) DP=1" in out
+    assert len(ref) == len(par) == 4
+    for a, b in zip(ref, par):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
+    assert ref[-1] != ref[0]  # it trained
+
+
+def test_unsupported_flags_are_refused(assets):
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "pretrain_t2v.py",
+           "--mm-model", str(assets / "model.json"), "--mm-data", str(assets / "data.json"), "--lr", "1e-3",
+           "--train-iters", "1", "--save", str(assets / "ckpt")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "--save not supported by this version of the training loop yet" in result.stderr
