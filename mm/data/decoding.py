@@ -79,7 +79,8 @@ def probe(path: str | Path, reader: str) -> VideoInfo:
                 if not container.streams.video:
                     raise BadSample("no frames", f"{path}: no video stream")
                 stream = container.streams.video[0]
-                frames = sum(1 for _ in container.decode(stream))
+                # the container's frame count when it has one (mp4 does); decoding to count is the fallback
+                frames = stream.frames or sum(1 for _ in container.decode(stream))
                 info = VideoInfo(frames, float(stream.average_rate or 0), stream.height, stream.width)
     except BadSample:
         raise
