@@ -94,7 +94,10 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     text = cfg.model.text_encoder[0]
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
-    flow = FlowMatching(FlowMatchingConfig(**(cfg.model.diffusion.params if cfg.model.diffusion else {})))
+    diffusion = cfg.model.diffusion
+    if diffusion is not None and diffusion.model_id != "flow_matching":
+        raise SystemExit(f"pretrain: diffusion.model_id = {diffusion.model_id!r}; valid: flow_matching")
+    flow = FlowMatching(FlowMatchingConfig(**(diffusion.params if diffusion else {})))
     loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, num_workers=args.num_workers,
                                        seed=args.seed)
     batches = iter(loader)
