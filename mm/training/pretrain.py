@@ -3,7 +3,8 @@
 First increment (issue 8): no pipeline parallelism yet, no checkpoints yet (``--save``/``--load``
 are refused with a clear error rather than ignored). TP, SP, CP (every algorithm), DP with
 megatron-core's DDP and (optionally) distributed optimizer, recompute, bf16/fp16, the LR schedule,
-frozen VAE and text encoder, Wan's flow-matching objective, megatron-style iteration logs.
+frozen VAE and text encoder (with VAE-CP, encoder-DP and interleaved offload from the model JSON),
+Wan's flow-matching objective, megatron-style iteration logs.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from mm.data.dataset import SkipCounter
 from mm.data.loader import build_video_dataloader
 from mm.diffusion import FlowMatching, FlowMatchingConfig
 from mm.models.ae import load_wan_vae
+from mm.models.encoder_dp import encode_data_parallel
+from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
 from mm.models.text_encoder import TextEncoder
+from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 
 
@@ -100,7 +104,10 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     flow = FlowMatching(FlowMatchingConfig(**(diffusion.params if diffusion else {})))
     loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, num_workers=args.num_workers,
                                        seed=args.seed)
-    batches = iter(loader)
+    encode = _batch_encoder(cfg, vae, text_encoder, device, dtype)
+    # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
+    offload = InterleavedEncoderOffload([vae, text_encoder], cfg.model.encoder_offload_interval, device)
+    batches = offload.iterate(loader, encode)
     skips = SkipCounter()
     # the same noise on every TP/CP rank of a DP replica (they compute one sample together)
     rng = {"noise": torch.Generator(device=device), "sigmas": torch.Generator()}
@@ -108,9 +115,7 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     def forward_step(data_iterator, chunk):
         batch = next(batches)
         skips.update(batch)
-        with torch.no_grad():
-            latents = vae.normalize(vae.encode(batch["video"].to(device, dtype))[0])
-            context = text_encoder.encode(batch["input_ids"], batch["attention_mask"]).to(dtype)
+        latents, context = batch["latents"], batch["context"]
         noise = torch.randn(latents.shape, generator=rng["noise"], device=device, dtype=torch.float32).to(dtype)
         sigmas = flow.sample_sigmas(latents.shape[0], generator=rng["sigmas"], device=device)
         output = chunk(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas), context)
@@ -151,3 +156,25 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     destroy_distributed()
     return losses
 
+
+
+def _batch_encoder(cfg, vae, text_encoder, device, dtype):
+    """batch -> {latents, context, skipped}: the frozen encoders, with VAE-CP (``ae.vae_cp_size``)
+    and encoder-DP (``enable_encoder_dp``) when the model JSON asks for them."""
+    vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
+    group = get_encoder_dp_group() if cfg.model.enable_encoder_dp else None
+
+    def encode_video(video):
+        return vae.normalize(vae.encode(video, vae_cp=vae_cp)[0])
+
+    def encode_text(ids, mask):
+        return text_encoder.encode(ids, mask).to(dtype)
+
+    @torch.no_grad()
+    def encode(batch):
+        video = batch["video"].to(device, dtype)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        return {"latents": encode_data_parallel(encode_video, video, group=group),
+                "context": encode_data_parallel(encode_text, ids, mask, group=group), "skipped": batch["skipped"]}
+
+    return encode

@@ -49,10 +49,28 @@ json.dump(model, open('{root}/model.json', 'w'))
     return root
 
 
-def _train(assets, nproc, *flags, iters=4):
+def _variant(assets, name, model_changes=None, data_changes=None):
+    """A copy of the quickstart JSONs with some model keys (top level or ``ae``) and preprocess keys changed."""
+    import json
+
+    model = json.loads((assets / "model.json").read_text())
+    for key, value in (model_changes or {}).items():
+        if key == "vae_cp_size":
+            model["ae"][key] = value
+        else:
+            model[key] = value
+    data = json.loads((assets / "data.json").read_text())
+    data["dataset_param"]["preprocess_parameters"].update(data_changes or {})
+    (assets / f"{name}_model.json").write_text(json.dumps(model))
+    (assets / f"{name}_data.json").write_text(json.dumps(data))
+    return name
+
+
+def _train(assets, nproc, *flags, iters=4, variant=None):
     env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    model, data = (f"{variant}_model.json", f"{variant}_data.json") if variant else ("model.json", "data.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "pretrain_t2v.py", "--mm-model", str(assets / "model.json"), "--mm-data", str(assets / "data.json"),
+           "pretrain_t2v.py", "--mm-model", str(assets / model), "--mm-data", str(assets / data),
            "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", str(iters),
            "--log-interval", "1", "--num-workers", "0", "--seed", "7", *flags]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -80,3 +98,23 @@ def test_unsupported_flags_are_refused(assets):
            "--train-iters", "1", "--save", str(assets / "ckpt")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "--save not supported by this version of the training loop yet" in result.stderr
+
+
+@pytest.mark.slow
+def test_encoder_dp_and_offload_training_equals_one_process(assets):
+    ref, _ = _train(assets, 1, iters=3)
+    variant = _variant(assets, "encdp", {"enable_encoder_dp": True, "encoder_offload_interval": 2})
+    par, _ = _train(assets, 2, "--tensor-model-parallel-size", "2", iters=3, variant=variant)
+    for a, b in zip(ref, par):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
+
+
+@pytest.mark.slow
+def test_vae_cp_training_equals_one_process(assets):
+    buckets = {"buckets": [[17, 64, 64], [17, 48, 96]]}  # VAE-CP over 2 ranks needs 2 chunks of 4 frames each
+    ref, _ = _train(assets, 1, iters=2, variant=_variant(assets, "long", data_changes=buckets))
+    variant = _variant(assets, "vaecp", {"vae_cp_size": 2}, buckets)
+    par, _ = _train(assets, 2, "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+                    iters=2, variant=variant)
+    for a, b in zip(ref, par):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
