@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mm.data.decoding import BadSample, probe, read_frames, resolve_reader
+from mm.data.decoding import BadSample, read_clip, resolve_reader
 from mm.data.sources import Sample
 
 SHORT_CLIP_POLICIES = ("skip", "pad")
@@ -151,12 +151,10 @@ class VideoDataset(torch.utils.data.Dataset):
         frames, height, width = self.config.buckets[bucket]
         rng = random.Random(_seed(self.config.seed, self.epoch, index, 0))
         if sample.is_image:
-            indices = [0] * frames
+            raw = read_clip(sample.path, self.reader, lambda info: [0] * frames)
         else:
-            info = probe(sample.path, self.reader)
-            indices = frame_indices(info.num_frames, info.fps, frames, self.config.train_fps,
-                                    self.config.short_clip, rng)
-        raw = read_frames(sample.path, indices, self.reader)  # [T, H, W, 3] uint8
+            raw = read_clip(sample.path, self.reader, lambda info: frame_indices(
+                info.num_frames, info.fps, frames, self.config.train_fps, self.config.short_clip, rng))  # [T, H, W, 3]
         video = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         video = resize_center_crop(video, height, width)
         if self.config.hflip and rng.random() < 0.5:

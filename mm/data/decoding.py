@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,8 +29,6 @@ class BadSample(Exception):
 class VideoInfo:
     num_frames: int
     fps: float
-    height: int
-    width: int
 
 
 def resolve_reader(name: str) -> str:
@@ -54,75 +53,87 @@ def _check_file(path: Path) -> None:
         raise BadSample("empty file", str(path))
 
 
-def probe(path: str | Path, reader: str) -> VideoInfo:
-    path = Path(path)
-    _check_file(path)
-    if is_image(path):
-        from PIL import Image
+class _Clip:
+    """One open video or image: what it holds, and frames read through the same handle."""
 
-        try:
-            with Image.open(path) as img:
-                return VideoInfo(1, 1.0, img.height, img.width)
-        except Exception as e:  # PIL raises many types for broken files
-            raise BadSample("unreadable", f"{path}: {e}") from None
-    try:
-        if reader == "decord":
-            import decord
-
-            vr = decord.VideoReader(str(path), num_threads=1)
-            h, w = vr[0].shape[:2] if len(vr) else (0, 0)
-            info = VideoInfo(len(vr), float(vr.get_avg_fps()), h, w)
-        else:
-            import av
-
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise BadSample("no frames", f"{path}: no video stream")
-                stream = container.streams.video[0]
-                # the container's frame count when it has one (mp4 does); decoding to count is the fallback
-                frames = stream.frames or sum(1 for _ in container.decode(stream))
-                info = VideoInfo(frames, float(stream.average_rate or 0), stream.height, stream.width)
-    except BadSample:
-        raise
-    except Exception as e:  # decoders raise their own error types for corrupt data
-        raise BadSample("unreadable", f"{path}: {type(e).__name__}: {e}") from None
-    if info.num_frames == 0:
-        raise BadSample("no frames", str(path))
-    return info
-
-
-def read_frames(path: str | Path, indices: list[int], reader: str) -> np.ndarray:
-    """Frames ``indices`` of a video (or the image, for index 0) as ``[T, H, W, 3]`` uint8."""
-    path = Path(path)
-    _check_file(path)
-    try:
+    def __init__(self, path: Path, reader: str):
+        self.path, self.reader = path, reader
+        self._container = self._image = self._vr = None
         if is_image(path):
             from PIL import Image
 
             with Image.open(path) as img:
-                frame = np.asarray(img.convert("RGB"))
-            return np.stack([frame] * len(indices))
-        if reader == "decord":
+                self._image = np.asarray(img.convert("RGB"))
+            self.info = VideoInfo(1, 1.0)
+        elif reader == "decord":
             import decord
 
-            vr = decord.VideoReader(str(path), num_threads=1)
-            return vr.get_batch(indices).asnumpy()
-        import av
+            self._vr = decord.VideoReader(str(path), num_threads=1)
+            self.info = VideoInfo(len(self._vr), float(self._vr.get_avg_fps()))
+        else:
+            import av
 
-        wanted = set(indices)
-        frames = {}
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= max(indices):
-                    break
+            self._container = av.open(str(path))
+            if not self._container.streams.video:
+                raise BadSample("no frames", f"{path}: no video stream")
+            stream = self._container.streams.video[0]
+            # the container's frame count when it has one (mp4 does); counting by decoding is the fallback
+            frames = stream.frames
+            if not frames:
+                frames = sum(1 for _ in self._container.decode(stream))
+                self._container.seek(0)
+            self.info = VideoInfo(frames, float(stream.average_rate or 0))
+        if self.info.num_frames == 0:
+            raise BadSample("no frames", str(path))
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        if not indices:
+            return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+        if self._image is not None:
+            return np.stack([self._image] * len(indices))
+        if self._vr is not None:
+            return self._vr.get_batch(indices).asnumpy()
+        wanted, frames = set(indices), {}
+        for i, frame in enumerate(self._container.decode(self._container.streams.video[0])):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= max(indices):
+                break
         missing = wanted - set(frames)
         if missing:
-            raise BadSample("too short", f"{path}: frames {sorted(missing)[:3]}... not decodable")
+            raise BadSample("too short", f"{self.path}: frames {sorted(missing)[:3]}... not decodable")
         return np.stack([frames[i] for i in indices])
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+
+
+def read_clip(path: str | Path, reader: str, choose: Callable[[VideoInfo], list[int]]) -> np.ndarray:
+    """Open a video (or image) once, pick frame indices from what it holds, and read them as
+    ``[T, H, W, 3]`` uint8. Any failure is a ``BadSample`` with its reason."""
+    path = Path(path)
+    _check_file(path)
+    clip = None
+    try:
+        clip = _Clip(path, reader)
+        return clip.frames(choose(clip.info))
     except BadSample:
         raise
-    except Exception as e:
+    except Exception as e:  # decoders and PIL raise their own error types for corrupt data
         raise BadSample("unreadable", f"{path}: {type(e).__name__}: {e}") from None
+    finally:
+        if clip is not None:
+            clip.close()
+
+
+def probe(path: str | Path, reader: str) -> VideoInfo:
+    """What a video (or image) holds, without decoding it."""
+    found = []
+    read_clip(path, reader, lambda info: found.append(info) or [])
+    return found[0]
+
+
+def read_frames(path: str | Path, indices: list[int], reader: str) -> np.ndarray:
+    """Frames ``indices`` of a video (or the image, for index 0) as ``[T, H, W, 3]`` uint8."""
+    return read_clip(path, reader, lambda info: indices)
