@@ -16,24 +16,9 @@ import torch
 from mm.data import make_dataset
 from mm.data.synthetic import COLOURS, MOTIONS, SHAPES
 from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+from mm.models.text_encoder.tiny import save_tiny_text_encoder
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 64
-
-
-def make_text_encoder(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = sorted({w for phrase in [*COLOURS, *SHAPES, *MOTIONS, "a moving on background"] for w in phrase.split()})
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
-        .save_pretrained(path)
-    config = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    UMT5EncoderModel(config).save_pretrained(path)
 
 
 def main(out: str) -> None:
@@ -42,7 +27,8 @@ def main(out: str) -> None:
     data_txt = make_dataset(root / "data", num_videos=16, frames=17, sizes=[(HEIGHT, WIDTH), (48, 96)], fps=16)
     save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4)), root / "vae")
-    make_text_encoder(root / "umt5")
+    words = [w for phrase in [*COLOURS, *SHAPES, *MOTIONS, "a moving on background"] for w in phrase.split()]
+    save_tiny_text_encoder(root / "umt5", sorted(set(words)), d_model=32)
     model = {
         "predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 64, "ffn_dim": 128,
                       "in_dim": 4, "out_dim": 4, "freq_dim": 32, "text_dim": 32, "dtype": "fp32"},
