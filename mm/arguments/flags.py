@@ -89,6 +89,12 @@ def _training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+    g.add_argument("--exit-on-nan-loss", action="store_true",
+                   help="stop at the first NaN/Inf loss; default: skip that step (no update) and count it")
+    g.add_argument("--min-timestep-boundary", type=float, default=None,
+                   help="train on timesteps >= this fraction of the schedule (Wan2.2 A14B low/high-noise experts)")
+    g.add_argument("--max-timestep-boundary", type=float, default=None,
+                   help="train on timesteps <= this fraction of the schedule (Wan2.2 A14B low/high-noise experts)")
 
 
 def _optimizer(p: argparse.ArgumentParser) -> None:
@@ -127,6 +133,9 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=_positive_int, default=1)
     g.add_argument("--log-throughput", action="store_true")
+    g.add_argument("--wandb-project", default=None, help="log to Weights & Biases too (needs wandb installed)")
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
 
 
 def _mm(p: argparse.ArgumentParser) -> None:

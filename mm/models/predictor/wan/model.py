@@ -107,7 +107,15 @@ class WanDiT(MegatronModule):
         # what megatron-core's schedules and finalize_model_grads ask of a model (one stage holds it all)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process = self.post_process = True
+        self.layer_offset = 0  # global index of blocks[0] (pipeline stages hold a slice of the layers)
         self.share_embeddings_and_output_weights = False
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron-core distributed-checkpoint view of this stage's weights, in layout-independent
+        (TP/PP/VPP-free) global names and shapes; see ``sharding.py``."""
+        from mm.models.predictor.wan.sharding import wan_sharded_state_dict
+
+        return wan_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def set_input_tensor(self, tensor) -> None:
         """megatron-core's pipeline hook; the whole model is one stage, whose input is the batch."""
