@@ -28,6 +28,7 @@ from mm.models.ae import load_wan_vae
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
+from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
@@ -38,9 +39,18 @@ def params_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def transformer_config(args, arch, on_cpu: bool) -> TransformerConfig:
-    """megatron-core's config for the DiT from the flags (parallel sizes, precision, recompute)."""
+def transformer_config(args, arch, on_cpu: bool, vpp: int | None = None) -> TransformerConfig:
+    """megatron-core's config for the DiT from the flags (parallel sizes, precision, recompute).
+
+    Pipeline stages exchange a StageMessage whose length depends on the resolution, so shapes always
+    travel with it (``variable_seq_lengths``); interleaved schedules overlap their p2p (megatron's
+    default), the plain 1F1B batches it."""
+    pp = args.pipeline_model_parallel_size
     return TransformerConfig(
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        variable_seq_lengths=pp > 1, overlap_p2p_comm=pp > 1 and vpp is not None,
+        batch_p2p_comm=not (pp > 1 and vpp is not None),
+        moe_token_dispatcher_type="alltoall",  # no MoE; megatron asks for it with variable_seq_lengths
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
@@ -51,16 +61,36 @@ def transformer_config(args, arch, on_cpu: bool) -> TransformerConfig:
 
 
 def _refuse_unfinished(args) -> None:
-    unsupported = {"--pipeline-model-parallel-size > 1": args.pipeline_model_parallel_size > 1,
-                   "--save": args.save is not None, "--load": args.load is not None}
+    unsupported = {"--save": args.save is not None, "--load": args.load is not None}
     named = [flag for flag, used in unsupported.items() if used]
     if named:
         raise SystemExit(f"pretrain: {', '.join(named)} not supported by this version of the training loop yet "
-                         "(issue 8: pipeline parallelism and checkpoints are next)")
+                         "(issue 8: checkpoints are next)")
+
+
+def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline chunk, each the layers
+    ``predictor.pipeline_num_layers`` gives it; the first chunk of stage 0 also embeds, the last chunk
+    of the last stage holds the head."""
+    pp, stage = mpu.get_pipeline_model_parallel_world_size(), mpu.get_pipeline_model_parallel_rank()
+    layout = layer_layout(arch.num_layers, pp, vpp, pred.pipeline_num_layers)
+    chunks = []
+    for chunk in range(len(layout)):
+        offset, count = stage_span(layout, stage, chunk)
+        chunks.append(build_predictor(
+            pred.model_id, arch, tf_config, pre_process=stage == 0 and chunk == 0,
+            post_process=stage == pp - 1 and chunk == len(layout) - 1, layer_offset=offset, num_layers=count))
+    return chunks
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -> list[float]:
-    """Train; returns the per-iteration losses seen on this rank (for tests)."""
+    """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
     runtime = start(argv, mode="train", prog=prog)
     args, cfg = runtime.config.args, runtime.config
     _refuse_unfinished(args)
@@ -68,21 +98,25 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
-    tf_config = transformer_config(args, arch, acc.is_cpu)
-    dit = build_predictor(pred.model_id, arch, tf_config)
-    if pred.from_pretrained:  # full (diffusers or original-Wan) weights, split for this TP rank
-        load_hf_weights(dit, read_safetensors_dir(pred.from_pretrained), tp_size=args.tensor_model_parallel_size,
-                        tp_rank=mpu.get_tensor_model_parallel_rank())
-    dit = dit.to(device)
-    model = DistributedDataParallel(tf_config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer), dit)
+    vpp = cfg.virtual_pipeline_size
+    tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
+    chunks = build_model_chunks(pred, arch, tf_config, vpp)
+    if pred.from_pretrained:  # full (diffusers or original-Wan) weights: this stage's layers, split for this TP rank
+        source = read_safetensors_dir(pred.from_pretrained)
+        for chunk in chunks:
+            load_hf_weights(chunk, source, tp_size=args.tensor_model_parallel_size,
+                            tp_rank=mpu.get_tensor_model_parallel_rank())
+        del source
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    model = [DistributedDataParallel(tf_config, ddp_config, chunk.to(device), disable_bucketing=i > 0)
+             for i, chunk in enumerate(chunks)]
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
-        use_distributed_optimizer=args.use_distributed_optimizer), [model])
+        use_distributed_optimizer=args.use_distributed_optimizer), model)
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
     num_micro = gbs // (args.micro_batch_size * dp)
@@ -93,33 +127,60 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant")
     tf_config.finalize_model_grads_func = finalize_model_grads
+    tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if args.overlap_grad_reduce:
+        tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
 
-    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
-    text = cfg.model.text_encoder[0]
-    text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
-                               max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
-    diffusion = cfg.model.diffusion
-    if diffusion is not None and diffusion.model_id != "flow_matching":
-        raise SystemExit(f"pretrain: diffusion.model_id = {diffusion.model_id!r}; valid: flow_matching")
-    flow = FlowMatching(FlowMatchingConfig(**(diffusion.params if diffusion else {})))
-    loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, num_workers=args.num_workers,
-                                       seed=args.seed)
-    encode = _batch_encoder(cfg, vae, text_encoder, device, dtype)
-    # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
-    offload = InterleavedEncoderOffload([vae, text_encoder], cfg.model.encoder_offload_interval, device)
-    batches = offload.iterate(loader, encode)
+    flow = FlowMatching(flow_matching_config(args, cfg.model.diffusion))
+    first_stage = mpu.is_pipeline_first_stage(ignore_virtual=True)
+    last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
     skips = SkipCounter()
-    # the same noise on every TP/CP rank of a DP replica (they compute one sample together)
+    batches = None
+    if first_stage:  # stage 0 holds the frozen encoders and reads the data (seed 003's layout)
+        vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
+        text = cfg.model.text_encoder[0]
+        text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
+                                   max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
+        loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp,
+                                           num_workers=args.num_workers, seed=args.seed)
+        encode = _batch_encoder(cfg, vae, text_encoder, device, dtype)
+        # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
+        offload = InterleavedEncoderOffload([vae, text_encoder], cfg.model.encoder_offload_interval, device)
+        batches = offload.iterate(loader, encode)
+    # noise and timestep of each sample from a seed of (run seed, iteration, the sample's place in the
+    # global batch): the same on every TP/CP/PP rank of a replica, and the same under any DP size and
+    # micro-batch size that puts the same samples in an iteration (and after a resume)
     rng = {"noise": torch.Generator(device=device), "sigmas": torch.Generator()}
+    step = {"iteration": 0, "micro": 0}
+    global_micro = args.micro_batch_size * dp
+
+    def sample_noise(latents):
+        noise, sigmas = [], []
+        for i in range(latents.shape[0]):
+            place = step["micro"] * global_micro + dp_rank * args.micro_batch_size + i
+            seed = (args.seed * 1_000_003 + step["iteration"]) * 1_000_003 + place
+            for gen in rng.values():
+                gen.manual_seed(seed)
+            noise.append(torch.randn(latents.shape[1:], generator=rng["noise"], device=device, dtype=torch.float32))
+            sigmas.append(flow.sample_sigmas(1, generator=rng["sigmas"], device=device))
+        step["micro"] += 1
+        return torch.stack(noise).to(dtype), torch.cat(sigmas)
 
     def forward_step(data_iterator, chunk):
-        batch = next(batches)
-        skips.update(batch)
-        latents, context = batch["latents"], batch["context"]
-        noise = torch.randn(latents.shape, generator=rng["noise"], device=device, dtype=torch.float32).to(dtype)
-        sigmas = flow.sample_sigmas(latents.shape[0], generator=rng["sigmas"], device=device)
-        output = chunk(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas), context)
-        target = flow.target(latents, noise)
+        dit = _unwrap(chunk)
+        target = None
+        if dit.pre_process:
+            batch = next(batches)
+            skips.update(batch)
+            latents, context = batch["latents"], batch["context"]
+            noise, sigmas = sample_noise(latents)
+            target = flow.target(latents, noise)
+            # later stages get the target through the pipeline, inside the stage message
+            output = chunk(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas), context,
+                           carry=None if dit.post_process else target)
+        else:
+            output = chunk()
+            target = dit.carried
 
         def loss_func(out):
             loss = flow.loss(out, target)
@@ -130,12 +191,12 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
     losses = []
     forward_backward = get_forward_backward_func()
     for iteration in range(1, args.train_iters + 1):
-        for gen in rng.values():
-            gen.manual_seed(args.seed * 100_003 + iteration * 1009 + dp_rank)
+        step.update(iteration=iteration, micro=0)
         start_time = time.perf_counter()
-        model.zero_grad_buffer()
+        for m in model:
+            m.zero_grad_buffer()
         optimizer.zero_grad()
-        step_losses = forward_backward(forward_step_func=forward_step, data_iterator=None, model=[model],
+        step_losses = forward_backward(forward_step_func=forward_step, data_iterator=[None] * len(model), model=model,
                                        num_microbatches=num_micro, seq_length=1, micro_batch_size=args.micro_batch_size,
                                        forward_only=False)
         ok, grad_norm, _ = optimizer.step()
@@ -143,19 +204,38 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
             scheduler.step(increment=gbs)
         acc.synchronize()
         elapsed = time.perf_counter() - start_time
-        loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
-        torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
-        losses.append(loss.item() / dp)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            rank0_print(
-                f" iteration {iteration:>6}/{args.train_iters} | consumed samples {iteration * gbs:>8} | "
-                f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | learning rate: "
-                f"{optimizer.param_groups[0]['lr']:.3e} | global batch size: {gbs} | loss: {losses[-1]:.6e} | "
-                f"grad norm: {float(grad_norm or 0):.3f} | samples/s: {gbs / elapsed:.2f} | "
-                f"max memory (GiB): {acc.max_memory_allocated() / 2**30:.1f} | {skips.summary()}")
+        if last_stage:
+            loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
+            torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
+            losses.append(loss.item() / dp)
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and (
+                iteration % args.log_interval == 0 or iteration == args.train_iters):
+            print(f" iteration {iteration:>6}/{args.train_iters} | consumed samples {iteration * gbs:>8} | "
+                  f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | learning rate: "
+                  f"{optimizer.param_groups[0]['lr']:.3e} | global batch size: {gbs} | loss: {losses[-1]:.6e} | "
+                  f"grad norm: {float(grad_norm or 0):.3f} | samples/s: {gbs / elapsed:.2f} | "
+                  f"max memory (GiB): {acc.max_memory_allocated() / 2**30:.1f}", flush=True)
+        if first_stage and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0 and \
+                dp_rank == 0 and (iteration % args.log_interval == 0 or iteration == args.train_iters) and \
+                sum(skips.counts.values()):
+            print(f" data: {skips.summary()}", flush=True)
     destroy_distributed()
     return losses
 
+
+def flow_matching_config(args, diffusion) -> FlowMatchingConfig:
+    """The objective from the model JSON's ``diffusion``, with the expert's timestep range from
+    --min/--max-timestep-boundary (fractions of num_train_timesteps; Wan2.2 A14B's high-noise expert
+    trains on t >= boundary, the low-noise one below it)."""
+    if diffusion is not None and diffusion.model_id != "flow_matching":
+        raise SystemExit(f"pretrain: diffusion.model_id = {diffusion.model_id!r}; valid: flow_matching")
+    params = dict(diffusion.params if diffusion else {})
+    steps = params.get("num_train_timesteps", FlowMatchingConfig.num_train_timesteps)
+    if args.min_timestep_boundary is not None:
+        params["min_timestep"] = args.min_timestep_boundary * steps
+    if args.max_timestep_boundary is not None:
+        params["max_timestep"] = args.max_timestep_boundary * steps
+    return FlowMatchingConfig(**params)
 
 
 def _batch_encoder(cfg, vae, text_encoder, device, dtype):

@@ -18,6 +18,11 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("qs")
     subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
                    capture_output=True)
+    import json
+
+    model = json.loads((root / "model.json").read_text())
+    model["predictor"]["num_layers"] = 4  # enough layers for PP2 x VPP2
+    (root / "model.json").write_text(json.dumps(model))
     # fixed DiT weights in diffusers layout, so every parallel layout starts from the same model
     code = f"""
 import json, torch
@@ -50,13 +55,16 @@ json.dump(model, open('{root}/model.json', 'w'))
 
 
 def _variant(assets, name, model_changes=None, data_changes=None):
-    """A copy of the quickstart JSONs with some model keys (top level or ``ae``) and preprocess keys changed."""
+    """A copy of the quickstart JSONs with some model keys (top level, ``ae`` or ``predictor``) and
+    preprocess keys changed."""
     import json
 
     model = json.loads((assets / "model.json").read_text())
     for key, value in (model_changes or {}).items():
         if key == "vae_cp_size":
             model["ae"][key] = value
+        elif key == "pipeline_num_layers":
+            model["predictor"][key] = value
         else:
             model[key] = value
     data = json.loads((assets / "data.json").read_text())
@@ -66,12 +74,12 @@ def _variant(assets, name, model_changes=None, data_changes=None):
     return name
 
 
-def _train(assets, nproc, *flags, iters=4, variant=None):
+def _train(assets, nproc, *flags, iters=4, variant=None, gbs=2, mbs=1):
     env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     model, data = (f"{variant}_model.json", f"{variant}_data.json") if variant else ("model.json", "data.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "pretrain_t2v.py", "--mm-model", str(assets / model), "--mm-data", str(assets / data),
-           "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", str(iters),
+           "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--lr", "1e-3", "--train-iters", str(iters),
            "--log-interval", "1", "--num-workers", "0", "--seed", "7", *flags]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -118,3 +126,60 @@ def test_vae_cp_training_equals_one_process(assets):
                     iters=2, variant=variant)
     for a, b in zip(ref, par):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
+
+
+REFERENCE = {}
+
+
+def _reference(assets, iters=5, gbs=4, mbs=1):
+    if (iters, gbs, mbs) not in REFERENCE:
+        REFERENCE[iters, gbs, mbs] = _train(assets, 1, iters=iters, gbs=gbs, mbs=mbs)[0]
+    return REFERENCE[iters, gbs, mbs]
+
+
+# every layout of issue 8's list: the first 5 losses equal one process's (fp32, CPU, gloo)
+LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", "2"], None),
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], None),
+    "cp2_ulysses": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"], None),
+    "cp2_ring": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo"], None),
+    "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
+                       "--ulysses-degree-in-cp", "2"], None),
+    "cp4_double_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
+                            "--cp-window-size", "2", "--use-cp-send-recv-overlap"], None),
+    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"], None),
+    "tp2_cp2": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
+                    "--context-parallel-algo", "ulysses_cp_algo"], None),
+    # the quickstart data has two buckets (64x64 and 48x96 frames): the stage message's length
+    # changes between micro-batches, so these also cover dynamic resolution under PP
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"], {"pipeline_num_layers": [1, 3]}),
+    "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+                 {"pipeline_num_layers": [[1, 1], [1, 1]]}),
+    "tp2_sp_pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size",
+                       "2", "--use-distributed-optimizer"], {"pipeline_num_layers": [2, 2]}),
+    "cp2_pp2_dp2": (8, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+                        "--pipeline-model-parallel-size", "2"], {"pipeline_num_layers": [3, 1]}),
+}
+
+
+def _model_parallel_size(flags):
+    size = 1
+    for flag in ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size"):
+        if flag in flags:
+            size *= int(flags[flags.index(flag) + 1])
+    return size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_losses_equal_one_process(assets, layout):
+    nproc, flags, model_changes = LAYOUTS[layout]
+    # DP2 x micro-batch 1 reads the samples one process reads with micro-batch 2
+    dp = nproc // _model_parallel_size(flags)
+    ref = _reference(assets, mbs=dp)
+    variant = _variant(assets, layout, model_changes) if model_changes else None
+    par, out = _train(assets, nproc, *flags, iters=5, variant=variant, gbs=4)
+    assert len(ref) == len(par) == 5, out[-3000:]
+    for a, b in zip(ref, par):
+        assert abs(a - b) <= 2e-5 * abs(a), (layout, ref, par)
+    assert ref[-1] < ref[0]  # it trained

@@ -19,6 +19,7 @@ def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | No
     return PREDICTORS[model_id][1].from_json(dict(params, num_layers=num_layers, num_heads=num_heads))
 
 
-def build_predictor(model_id: str, arch_config: Any, config: TransformerConfig):
-    """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``)."""
-    return PREDICTORS[model_id][0](arch_config, config)
+def build_predictor(model_id: str, arch_config: Any, config: TransformerConfig, **stage):
+    """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``);
+    ``stage``: ``pre_process``, ``post_process``, ``layer_offset``, ``num_layers`` of a pipeline stage."""
+    return PREDICTORS[model_id][0](arch_config, config, **stage)

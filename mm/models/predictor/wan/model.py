@@ -12,6 +12,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from mm.models.predictor.pipeline import StageMessage, from_rows, to_rows
 from mm.models.predictor.wan.config import WanDiTConfig
 from mm.parallel.context_parallel import gather_sequence
 from mm.models.predictor.wan.layers import (
@@ -85,7 +86,8 @@ class WanDiT(MegatronModule):
     sequence parallelism each TP rank holds ``s / tp`` of them between the layers.
     """
 
-    def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
+    def __init__(self, wan: WanDiTConfig, config: TransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, layer_offset: int = 0, num_layers: int | None = None):
         super().__init__(config)
         if wan.num_heads % config.tensor_model_parallel_size:
             raise ValueError(f"predictor.num_heads = {wan.num_heads} is not divisible by "
@@ -93,22 +95,31 @@ class WanDiT(MegatronModule):
         self.wan = wan
         dtype = config.params_dtype
         h = wan.hidden_size
-        self.patch_embedding = torch.nn.Conv3d(wan.in_dim, h, kernel_size=wan.patch_size, stride=wan.patch_size,
-                                               dtype=dtype)
-        self.time_embedder = _TwoLayerMLP(wan.freq_dim, h, h, F.silu, dtype)
-        self.time_projection = torch.nn.Linear(h, 6 * h, dtype=dtype)
-        self.text_embedder = _TwoLayerMLP(wan.text_dim, h, h, lambda x: F.gelu(x, approximate="tanh"), dtype)
-        self.image_embedder = WanImageEmbedder(wan, dtype) if wan.image_dim is not None else None
-        self.blocks = torch.nn.ModuleList(WanLayer(wan, config, i) for i in range(wan.num_layers))
-        self.head = WanHead(wan, dtype)
+        # a pipeline stage: the first holds the embeddings, the last the head, each a slice of the layers
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_offset = layer_offset  # global index of blocks[0]
+        num_layers = wan.num_layers if num_layers is None else num_layers
+        self.patch_embedding = self.time_embedder = self.time_projection = None
+        self.text_embedder = self.image_embedder = self.head = None
+        if pre_process:
+            self.patch_embedding = torch.nn.Conv3d(wan.in_dim, h, kernel_size=wan.patch_size, stride=wan.patch_size,
+                                                   dtype=dtype)
+            self.time_embedder = _TwoLayerMLP(wan.freq_dim, h, h, F.silu, dtype)
+            self.time_projection = torch.nn.Linear(h, 6 * h, dtype=dtype)
+            self.text_embedder = _TwoLayerMLP(wan.text_dim, h, h, lambda x: F.gelu(x, approximate="tanh"), dtype)
+            self.image_embedder = WanImageEmbedder(wan, dtype) if wan.image_dim is not None else None
+        self.blocks = torch.nn.ModuleList(WanLayer(wan, config, layer_offset + i) for i in range(num_layers))
+        if post_process:
+            self.head = WanHead(wan, dtype)
         # used on sequence shards under SP: their gradients are partial sums over TP ranks
         for part in (self.time_embedder, self.time_projection, self.head):
-            mark_sequence_parallel(part, config.sequence_parallel)
-        # what megatron-core's schedules and finalize_model_grads ask of a model (one stage holds it all)
+            if part is not None:
+                mark_sequence_parallel(part, config.sequence_parallel)
+        # what megatron-core's schedules and finalize_model_grads ask of a model
         self.model_type = ModelType.encoder_or_decoder
-        self.pre_process = self.post_process = True
-        self.layer_offset = 0  # global index of blocks[0] (pipeline stages hold a slice of the layers)
         self.share_embeddings_and_output_weights = False
+        self.input_tensor = None  # a later stage's input: the previous stage's StageMessage
+        self.carried = None  # on the last stage: the tensor stage 0 passed along (``carry``)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """megatron-core distributed-checkpoint view of this stage's weights, in layout-independent
@@ -118,9 +129,8 @@ class WanDiT(MegatronModule):
         return wan_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def set_input_tensor(self, tensor) -> None:
-        """megatron-core's pipeline hook; the whole model is one stage, whose input is the batch."""
-        if tensor not in (None, [None]):
-            raise RuntimeError("the Wan DiT does not run as a later pipeline stage yet")
+        """megatron-core's pipeline hook: a later stage's input (stage 0's input is the batch)."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def _run_blocks(self, x, time_mod, context, context_img, rope, valid_tokens):
         cfg = self.config
@@ -186,8 +196,8 @@ class WanDiT(MegatronModule):
             t = t.chunk(cfg.tensor_model_parallel_size)[mpu.get_tensor_model_parallel_rank()]
         return t
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                context_image: torch.Tensor | None = None) -> torch.Tensor:
+    def _embed(self, latents, timestep, context, context_image) -> dict:
+        """Stage 0: the batch -> this rank's token shard and the conditioning every layer uses."""
         wan, cfg = self.wan, self.config
         b, _, frames, height, width = latents.shape
         pt, ph, pw = wan.patch_size
@@ -196,14 +206,11 @@ class WanDiT(MegatronModule):
         f, gh, gw = frames // pt, height // ph, width // pw
         x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, b, h]
-        tokens = x.shape[0]
         # CP / SP: this rank's part of the sequence, padded to a multiple of CP (x TP under SP);
         # padded keys take no part in attention and padded outputs are dropped at the end
-        valid_tokens = tokens if tokens % self._split_multiple() else None
         x = self._token_shard(x, tp_slice=False)
         if cfg.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-
         time_emb = self._time_embedding(timestep, b, f * gh * gw, x.dtype)  # [1|s, b, h]
         time_mod = self.time_projection(F.silu(time_emb)).unflatten(-1, (6, wan.hidden_size))  # [1|s, b, 6, h]
         context = self.text_embedder(context.to(x.dtype)).transpose(0, 1).contiguous()  # [L, b, h]
@@ -212,11 +219,65 @@ class WanDiT(MegatronModule):
             if context_image is None:
                 raise ValueError("this Wan DiT has an image branch (predictor.image_dim): pass context_image")
             context_img = self.image_embedder(context_image.to(x.dtype)).transpose(0, 1).contiguous()
-        # RoPE of this CP shard's global positions (attention sees the whole shard on each TP rank)
-        rope = tuple(self._token_shard(t, tp_slice=False) for t in rope_tables(wan, f, gh, gw, x.device))
+        return {"x": x, "time_emb": time_emb, "time_mod": time_mod, "context": context, "context_img": context_img,
+                "grid": (f, gh, gw)}
 
-        x = self._run_blocks(x, time_mod, context, context_img, rope, valid_tokens)
-        x = self.head(x, time_emb)  # [s(/cp)(/tp), b, out * pt * ph * pw]
+    # what one stage hands the next (see mm/models/predictor/pipeline.py)
+    _MESSAGE = StageMessage(("x", "time_emb", "time_mod", "context", "context_img", "carry"),
+                            ("f", "gh", "gw", "carry_c", "carry_f", "carry_h", "carry_w"))
+
+    def _pack(self, state: dict, carry: torch.Tensor | None) -> torch.Tensor:
+        h = self.wan.hidden_size
+        t = state["time_mod"]
+        tensors = {"x": state["x"], "time_emb": state["time_emb"],
+                   "time_mod": t.permute(0, 2, 1, 3).reshape(-1, t.shape[1], h),  # [n*6, b, h]
+                   "context": state["context"], "context_img": state["context_img"],
+                   "carry": None if carry is None else to_rows(carry, h)}
+        shape = list(carry.shape[1:]) if carry is not None else []
+        if len(shape) > 4:
+            raise ValueError(f"carry of shape {tuple(carry.shape)}: at most [b, c, f, h, w]")
+        shape = [1] * (4 - len(shape)) + shape if carry is not None else [0] * 4
+        ints = dict(zip(("f", "gh", "gw"), state["grid"]))
+        ints.update(zip(("carry_c", "carry_f", "carry_h", "carry_w"), shape))
+        return self._MESSAGE.pack(tensors, ints, self.config.pipeline_dtype or state["x"].dtype)
+
+    def _unpack(self, packed: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        t, ints = self._MESSAGE.unpack(packed)
+        b, h = packed.shape[1], self.wan.hidden_size
+        time_mod = t["time_mod"].reshape(-1, 6, b, h).permute(0, 2, 1, 3)  # [n, b, 6, h]
+        carry_shape = [ints[k] for k in ("carry_c", "carry_f", "carry_h", "carry_w")]
+        carry = from_rows(t["carry"], carry_shape) if t["carry"] is not None else None
+        state = {"x": t["x"], "time_emb": t["time_emb"], "time_mod": time_mod, "context": t["context"],
+                 "context_img": t["context_img"], "grid": (ints["f"], ints["gh"], ints["gw"])}
+        return state, carry
+
+    def forward(self, latents: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_image: torch.Tensor | None = None,
+                carry: torch.Tensor | None = None) -> torch.Tensor:
+        """The first stage takes the batch; a later stage reads the previous one's message (set by
+        ``set_input_tensor``) and ignores the arguments. Stages other than the last return their
+        message; ``carry`` (a ``[b, ...]`` tensor, e.g. the training target) rides along to the last
+        stage, which finds it in ``self.carried``."""
+        wan, cfg = self.wan, self.config
+        if self.pre_process:
+            state = self._embed(latents, timestep, context, context_image)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a later pipeline stage ran without its input (set_input_tensor)")
+            state, carry = self._unpack(self.input_tensor)
+        f, gh, gw = state["grid"]
+        tokens = f * gh * gw
+        valid_tokens = tokens if tokens % self._split_multiple() else None
+        # RoPE of this CP shard's global positions (attention sees the whole shard on each TP rank)
+        rope = tuple(self._token_shard(t, tp_slice=False) for t in rope_tables(wan, f, gh, gw, state["x"].device))
+        x = self._run_blocks(state["x"], state["time_mod"], state["context"], state["context_img"], rope,
+                             valid_tokens)
+        if not self.post_process:
+            return self._pack(dict(state, x=x), carry)
+        self.carried = carry
+        b = x.shape[1]
+        pt, ph, pw = wan.patch_size
+        x = self.head(x, state["time_emb"])  # [s(/cp)(/tp), b, out * pt * ph * pw]
         if cfg.sequence_parallel:
             # the unpatchified output is used whole on every TP rank: backward keeps this rank's slice
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
@@ -224,5 +285,4 @@ class WanDiT(MegatronModule):
             x = gather_sequence(x, mpu.get_context_parallel_group())
         x = x[:tokens]
         x = x.transpose(0, 1).reshape(b, f, gh, gw, pt, ph, pw, wan.out_dim)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, wan.out_dim, frames, height, width)
-
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, wan.out_dim, f * pt, gh * ph, gw * pw)

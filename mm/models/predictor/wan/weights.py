@@ -133,9 +133,10 @@ def _shard(tensor: torch.Tensor, split: str | None, tp_size: int, tp_rank: int, 
 
 
 def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank: int = 0,
-             fmt: str | None = None) -> dict[str, torch.Tensor]:
+             fmt: str | None = None, check_unexpected: bool = True) -> dict[str, torch.Tensor]:
     """The mm tensors named ``mm_keys`` for TP rank ``tp_rank`` of ``tp_size``, from a full source
-    state dict. Raises WeightMappingError listing every missing and unexpected source key."""
+    state dict. Raises WeightMappingError listing every missing and (``check_unexpected``: a
+    pipeline stage uses only part of the source) unexpected source key."""
     fmt = fmt or detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}; valid: {FORMATS}")
@@ -151,7 +152,8 @@ def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank
         parts = [_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
         out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     ignored = IGNORED_SOURCE_KEYS[fmt]
-    unexpected = sorted(k for k in source if k not in used and not any(p.match(k) for p in ignored))
+    unexpected = sorted(k for k in source if k not in used and not any(p.match(k) for p in ignored)) \
+        if check_unexpected else []
     if missing or unexpected:
         lines = [f"{fmt} weights do not match the model:"]
         if missing:
@@ -179,13 +181,24 @@ def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "diffusers") -> d
     return out
 
 
+def _global_block_name(key: str, offset: int) -> str:
+    if offset and key.startswith("blocks."):
+        index, rest = key[len("blocks."):].split(".", 1)
+        return f"blocks.{int(index) + offset}.{rest}"
+    return key
+
+
 def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
                     fmt: str | None = None) -> None:
-    """Load full diffusers/original weights into this rank's (TP-sharded) model; never guesses:
+    """Load full diffusers/original weights into this rank's (TP-sharded) model, or into one
+    pipeline stage of it (``model.layer_offset``; ``pre_process``/``post_process``); never guesses:
     missing/unexpected keys and shape mismatches are all listed in one error."""
-    own = model.state_dict()
+    offset = getattr(model, "layer_offset", 0)
+    whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True) and \
+        len(getattr(model, "blocks", ())) == getattr(getattr(model, "wan", None), "num_layers", None)
+    own = {_global_block_name(k, offset): v for k, v in model.state_dict().items()}
     keys = [k for k in own if is_weight_key(k)]
-    mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt)
+    mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt, check_unexpected=whole)
     bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
            for k, v in mapped.items() if v.shape != own[k].shape]
     if bad:

@@ -1,0 +1,65 @@
+"""Pipeline stage layouts and the message that passes between DiT stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm.models.predictor.pipeline import StageMessage, from_rows, layer_layout, stage_span, to_rows
+
+
+def test_layer_layout_even_and_given():
+    assert layer_layout(8, 4) == [[2, 2, 2, 2]]
+    assert layer_layout(8, 2, 2) == [[2, 2], [2, 2]]
+    assert layer_layout(6, 2, None, [1, 5]) == [[1, 5]]
+    assert layer_layout(6, 2, 2, [[1, 2], [2, 1]]) == [[1, 2], [2, 1]]
+    with pytest.raises(ValueError, match="pipeline_num_layers"):
+        layer_layout(6, 2, None, [1, 4])
+    with pytest.raises(ValueError, match="pipeline_num_layers"):
+        layer_layout(7, 2)
+
+
+def test_stage_span_follows_megatron_interleaving():
+    layout = [[1, 2], [3, 4]]  # chunk 0: stage 0 then stage 1; chunk 1: stage 0 then stage 1
+    spans = {(stage, chunk): stage_span(layout, stage, chunk) for stage in range(2) for chunk in range(2)}
+    assert spans == {(0, 0): (0, 1), (1, 0): (1, 2), (0, 1): (3, 3), (1, 1): (6, 4)}
+    covered = sorted(i for off, n in spans.values() for i in range(off, off + n))
+    assert covered == list(range(10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_message_round_trip_exact_integers(dtype):
+    msg = StageMessage(("x", "ctx", "img"), ("f", "big"))
+    x, ctx = torch.randn(5, 2, 8), torch.randn(3, 2, 8)
+    packed = msg.pack({"x": x, "ctx": ctx, "img": None}, {"f": 21, "big": 123_456_789}, dtype)
+    assert packed.dtype == dtype and packed.shape[1:] == (2, 8)
+    tensors, ints = msg.unpack(packed)
+    assert ints == {"f": 21, "big": 123_456_789}  # bf16 holds base-256 digits exactly
+    assert tensors["img"] is None
+    torch.testing.assert_close(tensors["x"], x.to(dtype))
+    torch.testing.assert_close(tensors["ctx"], ctx.to(dtype))
+
+
+def test_message_gradients_reach_packed_tensors():
+    msg = StageMessage(("a", "b"), ("n",))
+    a, b = torch.randn(4, 1, 6, requires_grad=True), torch.randn(2, 1, 6, requires_grad=True)
+    packed = msg.pack({"a": a, "b": b}, {"n": 7}, torch.float32)
+    received = packed.detach().requires_grad_()
+    tensors, _ = msg.unpack(received)
+    (tensors["a"].sum() * 2 + tensors["b"].sum() * 3).backward()
+    packed.backward(received.grad)
+    torch.testing.assert_close(a.grad, torch.full_like(a, 2.0))
+    torch.testing.assert_close(b.grad, torch.full_like(b, 3.0))
+
+
+def test_rows_round_trip():
+    t = torch.randn(2, 4, 3, 5, 7)
+    rows = to_rows(t, 16)
+    assert rows.shape == (27, 2, 16)  # 420 values per sample, padded to 432
+    torch.testing.assert_close(from_rows(rows, t.shape[1:]), t)
+
+
+def test_message_rejects_wrong_width():
+    msg = StageMessage(("a", "b"))
+    with pytest.raises(ValueError, match="'b'"):
+        msg.pack({"a": torch.zeros(1, 1, 4), "b": torch.zeros(1, 1, 5)}, {}, torch.float32)
