@@ -126,6 +126,13 @@ def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems:
             problems.append("--lr is required for training")
         if args.save_interval is not None and args.save is None:
             problems.append(f"--save-interval {args.save_interval} needs --save (a checkpoint directory)")
+    lo, hi = args.min_timestep_boundary, args.max_timestep_boundary
+    for flag, value in (("--min-timestep-boundary", lo), ("--max-timestep-boundary", hi)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            problems.append(f"{flag} {value}: a fraction of the timestep schedule; valid: 0 to 1")
+    if lo is not None and hi is not None and lo >= hi:
+        problems.append(f"--min-timestep-boundary {lo} must be below --max-timestep-boundary {hi} (the expert's "
+                        "range of timesteps, e.g. 0.9 to 1.0 for Wan2.2 I2V-A14B's high-noise expert)")
 
 
 def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[str]) -> None:

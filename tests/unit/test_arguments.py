@@ -298,3 +298,15 @@ def test_attention_kernel_must_exist_on_the_device(tmp_path):
     msg = _problems(tmp_path, flags=["--attention-kernel", "cudnn"], accelerator="cpu")
     assert "--attention-kernel cudnn is not available on 'cpu'; valid: auto, math" in msg
     _load(tmp_path, flags=["--attention-kernel", "flash"], accelerator="cuda")
+
+
+def test_timestep_boundaries_checked(tmp_path):
+    msg = _problems(tmp_path, flags=["--min-timestep-boundary", "1.5"])
+    assert "--min-timestep-boundary 1.5: a fraction of the timestep schedule; valid: 0 to 1" in msg
+    msg = _problems(tmp_path, flags=["--min-timestep-boundary", "0.9", "--max-timestep-boundary", "0.5"])
+    assert "--min-timestep-boundary 0.9 must be below --max-timestep-boundary 0.5" in msg
+    cfg = _load(tmp_path, flags=["--min-timestep-boundary", "0.9", "--max-timestep-boundary", "1"])
+    from mm.training.pretrain import flow_matching_config
+
+    flow = flow_matching_config(cfg.args, None)
+    assert (flow.min_timestep, flow.max_timestep) == (900.0, 1000.0)
