@@ -16,8 +16,10 @@ logger = logging.getLogger(__name__)
 
 def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_parallel_rank: int,
                            data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2,
-                           seed: int = 1234) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
-    """Batches of one bucket each, this DP rank's share, resuming after ``consumed_samples``."""
+                           seed: int = 1234,
+                           pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
+    """Batches of one bucket each, this DP rank's share, resuming after ``consumed_samples``;
+    ``pin_memory`` (GPU/NPU runs) makes the host-to-device copy of each batch asynchronous."""
     samples, dropped = read_data_txt(data.data_path)
     if dropped and data_parallel_rank == 0:
         logger.warning("data: %d annotation entries left out at start-up (%s)", sum(dropped.values()), dict(dropped))
@@ -35,5 +37,5 @@ def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_paralle
                             shuffle=bool(data.dataloader.get("shuffle", True)))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                          prefetch_factor=2 if num_workers else None,
-                                         persistent_workers=num_workers > 0)
+                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
     return loader, dataset

@@ -142,7 +142,8 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
         text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                    max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp,
-                                           num_workers=args.num_workers, seed=args.seed)
+                                           num_workers=args.num_workers, seed=args.seed,
+                                           pin_memory=not acc.is_cpu)
         encode = _batch_encoder(cfg, vae, text_encoder, device, dtype)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
         offload = InterleavedEncoderOffload([vae, text_encoder], cfg.model.encoder_offload_interval, device)
@@ -252,8 +253,9 @@ def _batch_encoder(cfg, vae, text_encoder, device, dtype):
 
     @torch.no_grad()
     def encode(batch):
-        video = batch["video"].to(device, dtype)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        video = batch["video"].to(device, dtype, non_blocking=True)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
         return {"latents": encode_data_parallel(encode_video, video, group=group),
                 "context": encode_data_parallel(encode_text, ids, mask, group=group), "skipped": batch["skipped"]}
 
