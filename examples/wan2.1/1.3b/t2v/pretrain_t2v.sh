@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Wan2.1-T2V-1.3B pre-training (text to video), 81 frames at 480p, with pretrain_t2v.py.
+#
+# Before the first run, edit the placeholder paths (they point at ./weights and ./data):
+#   - pretrain_t2v_model.json beside this script: the "from_pretrained" paths;
+#   - data.json beside this script: basic_parameters.data_path (a data.txt of
+#     "dataset_root,annotation.json" lines) and tokenizer_config.from_pretrained.
+# Run from anywhere: bash examples/wan2.1/1.3b/t2v/pretrain_t2v.sh
+# Every variable in the first block can be set from the environment instead of editing this file,
+# e.g. GPUS_PER_NODE=4 CP=2 bash examples/wan2.1/1.3b/t2v/pretrain_t2v.sh
+# Multi-node: the same command on every node, with NNODES, NODE_RANK (0 on the master) and
+# MASTER_ADDR (the master's IP, not localhost) set; only NODE_RANK differs between nodes.
+#
+# Layout: 1.3B fits on one device, so the default is pure data parallelism with full recompute
+# (81 x 480 x 832 is 32760 tokens). Longer or larger videos: raise CP (Ulysses needs
+# 12 heads % (TP x CP) == 0: CP 2, 3, 4, 6; for CP 8 use CP_ALGO=hybrid_cp_algo ULYSSES=4, or
+# CP_ALGO=megatron_cp_algo for ring attention).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../../.."
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29501}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
+
+TP=${TP:-1}
+PP=${PP:-1}  # PP > 1 also needs predictor.pipeline_num_layers in the model JSON
+VP=${VP:-1}  # 1: no interleaving; > 1 needs a 2-D pipeline_num_layers
+CP=${CP:-1}
+CP_ALGO=${CP_ALGO:-ulysses_cp_algo}  # ulysses_cp_algo, megatron_cp_algo (ring) or hybrid_cp_algo
+ULYSSES=${ULYSSES:-2}  # Ulysses part of CP with hybrid_cp_algo
+MBS=${MBS:-1}
+GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP)))}
+RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-30}  # layers recomputed in the backward (of 30)
+TRAIN_ITERS=${TRAIN_ITERS:-5000}
+LR=${LR:-1e-5}
+DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
+
+MM_MODEL=${MM_MODEL:-examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json}
+MM_DATA=${MM_DATA:-examples/wan2.1/1.3b/t2v/data.json}
+RUN_NAME=${RUN_NAME:-wan2.1_1.3b_t2v}
+LOG_DIR=${LOG_DIR:-outputs/logs}
+SAVE_PATH=${SAVE_PATH:-}  # checkpoint directory; empty: no checkpoints
+SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+
+if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(command -v npu-smi)" ) ]]; then
+    # Ascend NPU: the CANN environment and the HCCL/runtime settings of MindSpeed-MM's scripts
+    for env_script in "${ASCEND_SET_ENV:-}" /usr/local/Ascend/cann/set_env.sh /usr/local/Ascend/ascend-toolkit/set_env.sh; do
+        if [[ -n "$env_script" && -f "$env_script" ]]; then
+            set +u; source "$env_script"; set -u
+            break
+        fi
+    done
+    export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}  # seconds to set up links, [120, 7200]
+    # seconds a collective may wait, [68, 17340]; mm warns if shorter than --distributed-timeout-minutes
+    export HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-$((DIST_TIMEOUT_MINUTES * 60))}
+    export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-2}
+    export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}
+    export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
+    export NPUS_PER_NODE=${NPUS_PER_NODE:-$GPUS_PER_NODE}
+else
+    # NVIDIA: megatron-core orders TP/SP communication behind compute on one connection
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # a watchdog blocked on a long collective is not killed before the collective itself times out
+    export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-$((DIST_TIMEOUT_MINUTES * 60))}
+fi
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $GPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --virtual-pipeline-model-parallel-size ${VP} \
+    --context-parallel-size ${CP} \
+    --context-parallel-algo ${CP_ALGO} \
+    --micro-batch-size ${MBS} \
+    --global-batch-size ${GBS} \
+    --train-iters ${TRAIN_ITERS} \
+    --lr ${LR} \
+    --min-lr ${LR} \
+    --lr-decay-style constant \
+    --lr-warmup-iters 0 \
+    --weight-decay 1e-2 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.999 \
+    --adam-eps 1e-8 \
+    --clip-grad 1.0 \
+    --bf16 \
+    --use-distributed-optimizer \
+    --recompute-granularity full \
+    --recompute-method block \
+    --recompute-num-layers ${RECOMPUTE_LAYERS} \
+    --num-workers 4 \
+    --seed 1234 \
+    --distributed-timeout-minutes ${DIST_TIMEOUT_MINUTES}
+"
+if (( TP > 1 )); then
+    GPT_ARGS="$GPT_ARGS --sequence-parallel"
+fi
+if [[ "$CP_ALGO" == hybrid_cp_algo ]]; then
+    GPT_ARGS="$GPT_ARGS --ulysses-degree-in-cp ${ULYSSES}"
+fi
+if [[ "$CP_ALGO" != ulysses_cp_algo ]]; then
+    GPT_ARGS="$GPT_ARGS --use-cp-send-recv-overlap"
+fi
+
+MM_ARGS="
+    --mm-model $MM_MODEL \
+    --mm-data $MM_DATA
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --log-throughput \
+    --tensorboard-dir ${LOG_DIR}/tensorboard/${RUN_NAME}
+"
+if [[ -n "$SAVE_PATH" ]]; then
+    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL"
+fi
+
+mkdir -p "$LOG_DIR"
+torchrun $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"

@@ -1,0 +1,167 @@
+"""The example launch scripts as a user runs them, with a stand-in ``torchrun`` first on the PATH that
+records what it was given: the flags after the entry point must pass mm's real parser and
+validation (with the model and data JSONs they name), and environment overrides must reach them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mm.arguments import load_config, parse_flags
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(str(p.relative_to(REPO)) for p in REPO.glob("examples/wan2.*/**/pretrain_*.sh"))
+EXPECTED = {  # script -> (entry point, dataset type)
+    "examples/wan2.1/1.3b/t2v/pretrain_t2v.sh": ("pretrain_t2v.py", "t2v"),
+    "examples/wan2.1/14b/t2v/pretrain_t2v.sh": ("pretrain_t2v.py", "t2v"),
+    "examples/wan2.1/14b/i2v_480p/pretrain_i2v.sh": ("pretrain_i2v.py", "i2v"),
+    "examples/wan2.2/a14b/i2v/pretrain_i2v.sh": ("pretrain_i2v.py", "i2v"),
+}
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$RECORD_DIR/argv"
+env > "$RECORD_DIR/env"
+echo "fake torchrun ran"
+exit "${FAKE_TORCHRUN_RC:-0}"
+"""
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """Runs a script with the fake torchrun; returns (result, torchrun args, torchrun's environment)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN)
+    (bin_dir / "torchrun").chmod(0o755)
+
+    def run(script: str, **overrides: str):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MM_ACCELERATOR", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "TP", "PP", "CP",
+                            "VP", "MBS", "GBS", "EXPERT", "CUDA_DEVICE_MAX_CONNECTIONS", "HCCL_EXEC_TIMEOUT",
+                            "HCCL_CONNECT_TIMEOUT", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "LD_LIBRARY_PATH")}
+        env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_DIR=str(tmp_path),
+                   LOG_DIR=str(tmp_path / "logs"), **overrides)
+        # from another directory: the scripts find the repository themselves
+        result = subprocess.run(["bash", str(REPO / script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=60)
+        if result.returncode != 0 or not (tmp_path / "argv").exists():
+            return result, None, None
+        argv = (tmp_path / "argv").read_text().splitlines()
+        recorded_env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+        return result, argv, recorded_env
+
+    return run
+
+
+def _split(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
+    """torchrun's own options (as a dict), the entry point, and the entry point's flags."""
+    entry = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    own = dict(zip(argv[:entry:2], argv[1:entry:2]))
+    return own, argv[entry], argv[entry + 1:]
+
+
+def _validate(flags: list[str], world_size: int, monkeypatch):
+    """mm's parser and validation on the recorded flags, reading the JSONs from the repository root;
+    the placeholder weight paths are not opened (validation does not touch from_pretrained)."""
+    from mm.data.dataset import VideoDataConfig
+    from mm.models.predictor import predictor_config
+
+    monkeypatch.chdir(REPO)
+    config = load_config(flags, world_size=world_size, mode="train")
+    pred = config.model.predictor
+    arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
+    return config, arch
+
+
+def test_every_example_script_is_valid_bash():
+    scripts = sorted(REPO.glob("examples/**/*.sh"))
+    assert set(SCRIPTS) == set(EXPECTED)
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_default_flags_pass_the_real_parser_and_validation(script, launcher, monkeypatch, tmp_path):
+    result, argv, env = launcher(script)
+    assert result.returncode == 0, result.stderr
+    own, entry, flags = _split(argv)
+    assert (entry, own["--nproc_per_node"], own["--nnodes"], own["--node_rank"]) == (EXPECTED[script][0], "8", "1", "0")
+    assert own["--master_addr"] == "localhost"
+    parse_flags(flags, prog=entry)
+    config, arch = _validate(flags, world_size=8, monkeypatch=monkeypatch)
+    assert config.data.dataset_type == EXPECTED[script][1]
+    assert config.args.bf16 and config.args.use_distributed_optimizer and config.args.log_throughput
+    assert config.args.recompute_num_layers == arch.num_layers
+    assert config.args.global_batch_size == 8 // (config.sizes.tensor_parallel * config.sizes.context_parallel)
+    assert config.args.sequence_parallel == (config.sizes.tensor_parallel > 1)
+    assert config.args.tensorboard_dir.startswith(str(tmp_path / "logs"))
+    assert Path(config.model.predictor.from_pretrained).parts[0] == "weights"  # the placeholder users edit
+    # no NPU here: the NVIDIA settings, not the Ascend ones
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == str(60 * config.args.distributed_timeout_minutes)
+    assert "HCCL_EXEC_TIMEOUT" not in env and "NPUS_PER_NODE" not in env
+    logs = list((tmp_path / "logs").glob("train_*.log"))
+    assert len(logs) == 1 and logs[0].read_text() == "fake torchrun ran\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_environment_overrides_reach_torchrun_and_the_flags(script, launcher, monkeypatch):
+    result, argv, _ = launcher(script, GPUS_PER_NODE="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.1.2.3",
+                               TP="2", CP="2", MBS="1")
+    assert result.returncode == 0, result.stderr
+    own, _, flags = _split(argv)
+    assert (own["--nproc_per_node"], own["--nnodes"], own["--node_rank"], own["--master_addr"]) == \
+        ("4", "2", "1", "10.1.2.3")
+    config, _ = _validate(flags, world_size=8, monkeypatch=monkeypatch)
+    assert (config.sizes.tensor_parallel, config.sizes.context_parallel, config.sizes.data_parallel) == (2, 2, 2)
+    assert config.args.sequence_parallel and config.args.global_batch_size == 2
+
+    result, argv, _ = launcher(script, GPUS_PER_NODE="2", TP="1", CP="2", CP_ALGO="megatron_cp_algo")
+    config, _ = _validate(_split(argv)[2], world_size=2, monkeypatch=monkeypatch)
+    assert config.args.context_parallel_algo == "megatron_cp_algo" and config.args.use_cp_send_recv_overlap
+    assert not config.args.sequence_parallel
+
+
+def test_ascend_settings_only_on_an_npu(launcher, tmp_path):
+    # a stand-in for CANN's set_env.sh; it reads an unset variable, as the real one does
+    set_env = tmp_path / "set_env.sh"
+    set_env.write_text('export LD_LIBRARY_PATH=/ascend/lib64:$LD_LIBRARY_PATH\nexport ASCEND_HOME_PATH=/ascend\n')
+    result, _, env = launcher("examples/wan2.1/14b/t2v/pretrain_t2v.sh", MM_ACCELERATOR="npu",
+                              ASCEND_SET_ENV=str(set_env), GPUS_PER_NODE="16", HCCL_CONNECT_TIMEOUT="3600")
+    assert result.returncode == 0, result.stderr
+    assert env["ASCEND_HOME_PATH"] == "/ascend"
+    assert env["HCCL_CONNECT_TIMEOUT"] == "3600" and env["HCCL_EXEC_TIMEOUT"] == "1800"
+    assert (env["TASK_QUEUE_ENABLE"], env["CPU_AFFINITY_CONF"], env["NPUS_PER_NODE"]) == ("2", "1", "16")
+    assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in env
+    from mm.accelerator import check_comm_env
+
+    assert check_comm_env("hccl", 30, env) == []  # in range, and no shorter than the collective timeout
+
+
+def test_wan22_experts_get_their_weights_and_timestep_ranges(launcher, monkeypatch):
+    from mm.diffusion import FlowMatchingConfig
+
+    script = "examples/wan2.2/a14b/i2v/pretrain_i2v.sh"
+    ranges = {}
+    for expert in ("high", "low"):
+        result, argv, _ = launcher(script, EXPERT=expert)
+        assert result.returncode == 0, result.stderr
+        config, _ = _validate(_split(argv)[2], world_size=8, monkeypatch=monkeypatch)
+        assert config.model.path.endswith(f"pretrain_i2v_{expert}_noise_model.json")
+        assert expert in config.args.tensorboard_dir
+        args = config.args
+        ranges[expert] = (args.min_timestep_boundary, args.max_timestep_boundary)
+        FlowMatchingConfig(min_timestep=args.min_timestep_boundary * 1000, max_timestep=args.max_timestep_boundary * 1000)
+    assert ranges == {"high": (0.9, 1.0), "low": (0.0, 0.9)}
+    result, argv, _ = launcher(script, EXPERT="medium")
+    assert result.returncode == 2 and "EXPERT=medium; valid: high, low" in result.stderr and argv is None
+
+
+def test_a_failing_torchrun_fails_the_script(launcher):
+    result, _, _ = launcher("examples/wan2.1/1.3b/t2v/pretrain_t2v.sh", FAKE_TORCHRUN_RC="3")
+    assert result.returncode == 3
