@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mm.accelerator import Accelerator, LaunchEnv, init_distributed, rank0_print, read_launch_env, select_accelerator
 from mm.accelerator.device import AcceleratorError
@@ -34,10 +34,14 @@ def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None) ->
     return config, accelerator, launch
 
 
-def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None) -> Runtime:
-    """``configure``, then the default process group, megatron-core's and mm's groups, and seeds."""
+def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None,
+          check: Callable[[RunConfig], None] | None = None) -> Runtime:
+    """``configure`` (then the entry point's own ``check`` of the configuration, which raises
+    ConfigError), then the default process group, megatron-core's and mm's groups, and seeds."""
     try:
         config, accelerator, launch = configure(argv, mode, prog)
+        if check is not None:
+            check(config)
     except (ConfigError, AcceleratorError, LaunchError) as e:
         print(f"{prog or sys.argv[0]}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

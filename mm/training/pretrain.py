@@ -20,7 +20,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from mm.accelerator import destroy_distributed, rank0_print
+from mm.accelerator import destroy_distributed
+from mm.arguments import ConfigError
 from mm.data.dataset import SkipCounter
 from mm.data.loader import build_video_dataloader
 from mm.diffusion import FlowMatching, FlowMatchingConfig
@@ -29,7 +30,9 @@ from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.pipeline import layer_layout, stage_span
+from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
@@ -89,15 +92,51 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -> list[float]:
+TASKS = {"t2v": "pretrain_t2v.py", "i2v": "pretrain_i2v.py"}
+
+
+def conditioning(config) -> WanConditioning:
+    """How the model JSON's predictor is conditioned on the data JSON's samples (raises ConfigError)."""
+    pred = config.model.predictor
+    try:
+        arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+        return WanConditioning.from_config(arch, config.data.dataset_type)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_task(task: str, config) -> None:
+    """pretrain_t2v.py trains text-only conditioning, pretrain_i2v.py image conditioning; the model
+    JSON has the encoders the conditioning needs."""
+    cond = conditioning(config)
+    problems = []
+    if task == "t2v" and cond.kind != "none":
+        problems.append(f"predictor.in_dim = {config.model.predictor.params.get('in_dim')} with dataset_type "
+                        f"{config.data.dataset_type!r} is {cond.kind} conditioning: train it with pretrain_i2v.py")
+    if task == "i2v" and cond.kind == "none":
+        problems.append(f"dataset_param.dataset_type = {config.data.dataset_type!r} with predictor.in_dim = "
+                        f"{config.model.predictor.params.get('in_dim')} is text-only conditioning: pretrain_i2v.py "
+                        "needs an i2v/flf2v dataset and an image-conditioned model (use pretrain_t2v.py otherwise)")
+    image = config.model.image_encoder
+    if cond.uses_clip and (image is None or not image.from_pretrained):
+        problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
+                        "image_encoder.from_pretrained (a CLIP vision model directory)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
     """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
-    runtime = start(argv, mode="train", prog=prog)
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
+    runtime = start(argv, mode="train", prog=TASKS[task], check=lambda config: check_task(task, config))
     args, cfg = runtime.config.args, runtime.config
     _refuse_unfinished(args)
     acc = runtime.accelerator
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    cond = WanConditioning.from_config(arch, cfg.data.dataset_type)
     vpp = cfg.virtual_pipeline_size
     tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
     chunks = build_model_chunks(pred, arch, tf_config, vpp)
@@ -141,12 +180,17 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
         text = cfg.model.text_encoder[0]
         text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                    max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
+        image_encoder = None
+        if cond.uses_clip:
+            image = cfg.model.image_encoder
+            image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp,
                                            num_workers=args.num_workers, seed=args.seed,
                                            pin_memory=not acc.is_cpu)
-        encode = _batch_encoder(cfg, vae, text_encoder, device, dtype)
+        encode = _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
-        offload = InterleavedEncoderOffload([vae, text_encoder], cfg.model.encoder_offload_interval, device)
+        offload = InterleavedEncoderOffload([e for e in (vae, text_encoder, image_encoder) if e is not None],
+                                            cfg.model.encoder_offload_interval, device)
         batches = offload.iterate(loader, encode)
     # noise and timestep of each sample from a seed of (run seed, iteration, the sample's place in the
     # global batch): the same on every TP/CP/PP rank of a replica, and the same under any DP size and
@@ -176,15 +220,18 @@ def pretrain(argv: Sequence[str] | None = None, prog: str = "pretrain_t2v.py") -
             latents, context = batch["latents"], batch["context"]
             noise, sigmas = sample_noise(latents)
             target = flow.target(latents, noise)
+            inputs, timestep = cond.model_input(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas),
+                                                batch["condition"])
             # later stages get the target through the pipeline, inside the stage message
-            output = chunk(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas), context,
+            output = chunk(inputs, timestep, context, batch["context_image"],
                            carry=None if dit.post_process else target)
         else:
             output = chunk()
             target = dit.carried
 
         def loss_func(out):
-            loss = flow.loss(out, target)
+            frames = cond.loss_frames  # TI2V: not the given first frame
+            loss = flow.loss(out[:, :, frames], target[:, :, frames])
             return loss, {"loss": loss.detach().clone()}
 
         return output, loss_func
@@ -239,9 +286,9 @@ def flow_matching_config(args, diffusion) -> FlowMatchingConfig:
     return FlowMatchingConfig(**params)
 
 
-def _batch_encoder(cfg, vae, text_encoder, device, dtype):
-    """batch -> {latents, context, skipped}: the frozen encoders, with VAE-CP (``ae.vae_cp_size``)
-    and encoder-DP (``enable_encoder_dp``) when the model JSON asks for them."""
+def _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype):
+    """batch -> {latents, context, condition, context_image, skipped}: the frozen encoders, with VAE-CP
+    (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for them."""
     vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
     group = get_encoder_dp_group() if cfg.model.enable_encoder_dp else None
 
@@ -256,7 +303,16 @@ def _batch_encoder(cfg, vae, text_encoder, device, dtype):
         video = batch["video"].to(device, dtype, non_blocking=True)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
-        return {"latents": encode_data_parallel(encode_video, video, group=group),
-                "context": encode_data_parallel(encode_text, ids, mask, group=group), "skipped": batch["skipped"]}
+        out = {"latents": encode_data_parallel(encode_video, video, group=group),
+               "context": encode_data_parallel(encode_text, ids, mask, group=group), "skipped": batch["skipped"],
+               "condition": None, "context_image": None}
+        if cond.kind != "none":
+            frames = batch["condition_frames"].to(device, dtype, non_blocking=True)
+            out["condition"] = encode_data_parallel(
+                lambda f: cond.encode(vae, f, video.shape[2], vae_cp=vae_cp).to(dtype), frames, group=group)
+            if cond.uses_clip:
+                out["context_image"] = encode_data_parallel(
+                    lambda f: cond.encode_image(image_encoder, f).to(dtype), frames, group=group)
+        return out
 
     return encode

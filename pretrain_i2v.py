@@ -1,0 +1,7 @@
+"""Image-to-video pre-training (Wan2.1 I2V/FLF2V, Wan2.2 I2V-A14B and TI2V-5B; launch with torchrun;
+see examples/*/i2v*/pretrain_i2v.sh)."""
+
+from mm.training.pretrain import pretrain
+
+if __name__ == "__main__":
+    pretrain(task="i2v")
