@@ -36,6 +36,8 @@ from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
+from mm.training.flops import wan_training_flops
+from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss, require_logging_packages
 
 
 def params_dtype(args) -> torch.dtype:
@@ -117,6 +119,10 @@ def check_task(task: str, config) -> None:
         problems.append(f"dataset_param.dataset_type = {config.data.dataset_type!r} with predictor.in_dim = "
                         f"{config.model.predictor.params.get('in_dim')} is text-only conditioning: pretrain_i2v.py "
                         "needs an i2v/flf2v dataset and an image-conditioned model (use pretrain_t2v.py otherwise)")
+    try:
+        require_logging_packages(LogConfig.from_args(config.args))
+    except SystemExit as e:
+        problems.append(str(e))
     image = config.model.image_encoder
     if cond.uses_clip and (image is None or not image.from_pretrained):
         problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
@@ -222,6 +228,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
             target = flow.target(latents, noise)
             inputs, timestep = cond.model_input(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas),
                                                 batch["condition"])
+            step["count_flops"](inputs, context, batch["context_image"])
             # later stages get the target through the pipeline, inside the stage message
             output = chunk(inputs, timestep, context, batch["context_image"],
                            carry=None if dit.post_process else target)
@@ -236,10 +243,25 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
 
         return output, loss_func
 
+    # model FLOPs of this iteration's micro-batches, counted once per DP replica (stage 0, TP/CP rank 0)
+    counts_flops = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
+    flops = {"sum": 0.0}
+
+    def count_flops(inputs, context, context_image):
+        if counts_flops:
+            _, _, frames, height, width = inputs.shape
+            flops["sum"] += wan_training_flops(
+                arch, frames, height, width, context.shape[1], 0 if context_image is None else context_image.shape[1],
+                batch_size=inputs.shape[0], per_token_timestep=cond.kind == "ti2v")
+
+    step["count_flops"] = count_flops
+    logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                            run_config=vars(args))
     losses = []
     forward_backward = get_forward_backward_func()
     for iteration in range(1, args.train_iters + 1):
         step.update(iteration=iteration, micro=0)
+        flops["sum"] = 0.0
         start_time = time.perf_counter()
         for m in model:
             m.zero_grad_buffer()
@@ -247,26 +269,38 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         step_losses = forward_backward(forward_step_func=forward_step, data_iterator=[None] * len(model), model=model,
                                        num_microbatches=num_micro, seq_length=1, micro_batch_size=args.micro_batch_size,
                                        forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        if ok:
-            scheduler.step(increment=gbs)
-        acc.synchronize()
-        elapsed = time.perf_counter() - start_time
+        loss = None
         if last_stage:
             loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
             torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
-            losses.append(loss.item() / dp)
-        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and (
-                iteration % args.log_interval == 0 or iteration == args.train_iters):
-            print(f" iteration {iteration:>6}/{args.train_iters} | consumed samples {iteration * gbs:>8} | "
-                  f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | learning rate: "
-                  f"{optimizer.param_groups[0]['lr']:.3e} | global batch size: {gbs} | loss: {losses[-1]:.6e} | "
-                  f"grad norm: {float(grad_norm or 0):.3f} | samples/s: {gbs / elapsed:.2f} | "
-                  f"max memory (GiB): {acc.max_memory_allocated() / 2**30:.1f}", flush=True)
-        if first_stage and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0 and \
-                dp_rank == 0 and (iteration % args.log_interval == 0 or iteration == args.train_iters) and \
-                sum(skips.counts.values()):
-            print(f" data: {skips.summary()}", flush=True)
+            loss = loss.item() / dp
+            losses.append(loss)
+        # one all-reduce tells every rank the iteration's FLOPs and whether any loss was NaN/Inf
+        # (then no rank steps: the optimizer step has collectives)
+        verdict = check_loss(loss, False, iteration)  # --exit-on-nan-loss: below, on every rank together
+        shared = torch.tensor([flops["sum"], float(verdict == SKIP)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(shared)
+        skipped = shared[1].item() > 0
+        if skipped and args.exit_on_nan_loss:
+            raise SystemExit(f"{TASKS[task]}: the loss is NaN/Inf at iteration {iteration}; stopping because of "
+                             "--exit-on-nan-loss")
+        grad_norm = None
+        if not skipped:
+            ok, grad_norm, _ = optimizer.step()
+            skipped = not ok  # fp16 loss-scale overflow
+            if ok:
+                scheduler.step(increment=gbs)
+        acc.synchronize()
+        elapsed = time.perf_counter() - start_time
+        reads_data = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and \
+            mpu.get_context_parallel_rank() == 0 and dp_rank == 0
+        logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * gbs,
+                   global_batch_size=gbs, elapsed_s=elapsed, learning_rate=optimizer.param_groups[0]["lr"], loss=loss,
+                   grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
+                   flops=shared[0].item(), max_memory_bytes=acc.max_memory_allocated(),
+                   loss_scale=optimizer.get_loss_scale().item() if args.fp16 else None,
+                   bad_samples=skips.summary() if reads_data and sum(skips.counts.values()) else None)
+    logger.close()
     destroy_distributed()
     return losses
 

@@ -183,3 +183,22 @@ def test_layout_losses_equal_one_process(assets, layout):
     for a, b in zip(ref, par):
         assert abs(a - b) <= 2e-5 * abs(a), (layout, ref, par)
     assert ref[-1] < ref[0]  # it trained
+
+
+def test_nan_loss_is_skipped_and_counted_or_stops(assets, tmp_path):
+    # a learning rate this large makes the weights overflow after the first update
+    _, out = _train(assets, 1, "--lr", "1e6", "--clip-grad", "0", "--log-throughput", "--tensorboard-dir",
+                    str(tmp_path / "tb"), iters=3)
+    lines = [line for line in out.splitlines() if " iteration " in line]
+    assert "loss: nan" in lines[1] and "number of nan iterations:   1" in lines[1], out[-2000:]
+    assert "number of skipped iterations:   1" in lines[2]
+    assert "throughput per GPU (TFLOP/s/GPU)" in lines[0]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain_t2v.py",
+           "--mm-model", str(assets / "model.json"), "--mm-data", str(assets / "data.json"), "--lr", "1e6",
+           "--clip-grad", "0", "--train-iters", "3", "--num-workers", "0", "--exit-on-nan-loss",
+           "--tensor-model-parallel-size", "2"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "the loss is NaN/Inf at iteration 2; stopping because of --exit-on-nan-loss" in result.stderr
