@@ -73,6 +73,10 @@ def _validate(flags: list[str], world_size: int, monkeypatch):
     pred = config.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
     VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
+    # the entry point's own check: its task fits the model and data (and the encoders are named)
+    from mm.training.pretrain import check_task
+
+    check_task("i2v" if config.data.dataset_type in ("i2v", "flf2v") else "t2v", config)
     return config, arch
 
 
