@@ -19,6 +19,7 @@ setup(
         "tensorboard>=2.20",
         "tqdm>=4.66",
         "av>=14",
+        "psutil>=5.9",
     ],
     extras_require={
         "video": ["decord==0.6.0"],

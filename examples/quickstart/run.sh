@@ -27,8 +27,9 @@ DISTRIBUTED_ARGS="--nproc_per_node $GPUS_PER_NODE --nnodes $NNODES --node_rank $
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
 GPT_ARGS="--context-parallel-size $CP --context-parallel-algo megatron_cp_algo --use-cp-send-recv-overlap \
     --micro-batch-size 2 --global-batch-size 2 --lr 1e-3 --lr-warmup-iters 5 --clip-grad 1.0 --train-iters 40 \
-    --use-distributed-optimizer --log-interval 5 --log-throughput --num-workers 1 --seed 1234"
+    --use-distributed-optimizer --log-interval 5 --log-throughput --num-workers 1 --seed 1234 \
+    --save $OUT/checkpoints"
 MM_ARGS="--mm-model $OUT/model.json --mm-data $OUT/data.json"
 
 "$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS
-echo "quickstart: trained; sampling to .mp4 is not in mm yet (inference.py, issue 10)"
+echo "quickstart: trained; checkpoint in $OUT/checkpoints; sampling to .mp4 is not in mm yet (inference.py, issue 10)"

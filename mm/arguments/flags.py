@@ -122,6 +122,8 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--exit-interval", type=_positive_int, default=None,
+                   help="stop after an iteration that is a multiple of this (saving a checkpoint first with --save)")
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-save-rng", action="store_true")

@@ -36,6 +36,7 @@ from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
+from mm.training.checkpointing import load_checkpoint, save_checkpoint
 from mm.training.flops import wan_training_flops
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss, require_logging_packages
 
@@ -65,12 +66,10 @@ def transformer_config(args, arch, on_cpu: bool, vpp: int | None = None) -> Tran
         gradient_accumulation_fusion=False)
 
 
-def _refuse_unfinished(args) -> None:
-    unsupported = {"--save": args.save is not None, "--load": args.load is not None}
-    named = [flag for flag, used in unsupported.items() if used]
-    if named:
-        raise SystemExit(f"pretrain: {', '.join(named)} not supported by this version of the training loop yet "
-                         "(issue 8: checkpoints are next)")
+def rank_last_print(*args) -> None:
+    """print() on the last rank (the last pipeline stage's, as megatron's print_rank_last)."""
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(*args, flush=True)
 
 
 def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None) -> list[torch.nn.Module]:
@@ -137,7 +136,6 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
     runtime = start(argv, mode="train", prog=TASKS[task], check=lambda config: check_task(task, config))
     args, cfg = runtime.config.args, runtime.config
-    _refuse_unfinished(args)
     acc = runtime.accelerator
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
@@ -172,6 +170,14 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant")
     tf_config.finalize_model_grads_func = finalize_model_grads
+    # --load: resume (model, optimizer, scheduler, RNG, iteration, consumed samples) or, with
+    # --finetune / --no-load-optim, start from the weights; a directory without a checkpoint yet
+    # (a first launch with --load = --save) starts from scratch, so relaunching resumes
+    start_iteration, consumed = 0, 0
+    if args.load is not None:
+        start_iteration, consumed = load_checkpoint(args.load, model, optimizer, scheduler,
+                                                    load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+                                                    finetune=args.finetune)
     tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if args.overlap_grad_reduce:
         tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
@@ -190,7 +196,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         if cond.uses_clip:
             image = cfg.model.image_encoder
             image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
-        loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp,
+        loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, consumed_samples=consumed,
                                            num_workers=args.num_workers, seed=args.seed,
                                            pin_memory=not acc.is_cpu)
         encode = _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype)
@@ -257,9 +263,18 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     step["count_flops"] = count_flops
     logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(), torch.distributed.get_world_size(),
                             run_config=vars(args))
+    def save(iteration):
+        save_checkpoint(args.save, iteration, model, optimizer, scheduler, iteration * gbs,
+                        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+                        extra={"entry_point": TASKS[task]}, ckpt_format=args.ckpt_format)
+
     losses = []
     forward_backward = get_forward_backward_func()
-    for iteration in range(1, args.train_iters + 1):
+    if start_iteration >= args.train_iters:
+        rank_last_print(f"{TASKS[task]}: the checkpoint is at iteration {start_iteration}, --train-iters is "
+                        f"{args.train_iters}: nothing to train")
+    saved = start_iteration
+    for iteration in range(start_iteration + 1, args.train_iters + 1):
         step.update(iteration=iteration, micro=0)
         flops["sum"] = 0.0
         start_time = time.perf_counter()
@@ -300,6 +315,17 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
                    flops=shared[0].item(), max_memory_bytes=acc.max_memory_allocated(),
                    loss_scale=optimizer.get_loss_scale().item() if args.fp16 else None,
                    bad_samples=skips.summary() if reads_data and sum(skips.counts.values()) else None)
+        if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+            saved = iteration
+        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            if args.save is not None and saved < iteration:
+                save(iteration)
+            rank_last_print(f"{TASKS[task]}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            saved = args.train_iters  # no final save below
+            break
+    if args.save is not None and saved < args.train_iters:
+        save(args.train_iters)
     logger.close()
     destroy_distributed()
     return losses

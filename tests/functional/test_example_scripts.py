@@ -129,6 +129,15 @@ def test_environment_overrides_reach_torchrun_and_the_flags(script, launcher, mo
     assert config.args.context_parallel_algo == "megatron_cp_algo" and config.args.use_cp_send_recv_overlap
     assert not config.args.sequence_parallel
 
+    # checkpoints: LOAD_PATH defaults to SAVE_PATH (a relaunch resumes); converted weights load without optimizer/RNG
+    result, argv, _ = launcher(script, SAVE_PATH="ckpt", CKPT_FORMAT="torch")
+    config, _ = _validate(_split(argv)[2], world_size=8, monkeypatch=monkeypatch)
+    assert (config.args.save, config.args.load, config.args.ckpt_format) == ("ckpt", "ckpt", "torch")
+    result, argv, _ = launcher(script, LOAD_PATH="converted", LOAD_ARGS="--no-load-optim --no-load-rng")
+    config, _ = _validate(_split(argv)[2], world_size=8, monkeypatch=monkeypatch)
+    assert (config.args.save, config.args.load) == (None, "converted")
+    assert config.args.no_load_optim and config.args.no_load_rng
+
 
 def test_ascend_settings_only_on_an_npu(launcher, tmp_path):
     # a stand-in for CANN's set_env.sh; it reads an unset variable, as the real one does

@@ -281,6 +281,15 @@ def test_training_needs_iters_lr_and_data(tmp_path):
     load_config(["--mm-model", m], world_size=1, mode="inference")
 
 
+def test_checkpoint_flags(tmp_path):
+    assert "--save-interval 5 needs --save" in _problems(tmp_path, flags=["--save-interval", "5"])
+    assert "--ckpt-format: invalid choice: 'zarr' (choose from 'torch', 'torch_dist')" in _problems(
+        tmp_path, flags=["--ckpt-format", "zarr"])
+    args = _load(tmp_path, flags=["--save", "ckpt", "--load", "ckpt", "--save-interval", "5", "--exit-interval", "7",
+                                  "--no-load-rng", "--finetune"]).args
+    assert (args.save_interval, args.exit_interval, args.no_load_rng, args.finetune) == (5, 7, True, True)
+
+
 def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, flags=["--sequence-parallel", "--bf16", "--fp16"])

@@ -52,6 +52,11 @@ MM_DATA=${MM_DATA:-examples/wan2.1/14b/i2v_480p/data.json}
 RUN_NAME=${RUN_NAME:-wan2.1_14b_i2v_480p}
 LOG_DIR=${LOG_DIR:-outputs/logs}
 SAVE_PATH=${SAVE_PATH:-}  # checkpoint directory; empty: no checkpoints
+# resume from here: with LOAD_PATH = SAVE_PATH (the default) a relaunch continues from the last
+# checkpoint; for mm-convert's weights set LOAD_ARGS="--no-load-optim --no-load-rng"
+LOAD_PATH=${LOAD_PATH:-$SAVE_PATH}
+LOAD_ARGS=${LOAD_ARGS:-}
+CKPT_FORMAT=${CKPT_FORMAT:-torch_dist}  # torch_dist (any layout loads it) or torch (per-rank files)
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
 if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(command -v npu-smi)" ) ]]; then
@@ -133,7 +138,10 @@ OUTPUT_ARGS="
     --tensorboard-dir ${LOG_DIR}/tensorboard/${RUN_NAME}
 "
 if [[ -n "$SAVE_PATH" ]]; then
-    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL"
+    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL --ckpt-format $CKPT_FORMAT"
+fi
+if [[ -n "$LOAD_PATH" ]]; then
+    OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
 fi
 
 mkdir -p "$LOG_DIR"

@@ -1,0 +1,527 @@
+"""Training checkpoints in megatron-core's distributed format (``torch_dist``).
+
+Layout, as Megatron-LM writes it::
+
+    <dir>/latest_checkpointed_iteration.txt   the last complete iteration, e.g. "10"
+    <dir>/iter_0000010/                       one torch.distributed.checkpoint directory
+
+One checkpoint holds, under layout-independent keys (the model's global tensor names):
+
+* ``model`` (``model0``, ``model1``, ... with virtual pipelining, one per chunk, as megatron names
+  them): the chunks' ``sharded_state_dict()``. The tensors behind them carry global names
+  (``blocks.{global layer}.…``, un-split TP shapes), so any TP/PP/VPP/CP/DP layout loads them.
+* ``optimizer``: megatron-core's optimizer ``sharded_state_dict`` built on the model's. The plain
+  optimizer writes its state per parameter in model space (reshards freely). The distributed
+  optimizer writes ``fully_reshardable`` by default (gathered over DP x CP into model space at save:
+  reshards over TP/PP/CP/DP; costs a host copy of the model-parallel shard's fp32 state on every DP
+  rank while saving) or, asked for, ``dp_reshardable`` (each rank writes its own buckets, no gather;
+  loads only into the same TP/PP/CP layout and bucket structure).
+  megatron's ``fully_sharded_model_space`` is not offered: megatron-core 0.19 refuses the flattened
+  ShardedTensors it builds.
+* ``opt_param_scheduler``, ``iteration``, ``consumed_samples``, ``checkpoint_version``,
+  ``parallel`` (the layout that wrote it: logged on load, checked against RNG states), ``extra``.
+* ``rng_state``: per rank (python, numpy, torch, the accelerator's generator, megatron's
+  tensor-parallel RNG tracker), one ``ShardedObject`` shard per (PP, TP, CP, DP) coordinate, so it
+  only fits the layout that wrote it; ``load_rng=False`` (``--no-load-rng``) skips it.
+
+Saving is atomic: every rank writes into ``<dir>/.iter_0000010.tmp``; after all ranks finished
+(barrier) rank 0 renames it to ``iter_0000010`` and then replaces the tracker file (temp file +
+``os.replace``). A save that dies on the way leaves the previous checkpoint and tracker as they
+were; its temp directory is removed by the next save. All ranks must see one shared directory.
+
+Synchronous saves only: megatron-core's asynchronous save needs its persistent writer process
+(and NVRx) around the training loop; nothing here starts one. The same code runs on gloo (CPU)
+and NCCL. megatron-core's torch_dist writer imports ``psutil``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedBase,
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
+from megatron.core.dist_checkpointing.serialization import (
+    load_sharded_metadata,
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+
+from mm.accelerator import get_accelerator, rank0_print
+from mm.training import checkpoint_torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = -1  # the tracker's "release": weights from mm-convert, not a training iteration
+CKPT_FORMATS = ("torch_dist", "torch")
+CHECKPOINT_VERSION = 1  # mm's content layout; bump when keys change meaning
+OPTIMIZER_SHARDINGS = ("fully_reshardable", "dp_reshardable")
+_TMP = re.compile(r"^\.iter_\d{7}\.(tmp|old)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read into this run: the message says which and why."""
+
+
+def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """``<root>/iter_0000010``; ``<root>/release`` for converted weights (iteration ``RELEASE``)."""
+    return Path(root) / ("release" if iteration == RELEASE else f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str | os.PathLike, flag: str = "--load") -> int | None:
+    """The iteration in ``<root>/latest_checkpointed_iteration.txt``; None without the file."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return RELEASE
+    if not text.isdigit():
+        raise CheckpointError(f"{flag} {root}: {tracker} holds {text!r}; expected an iteration number or 'release'")
+    return int(text)
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _chunk_keys(model_chunks: Sequence[torch.nn.Module]) -> list[str]:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _layout() -> dict[str, Any]:
+    return {"tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size": mpu.get_virtual_pipeline_model_parallel_world_size(),
+            "context_parallel_size": mpu.get_context_parallel_world_size(),
+            "data_parallel_size": mpu.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size()}
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    vpp = layout.get("virtual_pipeline_model_parallel_size")
+    return (f"TP{layout['tensor_model_parallel_size']} PP{layout['pipeline_model_parallel_size']}"
+            f"{f' VPP{vpp}' if vpp else ''} CP{layout['context_parallel_size']} DP{layout['data_parallel_size']}")
+
+
+def _distributed_parts(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [p for p in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(p, DistributedOptimizer)]
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    distributed = _distributed_parts(optimizer)
+    if distributed and len(distributed) != len(getattr(optimizer, "chained_optimizers", [optimizer])):
+        raise CheckpointError("the optimizer chains distributed and plain megatron optimizers; not supported here")
+    return bool(distributed)
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a distributed optimizer that never stepped its Adam state, which it must have before it
+    can describe (and so load) its checkpoint: megatron's zero-gradient step. The values it leaves
+    (including weight decay applied to the fp32 main weights) are all overwritten by the load."""
+    for part in _distributed_parts(optimizer):
+        if len(part.optimizer.state) == 0:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _load_param_state(part, loader, param_state) -> None:
+    """``loader(param_state)`` (one of the distributed optimizer's parameter-state loaders) for
+    megatron-core 0.19's distributed optimizer over torch's Adam (no TE/apex), around two faults
+    of that combination: its loaders copy every tensor of a parameter's Adam state, ``step``
+    included, from checkpoint entries that never carry ``step`` (a KeyError); and its
+    ``load_state_dict`` gives every parameter one shared ``step`` tensor, which torch's Adam would
+    then advance once per parameter and step. So ``step`` is out of the way while the parameter
+    state loads, and each parameter gets its own copy back."""
+    steps = {p: s.pop("step") for p, s in part.optimizer.state.items() if "step" in s}
+    with torch.no_grad():  # fp32 models' main weights are views of the parameters (leaves needing grad)
+        loader(param_state)
+    for p, step in steps.items():
+        part.optimizer.state[p]["step"] = step.clone()
+
+
+def _load_distributed_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` of a torch_dist checkpoint's distributed-optimizer state: the
+    param groups (with the step) first, then the parameter state in the format it was saved in."""
+    parts = _distributed_parts(optimizer)
+    states = [state] if len(parts) == 1 else [state[i] for i in sorted(state)]
+    for part, part_state in zip(parts, states):
+        part_state = dict(part_state)
+        param_state = part_state.pop("param_state")
+        loader = {"fully_reshardable": part.load_parameter_state_from_fully_reshardable,
+                  "dp_reshardable": part.load_parameter_state_from_dp_reshardable}[
+                      part_state.pop("param_state_sharding_type")]
+        part.load_state_dict(part_state)  # param groups, step, grad scaler
+        _load_param_state(part, loader, param_state)
+
+
+def _entries(value) -> list:
+    """The ShardedTensors / ShardedObjects one state-dict value stands for in the checkpoint."""
+    if isinstance(value, ShardedTensorFactory):
+        return list(nested_values({"built": value.build()}))
+    return [value] if isinstance(value, ShardedBase) else []
+
+
+def _match_checkpoint(state: dict, chunk_keys: list[str], path: Path, where: str, strict: bool) -> None:
+    """Compare what every rank asks for with what ``path`` holds, before megatron-core reads it (its
+    own errors name neither the checkpoint nor the remedy, and a rank that fails alone leaves the
+    others waiting). Model tensors of the wrong global shape, and optimizer or RNG entries that are
+    not there, always fail; model tensors absent from the checkpoint (dropped from ``state``, so
+    they keep their values) or never read fail only when ``strict``."""
+    stored = {v.key: v for v in load_sharded_metadata(str(path)).values()}
+    absent, shapes, asked = set(), set(), set()
+    # the model keys one replica asks for: DP x CP rank 0 speaks for the others
+    speaks = mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+    for section, value in _nested_items(state, chunk_keys):
+        for entry in _entries(value):
+            if speaks and section == "model":
+                asked.add(entry.key)
+            if entry.key not in stored:
+                absent.add((section, entry.key))
+            elif isinstance(entry, ShardedTensor) and tuple(stored[entry.key].global_shape) != entry.global_shape:
+                shapes.add(f"{entry.key}: checkpoint {tuple(stored[entry.key].global_shape)}, "
+                           f"this run {entry.global_shape}")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (absent, shapes, asked))
+    absent = set().union(*(a for a, _, _ in everyone))
+    shapes = sorted(set().union(*(s for _, s, _ in everyone)))
+    asked = set().union(*(k for _, _, k in everyone))
+    absent_model = sorted(k for section, k in absent if section == "model")
+    absent_other = sorted(k for section, k in absent if section != "model")
+    unread = sorted(k for k in set(stored) - asked if not k.startswith(("optimizer.", "rng_state", "common_state")))
+    lines = []
+    if shapes:
+        lines.append(f"  different global shapes ({len(shapes)}): {'; '.join(shapes[:20])}")
+    if strict and absent_model:
+        lines.append(f"  not in the checkpoint ({len(absent_model)}): {', '.join(absent_model[:20])}")
+    if strict and unread:
+        lines.append(f"  in the checkpoint but not in this model ({len(unread)}): {', '.join(unread[:20])}")
+    if absent_other:
+        lines.append(f"  optimizer/RNG state not in the checkpoint ({len(absent_other)}): "
+                     f"{', '.join(absent_other[:20])} (load with --no-load-optim / --no-load-rng)")
+    if lines:
+        raise CheckpointError("\n".join([f"{where} does not match this model:"] + lines))
+    if absent_model or unread:
+        rank0_print(f"WARNING: {where}: model tensors not in the checkpoint (kept as they are): {absent_model}; "
+                    f"checkpoint tensors this model does not have: {unread}")
+    for key in chunk_keys:
+        state[key] = {k: v for k, v in state[key].items()
+                      if not any(e.key in absent_model for e in _entries(v))}
+
+
+def _nested_items(state: dict, chunk_keys: list[str]):
+    """(``"model"`` or the top-level key, value) for every leaf of the state to load."""
+    for top, value in state.items():
+        section = "model" if top in chunk_keys else top
+        for leaf in nested_values({top: value}):
+            yield section, leaf
+
+
+def _rng_coordinates() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    shape = (mpu.get_pipeline_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size(),
+             mpu.get_context_parallel_world_size(), mpu.get_data_parallel_world_size())
+    offset = (mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank(),
+              mpu.get_context_parallel_rank(), mpu.get_data_parallel_rank())
+    return shape, offset
+
+
+def _rng_state() -> dict[str, Any]:
+    acc = get_accelerator()
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            # on the CPU the torch generator above is the device's
+            "device": None if acc.is_cpu else acc.module.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    acc = get_accelerator()
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["device"] is not None and not acc.is_cpu:
+        acc.module.set_rng_state(state["device"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model_chunks, optimizer, with_optim: bool, with_rng: bool, optimizer_sharding: str,
+                        is_loading: bool) -> dict[str, Any]:
+    """What a checkpoint holds (sharded parts; the caller adds the common values when saving)."""
+    state: dict[str, Any] = {}
+    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
+        state[key] = _unwrap(chunk).sharded_state_dict()
+    if with_optim:
+        metadata = {"distrib_optim_sharding_type": optimizer_sharding, "chained_optim_avoid_prefix": True}
+        model_state = {k: state[k] for k in _chunk_keys(model_chunks)}
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    if with_rng:
+        shape, offset = _rng_coordinates()
+        state["rng_state"] = ShardedObject("rng_state", _rng_state() if not is_loading else None, shape, offset,
+                                           replica_id=0)
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(root: Path) -> None:
+    for entry in root.iterdir():
+        if _TMP.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry)
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)  # what a save that died left behind
+    tmp.mkdir()
+
+
+def _on_rank0(failure: str, fn, *args) -> None:
+    """Run a file-system step on rank 0; every rank raises if it failed (instead of waiting for it)."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn(*args)
+        except OSError as e:
+            error = f"{failure}: {e}"
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CheckpointError(message[0])
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rank 0, after every rank wrote ``tmp``: rename it into place, then point the tracker at it."""
+    if final.exists():  # a second save of the same iteration replaces the first
+        old = root / f".{final.name}.old"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    tracker_tmp = root / f".{TRACKER}.tmp"
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises the first rank's error if any rank has one (instead of the others waiting)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+
+
+def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: Sequence[torch.nn.Module],
+                    optimizer, scheduler, consumed_samples: int, *, save_optim: bool = True, save_rng: bool = True,
+                    extra: dict[str, Any] | None = None, optimizer_sharding: str = "fully_reshardable",
+                    ckpt_format: str = "torch_dist") -> Path:
+    """Write ``<save_dir>/iter_{iteration:07d}`` and point the tracker at it; every rank calls this.
+
+    ``model_chunks``: this rank's model chunks (megatron DDP-wrapped or bare), one per virtual
+    pipeline chunk in order; ``optimizer`` / ``scheduler``: megatron-core's optimizer and
+    ``OptimizerParamScheduler`` (both skipped with ``save_optim=False``; the optimizer may be None
+    then); ``consumed_samples``: global samples consumed by the end of ``iteration``; ``extra``: a
+    JSON-able dict kept in the checkpoint (e.g. the entry point); ``optimizer_sharding``: the
+    distributed optimizer's torch_dist format (see the module docstring); ``ckpt_format``:
+    ``torch_dist`` (any layout loads it) or ``torch`` (megatron's per-rank files, see
+    ``checkpoint_torch``). Returns the checkpoint directory.
+    """
+    if optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        raise ValueError(f"optimizer_sharding = {optimizer_sharding!r}; valid: {', '.join(OPTIMIZER_SHARDINGS)}")
+    if ckpt_format not in CKPT_FORMATS:
+        raise ValueError(f"ckpt_format = {ckpt_format!r}; valid: {', '.join(CKPT_FORMATS)}")
+    if ckpt_format == "torch_dist" and importlib.util.find_spec("psutil") is None:
+        raise CheckpointError("--save: megatron-core's torch_dist writer needs the psutil package (pip install psutil)")
+    root = Path(save_dir)
+    final, tmp = checkpoint_dir(root, iteration), root / f".iter_{iteration:07d}.tmp"
+    _on_rank0(f"--save {root}: cannot prepare {tmp}", _prepare, root, tmp)
+    rank0_print(f"saving checkpoint at iteration {iteration:7d} to {root} ({ckpt_format})")
+    distributed_optimizer = save_optim and _is_distributed_optimizer(optimizer)
+    common = dict(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
+                  parallel=dict(_layout(), distributed_optimizer=distributed_optimizer,
+                                optimizer_sharding=optimizer_sharding if distributed_optimizer else None),
+                  content={"optimizer": save_optim, "rng": save_rng}, extra=extra or {})
+    failure = f"--save {root}: writing iteration {iteration} to {tmp} failed; {TRACKER} still names the previous " \
+              "checkpoint"
+    if ckpt_format == "torch":
+        common["parallel"]["optimizer_sharding"] = "dp_zero" if distributed_optimizer else None
+        error = None
+        try:
+            checkpoint_torch.save(tmp, common, _chunk_keys(model_chunks), [_unwrap(c) for c in model_chunks],
+                                  optimizer, scheduler, _rng_state() if save_rng else None,
+                                  _distributed_parts(optimizer) if distributed_optimizer else [])
+        except OSError as e:
+            error = f"{failure}: {e}"
+        _agree(error)
+    else:
+        state = _sharded_state_dict(model_chunks, optimizer, save_optim, save_rng, optimizer_sharding,
+                                    is_loading=False)
+        if save_optim:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        state.update(common)
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                                    mpu.get_data_parallel_group(with_context_parallel=True))
+        try:
+            dist_checkpointing.save(state, str(tmp), strategy)
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            raise CheckpointError(f"{failure}: {e}") from e
+    dist.barrier()  # every rank's shards are on disk
+    _on_rank0(f"--save {root}: iteration {iteration} was written to {tmp} but could not be put in place",
+              _publish, root, tmp, final, iteration)
+    rank0_print(f"  saved checkpoint at iteration {iteration:7d} to {final}")
+    return final
+
+
+def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, *,
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
+                    strict: bool = True) -> tuple[int, int]:
+    """Load the checkpoint the tracker in ``load_dir`` names into this run's model chunks (and,
+    unless ``finetune`` or ``load_optim=False``, optimizer and scheduler; unless ``finetune`` or
+    ``load_rng=False``, RNG states). Either format (torch_dist or torch) is recognised from the
+    directory. Returns ``(iteration, consumed_samples)`` to resume from; ``(0, 0)`` with
+    ``finetune``, for a ``release`` checkpoint (converted weights), or when ``load_dir`` has no
+    tracker file (a first launch: training starts from scratch). ``strict``: every model tensor
+    must be in the checkpoint and every model tensor of the checkpoint must be loaded by some rank.
+    Every rank calls this.
+    """
+    root = Path(load_dir)
+    if ((root / "metadata.json").is_file() or checkpoint_torch.is_torch_checkpoint(root)) and \
+            not (root / TRACKER).is_file():
+        raise CheckpointError(f"--load {root} is one checkpoint's directory; pass its parent (the directory "
+                              f"holding {TRACKER})")
+    iteration = read_tracker(root)
+    if iteration is None:
+        rank0_print(f"no checkpoint to load: --load {root} has no {TRACKER}; training starts from scratch")
+        return 0, 0
+    path = checkpoint_dir(root, iteration)
+    named = "release" if iteration == RELEASE else f"iteration {iteration}"
+    if checkpoint_torch.is_torch_checkpoint(path):
+        ckpt_format, common = "torch", checkpoint_torch.read_header(path)
+    elif (path / "metadata.json").is_file():
+        ckpt_format, common = "torch_dist", dist_checkpointing.load_common_state_dict(str(path))
+    else:
+        what = (f"is incomplete (neither metadata.json nor {checkpoint_torch.HEADER})" if path.is_dir()
+                else "does not exist")
+        raise CheckpointError(f"--load {root}: {TRACKER} names {named}, but {path} {what}")
+    if common.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"--load {root}: {path} has checkpoint_version {common.get('checkpoint_version')}; "
+                              f"this version of mm reads {CHECKPOINT_VERSION}")
+    saved, layout = common["parallel"], _layout()
+    rank0_print(f"loading {ckpt_format} checkpoint from {path} at {named} (written by {_describe(saved)}"
+                f"{', distributed optimizer' if saved['distributed_optimizer'] else ''}; this run: {_describe(layout)})")
+    model_parallel = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                      "virtual_pipeline_model_parallel_size")
+    if ckpt_format == "torch" and any(saved[k] != layout[k] for k in model_parallel):
+        raise CheckpointError(f"--load {root}: {path} is a torch-format checkpoint (one file per model-parallel rank) "
+                              f"of {_describe(saved)}; it loads only into the same TP/PP/VPP (this run: "
+                              f"{_describe(layout)}); resplit it with mm-convert or save with --ckpt-format torch_dist")
+    with_optim = load_optim and not finetune
+    with_rng = load_rng and not finetune
+    if with_optim:
+        if not common["content"]["optimizer"]:
+            raise CheckpointError(f"--load {root}: {path} holds no optimizer state (saved with --no-save-optim or "
+                                  "converted weights); load with --no-load-optim or --finetune")
+        if saved["distributed_optimizer"] != _is_distributed_optimizer(optimizer):
+            raise CheckpointError(
+                f"--load {root}: {path} holds {'distributed' if saved['distributed_optimizer'] else 'plain'} optimizer "
+                f"state; this run uses the {'plain' if saved['distributed_optimizer'] else 'distributed'} optimizer "
+                "(--use-distributed-optimizer must match, or load with --no-load-optim)")
+        if saved["optimizer_sharding"] == "dp_reshardable" and any(
+                saved[k] != layout[k] for k in model_parallel + ("context_parallel_size",)):
+            raise CheckpointError(f"--load {root}: {path} holds dp_reshardable optimizer state written by "
+                                  f"{_describe(saved)}; it loads only into the same TP/PP/VPP/CP layout (this run: "
+                                  f"{_describe(layout)}); load with --no-load-optim")
+    if with_rng:
+        if not common["content"]["rng"]:
+            raise CheckpointError(f"--load {root}: {path} holds no RNG state (saved with --no-save-rng or converted "
+                                  "weights); load with --no-load-rng")
+        if any(saved[k] != layout[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                               "context_parallel_size", "data_parallel_size")):
+            raise CheckpointError(f"--load {root}: {path} holds per-rank RNG states of {_describe(saved)}; this run "
+                                  f"is {_describe(layout)}; load with --no-load-rng to keep this run's RNG states")
+    if with_optim:
+        _allocate_optimizer_state(optimizer)
+    if ckpt_format == "torch":
+        distributed = _distributed_parts(optimizer) if with_optim else []
+        error = None
+        try:
+            state, param_states = checkpoint_torch.read(path, _chunk_keys(model_chunks),
+                                                        [_unwrap(c) for c in model_chunks], strict=strict,
+                                                        read_param_state=bool(distributed))
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            error = f"--load {root}: cannot read {path}: {type(e).__name__}: {e}"
+        _agree(error)
+        checkpoint_torch.restore(state, param_states, optimizer, scheduler, with_optim=with_optim, with_rng=with_rng,
+                                 distributed_parts=distributed,
+                                 load_param_state=lambda part, st: _load_param_state(
+                                     part, part.load_parameter_state_from_dp_zero, st),
+                                 set_rng=_set_rng_state)
+    else:
+        _load_torch_dist(path, root, model_chunks, optimizer, scheduler, saved, with_optim=with_optim,
+                         with_rng=with_rng, strict=strict)
+    dist.barrier()
+    if finetune or iteration == RELEASE:
+        rank0_print(f"  loaded model weights from {path} ({'--finetune' if finetune else 'release'}: iteration and "
+                    "consumed samples start at 0)")
+        return 0, 0
+    rank0_print(f"  loaded checkpoint from {path} at iteration {iteration}")
+    return iteration, int(common["consumed_samples"])
+
+
+def _load_torch_dist(path: Path, root: Path, model_chunks, optimizer, scheduler, saved: dict, *, with_optim: bool,
+                     with_rng: bool, strict: bool) -> None:
+    state = _sharded_state_dict(model_chunks, optimizer, with_optim, with_rng, saved["optimizer_sharding"] or
+                                "fully_reshardable", is_loading=True)
+    _match_checkpoint(state, _chunk_keys(model_chunks), path, f"--load {root}: {path}", strict)
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)),
+                                                mpu.get_data_parallel_group(with_context_parallel=True))
+    try:
+        loaded = dist_checkpointing.load(state, str(path), strategy)
+    except (Exception, CheckpointException) as e:  # megatron's errors name tensors, not the checkpoint or flag
+        raise CheckpointError(f"--load {root}: cannot read {path}: {e}") from e
+    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+    if with_optim:
+        if saved["distributed_optimizer"]:
+            _load_distributed_optimizer(optimizer, loaded["optimizer"])
+        else:
+            optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fp32 main copies from the loaded weights
+    if with_rng:
+        _set_rng_state(loaded["rng_state"])
