@@ -113,6 +113,11 @@ def _optimizer(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an exponential moving average of the DiT weights with this decay (e.g. 0.9999); "
+                        "saved in checkpoints")
+    g.add_argument("--ema-start-iter", type=_non_negative_int, default=0,
+                   help="the average equals the weights up to this iteration, then starts decaying")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
     g.add_argument("--loss-scale", type=float, default=None, help="static loss scale for --fp16")
 

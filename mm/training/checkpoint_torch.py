@@ -10,7 +10,8 @@ Layout (Megatron-LM's names)::
                                                  mp_rank_{tp:02d} without PP, mp_rank_{tp:02d}_{pp:03d} with
         model_optim_rng.pt                       model (model0, model1, ... with VPP), optimizer,
                                                  opt_param_scheduler, rng_state (one per DP x CP rank),
-                                                 iteration, checkpoint_version 3.0
+                                                 iteration, checkpoint_version 3.0; ema (one
+                                                 {name: fp32 tensor} per chunk) with --ema-decay
         distrib_optim.pt                         the distributed optimizer's parameter state
                                                  (fp32 main weights and Adam moments), gathered over DP x CP
 
@@ -70,7 +71,7 @@ def _dp_cp_group():
 
 
 def save(tmp: Path, header: dict[str, Any], chunk_keys: list[str], chunks: Sequence[torch.nn.Module], optimizer,
-         scheduler, rng_state: dict | None, distributed_parts: list) -> None:
+         scheduler, rng_state: dict | None, distributed_parts: list, ema: list | None = None) -> None:
     """Every rank: write this (TP, PP) rank's files into ``tmp`` (DP x CP rank 0 writes; the others
     contribute their RNG states and optimizer shards)."""
     group = _dp_cp_group()
@@ -96,6 +97,8 @@ def save(tmp: Path, header: dict[str, Any], chunk_keys: list[str], chunks: Seque
         state["opt_param_scheduler"] = scheduler.state_dict()
     if rng_states is not None:
         state["rng_state"] = rng_states
+    if ema is not None:
+        state["ema"] = ema
     _save_file(state, out / MODEL_FILE)
     if distributed_parts:
         _save_file(param_states, out / OPTIM_FILE)

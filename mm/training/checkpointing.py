@@ -211,7 +211,8 @@ def _match_checkpoint(state: dict, chunk_keys: list[str], path: Path, where: str
     asked = set().union(*(k for _, _, k in everyone))
     absent_model = sorted(k for section, k in absent if section == "model")
     absent_other = sorted(k for section, k in absent if section != "model")
-    unread = sorted(k for k in set(stored) - asked if not k.startswith(("optimizer.", "rng_state", "common_state")))
+    unread = sorted(k for k in set(stored) - asked
+                    if not k.startswith(("optimizer.", "rng_state", "common_state", "ema.")))
     lines = []
     if shapes:
         lines.append(f"  different global shapes ({len(shapes)}): {'; '.join(shapes[:20])}")
@@ -220,7 +221,7 @@ def _match_checkpoint(state: dict, chunk_keys: list[str], path: Path, where: str
     if strict and unread:
         lines.append(f"  in the checkpoint but not in this model ({len(unread)}): {', '.join(unread[:20])}")
     if absent_other:
-        lines.append(f"  optimizer/RNG state not in the checkpoint ({len(absent_other)}): "
+        lines.append(f"  optimizer/RNG/EMA state not in the checkpoint ({len(absent_other)}): "
                      f"{', '.join(absent_other[:20])} (load with --no-load-optim / --no-load-rng)")
     if lines:
         raise CheckpointError("\n".join([f"{where} does not match this model:"] + lines))
@@ -348,7 +349,7 @@ def _agree(error: str | None) -> None:
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer, scheduler, consumed_samples: int, *, save_optim: bool = True, save_rng: bool = True,
                     extra: dict[str, Any] | None = None, optimizer_sharding: str = "fully_reshardable",
-                    ckpt_format: str = "torch_dist") -> Path:
+                    ckpt_format: str = "torch_dist", ema=None) -> Path:
     """Write ``<save_dir>/iter_{iteration:07d}`` and point the tracker at it; every rank calls this.
 
     ``model_chunks``: this rank's model chunks (megatron DDP-wrapped or bare), one per virtual
@@ -358,7 +359,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     JSON-able dict kept in the checkpoint (e.g. the entry point); ``optimizer_sharding``: the
     distributed optimizer's torch_dist format (see the module docstring); ``ckpt_format``:
     ``torch_dist`` (any layout loads it) or ``torch`` (megatron's per-rank files, see
-    ``checkpoint_torch``). Returns the checkpoint directory.
+    ``checkpoint_torch``); ``ema``: a ``ModelEMA`` whose averages the checkpoint keeps too.
+    Returns the checkpoint directory.
     """
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ValueError(f"optimizer_sharding = {optimizer_sharding!r}; valid: {', '.join(OPTIMIZER_SHARDINGS)}")
@@ -374,7 +376,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     common = dict(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
                   parallel=dict(_layout(), distributed_optimizer=distributed_optimizer,
                                 optimizer_sharding=optimizer_sharding if distributed_optimizer else None),
-                  content={"optimizer": save_optim, "rng": save_rng}, extra=extra or {})
+                  content={"optimizer": save_optim, "rng": save_rng, "ema": ema is not None}, extra=extra or {})
     failure = f"--save {root}: writing iteration {iteration} to {tmp} failed; {TRACKER} still names the previous " \
               "checkpoint"
     if ckpt_format == "torch":
@@ -383,7 +385,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
         try:
             checkpoint_torch.save(tmp, common, _chunk_keys(model_chunks), [_unwrap(c) for c in model_chunks],
                                   optimizer, scheduler, _rng_state() if save_rng else None,
-                                  _distributed_parts(optimizer) if distributed_optimizer else [])
+                                  _distributed_parts(optimizer) if distributed_optimizer else [],
+                                  ema=None if ema is None else ema.state_dict())
         except OSError as e:
             error = f"{failure}: {e}"
         _agree(error)
@@ -392,6 +395,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
                                     is_loading=False)
         if save_optim:
             state["opt_param_scheduler"] = scheduler.state_dict()
+        if ema is not None:
+            state["ema"] = ema.sharded_state_dict(_chunk_keys(model_chunks))
         state.update(common)
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                     mpu.get_data_parallel_group(with_context_parallel=True))
@@ -408,7 +413,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
 
 def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, *,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
-                    strict: bool = True) -> tuple[int, int]:
+                    strict: bool = True, ema=None) -> tuple[int, int]:
     """Load the checkpoint the tracker in ``load_dir`` names into this run's model chunks (and,
     unless ``finetune`` or ``load_optim=False``, optimizer and scheduler; unless ``finetune`` or
     ``load_rng=False``, RNG states). Either format (torch_dist or torch) is recognised from the
@@ -416,7 +421,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     ``finetune``, for a ``release`` checkpoint (converted weights), or when ``load_dir`` has no
     tracker file (a first launch: training starts from scratch). ``strict``: every model tensor
     must be in the checkpoint and every model tensor of the checkpoint must be loaded by some rank.
-    Every rank calls this.
+    ``ema``: this run's ``ModelEMA``; it resumes from the checkpoint's averages when there are any
+    (not with ``finetune``), else starts from the loaded weights. Every rank calls this.
     """
     root = Path(load_dir)
     if ((root / "metadata.json").is_file() or checkpoint_torch.is_torch_checkpoint(root)) and \
@@ -473,6 +479,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
                                                "context_parallel_size", "data_parallel_size")):
             raise CheckpointError(f"--load {root}: {path} holds per-rank RNG states of {_describe(saved)}; this run "
                                   f"is {_describe(layout)}; load with --no-load-rng to keep this run's RNG states")
+    with_ema = ema is not None and not finetune and bool(common["content"].get("ema"))
     if with_optim:
         _allocate_optimizer_state(optimizer)
     if ckpt_format == "torch":
@@ -482,6 +489,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
             state, param_states = checkpoint_torch.read(path, _chunk_keys(model_chunks),
                                                         [_unwrap(c) for c in model_chunks], strict=strict,
                                                         read_param_state=bool(distributed))
+            if with_ema:
+                ema.load_state_dict(state["ema"])
         except (OSError, KeyError, RuntimeError, ValueError) as e:
             error = f"--load {root}: cannot read {path}: {type(e).__name__}: {e}"
         _agree(error)
@@ -492,7 +501,10 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
                                  set_rng=_set_rng_state)
     else:
         _load_torch_dist(path, root, model_chunks, optimizer, scheduler, saved, with_optim=with_optim,
-                         with_rng=with_rng, strict=strict)
+                         with_rng=with_rng, strict=strict, ema=ema if with_ema else None)
+    if ema is not None and not with_ema:
+        ema.reset()
+        rank0_print(f"  EMA starts from the loaded weights ({'--finetune' if finetune else 'no EMA in the checkpoint'})")
     dist.barrier()
     if finetune or iteration == RELEASE:
         rank0_print(f"  loaded model weights from {path} ({'--finetune' if finetune else 'release'}: iteration and "
@@ -503,9 +515,11 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
 
 
 def _load_torch_dist(path: Path, root: Path, model_chunks, optimizer, scheduler, saved: dict, *, with_optim: bool,
-                     with_rng: bool, strict: bool) -> None:
+                     with_rng: bool, strict: bool, ema=None) -> None:
     state = _sharded_state_dict(model_chunks, optimizer, with_optim, with_rng, saved["optimizer_sharding"] or
                                 "fully_reshardable", is_loading=True)
+    if ema is not None:
+        state["ema"] = ema.sharded_state_dict(_chunk_keys(model_chunks))
     _match_checkpoint(state, _chunk_keys(model_chunks), path, f"--load {root}: {path}", strict)
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)),
                                                 mpu.get_data_parallel_group(with_context_parallel=True))
@@ -525,3 +539,5 @@ def _load_torch_dist(path: Path, root: Path, model_chunks, optimizer, scheduler,
         optimizer.reload_model_params()  # fp32 main copies from the loaded weights
     if with_rng:
         _set_rng_state(loaded["rng_state"])
+    if ema is not None:
+        ema.load_sharded(loaded["ema"], _chunk_keys(model_chunks))

@@ -37,6 +37,7 @@ from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import load_checkpoint, save_checkpoint
+from mm.training.ema import ModelEMA
 from mm.training.flops import wan_training_flops
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss, require_logging_packages
 
@@ -173,11 +174,12 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     # --load: resume (model, optimizer, scheduler, RNG, iteration, consumed samples) or, with
     # --finetune / --no-load-optim, start from the weights; a directory without a checkpoint yet
     # (a first launch with --load = --save) starts from scratch, so relaunching resumes
+    ema = ModelEMA(model, args.ema_decay, args.ema_start_iter) if args.ema_decay is not None else None
     start_iteration, consumed = 0, 0
     if args.load is not None:
         start_iteration, consumed = load_checkpoint(args.load, model, optimizer, scheduler,
                                                     load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-                                                    finetune=args.finetune)
+                                                    finetune=args.finetune, ema=ema)
     tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if args.overlap_grad_reduce:
         tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
@@ -266,7 +268,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     def save(iteration):
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, iteration * gbs,
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-                        extra={"entry_point": TASKS[task]}, ckpt_format=args.ckpt_format)
+                        extra={"entry_point": TASKS[task]}, ckpt_format=args.ckpt_format, ema=ema)
 
     losses = []
     forward_backward = get_forward_backward_func()
@@ -305,6 +307,8 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
             skipped = not ok  # fp16 loss-scale overflow
             if ok:
                 scheduler.step(increment=gbs)
+                if ema is not None:
+                    ema.update(iteration)
         acc.synchronize()
         elapsed = time.perf_counter() - start_time
         reads_data = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and \

@@ -252,3 +252,24 @@ def test_finetune_loads_weights_only(assets, tmp_path):
     assert sorted(got) == [1, 2]  # counting starts again; the weights are the trained ones
     ref = _lines(_train(assets, 1, iters=2)[1])
     assert got[1][0] != ref[1][0]
+
+
+def test_ema_of_the_weights_is_saved_with_each_checkpoint(assets, tmp_path):
+    """--ema-decay 0.5 --ema-start-iter 1, a checkpoint every iteration: the saved average equals
+    the weights at iteration 1 and 0.5 * previous average + 0.5 * weights after that."""
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    _train(assets, 1, "--ema-decay", "0.5", "--ema-start-iter", "1", "--save", str(ckpt), "--save-interval", "1",
+           "--ckpt-format", "torch", iters=3)
+    saved = [torch.load(ckpt / f"iter_{i:07d}" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+             for i in (1, 2, 3)]
+    averages = [s["ema"][0] for s in saved]
+    weights = [{k: v for k, v in s["model"].items() if k in averages[0]} for s in saved]
+    assert len(averages[0]) > 20 and set(weights[0]) == set(averages[0])
+    for name in averages[0]:
+        assert torch.equal(averages[0][name], weights[0][name].float())
+        for i in (1, 2):
+            expected = 0.5 * averages[i - 1][name] + 0.5 * weights[i][name].float()
+            torch.testing.assert_close(averages[i][name], expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(averages[2][n], weights[2][n].float()) for n in averages[2])

@@ -41,6 +41,11 @@ LAYOUTS = {
     "torch_tp2_dp2": dict(tp=2, dp=2, ckpt_format="torch"),
     "torch_pp2_vpp2_dp2_distopt": dict(pp=2, vpp=2, dp=2, dist_opt=True, ckpt_format="torch"),
     "torch_pp2_vpp2_distopt": dict(pp=2, vpp=2, dist_opt=True, ckpt_format="torch"),
+    # with an EMA of the weights (--ema-decay)
+    "tp2_pp2_ema": dict(tp=2, pp=2, ema=True),
+    "tp1_ema": dict(ema=True),
+    "torch_tp2_ema": dict(tp=2, ema=True, ckpt_format="torch"),
+    "torch_tp2_dp2_ema": dict(tp=2, dp=2, ema=True, ckpt_format="torch"),
 }
 
 
@@ -94,6 +99,11 @@ class Run:
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-2, min_lr=1e-4, weight_decay=0.01, bf16=True, params_dtype=dtype, clip_grad=1.0,
             use_distributed_optimizer=self.dist_opt), self.model)
+        self.ema = None
+        if layout.get("ema"):
+            from mm.training.ema import ModelEMA
+
+            self.ema = ModelEMA(self.model, decay=0.5)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-4, lr_warmup_steps=8, lr_decay_steps=64,
             lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=64, wd_incr_style="constant")
@@ -114,6 +124,8 @@ class Run:
             ok, _, _ = self.optimizer.step()
             assert ok
             self.scheduler.step(increment=8)
+            if self.ema is not None:
+                self.ema.update(step)
 
     def snapshot(self) -> dict:
         """This rank's main-replica pieces of every model and optimizer tensor in the checkpoint's
@@ -127,6 +139,8 @@ class Run:
 
         model_sd = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(self.model)}
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=SHARDING)}
+        if self.ema is not None:
+            state["ema"] = self.ema.sharded_state_dict([f"model{i}" for i in range(len(self.model))])
         apply_factories(state)
         pieces = [(sh.key, sh.global_shape, sh.global_slice(), sh.data.detach().clone())
                   for sh in nested_values(state) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id)]
@@ -177,7 +191,7 @@ def _save_worker(rank, world, layout, directory, steps):
     run.train(steps)
     save_checkpoint(directory, steps, run.model, run.optimizer, run.scheduler, consumed_samples=8 * steps,
                     optimizer_sharding=layout.get("optimizer_sharding", "fully_reshardable"),
-                    ckpt_format=layout.get("ckpt_format", "torch_dist"))
+                    ckpt_format=layout.get("ckpt_format", "torch_dist"), ema=run.ema)
     snapshot = run.snapshot()
     run.close()
     return snapshot
@@ -187,7 +201,7 @@ def _load_worker(rank, world, layout, directory):
     from mm.training.checkpointing import load_checkpoint
 
     run = Run(layout, seed=7)  # other initial weights: everything must come from the checkpoint
-    resumed = load_checkpoint(directory, run.model, run.optimizer, run.scheduler, load_rng=False)
+    resumed = load_checkpoint(directory, run.model, run.optimizer, run.scheduler, load_rng=False, ema=run.ema)
     snapshot = run.snapshot()
     run.close()
     return resumed, snapshot
@@ -198,7 +212,8 @@ RESHARDING = [("tp2", "tp1"), ("tp1", "tp2"), ("dp2_distopt", "dp1_distopt"), ("
               ("pp2_vpp2_dp2_distopt", "tp2_distopt"), ("dp2_distopt_dp_reshardable", "dp2_distopt"),
               ("dp2_distopt_dp_reshardable", "dp1_distopt"),
               ("torch_tp2", "torch_tp2_dp2"), ("torch_tp2_cp2_distopt", "torch_tp2_distopt"),
-              ("torch_pp2_vpp2_dp2_distopt", "torch_pp2_vpp2_distopt")]
+              ("torch_pp2_vpp2_dp2_distopt", "torch_pp2_vpp2_distopt"), ("tp2_pp2_ema", "tp1_ema"),
+              ("torch_tp2_ema", "torch_tp2_dp2_ema")]
 
 
 @pytest.mark.parametrize("source,target", RESHARDING, ids=[f"{s}-to-{t}" for s, t in RESHARDING])
@@ -211,6 +226,10 @@ def test_checkpoint_loads_into_another_layout(tmp_path, source, target):
     assert set(before) == set(after)
     # the Adam moments and fp32 main weights, not only the model
     assert {k.split(".")[2] for k in before if k.startswith("optimizer.")} >= {"exp_avg", "exp_avg_sq"}
+    if LAYOUTS[source].get("ema"):  # the averages came back, and they are not the weights
+        ema_keys = [k for k in before if k.startswith("ema.")]
+        assert len(ema_keys) > 40
+        assert any(not torch.equal(before[k].float(), before[k[len("ema."):]].float()) for k in ema_keys)
     for key in before:
         assert torch.equal(before[key], after[key]), key
     hf_before, hf_after = _hf_weights(saved), _hf_weights(loaded)
@@ -490,3 +509,32 @@ def test_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
     (resumed, snapshot), = run_distributed(1, _reload_worker, str(root))
     assert resumed == (1, 8)
     assert _pieces_equal(snapshot, torch.load(tmp_path / "at_one.pt", weights_only=False))
+
+
+def _ema_mismatch_worker(rank, world, root):
+    from mm.training.checkpointing import load_checkpoint, save_checkpoint
+
+    out = {}
+    plain = Run(LAYOUTS["tp1"], layers=2)
+    plain.train(2)
+    save_checkpoint(Path(root) / "no_ema", 2, plain.model, plain.optimizer, plain.scheduler, consumed_samples=16)
+    plain.close()
+    with_ema = Run(LAYOUTS["tp1_ema"], layers=2, seed=7)
+    out["no_ema"] = load_checkpoint(Path(root) / "no_ema", with_ema.model, with_ema.optimizer, with_ema.scheduler,
+                                    ema=with_ema.ema)
+    weights = dict(with_ema.model[0].module.named_parameters())
+    out["reset_to_weights"] = all(torch.equal(v, weights[k].float()) for k, v in with_ema.ema.state_dict()[0].items())
+    with_ema.train(2, first=3)
+    save_checkpoint(Path(root) / "ema", 4, with_ema.model, with_ema.optimizer, with_ema.scheduler,
+                    consumed_samples=32, ema=with_ema.ema)
+    with_ema.close()
+    again = Run(LAYOUTS["tp1"], layers=2, seed=5)  # a run without EMA ignores the checkpoint's
+    out["ignored"] = load_checkpoint(Path(root) / "ema", again.model, again.optimizer, again.scheduler)
+    again.close()
+    return out
+
+
+def test_ema_absent_from_the_checkpoint_starts_from_the_weights(tmp_path):
+    (out,) = run_distributed(1, _ema_mismatch_worker, str(tmp_path))
+    assert out["no_ema"] == (2, 16) and out["reset_to_weights"]
+    assert out["ignored"] == (4, 32)
