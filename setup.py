@@ -20,7 +20,9 @@ setup(
         "tqdm>=4.66",
         "av>=14",
         "psutil>=5.9",
+        "docstring-parser>=0.16",
     ],
+    entry_points={"console_scripts": ["mm-convert=checkpoint.cli:main"]},
     extras_require={
         "video": ["decord==0.6.0"],
         "npu": ["torch_npu"],

@@ -122,7 +122,13 @@ def read(path: Path, chunk_keys: list[str], chunks: Sequence[torch.nn.Module], *
     if missing:
         raise KeyError(f"{mine / MODEL_FILE} has no {', '.join(missing)} (holds {sorted(state)})")
     for key, chunk in zip(chunk_keys, chunks):
-        chunk.load_state_dict(state[key], strict=strict)
+        loaded = dict(state[key])
+        # megatron layers' _extra_state entries carry nothing for these layers; weights written by
+        # mm-convert leave them out
+        for name, value in chunk.state_dict().items():
+            if name.endswith("._extra_state") and name not in loaded:
+                loaded[name] = value
+        chunk.load_state_dict(loaded, strict=strict)
     param_states = None
     if read_param_state and dist.get_rank(_dp_cp_group()) == 0:
         param_states = torch.load(mine / OPTIM_FILE, map_location="cpu", weights_only=False)

@@ -9,6 +9,8 @@ Wan's flow-matching objective, megatron-style iteration logs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Sequence
 
@@ -268,7 +270,9 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     def save(iteration):
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, iteration * gbs,
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-                        extra={"entry_point": TASKS[task]}, ckpt_format=args.ckpt_format, ema=ema)
+                        extra={"entry_point": TASKS[task], "predictor": dataclasses.asdict(arch),
+                               "pipeline_layers": pred.pipeline_num_layers},
+                        ckpt_format=args.ckpt_format, ema=ema)
 
     losses = []
     forward_backward = get_forward_backward_func()

@@ -123,7 +123,8 @@ def detect_format(keys) -> str:
                              "blocks.N.attn1.*) nor original Wan (time_embedding.*, blocks.N.self_attn.*) keys")
 
 
-def _shard(tensor: torch.Tensor, split: str | None, tp_size: int, tp_rank: int, key: str) -> torch.Tensor:
+def tp_shard(tensor: torch.Tensor, split: str | None, tp_size: int, tp_rank: int, key: str) -> torch.Tensor:
+    """TP rank ``tp_rank``'s part of a full tensor under the table's ``split`` (a view)."""
     if split is None or tp_size == 1:
         return tensor
     dim = 0 if split == "column" else 1
@@ -149,7 +150,7 @@ def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank
         if absent:
             missing.extend(absent)
             continue
-        parts = [_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
+        parts = [tp_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
         out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     ignored = IGNORED_SOURCE_KEYS[fmt]
     unexpected = sorted(k for k in source if k not in used and not any(p.match(k) for p in ignored)) \

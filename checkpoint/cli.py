@@ -1,0 +1,25 @@
+"""``mm-convert <Converter> --version <v> <verb> --cfg.source_path ... --cfg.target_path ...``"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from checkpoint.config import ConvertError
+from checkpoint.wan import CONVERTERS
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        CLI(CONVERTERS, args=argv, prog="mm-convert", as_positional=False,
+            description="Convert DiT weights between HuggingFace layouts and mm's TP/PP/VPP checkpoints.")
+    except ConvertError as e:
+        print(f"mm-convert: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""What mm-convert writes: mm checkpoints in the torch format (``release``) and diffusers
+directories; both into a temporary directory beside the target, renamed into place at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from checkpoint.config import ConvertError, Layout
+from checkpoint.sources import Source, diffusers_config, iter_layer_keys
+from mm.models.predictor.wan.weights import rule_for
+
+_HEAD = ("head.",)
+
+
+@contextmanager
+def staged_target(target: str | Path, overwrite: bool, option: str = "--cfg.target_path") -> Iterator[Path]:
+    """A fresh temporary directory that becomes ``target`` when the block finishes; on failure it is
+    removed and ``target`` is untouched."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ConvertError(f"{option} = {str(target)!r} exists; pass --cfg.overwrite true to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_tree(tmp)
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` owning exactly its bytes: a view (of a whole tensor read for one TP slice) would
+    keep, and torch.save would write, the whole storage."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def return_freed_memory_to_the_system() -> None:
+    """glibc keeps freed blocks of a few MiB in its heap once its adaptive mmap threshold has risen
+    (after a larger block was freed), so a converter that reads and frees tensor after tensor grows
+    towards the model's size. A fixed 1 MiB threshold (which also turns the adaptation off) makes
+    every tensor-sized block its own mapping, returned on free. Linux/glibc only; a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _chunk_keys(layout: Layout, source_keys: list[str], stage: int, chunk: int) -> list[tuple[str, str]]:
+    """(global key, local key) of one stage's chunk: its layers (local indices from 0), the
+    embedders on the first, the head on the last."""
+    first, count = layout.span(stage, chunk)
+    out = []
+    for key in source_keys:
+        if key.startswith("blocks."):
+            continue
+        head = key.startswith(_HEAD)
+        if (head and layout.holds_head(stage, chunk)) or (not head and layout.holds_embedders(stage, chunk)):
+            out.append((key, key))
+    for key in iter_layer_keys(source_keys, first, count):
+        index, rest = key[len("blocks."):].split(".", 1)
+        out.append((key, f"blocks.{int(index) - first}.{rest}"))
+    return out
+
+
+def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, Any]) -> int:
+    """An mm ``release`` checkpoint of ``source`` split by ``layout`` under ``directory``; one
+    (TP, PP) file at a time. Returns the bytes written."""
+    from mm.training import checkpoint_torch
+    from mm.training.checkpointing import CHECKPOINT_VERSION, TRACKER
+
+    keys = source.keys()
+    release = directory / "release"
+    release.mkdir()
+    chunks = len(layout.rows)
+    chunk_names = ["model"] if chunks == 1 else [f"model{c}" for c in range(chunks)]
+    plan = [(stage, rank) for stage in range(layout.pp) for rank in range(layout.tp)]
+    tensors = layout.tp * sum(len(_chunk_keys(layout, keys, s, c)) for s in range(layout.pp) for c in range(chunks))
+    total = 0
+    with tqdm(total=tensors, desc=extra.get("verb", "convert"), unit="tensor") as bar:
+        for stage, rank in plan:
+            state: dict[str, Any] = {"checkpoint_version": checkpoint_torch.MEGATRON_CHECKPOINT_VERSION,
+                                     "iteration": 0}
+            for chunk, name in enumerate(chunk_names):
+                state[name] = {}
+                for gkey, local in _chunk_keys(layout, keys, stage, chunk):
+                    tensor = _compact(source.local(gkey, layout.tp, rank))
+                    state[name][local] = tensor
+                    total += tensor.numel() * tensor.element_size()
+                    bar.update()
+            out = checkpoint_torch.rank_dir(release, rank, stage, layout.pp)
+            out.mkdir()
+            with open(out / checkpoint_torch.MODEL_FILE, "wb") as f:
+                torch.save(state, f)
+            del state
+            source.release()
+    header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "consumed_samples": 0,
+              "parallel": {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp,
+                           "virtual_pipeline_model_parallel_size": layout.vpp, "context_parallel_size": 1,
+                           "data_parallel_size": 1, "world_size": layout.tp * layout.pp,
+                           "distributed_optimizer": False, "optimizer_sharding": None},
+              "content": {"optimizer": False, "rng": False, "ema": False},
+              "extra": dict(extra, predictor=source.arch, pipeline_layers=layout.as_pp_layers())}
+    checkpoint_torch.write_header(release, header)
+    (directory / TRACKER).write_text("release\n")
+    return total
+
+
+def write_diffusers(source: Source, directory: Path, max_shard_bytes: int) -> int:
+    """A diffusers ``WanTransformer3DModel`` directory: config.json and safetensors files of at most
+    ``max_shard_bytes`` (several: ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and the
+    index). Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    files: list[tuple[str, list[str]]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"part-{len(files):05d}.safetensors"
+            save_file(current, str(directory / name), metadata={"format": "pt"})
+            files.append((name, list(current)))
+            current, size = {}, 0
+            source.release()
+
+    for key in tqdm(source.keys(), desc="mm_to_hf", unit="tensor"):
+        rule, values = rule_for(key)
+        names = [s.format(**values) for s in rule.diffusers]
+        for name, tensor in zip(names, source.parts(key)):
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[name] = _compact(tensor)
+            size += nbytes
+            total += nbytes
+    flush()
+    source.release()
+    if len(files) == 1:
+        (directory / files[0][0]).rename(directory / "diffusion_pytorch_model.safetensors")
+    else:
+        weight_map = {}
+        for i, (name, keys) in enumerate(files, start=1):
+            final = f"diffusion_pytorch_model-{i:05d}-of-{len(files):05d}.safetensors"
+            (directory / name).rename(directory / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(diffusers_config(source.arch), indent=2) + "\n")
+    return total
+
+
+def fsync_tree(directory: Path) -> None:
+    for root, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
