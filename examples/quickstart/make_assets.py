@@ -46,6 +46,14 @@ def main(out: str) -> None:
         "dataloader_param": {"shuffle": True},
     }
     (root / "model.json").write_text(json.dumps(model, indent=1))
+    # inference.py: the same model, the DiT from the training run's checkpoint (--load), and what to sample
+    inference = dict(model, inference={
+        "prompt": ["a red square moving left to right on a white background",
+                   "a blue circle moving top to bottom on a yellow background"],
+        "negative_prompt": "", "seed": 42, "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "fps": 8,
+        "sample_steps": 20, "sample_shift": 3.0, "sample_solver": "unipc", "guidance_scale": 3.0,
+        "model_max_length": 16, "save_path": str(root / "samples")})
+    (root / "inference_model.json").write_text(json.dumps(inference, indent=1))
     (root / "data.json").write_text(json.dumps(data, indent=1))
     print(f"quickstart assets in {root}")
 

@@ -2,8 +2,8 @@
 # The README's demo command. It sets up .venv itself (Python 3.12, pinned requirements), makes its
 # own assets (a synthetic video dataset of moving shapes, a tiny random Wan VAE and UMT5 text
 # encoder, model/data JSONs) under outputs/quickstart, and trains a tiny Wan DiT with
-# pretrain_t2v.py on 2 CPU processes with ring context parallelism (send/recv overlap).
-# Sampling the trained model to an .mp4 comes with inference.py (issue 10).
+# pretrain_t2v.py on 2 CPU processes with ring context parallelism (send/recv overlap), then samples
+# the trained checkpoint with inference.py into .mp4 files under $OUT/samples.
 #
 #   GPUS_PER_NODE=2 MM_ACCELERATOR=cpu bash examples/quickstart/run.sh
 set -euo pipefail
@@ -26,10 +26,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DISTRIBUTED_ARGS="--nproc_per_node $GPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
 GPT_ARGS="--context-parallel-size $CP --context-parallel-algo megatron_cp_algo --use-cp-send-recv-overlap \
-    --micro-batch-size 2 --global-batch-size 2 --lr 1e-3 --lr-warmup-iters 5 --clip-grad 1.0 --train-iters 40 \
+    --micro-batch-size 2 --global-batch-size 2 --lr 1e-3 --lr-warmup-iters 5 --clip-grad 1.0 --train-iters ${TRAIN_ITERS:-40} \
     --use-distributed-optimizer --log-interval 5 --log-throughput --num-workers 1 --seed 1234 \
     --save $OUT/checkpoints"
 MM_ARGS="--mm-model $OUT/model.json --mm-data $OUT/data.json"
 
 "$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS
-echo "quickstart: trained; checkpoint in $OUT/checkpoints; sampling to .mp4 is not in mm yet (inference.py, issue 10)"
+# the prompts, size, steps and guidance are the "inference" section of inference_model.json
+"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS inference.py --context-parallel-size $CP \
+    --context-parallel-algo megatron_cp_algo --mm-model $OUT/inference_model.json --load $OUT/checkpoints
+echo "quickstart: trained (checkpoint in $OUT/checkpoints) and sampled: $(ls "$OUT"/samples/*.mp4 | tr '\n' ' ')"

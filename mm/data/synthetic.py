@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mm.data.video_writer import write_mp4
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 70), "blue": (50, 80, 230), "yellow": (235, 210, 40),
            "white": (240, 240, 240), "purple": (150, 60, 200)}
 SHAPES = ("square", "circle")
@@ -37,22 +39,6 @@ def render_clip(frames: int, height: int, width: int, shape: str, colour: str, b
         video[t] = COLOURS[background]
         video[t][mask] = COLOURS[colour]
     return video
-
-
-def write_mp4(path: Path, video: np.ndarray, fps: int) -> None:
-    """H.264 in an .mp4 (yuv420p, so height and width should be even)."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = video.shape[1], video.shape[2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast"}
-        for frame in video:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def make_dataset(root: str | Path, num_videos: int = 8, frames: int = 17, sizes: list[tuple[int, int]] | None = None,

@@ -1,0 +1,127 @@
+"""The model JSON's ``inference`` section: what to sample and how.
+
+Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after the mm name):
+
+- ``prompt`` (a string or a list) or ``prompt_file`` (one prompt per line): at least one prompt.
+- ``negative_prompt``: the unconditional branch of classifier-free guidance ("" by default).
+- ``seed`` (``base_seed``): the first prompt's noise; prompt i uses ``seed + i``.
+- ``num_frames`` (``frame_num``), ``height``, ``width``: the video; frames ``4k + 1``, sizes
+  multiples of the VAE's spatial factor times the DiT's patch.
+- ``fps``: of the written .mp4 (16, Wan's).
+- ``sample_steps`` (``num_inference_steps``), ``sample_shift`` (``flow_shift``), ``sample_solver``
+  (unipc, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off).
+- ``save_path``: the directory the videos go to.
+- ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
+- ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mm.diffusion.samplers import SOLVERS
+
+ALIASES = {"base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
+           "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale"}
+KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
+        "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
+        "save_latents")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    prompts: list[str]
+    negative_prompt: str = ""
+    seed: int = 42
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    sample_steps: int = 50
+    sample_shift: float = 5.0
+    sample_solver: str = "unipc"
+    guidance_scale: float = 5.0
+    save_path: str = "outputs/samples"
+    model_max_length: int = 512
+    save_latents: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: tuple[int, int, int],
+                   problems: list[str]) -> SamplingConfig | None:
+    """The ``inference`` section as a SamplingConfig; every problem appended to ``problems`` as a
+    message naming the key, its value and what is valid. ``spatial``/``temporal``: the VAE's
+    compression, ``patch``: the DiT's."""
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        name = ALIASES.get(key, key)
+        if name not in KEYS:
+            problems.append(f"inference.{key}: unknown key; valid: {', '.join(KEYS + tuple(ALIASES))}")
+            continue
+        if name in values:
+            problems.append(f"inference.{key}: given twice (also as {name} or its alias)")
+        values[name] = value
+    prompts: list[str] = []
+    prompt = values.pop("prompt", None)
+    if isinstance(prompt, str):
+        prompts.append(prompt)
+    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        prompts.extend(prompt)
+    elif prompt is not None:
+        problems.append(f"inference.prompt = {prompt!r}; valid: a string or a list of strings")
+    prompt_file = values.pop("prompt_file", None)
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            problems.append(f"inference.prompt_file = {prompt_file!r}: no such file")
+        else:
+            prompts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not prompts:
+        problems.append("inference: no prompt; give inference.prompt (a string or a list) or inference.prompt_file")
+
+    def number(key: str, kind, low, default):
+        value = values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            problems.append(f"inference.{key} = {value!r}; valid: {'an integer' if kind is int else 'a number'}")
+            return default
+        if value < low:
+            problems.append(f"inference.{key} = {value}; valid: >= {low}")
+            return default
+        return kind(value)
+
+    def flag(key: str) -> bool:
+        value = values.get(key, False)
+        if not isinstance(value, bool):
+            problems.append(f"inference.{key} = {value!r}; valid: true or false")
+            return False
+        return value
+
+    defaults = SamplingConfig(prompts=[])
+    frames = number("num_frames", int, 1, defaults.num_frames)
+    if (frames - 1) % temporal:
+        problems.append(f"inference.num_frames = {frames}; valid: {temporal}k + 1 (1, {temporal + 1}, "
+                        f"{2 * temporal + 1}, ...), the VAE's temporal compression")
+    step = spatial * max(patch[1], patch[2])
+    height, width = number("height", int, step, defaults.height), number("width", int, step, defaults.width)
+    for key, size in (("height", height), ("width", width)):
+        if size % step:
+            problems.append(f"inference.{key} = {size}; valid: a multiple of {step} (VAE factor {spatial} x DiT "
+                            f"patch {max(patch[1], patch[2])})")
+    solver = values.get("sample_solver", defaults.sample_solver)
+    if solver not in SOLVERS:
+        problems.append(f"inference.sample_solver = {solver!r}; valid: {', '.join(SOLVERS)}")
+    negative = values.get("negative_prompt", "")
+    if not isinstance(negative, str):
+        problems.append(f"inference.negative_prompt = {negative!r}; valid: a string")
+    config = SamplingConfig(
+        prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "",
+        seed=number("seed", int, 0, defaults.seed), num_frames=frames, height=height, width=width,
+        fps=number("fps", int, 1, defaults.fps), sample_steps=number("sample_steps", int, 1, defaults.sample_steps),
+        sample_shift=number("sample_shift", float, 1e-6, defaults.sample_shift), sample_solver=solver,
+        guidance_scale=number("guidance_scale", float, 0.0, defaults.guidance_scale),
+        save_path=str(values.get("save_path", defaults.save_path)),
+        model_max_length=number("model_max_length", int, 1, defaults.model_max_length),
+        save_latents=flag("save_latents"))
+    return config

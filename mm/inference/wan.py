@@ -1,0 +1,164 @@
+"""Wan text-to-video sampling: ``inference.py --mm-model inference_model.json [parallel flags]``.
+
+Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
+DiT's attention, so every rank of a CP group runs the same loop on the same latents), the text
+encoder and the VAE. For each prompt: encode the prompt and the negative prompt, draw the noise
+from ``seed + prompt index`` (on the CPU, so every rank and every device draws the same), run the
+sampler with classifier-free guidance, decode, and rank 0 writes
+``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if that exists).
+
+The DiT's weights come from ``predictor.from_pretrained`` (diffusers or original Wan) or from
+``--load`` (an mm checkpoint of either format: a training run's, or mm-convert's).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as mpu
+from tqdm import tqdm
+
+from mm.accelerator import destroy_distributed, rank0_print
+from mm.arguments import ConfigError
+from mm.data.video_writer import write_mp4
+from mm.diffusion.samplers import build_sampler
+from mm.inference.config import SamplingConfig, parse_sampling
+from mm.models.ae import load_wan_vae
+from mm.models.predictor import build_predictor, predictor_config
+from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.text_encoder import TextEncoder
+from mm.runtime import start
+from mm.training.checkpointing import load_checkpoint
+from mm.training.pretrain import params_dtype, transformer_config
+
+PROG = "inference.py"
+
+
+def _vae_factors(config) -> tuple[int, int]:
+    """(spatial, temporal) compression of the model JSON's VAE (Wan2.1: 8, 4; Wan2.2's: 16, 4),
+    from its config.json."""
+    import json
+
+    from mm.models.ae.wan_vae import WanVAEConfig
+
+    path = Path(config.model.ae.from_pretrained) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"ae.from_pretrained = {config.model.ae.from_pretrained!r}: no config.json there")
+    vae = WanVAEConfig.from_json(json.loads(path.read_text()))
+    return vae.scale_factor_spatial, vae.scale_factor_temporal
+
+
+def sampling_config(config) -> SamplingConfig:
+    """The model JSON's ``inference`` section, checked (ConfigError naming every bad key)."""
+    problems: list[str] = []
+    pred = config.model.predictor
+    try:
+        arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if config.args.pipeline_model_parallel_size != 1:
+        problems.append(f"--pipeline-model-parallel-size {config.args.pipeline_model_parallel_size}: inference runs "
+                        "the whole DiT on every rank of a TP x CP group; valid: 1")
+    if getattr(arch, "image_dim", None) is not None or arch.in_dim != getattr(arch, "out_dim", arch.in_dim):
+        problems.append(f"predictor (in_dim {arch.in_dim}, image_dim {getattr(arch, 'image_dim', None)}) is an "
+                        "image-conditioned Wan; this inference.py samples text-to-video models only so far")
+    if not pred.from_pretrained and config.args.load is None:
+        problems.append("the DiT's weights: give predictor.from_pretrained (diffusers/original Wan) or --load (an mm "
+                        "checkpoint)")
+    for section in ("ae", "text_encoder"):
+        part = getattr(config.model, section)
+        part = part[0] if isinstance(part, list) and part else part
+        if not part or not part.from_pretrained:
+            problems.append(f"{section}.from_pretrained: needed to sample (a local directory)")
+    spatial, temporal = _vae_factors(config) if not problems else (8, 4)
+    sampling = parse_sampling(config.model.extra.get("inference", {}), spatial, temporal, tuple(arch.patch_size),
+                              problems)
+    if problems:
+        raise ConfigError(problems)
+    return sampling
+
+
+def output_path(directory: Path, prompt: str, seed: int) -> Path:
+    """``<directory>/<first words of the prompt>_seed<seed>.mp4``; never an existing file."""
+    words = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
+    path = directory / f"{words}_seed{seed}.mp4"
+    n = 1
+    while path.exists():
+        path = directory / f"{words}_seed{seed}_{n}.mp4"
+        n += 1
+    return path
+
+
+@torch.no_grad()
+def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
+            dtype: torch.dtype, show_progress: bool) -> torch.Tensor:
+    """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents."""
+    sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
+    latents = noise.float()
+    for t in tqdm(sampler.timesteps, desc="denoising", disable=not show_progress, leave=False):
+        timestep = t.float().expand(latents.shape[0]).to(latents.device)
+        velocity = dit(latents=latents.to(dtype), timestep=timestep, context=context).float()
+        if negative is not None:
+            unconditional = dit(latents=latents.to(dtype), timestep=timestep, context=negative).float()
+            velocity = unconditional + sampling.guidance_scale * (velocity - unconditional)
+        latents = sampler.step(velocity, latents)
+    return latents
+
+
+def to_frames(video: torch.Tensor) -> np.ndarray:
+    """``[3, F, H, W]`` in [-1, 1] -> ``[F, H, W, 3]`` uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def inference(argv: Sequence[str] | None = None) -> list[Path]:
+    """Sample every prompt of the model JSON; returns the .mp4 paths rank 0 wrote."""
+    runtime = start(argv, mode="inference", prog=PROG, check=sampling_config)
+    args, cfg = runtime.config.args, runtime.config
+    sampling = sampling_config(cfg)
+    acc = runtime.accelerator
+    device, dtype = acc.device(), params_dtype(args)
+    pred = cfg.model.predictor
+    arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    dit = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(device).eval()
+    tp, tp_rank = args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank()
+    if args.load is not None:
+        load_checkpoint(args.load, [dit], None, None, load_optim=False, load_rng=False)
+    else:
+        load_hf_weights(dit, read_safetensors_dir(pred.from_pretrained), tp_size=tp, tp_rank=tp_rank)
+    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
+    text = cfg.model.text_encoder[0]
+    text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
+                               max_length=sampling.model_max_length).to(device)
+    rank0 = torch.distributed.get_rank() == 0
+    out_dir = Path(sampling.save_path)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
+    shape = (vae.cfg.z_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
+             sampling.width // spatial)
+    guided = sampling.guidance_scale != 1.0
+    written = []
+    for i, prompt in enumerate(tqdm(sampling.prompts, desc="prompts", disable=not rank0)):
+        begin = time.perf_counter()
+        seed = sampling.seed + i
+        ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
+        contexts = text_encoder.encode(ids, mask).to(device, dtype)
+        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
+                          show_progress=rank0)
+        video = vae.decode(vae.denormalize(latents.to(dtype)))
+        if rank0:
+            path = output_path(out_dir, prompt, seed)
+            write_mp4(path, to_frames(video[0]), sampling.fps)
+            if sampling.save_latents:
+                torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
+            written.append(path)
+            rank0_print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
+                        f"{sampling.sample_steps} {sampling.sample_solver} steps, {time.perf_counter() - begin:.1f} s)")
+    destroy_distributed()
+    return written

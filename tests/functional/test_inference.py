@@ -1,0 +1,129 @@
+"""inference.py: playable .mp4 files named from prompt and seed (never overwritten), the same latents
+under TP and every context-parallel algorithm as on one process, weights from HuggingFace or a
+training checkpoint; and the quickstart end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.functional.test_pretrain_t2v import REPO, _train, assets  # noqa: F401 (a fixture)
+
+ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _inference_json(assets, out: Path, **changes) -> Path:
+    """The fixture's model JSON (4-layer DiT with fixed HuggingFace weights) with the quickstart's
+    inference section, fewer steps, latents saved."""
+    model = json.loads((assets / "model.json").read_text())
+    section = json.loads((assets / "inference_model.json").read_text())["inference"]
+    section.update(sample_steps=4, save_path=str(out), save_latents=True, **changes)
+    model["inference"] = section
+    path = out.parent / f"{out.name}_model.json"
+    path.write_text(json.dumps(model))
+    return path
+
+
+def _run(nproc: int, model_json: Path, *flags) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "inference.py",
+           "--mm-model", str(model_json), *flags]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _decode(path: Path) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape[0], frames[0].shape[1]
+
+
+def test_writes_playable_videos_and_never_overwrites(assets, tmp_path):
+    model_json = _inference_json(assets, tmp_path / "samples")
+    _run(1, model_json)
+    videos = sorted((tmp_path / "samples").glob("*.mp4"))
+    assert [v.name for v in videos] == ["a_blue_circle_moving_top_to_bottom_on_a_yellow_background_seed43.mp4",
+                                        "a_red_square_moving_left_to_right_on_a_white_background_seed42.mp4"]
+    for video in videos:
+        assert _decode(video) == (9, 64, 64)
+    first = torch.load(videos[1].with_suffix(".latents.pt"))
+    assert first.shape == (1, 4, 3, 8, 8) and torch.isfinite(first).all()
+    out = _run(1, model_json)  # again: new names, the first videos stay
+    assert "_seed42_1.mp4" in out
+    assert len(list((tmp_path / "samples").glob("*.mp4"))) == 4
+    assert torch.equal(torch.load(tmp_path / "samples" / videos[1].name.replace(".mp4", "_1.latents.pt")), first)
+
+
+LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "cp2_ulysses": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"]),
+    "cp2_ring": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+                     "--use-cp-send-recv-overlap"]),
+    "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
+                       "--ulysses-degree-in-cp", "2"]),
+    "tp2_cp2_ring": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
+                         "--context-parallel-algo", "megatron_cp_algo"]),
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_latents(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "samples"
+    _run(1, _inference_json(assets, out, prompt="a red square moving left to right on a white background"))
+    return torch.load(next(out.glob("*.latents.pt")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_inference_equals_one_process(assets, tmp_path, layout, one_process_latents):
+    nproc, flags = LAYOUTS[layout]
+    out = tmp_path / "samples"
+    _run(nproc, _inference_json(assets, out, prompt="a red square moving left to right on a white background"), *flags)
+    (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]  # rank 0 alone writes
+    torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_from_a_training_checkpoint(assets, tmp_path):
+    """--load of a training run's checkpoint replaces predictor.from_pretrained's weights."""
+    ckpt = tmp_path / "ckpt"
+    _train(assets, 1, "--save", str(ckpt), iters=2)
+    base = _inference_json(assets, tmp_path / "base", prompt="a red square")
+    trained = _inference_json(assets, tmp_path / "trained", prompt="a red square")
+    _run(1, base)
+    out = _run(1, trained, "--load", str(ckpt))
+    assert "loading torch_dist checkpoint" in out
+    a = torch.load(next((tmp_path / "base").glob("*.latents.pt")))
+    b = torch.load(next((tmp_path / "trained").glob("*.latents.pt")))
+    assert not torch.allclose(a, b)
+
+
+def test_bad_inference_section_is_refused_before_starting(assets, tmp_path):
+    model_json = _inference_json(assets, tmp_path / "bad", num_frames=8, height=60, sample_solver="ddim",
+                                 colour="red")
+    cmd = [sys.executable, "inference.py", "--mm-model", str(model_json)]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    for expected in ("inference.num_frames = 8; valid: 4k + 1", "inference.height = 60; valid: a multiple of 16",
+                     "inference.sample_solver = 'ddim'; valid: unipc, euler", "inference.colour: unknown key"):
+        assert expected in done.stderr, done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_trains_and_writes_a_playable_video(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "qs"), TRAIN_ITERS="6", MASTER_PORT="29623")
+    done = subprocess.run(["bash", "examples/quickstart/run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    videos = sorted((tmp_path / "qs" / "samples").glob("*.mp4"))
+    assert len(videos) == 2 and "sampled:" in done.stdout
+    for video in videos:
+        assert _decode(video) == (9, 64, 64)
