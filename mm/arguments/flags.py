@@ -145,6 +145,13 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-save-dir", default=None)
 
 
+def _inference(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="classifier-free guidance in parallel: pairs of data-parallel ranks run the conditional and "
+                        "the unconditional branch at once (needs an even data-parallel size)")
+
+
 def _mm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mm configuration files")
     g.add_argument("--mm-model", required=True, help="model JSON (predictor, ae, text_encoder, diffusion)")
@@ -155,7 +162,7 @@ def _mm(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="mm: Megatron-style training and inference for video DiTs")
-    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _mm):
+    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _mm):
         add(parser)
     return parser
 

@@ -1,11 +1,14 @@
 """Wan text-to-video sampling: ``inference.py --mm-model inference_model.json [parallel flags]``.
 
 Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
-DiT's attention, so every rank of a CP group runs the same loop on the same latents), the text
-encoder and the VAE. For each prompt: encode the prompt and the negative prompt, draw the noise
-from ``seed + prompt index`` (on the CPU, so every rank and every device draws the same), run the
-sampler with classifier-free guidance, decode, and rank 0 writes
-``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if that exists).
+DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
+text encoder and the VAE. Data-parallel replicas take turns over the prompts (prompt i goes to
+replica i mod DP); with --cfg-parallel two replicas form a pair that runs one prompt, the first
+the conditional branch and the second the unconditional one. For each prompt: encode the prompt
+and the negative prompt, draw the noise from ``seed + prompt index`` (on the CPU, so every rank
+and device draws the same), run the sampler with classifier-free guidance, and the replica's
+first rank decodes and writes ``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if
+that exists).
 
 The DiT's weights come from ``predictor.from_pretrained`` (diffusers or original Wan) or from
 ``--load`` (an mm checkpoint of either format: a training run's, or mm-convert's).
@@ -23,7 +26,7 @@ import torch
 from megatron.core import parallel_state as mpu
 from tqdm import tqdm
 
-from mm.accelerator import destroy_distributed, rank0_print
+from mm.accelerator import destroy_distributed
 from mm.arguments import ConfigError
 from mm.data.video_writer import write_mp4
 from mm.diffusion.samplers import build_sampler
@@ -32,6 +35,7 @@ from mm.models.ae import load_wan_vae
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
 from mm.models.text_encoder import TextEncoder
+from mm.parallel import get_group
 from mm.runtime import start
 from mm.training.checkpointing import load_checkpoint
 from mm.training.pretrain import params_dtype, transformer_config
@@ -67,6 +71,9 @@ def sampling_config(config) -> SamplingConfig:
     if getattr(arch, "image_dim", None) is not None or arch.in_dim != getattr(arch, "out_dim", arch.in_dim):
         problems.append(f"predictor (in_dim {arch.in_dim}, image_dim {getattr(arch, 'image_dim', None)}) is an "
                         "image-conditioned Wan; this inference.py samples text-to-video models only so far")
+    if config.args.cfg_parallel and config.sizes.data_parallel % 2:
+        problems.append(f"--cfg-parallel pairs data-parallel ranks; the data-parallel size is "
+                        f"{config.sizes.data_parallel} (world / (TP x CP)); valid: an even size")
     if not pred.from_pretrained and config.args.load is None:
         problems.append("the DiT's weights: give predictor.from_pretrained (diffusers/original Wan) or --load (an mm "
                         "checkpoint)")
@@ -78,6 +85,8 @@ def sampling_config(config) -> SamplingConfig:
     spatial, temporal = _vae_factors(config) if not problems else (8, 4)
     sampling = parse_sampling(config.model.extra.get("inference", {}), spatial, temporal, tuple(arch.patch_size),
                               problems)
+    if sampling is not None and config.args.cfg_parallel and sampling.guidance_scale == 1.0:
+        problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
     if problems:
         raise ConfigError(problems)
     return sampling
@@ -96,16 +105,32 @@ def output_path(directory: Path, prompt: str, seed: int) -> Path:
 
 @torch.no_grad()
 def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
-            dtype: torch.dtype, show_progress: bool) -> torch.Tensor:
-    """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents."""
+            dtype: torch.dtype, show_progress: bool, cfg_group=None) -> torch.Tensor:
+    """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents.
+
+    ``cfg_group``: a pair of ranks (--cfg-parallel) of which the first runs the conditional branch and
+    the second the unconditional one; they swap their velocities each step and both combine them
+    as one rank would."""
     sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
     latents = noise.float()
+    branch = None if cfg_group is None else torch.distributed.get_rank(cfg_group)
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not show_progress, leave=False):
         timestep = t.float().expand(latents.shape[0]).to(latents.device)
-        velocity = dit(latents=latents.to(dtype), timestep=timestep, context=context).float()
-        if negative is not None:
-            unconditional = dit(latents=latents.to(dtype), timestep=timestep, context=negative).float()
-            velocity = unconditional + sampling.guidance_scale * (velocity - unconditional)
+
+        def velocity_for(ctx):
+            return dit(latents=latents.to(dtype), timestep=timestep, context=ctx).float()
+
+        if negative is None:
+            velocity = velocity_for(context)
+        else:
+            if branch is None:
+                conditional, unconditional = velocity_for(context), velocity_for(negative)
+            else:
+                mine = velocity_for(context if branch == 0 else negative)
+                both = [torch.empty_like(mine) for _ in range(2)]
+                torch.distributed.all_gather(both, mine, group=cfg_group)
+                conditional, unconditional = both
+            velocity = unconditional + sampling.guidance_scale * (conditional - unconditional)
         latents = sampler.step(velocity, latents)
     return latents
 
@@ -116,7 +141,7 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def inference(argv: Sequence[str] | None = None) -> list[Path]:
-    """Sample every prompt of the model JSON; returns the .mp4 paths rank 0 wrote."""
+    """Sample every prompt of the model JSON; returns the .mp4 paths this rank wrote."""
     runtime = start(argv, mode="inference", prog=PROG, check=sampling_config)
     args, cfg = runtime.config.args, runtime.config
     sampling = sampling_config(cfg)
@@ -135,30 +160,38 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                max_length=sampling.model_max_length).to(device)
     rank0 = torch.distributed.get_rank() == 0
+    # data-parallel replicas share the prompts; --cfg-parallel pairs of them share one prompt's branches
+    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    cfg_group = get_group("cfg") if args.cfg_parallel else None
+    replicas, replica = (dp // 2, dp_rank // 2) if args.cfg_parallel else (dp, dp_rank)
+    writer = tp_rank == 0 and mpu.get_context_parallel_rank() == 0 and (not args.cfg_parallel or dp_rank % 2 == 0)
     out_dir = Path(sampling.save_path)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
     spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
     shape = (vae.cfg.z_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
              sampling.width // spatial)
     guided = sampling.guidance_scale != 1.0
     written = []
-    for i, prompt in enumerate(tqdm(sampling.prompts, desc="prompts", disable=not rank0)):
+    mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
+    for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
         begin = time.perf_counter()
         seed = sampling.seed + i
         ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
         contexts = text_encoder.encode(ids, mask).to(device, dtype)
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
-                          show_progress=rank0)
-        video = vae.decode(vae.denormalize(latents.to(dtype)))
-        if rank0:
+                          show_progress=rank0, cfg_group=cfg_group)
+        if writer:
+            video = vae.decode(vae.denormalize(latents.to(dtype)))
             path = output_path(out_dir, prompt, seed)
             write_mp4(path, to_frames(video[0]), sampling.fps)
             if sampling.save_latents:
                 torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
             written.append(path)
-            rank0_print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
-                        f"{sampling.sample_steps} {sampling.sample_solver} steps, {time.perf_counter() - begin:.1f} s)")
+            print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
+                  f"{sampling.sample_steps} {sampling.sample_solver} steps, {time.perf_counter() - begin:.1f} s)",
+                  flush=True)
     destroy_distributed()
     return written

@@ -11,6 +11,8 @@ TP ranks are contiguous, CP ranks are strided by TP, ...). mm adds groups inside
   consecutive ring members and outer rings that join the members at the same window position.
 * VAE-CP groups are ``vae_cp_size`` consecutive ranks of a TP x CP group (ranks that hold the same
   sample, so they can share the work of encoding it).
+* CFG pairs (inference) are two consecutive ranks of a DP group: the conditional and the
+  unconditional branch of classifier-free guidance of the same sample.
 
 Nothing here touches torch.distributed; ``mm.parallel.state`` builds the groups from these lists.
 """
@@ -93,12 +95,21 @@ def vae_cp_groups(sizes: ParallelSizes) -> RankGroups:
     return [g for tpcp in megatron_groups(sizes, "tp-cp") for g in _split_contiguous(tpcp, sizes.vae_cp_size)]
 
 
+def cfg_groups(sizes: ParallelSizes) -> RankGroups:
+    """Classifier-free-guidance pairs (inference's --cfg-parallel): two consecutive ranks of a DP group,
+    which hold the same TP/CP/PP coordinates; one runs the conditional branch, the other the
+    unconditional. An odd DP size leaves every rank on its own."""
+    return [g for dp in megatron_groups(sizes, "dp")
+            for g in (_split_contiguous(dp, 2) if len(dp) % 2 == 0 else [[r] for r in dp])]
+
+
 MM_GROUP_BUILDERS = {
     "ulysses": ulysses_groups,
     "ring": ring_groups,
     "cp_inner_window": inner_window_groups,
     "cp_outer_window": outer_window_groups,
     "vae_cp": vae_cp_groups,
+    "cfg": cfg_groups,
 }
 
 

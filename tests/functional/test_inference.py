@@ -71,6 +71,8 @@ LAYOUTS = {
                        "--ulysses-degree-in-cp", "2"]),
     "tp2_cp2_ring": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
                          "--context-parallel-algo", "megatron_cp_algo"]),
+    "cfg_parallel": (2, ["--cfg-parallel"]),
+    "cfg_parallel_cp2_ulysses": (4, ["--cfg-parallel", "--context-parallel-size", "2"]),
 }
 
 
@@ -89,6 +91,28 @@ def test_parallel_inference_equals_one_process(assets, tmp_path, layout, one_pro
     _run(nproc, _inference_json(assets, out, prompt="a red square moving left to right on a white background"), *flags)
     (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]  # rank 0 alone writes
     torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_share_the_prompts(assets, tmp_path):
+    """DP2: each replica samples every other prompt; each video's latents are one process's."""
+    _run(1, _inference_json(assets, tmp_path / "one"))
+    out = _run(2, _inference_json(assets, tmp_path / "two"))
+    assert out.count("inference.py: wrote") == 2
+    one = {p.name: torch.load(p) for p in (tmp_path / "one").glob("*.latents.pt")}
+    two = {p.name: torch.load(p) for p in (tmp_path / "two").glob("*.latents.pt")}
+    assert len(one) == 2 and set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_parallel_needs_an_even_data_parallel_size(assets, tmp_path):
+    model_json = _inference_json(assets, tmp_path / "cfg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "inference.py",
+           "--mm-model", str(model_json), "--cfg-parallel"]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--cfg-parallel pairs data-parallel ranks; the data-parallel size is 1" in done.stdout + done.stderr
 
 
 def test_weights_from_a_training_checkpoint(assets, tmp_path):

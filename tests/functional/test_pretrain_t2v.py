@@ -108,6 +108,16 @@ def test_encoder_dp_and_offload_training_equals_one_process(assets):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
 
 
+def test_encoder_offload_interval_4_keeps_the_first_8_losses(assets):
+    """Encoding 4 steps' micro-batches at once and moving the encoders off the device in between
+    changes nothing the model sees: the first 8 losses are those of a run without offload."""
+    ref, _ = _train(assets, 1, iters=8)
+    got, _ = _train(assets, 1, iters=8, variant=_variant(assets, "offload4", {"encoder_offload_interval": 4}))
+    assert len(ref) == len(got) == 8 and ref[-1] != ref[0]
+    for a, b in zip(ref, got):
+        assert abs(a - b) <= 1e-6 * abs(a), (ref, got)
+
+
 @pytest.mark.slow
 def test_vae_cp_training_equals_one_process(assets):
     buckets = {"buckets": [[17, 64, 64], [17, 48, 96]]}  # VAE-CP over 2 ranks needs 2 chunks of 4 frames each

@@ -55,19 +55,13 @@ def _convert(verb: str, source, target, tp: int = 1, pp_layers=None, **extra) ->
 
 
 def _diffusers_load(directory: Path):
-    """WanTransformer3DModel from a directory's config.json and its safetensors (one file or an
-    index), every tensor loaded (from_pretrained itself needs accelerate for this model)."""
+    """What diffusers itself makes of a directory: WanTransformer3DModel.from_pretrained (config.json,
+    one safetensors file or several with their index); every tensor must be there."""
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(str(directory)))
-    index = directory / "diffusion_pytorch_model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["diffusion_pytorch_model.safetensors"]
-    state = {}
-    for name in names:
-        state.update(load_file(str(directory / name)))
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys and all(k.endswith("norm_added_q.weight") for k in result.missing_keys), result
+    model, info = WanTransformer3DModel.from_pretrained(str(directory), output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"] and not info["error_msgs"], info
+    assert all(k.endswith("norm_added_q.weight") for k in info["missing_keys"]), info
     return model
 
 

@@ -91,3 +91,16 @@ def test_describe_layout_names_every_group():
     text = describe_layout(ParallelSizes(world_size=8, context_parallel=8, ulysses_degree=4), rank=5)
     assert "ulysses          [4, 5, 6, 7]" in text
     assert "ring             [1, 5]" in text
+
+
+def test_cfg_pairs_are_consecutive_data_parallel_ranks():
+    # TP2 x CP2 x DP4 over 16 ranks: DP groups are strided by TP x CP = 4
+    sizes = ParallelSizes(world_size=16, tensor_parallel=2, context_parallel=2)
+    layouts = all_layouts(sizes)
+    assert megatron_groups(sizes, "dp")[0] == [0, 4, 8, 12]
+    assert group_of(layouts["cfg"], 0) == [0, 4] and group_of(layouts["cfg"], 8) == [8, 12]
+    # partners hold the same TP and CP coordinates
+    for pair in layouts["cfg"]:
+        assert len(pair) == 2 and pair[1] - pair[0] == 4
+    odd = all_layouts(ParallelSizes(world_size=6, tensor_parallel=2))  # DP3: no pairs
+    assert all(len(g) == 1 for g in odd["cfg"])
