@@ -113,6 +113,7 @@ class FlowUniPC(FlowSampler):
             d1s = torch.stack([(self._x0[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)], dim=1)
             rhos = torch.full((1,), 0.5, dtype=sample.dtype) if order == 2 else \
                 torch.linalg.solve(R[:-1, :-1], b[:-1]).to(sample.dtype)
+            rhos = rhos.to(sample.device)  # the schedule lives on the CPU
             x = x - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos, d1s)
         return x.to(sample.dtype)
 
@@ -128,6 +129,7 @@ class FlowUniPC(FlowSampler):
         last = self._last_sample
         x = sigma_t / sigma_s0 * last - alpha_t * h_phi_1 * m0
         rhos = torch.full((1,), 0.5, dtype=last.dtype) if order == 1 else torch.linalg.solve(R, b).to(last.dtype)
+        rhos = rhos.to(last.device)
         correction = rhos[-1] * (x0_now - m0)
         if order > 1:
             d1s = torch.stack([(self._x0[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)], dim=1)

@@ -181,8 +181,12 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
         contexts = text_encoder.encode(ids, mask).to(device, dtype)
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        acc.synchronize()
+        begin_denoise = time.perf_counter()
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
                           show_progress=rank0, cfg_group=cfg_group)
+        acc.synchronize()
+        denoise_s = time.perf_counter() - begin_denoise
         if writer:
             video = vae.decode(vae.denormalize(latents.to(dtype)))
             path = output_path(out_dir, prompt, seed)
@@ -191,7 +195,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                 torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
             written.append(path)
             print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
-                  f"{sampling.sample_steps} {sampling.sample_solver} steps, {time.perf_counter() - begin:.1f} s)",
-                  flush=True)
+                  f"{sampling.sample_steps} {sampling.sample_solver} steps: {denoise_s / sampling.sample_steps:.3f} "
+                  f"s/step; {time.perf_counter() - begin:.1f} s in all; peak memory "
+                  f"{acc.max_memory_allocated() / 2**30:.1f} GiB)", flush=True)
     destroy_distributed()
     return written
