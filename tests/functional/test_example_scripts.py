@@ -80,8 +80,12 @@ def _validate(flags: list[str], world_size: int, monkeypatch):
     return config, arch
 
 
+INFERENCE_SCRIPTS = sorted(str(p.relative_to(REPO)) for p in REPO.glob("examples/wan2.*/**/inference_*.sh"))
+
+
 def test_every_example_script_is_valid_bash():
     scripts = sorted(REPO.glob("examples/**/*.sh"))
+    assert INFERENCE_SCRIPTS == ["examples/wan2.1/1.3b/t2v/inference_t2v.sh"]
     assert set(SCRIPTS) == set(EXPECTED)
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -178,3 +182,30 @@ def test_wan22_experts_get_their_weights_and_timestep_ranges(launcher, monkeypat
 def test_a_failing_torchrun_fails_the_script(launcher):
     result, _, _ = launcher("examples/wan2.1/1.3b/t2v/pretrain_t2v.sh", FAKE_TORCHRUN_RC="3")
     assert result.returncode == 3
+
+
+@pytest.mark.parametrize("script", INFERENCE_SCRIPTS)
+def test_inference_script_flags_and_sampling_section_are_valid(script, launcher, monkeypatch):
+    from mm.inference.config import parse_sampling
+
+    result, argv, env = launcher(script)
+    assert result.returncode == 0, result.stderr
+    own, entry, flags = _split(argv)
+    assert entry == "inference.py" and own["--nproc_per_node"] == "8"
+    monkeypatch.chdir(REPO)
+    config = load_config(flags, world_size=8, mode="inference")
+    pred = config.model.predictor
+    from mm.models.predictor import predictor_config
+
+    arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
+    assert arch.num_heads % (config.sizes.tensor_parallel * config.sizes.context_parallel) == 0
+    assert config.args.cfg_parallel and config.sizes.data_parallel % 2 == 0 and config.args.bf16
+    problems = []
+    sampling = parse_sampling(config.model.extra["inference"], 8, 4, tuple(arch.patch_size), problems)
+    assert problems == [] and len(sampling.prompts) == 2 and sampling.num_frames == 81
+    assert Path(config.model.predictor.from_pretrained).parts[0] == "weights"
+    # a checkpoint instead of the HuggingFace weights, ring attention, no CFG pairs
+    result, argv, _ = launcher(script, LOAD_PATH="ckpt", CP_ALGO="megatron_cp_algo", CFG_PARALLEL="0", CP="8")
+    config = load_config(_split(argv)[2], world_size=8, mode="inference")
+    assert config.args.load == "ckpt" and not config.args.cfg_parallel
+    assert config.args.context_parallel_algo == "megatron_cp_algo" and config.sizes.context_parallel == 8

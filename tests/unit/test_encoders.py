@@ -48,3 +48,28 @@ def test_clip_encoder_gives_penultimate_hidden_states(tmp_path):
         / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     ref = CLIPVisionModel.from_pretrained(path).eval()(pixel_values=x, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(out, ref)
+
+
+def test_tokenizer_beside_the_encoder_in_diffusers_layout(tmp_path):
+    """A diffusers pipeline directory keeps text_encoder/ and tokenizer/ side by side; the encoder's
+    own directory wins when it has a tokenizer; neither is an error naming both places."""
+    import shutil
+
+    from mm.models.text_encoder import TextEncoder
+    from mm.models.text_encoder.encoder import TOKENIZER_FILES
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+
+    source = save_tiny_text_encoder(tmp_path / "source", ["a", "red", "cat"])
+    (tmp_path / "pipe" / "text_encoder").mkdir(parents=True)
+    (tmp_path / "pipe" / "tokenizer").mkdir()
+    for f in source.iterdir():
+        tokenizer_file = f.name in TOKENIZER_FILES or f.name == "special_tokens_map.json"
+        shutil.copy(f, tmp_path / "pipe" / ("tokenizer" if tokenizer_file else "text_encoder") / f.name)
+    split = TextEncoder("umt5", str(tmp_path / "pipe" / "text_encoder"), "fp32", max_length=8)
+    whole = TextEncoder("umt5", str(source), "fp32", max_length=8)
+    ids, mask = split.tokenize(["a red cat"])
+    assert torch.equal(ids, whole.tokenize(["a red cat"])[0])
+    assert torch.equal(split.encode(ids, mask), whole.encode(ids, mask))
+    shutil.rmtree(tmp_path / "pipe" / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="no tokenizer there"):
+        TextEncoder("umt5", str(tmp_path / "pipe" / "text_encoder"), "fp32")

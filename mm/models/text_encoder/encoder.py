@@ -24,6 +24,21 @@ def check_pretrained_dir(path: str | None, key: str) -> Path:
     return p
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def tokenizer_dir(encoder_dir: Path) -> Path:
+    """The tokenizer beside a text encoder: in its own directory, or, in diffusers' pipeline layout
+    (``text_encoder/`` and ``tokenizer/`` side by side), the sibling ``tokenizer/``."""
+    if any((encoder_dir / name).is_file() for name in TOKENIZER_FILES):
+        return encoder_dir
+    sibling = encoder_dir.parent / "tokenizer"
+    if sibling.is_dir():
+        return sibling
+    raise FileNotFoundError(f"text_encoder.from_pretrained = {str(encoder_dir)!r}: no tokenizer there "
+                            f"({', '.join(TOKENIZER_FILES)}) nor in {sibling}")
+
+
 class TextEncoder(torch.nn.Module):
     def __init__(self, model_id: str, from_pretrained: str, dtype: str = "bf16", max_length: int = 512,
                  zero_padding: bool = True):
@@ -35,7 +50,7 @@ class TextEncoder(torch.nn.Module):
         if dtype not in DTYPES:
             raise ValueError(f"text_encoder.dtype = {dtype!r}; valid: {', '.join(DTYPES)}")
         path = check_pretrained_dir(from_pretrained, "text_encoder.from_pretrained")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir(path))
         model_cls = getattr(transformers, TEXT_ENCODERS[model_id])
         self.model = model_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
         self.max_length, self.zero_padding = max_length, zero_padding

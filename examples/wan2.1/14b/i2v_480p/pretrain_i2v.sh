@@ -59,28 +59,7 @@ LOAD_ARGS=${LOAD_ARGS:-}
 CKPT_FORMAT=${CKPT_FORMAT:-torch_dist}  # torch_dist (any layout loads it) or torch (per-rank files)
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
-if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(command -v npu-smi)" ) ]]; then
-    # Ascend NPU: the CANN environment and the HCCL/runtime settings of MindSpeed-MM's scripts
-    for env_script in "${ASCEND_SET_ENV:-}" /usr/local/Ascend/cann/set_env.sh /usr/local/Ascend/ascend-toolkit/set_env.sh; do
-        if [[ -n "$env_script" && -f "$env_script" ]]; then
-            set +u; source "$env_script"; set -u
-            break
-        fi
-    done
-    export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}  # seconds to set up links, [120, 7200]
-    # seconds a collective may wait, [68, 17340]; mm warns if shorter than --distributed-timeout-minutes
-    export HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-$((DIST_TIMEOUT_MINUTES * 60))}
-    export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-2}
-    export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}
-    export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
-    export NPUS_PER_NODE=${NPUS_PER_NODE:-$GPUS_PER_NODE}
-else
-    # NVIDIA: megatron-core orders TP/SP communication behind compute on one connection
-    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-    # a watchdog blocked on a long collective is not killed before the collective itself times out
-    export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-$((DIST_TIMEOUT_MINUTES * 60))}
-fi
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise
 
 DISTRIBUTED_ARGS="
     --nproc_per_node $GPUS_PER_NODE \
