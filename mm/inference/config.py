@@ -13,6 +13,10 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``save_path``: the directory the videos go to.
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
+- ``task``: t2v, i2v or flf2v (default: flf2v with ``last_image``, i2v with ``image``, else t2v).
+- ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
+  image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
+  (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from typing import Any
 
 from mm.diffusion.samplers import SOLVERS
 
-ALIASES = {"base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
+ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
            "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale"}
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
-        "save_latents")
+        "save_latents", "task", "image", "last_image")
+TASKS = ("t2v", "i2v", "flf2v")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class SamplingConfig:
     save_path: str = "outputs/samples"
     model_max_length: int = 512
     save_latents: bool = False
+    task: str = "t2v"
+    images: list[str] | None = None  # one per prompt
+    last_images: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +123,32 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
     negative = values.get("negative_prompt", "")
     if not isinstance(negative, str):
         problems.append(f"inference.negative_prompt = {negative!r}; valid: a string")
+    def per_prompt(key: str) -> list[str] | None:
+        value = values.get(key)
+        if value is None:
+            return None
+        paths = [value] * len(prompts) if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(v, str) for v in paths) or len(paths) != len(prompts):
+            problems.append(f"inference.{key} = {value!r}; valid: one image path, or a list of {len(prompts)} (one "
+                            "per prompt)")
+            return None
+        missing = sorted({v for v in paths if not Path(v).is_file()})
+        if missing:
+            problems.append(f"inference.{key}: no such file: {', '.join(missing)}")
+        return paths
+
+    images, last_images = per_prompt("image"), per_prompt("last_image")
+    task = values.get("task", "flf2v" if "last_image" in values else "i2v" if "image" in values else "t2v")
+    if task not in TASKS:
+        problems.append(f"inference.task = {task!r}; valid: {', '.join(TASKS)}")
+    elif task in ("i2v", "flf2v") and "image" not in values:
+        problems.append(f"inference.task = {task!r} needs inference.image (conditional_pixel_values_path)")
+    elif task == "flf2v" and "last_image" not in values:
+        problems.append("inference.task = 'flf2v' needs inference.last_image")
+    elif task != "flf2v" and "last_image" in values:
+        problems.append(f"inference.last_image is for task flf2v (task is {task!r})")
+    elif task == "t2v" and "image" in values:
+        problems.append("inference.image is for task i2v or flf2v (task is 't2v')")
     config = SamplingConfig(
         prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "",
         seed=number("seed", int, 0, defaults.seed), num_frames=frames, height=height, width=width,
@@ -123,5 +157,6 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         guidance_scale=number("guidance_scale", float, 0.0, defaults.guidance_scale),
         save_path=str(values.get("save_path", defaults.save_path)),
         model_max_length=number("model_max_length", int, 1, defaults.model_max_length),
-        save_latents=flag("save_latents"))
+        save_latents=flag("save_latents"), task=task if task in TASKS else "t2v", images=images,
+        last_images=last_images)
     return config

@@ -1,4 +1,5 @@
-"""Wan text-to-video sampling: ``inference.py --mm-model inference_model.json [parallel flags]``.
+"""Wan sampling, text-to-video and image-to-video (Wan2.1 I2V, FLF2V; Wan2.2 I2V-A14B's
+channel-concatenated condition): ``inference.py --mm-model inference_model.json [parallel flags]``.
 
 Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
 DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
@@ -32,8 +33,10 @@ from mm.data.video_writer import write_mp4
 from mm.diffusion.samplers import build_sampler
 from mm.inference.config import SamplingConfig, parse_sampling
 from mm.models.ae import load_wan_vae
+from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_group
 from mm.runtime import start
@@ -68,9 +71,6 @@ def sampling_config(config) -> SamplingConfig:
     if config.args.pipeline_model_parallel_size != 1:
         problems.append(f"--pipeline-model-parallel-size {config.args.pipeline_model_parallel_size}: inference runs "
                         "the whole DiT on every rank of a TP x CP group; valid: 1")
-    if getattr(arch, "image_dim", None) is not None or arch.in_dim != getattr(arch, "out_dim", arch.in_dim):
-        problems.append(f"predictor (in_dim {arch.in_dim}, image_dim {getattr(arch, 'image_dim', None)}) is an "
-                        "image-conditioned Wan; this inference.py samples text-to-video models only so far")
     if config.args.cfg_parallel and config.sizes.data_parallel % 2:
         problems.append(f"--cfg-parallel pairs data-parallel ranks; the data-parallel size is "
                         f"{config.sizes.data_parallel} (world / (TP x CP)); valid: an even size")
@@ -85,6 +85,19 @@ def sampling_config(config) -> SamplingConfig:
     spatial, temporal = _vae_factors(config) if not problems else (8, 4)
     sampling = parse_sampling(config.model.extra.get("inference", {}), spatial, temporal, tuple(arch.patch_size),
                               problems)
+    if not problems:
+        try:
+            cond = WanConditioning.from_config(arch, sampling.task)
+        except ValueError as e:
+            problems.append(f"inference.task = {sampling.task!r} with predictor (in_dim {arch.in_dim}, image_dim "
+                            f"{arch.image_dim}): {e}")
+        else:
+            if cond.kind == "ti2v":
+                problems.append("inference.task: Wan2.2 TI2V (per-token timesteps) is not sampled by this "
+                                "inference.py yet")
+            if cond.uses_clip and not (config.model.image_encoder and config.model.image_encoder.from_pretrained):
+                problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
+                                "image_encoder.from_pretrained (a CLIP vision model directory)")
     if sampling is not None and config.args.cfg_parallel and sampling.guidance_scale == 1.0:
         problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
     if problems:
@@ -105,20 +118,26 @@ def output_path(directory: Path, prompt: str, seed: int) -> Path:
 
 @torch.no_grad()
 def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
-            dtype: torch.dtype, show_progress: bool, cfg_group=None) -> torch.Tensor:
+            dtype: torch.dtype, show_progress: bool, cfg_group=None, cond: WanConditioning | None = None,
+            condition: torch.Tensor | None = None, context_image: torch.Tensor | None = None) -> torch.Tensor:
     """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents.
 
     ``cfg_group``: a pair of ranks (--cfg-parallel) of which the first runs the conditional branch and
     the second the unconditional one; they swap their velocities each step and both combine them
-    as one rank would."""
+    as one rank would. ``cond``/``condition``/``context_image``: an image-conditioned model's
+    conditioning (WanConditioning, its encoded condition, the CLIP tokens), the same for both
+    branches."""
     sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
     latents = noise.float()
     branch = None if cfg_group is None else torch.distributed.get_rank(cfg_group)
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not show_progress, leave=False):
         timestep = t.float().expand(latents.shape[0]).to(latents.device)
 
+        model_latents = latents if cond is None else cond.model_input(latents, timestep, condition)[0]
+
         def velocity_for(ctx):
-            return dit(latents=latents.to(dtype), timestep=timestep, context=ctx).float()
+            return dit(latents=model_latents.to(dtype), timestep=timestep, context=ctx,
+                       context_image=context_image).float()
 
         if negative is None:
             velocity = velocity_for(context)
@@ -133,6 +152,20 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
             velocity = unconditional + sampling.guidance_scale * (conditional - unconditional)
         latents = sampler.step(velocity, latents)
     return latents
+
+
+def load_condition_frames(paths: list[str], height: int, width: int) -> torch.Tensor:
+    """``[1, 3, len(paths), height, width]`` in [-1, 1]: the images, resized (Lanczos) to the video size."""
+    from PIL import Image
+
+    frames = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.LANCZOS)
+            frames.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return (torch.stack(frames, dim=1).float() / 127.5 - 1.0).unsqueeze(0)
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:
@@ -155,6 +188,11 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         load_checkpoint(args.load, [dit], None, None, load_optim=False, load_rng=False)
     else:
         load_hf_weights(dit, read_safetensors_dir(pred.from_pretrained), tp_size=tp, tp_rank=tp_rank)
+    cond = WanConditioning.from_config(arch, sampling.task)
+    image_encoder = None
+    if cond.uses_clip:
+        image = cfg.model.image_encoder
+        image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
     vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
     text = cfg.model.text_encoder[0]
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
@@ -170,7 +208,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
-    shape = (vae.cfg.z_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
+    shape = (arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
              sampling.width // spatial)
     guided = sampling.guidance_scale != 1.0
     written = []
@@ -180,11 +218,18 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         seed = sampling.seed + i
         ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
         contexts = text_encoder.encode(ids, mask).to(device, dtype)
+        condition = context_image = None
+        if cond.kind != "none":
+            paths = [sampling.images[i]] + ([sampling.last_images[i]] if sampling.task == "flf2v" else [])
+            frames = load_condition_frames(paths, sampling.height, sampling.width).to(device)
+            condition = cond.encode(vae, frames, sampling.num_frames)
+            context_image = None if image_encoder is None else cond.encode_image(image_encoder, frames).to(dtype)
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         acc.synchronize()
         begin_denoise = time.perf_counter()
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
-                          show_progress=rank0, cfg_group=cfg_group)
+                          show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
+                          context_image=context_image)
         acc.synchronize()
         denoise_s = time.perf_counter() - begin_denoise
         if writer:

@@ -116,3 +116,59 @@ def test_clip_model_without_image_encoder_is_refused(assets):
     path.write_text(json.dumps(model))
     result = _run(assets, "wan21_i2v", 1, iters=1, model=path)
     assert result.returncode != 0 and "needs image_encoder.from_pretrained" in result.stderr
+
+
+def _inference_model(assets, variant, task, out: Path) -> Path:
+    """The variant's model JSON with an inference section: a first (and for FLF2V a last) frame image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for name in ("first", "last"):
+        Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(assets / f"{name}.png")
+    model = json.loads((assets / f"{variant}_model.json").read_text())
+    model["inference"] = {"prompt": "a red square moving left to right", "task": task, "num_frames": 9,
+                          "height": 64, "width": 64, "sample_steps": 3, "guidance_scale": 3.0,
+                          "conditional_pixel_values_path": str(assets / "first.png"),
+                          "model_max_length": 16, "save_path": str(out), "save_latents": True}
+    if task == "flf2v":
+        model["inference"]["last_image"] = str(assets / "last.png")
+    path = out.parent / f"{out.name}_model.json"
+    path.write_text(json.dumps(model))
+    return path
+
+
+@pytest.mark.parametrize("variant,task", [("wan21_i2v", "i2v"), ("wan21_flf2v", "flf2v"),
+                                          ("wan22_i2v_a14b", "i2v")])
+def test_image_to_video_sampling(assets, tmp_path, variant, task):
+    """inference.py samples image-conditioned models (images resized to the video size); CP2 gives the
+    same latents as one process."""
+    import torch
+
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    latents = []
+    for nproc, flags in ((1, []), (2, ["--context-parallel-size", "2", "--context-parallel-algo",
+                                       "megatron_cp_algo"])):
+        out = tmp_path / f"samples{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "inference.py", "--mm-model", str(_inference_model(assets, variant, task, out)), *flags]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (path,) = out.glob("*.latents.pt")
+        latents.append(torch.load(path))
+        assert len(list(out.glob("*.mp4"))) == 1
+    assert latents[0].shape == (1, Z, 3, 8, 8)
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-4, atol=1e-4)
+
+
+def test_image_to_video_needs_its_images(assets, tmp_path):
+    model = json.loads((assets / "wan21_flf2v_model.json").read_text())
+    model["inference"] = {"prompt": "x", "task": "flf2v", "num_frames": 9, "height": 64, "width": 64,
+                          "image": str(tmp_path / "missing.png")}
+    path = tmp_path / "bad_model.json"
+    path.write_text(json.dumps(model))
+    env = dict(os.environ, MM_ACCELERATOR="cpu")
+    done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "inference.image: no such file" in done.stderr and "needs inference.last_image" in done.stderr
