@@ -17,6 +17,10 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
   image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
+- ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
+  low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
+  ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
+  low-noise expert the rest, with ``guidance_scale_2`` (default: ``guidance_scale``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame
            "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale"}
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
-        "save_latents", "task", "image", "last_image")
+        "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
+        "guidance_scale_2")
 TASKS = ("t2v", "i2v", "flf2v")
 
 
@@ -54,6 +59,9 @@ class SamplingConfig:
     task: str = "t2v"
     images: list[str] | None = None  # one per prompt
     last_images: list[str] | None = None
+    low_noise_model: str | None = None
+    boundary_ratio: float | None = None
+    guidance_scale_2: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,6 +157,20 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         problems.append(f"inference.last_image is for task flf2v (task is {task!r})")
     elif task == "t2v" and "image" in values:
         problems.append("inference.image is for task i2v or flf2v (task is 't2v')")
+    low_noise = values.get("low_noise_model")
+    boundary = values.get("boundary_ratio")
+    if (low_noise is None) != (boundary is None):
+        problems.append("inference.low_noise_model and inference.boundary_ratio go together (Wan2.2 A14B's two "
+                        "experts); give both or neither")
+    if low_noise is not None and not (isinstance(low_noise, str) and Path(low_noise).is_dir()):
+        problems.append(f"inference.low_noise_model = {low_noise!r}: not a directory (a HuggingFace DiT directory "
+                        "or an mm checkpoint directory)")
+    if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float))
+                                 or not 0 < boundary < 1):
+        problems.append(f"inference.boundary_ratio = {boundary!r}; valid: a number between 0 and 1 (0.875 for "
+                        "Wan2.2 T2V-A14B, 0.9 for I2V-A14B)")
+    if "guidance_scale_2" in values and low_noise is None:
+        problems.append("inference.guidance_scale_2 is the low-noise expert's; it needs inference.low_noise_model")
     config = SamplingConfig(
         prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "",
         seed=number("seed", int, 0, defaults.seed), num_frames=frames, height=height, width=width,
@@ -158,5 +180,7 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         save_path=str(values.get("save_path", defaults.save_path)),
         model_max_length=number("model_max_length", int, 1, defaults.model_max_length),
         save_latents=flag("save_latents"), task=task if task in TASKS else "t2v", images=images,
-        last_images=last_images)
+        last_images=last_images, low_noise_model=low_noise if isinstance(low_noise, str) else None,
+        boundary_ratio=float(boundary) if isinstance(boundary, (int, float)) and not isinstance(boundary, bool) else None,
+        guidance_scale_2=number("guidance_scale_2", float, 0.0, None) if "guidance_scale_2" in values else None)
     return config

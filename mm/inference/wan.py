@@ -119,25 +119,32 @@ def output_path(directory: Path, prompt: str, seed: int) -> Path:
 @torch.no_grad()
 def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
             dtype: torch.dtype, show_progress: bool, cfg_group=None, cond: WanConditioning | None = None,
-            condition: torch.Tensor | None = None, context_image: torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, context_image: torch.Tensor | None = None,
+            low_noise_dit=None) -> torch.Tensor:
     """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents.
 
     ``cfg_group``: a pair of ranks (--cfg-parallel) of which the first runs the conditional branch and
     the second the unconditional one; they swap their velocities each step and both combine them
     as one rank would. ``cond``/``condition``/``context_image``: an image-conditioned model's
     conditioning (WanConditioning, its encoded condition, the CLIP tokens), the same for both
-    branches."""
+    branches. ``low_noise_dit``: Wan2.2 A14B's second expert, which takes over (with
+    ``guidance_scale_2``) below ``boundary_ratio`` x 1000."""
     sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
     latents = noise.float()
     branch = None if cfg_group is None else torch.distributed.get_rank(cfg_group)
+    boundary = None if low_noise_dit is None else sampling.boundary_ratio * 1000
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not show_progress, leave=False):
         timestep = t.float().expand(latents.shape[0]).to(latents.device)
+        high_noise = boundary is None or t >= boundary
+        model = dit if high_noise else low_noise_dit
+        scale = sampling.guidance_scale if high_noise or sampling.guidance_scale_2 is None else \
+            sampling.guidance_scale_2
 
         model_latents = latents if cond is None else cond.model_input(latents, timestep, condition)[0]
 
         def velocity_for(ctx):
-            return dit(latents=model_latents.to(dtype), timestep=timestep, context=ctx,
-                       context_image=context_image).float()
+            return model(latents=model_latents.to(dtype), timestep=timestep, context=ctx,
+                         context_image=context_image).float()
 
         if negative is None:
             velocity = velocity_for(context)
@@ -149,7 +156,7 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
                 both = [torch.empty_like(mine) for _ in range(2)]
                 torch.distributed.all_gather(both, mine, group=cfg_group)
                 conditional, unconditional = both
-            velocity = unconditional + sampling.guidance_scale * (conditional - unconditional)
+            velocity = unconditional + scale * (conditional - unconditional)
         latents = sampler.step(velocity, latents)
     return latents
 
@@ -182,12 +189,21 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
-    dit = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(device).eval()
     tp, tp_rank = args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank()
-    if args.load is not None:
-        load_checkpoint(args.load, [dit], None, None, load_optim=False, load_rng=False)
-    else:
-        load_hf_weights(dit, read_safetensors_dir(pred.from_pretrained), tp_size=tp, tp_rank=tp_rank)
+
+    def build_dit(weights: str, from_checkpoint: bool):
+        model = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(device).eval()
+        if from_checkpoint:
+            load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
+        else:
+            load_hf_weights(model, read_safetensors_dir(weights), tp_size=tp, tp_rank=tp_rank)
+        return model
+
+    dit = build_dit(args.load or pred.from_pretrained, args.load is not None)
+    low_noise_dit = None
+    if sampling.low_noise_model is not None:  # an mm checkpoint has a tracker file, a HuggingFace directory not
+        low = sampling.low_noise_model
+        low_noise_dit = build_dit(low, (Path(low) / "latest_checkpointed_iteration.txt").is_file())
     cond = WanConditioning.from_config(arch, sampling.task)
     image_encoder = None
     if cond.uses_clip:
@@ -229,7 +245,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         begin_denoise = time.perf_counter()
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
                           show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
-                          context_image=context_image)
+                          context_image=context_image, low_noise_dit=low_noise_dit)
         acc.synchronize()
         denoise_s = time.perf_counter() - begin_denoise
         if writer:

@@ -151,3 +151,18 @@ def test_quickstart_trains_and_writes_a_playable_video(tmp_path):
     assert len(videos) == 2 and "sampled:" in done.stdout
     for video in videos:
         assert _decode(video) == (9, 64, 64)
+
+
+def test_two_experts_from_the_entry_point(assets, tmp_path):
+    """inference.low_noise_model (here a training checkpoint) takes over below boundary_ratio x 1000;
+    a boundary below every timestep leaves the high-noise expert alone."""
+    ckpt = tmp_path / "ckpt"
+    _train(assets, 1, "--save", str(ckpt), iters=2)
+    runs = {"single": {}, "switching": {"low_noise_model": str(ckpt), "boundary_ratio": 0.9},
+            "never": {"low_noise_model": str(ckpt), "boundary_ratio": 0.0001}}
+    latents = {}
+    for name, extra in runs.items():
+        _run(1, _inference_json(assets, tmp_path / name, prompt="a red square", **extra))
+        latents[name] = torch.load(next((tmp_path / name).glob("*.latents.pt")))
+    assert torch.equal(latents["never"], latents["single"])
+    assert not torch.allclose(latents["switching"], latents["single"])

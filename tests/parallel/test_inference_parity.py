@@ -155,3 +155,61 @@ def test_image_to_video_latents_equal_diffusers(tmp_path, task):
                     generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
     assert latents.shape == expected.shape
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def _mm_experts_worker(rank, world, root, kwargs, boundary, guidance_2):
+    from mm.inference.config import SamplingConfig
+    from mm.inference.wan import denoise
+    from mm.models.predictor.wan import WanDiT, WanDiTConfig
+    from mm.models.text_encoder import TextEncoder
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from mm.training.checkpointing import load_checkpoint
+    from tests.wan_helpers import megatron_config
+
+    initialize_parallel(ParallelSizes(world_size=world), seed=0)
+    experts = []
+    for name in ("high", "low"):
+        dit = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
+        load_checkpoint(f"{root}/{name}", [dit], None, None, load_optim=False, load_rng=False)
+        experts.append(dit)
+    text = TextEncoder("umt5", f"{root}/umt5", "fp32", max_length=16)
+    contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
+    sampling = SamplingConfig(prompts=[PROMPT], negative_prompt=NEGATIVE, sample_steps=STEPS, sample_shift=SHIFT,
+                              guidance_scale=GUIDANCE, boundary_ratio=boundary, guidance_scale_2=guidance_2)
+    shape = (1, kwargs["in_dim"], (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
+    latents = denoise(experts[0], contexts[:1], contexts[1:], noise, sampling, torch.float32, show_progress=False,
+                      low_noise_dit=experts[1])
+    destroy_parallel()
+    return latents
+
+
+def test_wan22_experts_switch_at_the_boundary_as_diffusers(tmp_path):
+    """Wan2.2 A14B: the high-noise expert above boundary_ratio x 1000, the low-noise one (with its own
+    guidance scale) below; diffusers' WanPipeline with transformer_2 and boundary_ratio agrees."""
+    import transformers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+
+    kwargs = tiny_kwargs(layers=2)
+    boundary, guidance_2 = 0.6, 2.0  # with shift 3, 2 of the 6 steps fall below 600
+    for name, seed in (("high", 5), ("low", 6)):
+        _diffusers_dir(tmp_path / f"hf_{name}", kwargs, seed=seed)
+        _convert("hf_to_mm", tmp_path / f"hf_{name}", tmp_path / name)
+    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
+    (latents,) = run_distributed(1, _mm_experts_worker, str(tmp_path), kwargs, boundary, guidance_2)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
+                                        num_train_timesteps=1000)
+    scheduler.set_timesteps(STEPS)
+    assert 0 < int((scheduler.timesteps < boundary * 1000).sum()) < STEPS  # both experts take part
+    pipe = WanPipeline(tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path / "umt5"),
+                       text_encoder=transformers.UMT5EncoderModel.from_pretrained(tmp_path / "umt5"),
+                       transformer=diffusers_model(kwargs, seed=5), transformer_2=diffusers_model(kwargs, seed=6),
+                       boundary_ratio=boundary,
+                       vae=AutoencoderKLWan(base_dim=8, z_dim=kwargs["in_dim"], dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+                       scheduler=scheduler)
+    expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, guidance_scale_2=guidance_2,
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)

@@ -50,3 +50,17 @@ def test_size_step_follows_the_vae_and_the_patch(spatial, patch, size):
     assert problems == []
     _, problems = _parse({"prompt": "x", "height": size + 8, "width": size}, spatial=spatial, patch=patch)
     assert problems and f"a multiple of {size}" in problems[0]
+
+
+def test_wan22_expert_keys(tmp_path):
+    config, problems = _parse({"prompt": "x", "low_noise_model": str(tmp_path), "boundary_ratio": 0.875,
+                               "guidance_scale_2": 3.0})
+    assert problems == [] and (config.low_noise_model, config.boundary_ratio, config.guidance_scale_2) == \
+        (str(tmp_path), 0.875, 3.0)
+    _, problems = _parse({"prompt": "x", "low_noise_model": str(tmp_path / "nope"), "boundary_ratio": 1.5})
+    text = "\n".join(problems)
+    assert "inference.low_noise_model" in text and "not a directory" in text
+    assert "inference.boundary_ratio = 1.5; valid: a number between 0 and 1" in text
+    _, problems = _parse({"prompt": "x", "boundary_ratio": 0.9, "guidance_scale_2": 2.0})
+    text = "\n".join(problems)
+    assert "go together" in text and "guidance_scale_2 is the low-noise expert's" in text
