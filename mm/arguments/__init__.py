@@ -46,6 +46,34 @@ def load_config(argv: Sequence[str] | None, world_size: int, mode: str = "train"
     return config_from_args(parse_flags(argv, prog=prog), world_size, mode, accelerator)
 
 
+def apply_sequence_parallel_aliases(args: argparse.Namespace, section: dict, problems: list[str]) -> None:
+    """Wan's ``ulysses_size`` x ``ring_size`` (seed 000) in the model JSON's ``inference`` section, as
+    megatron-style flags: CP = ulysses x ring, Ulysses alone (ulysses_cp_algo), ring alone
+    (megatron_cp_algo) or both (hybrid_cp_algo with --ulysses-degree-in-cp = ulysses_size)."""
+    sizes = {}
+    for key in ("ulysses_size", "ring_size"):
+        value = section.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"inference.{key} = {value!r}; valid: an integer >= 1")
+            return
+        sizes[key] = value
+    ulysses, ring = sizes["ulysses_size"], sizes["ring_size"]
+    cp = ulysses * ring
+    if cp == 1:
+        return
+    if args.context_parallel_size not in (1, cp):
+        problems.append(f"inference.ulysses_size x ring_size = {ulysses} x {ring} = {cp}, but "
+                        f"--context-parallel-size {args.context_parallel_size}; give one of the two")
+        return
+    args.context_parallel_size = cp
+    if ring == 1:
+        args.context_parallel_algo = "ulysses_cp_algo"
+    elif ulysses == 1:
+        args.context_parallel_algo = "megatron_cp_algo"
+    else:
+        args.context_parallel_algo, args.ulysses_degree_in_cp = "hybrid_cp_algo", ulysses
+
+
 def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "train",
                      accelerator: str | None = None) -> RunConfig:
     """``load_config`` for flags that are already parsed."""
@@ -55,6 +83,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
     if args.mm_data is not None:
         data = parse_data_config(load_json(args.mm_data, "--mm-data"), args.mm_data, problems)
     tool = load_json(args.mm_tool, "--mm-tool") if args.mm_tool is not None else {}
+    if not problems and mode == "inference":
+        apply_sequence_parallel_aliases(args, model.extra.get("inference", {}), problems)
     if not problems:
         problems = validate(args, model, data, world_size, mode=mode, accelerator=accelerator)
     if problems:

@@ -17,6 +17,9 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
   image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
+- ``ulysses_size``, ``ring_size`` (seed 000's Wan/Phantom names): context parallelism of
+  ulysses_size x ring_size ranks (mapped onto --context-parallel-size / -algo /
+  --ulysses-degree-in-cp by ``mm.arguments`` before anything starts).
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
   low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
   ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
@@ -36,7 +39,7 @@ ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
-        "guidance_scale_2")
+        "guidance_scale_2", "ulysses_size", "ring_size")
 TASKS = ("t2v", "i2v", "flf2v")
 
 

@@ -166,3 +166,15 @@ def test_two_experts_from_the_entry_point(assets, tmp_path):
         latents[name] = torch.load(next((tmp_path / name).glob("*.latents.pt")))
     assert torch.equal(latents["never"], latents["single"])
     assert not torch.allclose(latents["switching"], latents["single"])
+
+
+@pytest.mark.slow
+def test_wan_ulysses_and_ring_sizes_in_the_json(assets, tmp_path, one_process_latents):
+    """Seed 000's ulysses_size x ring_size (2 x 2: Ulysses inside ring) from the inference section,
+    with no parallel flags, equals one process."""
+    out = tmp_path / "samples"
+    log = _run(4, _inference_json(assets, out, prompt="a red square moving left to right on a white background",
+                                  ulysses_size=2, ring_size=2))
+    assert "CP=4 (hybrid_cp_algo)" in log
+    (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
+    torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)

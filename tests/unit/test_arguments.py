@@ -319,3 +319,26 @@ def test_timestep_boundaries_checked(tmp_path):
 
     flow = flow_matching_config(cfg.args, None)
     assert (flow.min_timestep, flow.max_timestep) == (900.0, 1000.0)
+
+
+def test_wan_ulysses_and_ring_sizes_become_context_parallel_flags(tmp_path):
+    def inference(section, flags=(), world=8):
+        model = json.loads(json.dumps(BASE_MODEL))
+        model["predictor"].update(num_heads=12)
+        model["inference"] = dict(section, prompt="x")
+        path = _write(tmp_path, "inference_model.json", model)
+        return load_config(["--mm-model", path, *flags], world_size=world, mode="inference")
+
+    config = inference({"ulysses_size": 4, "ring_size": 2})
+    assert config.sizes.context_parallel == 8 and config.sizes.ulysses_degree == 4
+    assert config.args.context_parallel_algo == "hybrid_cp_algo"
+    config = inference({"ring_size": 4}, world=4)
+    assert (config.sizes.context_parallel, config.args.context_parallel_algo) == (4, "megatron_cp_algo")
+    config = inference({"ulysses_size": 2}, world=4)
+    assert (config.sizes.context_parallel, config.args.context_parallel_algo) == (2, "ulysses_cp_algo")
+    with pytest.raises(ConfigError) as info:
+        inference({"ulysses_size": 2, "ring_size": 2}, flags=["--context-parallel-size", "2"])
+    assert "ulysses_size x ring_size = 2 x 2 = 4, but --context-parallel-size 2" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        inference({"ulysses_size": 0})
+    assert "inference.ulysses_size = 0; valid: an integer >= 1" in str(info.value)
