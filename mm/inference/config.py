@@ -20,6 +20,9 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``ulysses_size``, ``ring_size`` (seed 000's Wan/Phantom names): context parallelism of
   ulysses_size x ring_size ranks (mapped onto --context-parallel-size / -algo /
   --ulysses-degree-in-cp by ``mm.arguments`` before anything starts).
+- ``offload_model`` (seed 000's name): every model waits in host memory and comes to the device
+  only for its stage (text/image encoding, denoising, decoding); ``t5_cpu``: the text encoder
+  stays on the host.
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
   low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
   ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
@@ -39,7 +42,7 @@ ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
-        "guidance_scale_2", "ulysses_size", "ring_size")
+        "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu")
 TASKS = ("t2v", "i2v", "flf2v")
 
 
@@ -65,6 +68,8 @@ class SamplingConfig:
     low_noise_model: str | None = None
     boundary_ratio: float | None = None
     guidance_scale_2: float | None = None
+    offload_model: bool = False
+    t5_cpu: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,5 +190,6 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         save_latents=flag("save_latents"), task=task if task in TASKS else "t2v", images=images,
         last_images=last_images, low_noise_model=low_noise if isinstance(low_noise, str) else None,
         boundary_ratio=float(boundary) if isinstance(boundary, (int, float)) and not isinstance(boundary, bool) else None,
-        guidance_scale_2=number("guidance_scale_2", float, 0.0, None) if "guidance_scale_2" in values else None)
+        guidance_scale_2=number("guidance_scale_2", float, 0.0, None) if "guidance_scale_2" in values else None,
+        offload_model=flag("offload_model"), t5_cpu=flag("t5_cpu"))
     return config

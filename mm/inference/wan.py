@@ -191,8 +191,12 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
     tp, tp_rank = args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank()
 
+    # offload_model: every model waits in host memory and comes to the device for its stage
+    # (encode, denoise, decode); t5_cpu: the text encoder stays on the host
+    home = torch.device("cpu") if sampling.offload_model else device
+
     def build_dit(weights: str, from_checkpoint: bool):
-        model = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(device).eval()
+        model = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(home).eval()
         if from_checkpoint:
             load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
         else:
@@ -208,11 +212,24 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     image_encoder = None
     if cond.uses_clip:
         image = cfg.model.image_encoder
-        image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
-    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
+        image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(home)
+    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(home)
     text = cfg.model.text_encoder[0]
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
-                               max_length=sampling.model_max_length).to(device)
+                               max_length=sampling.model_max_length)
+    text_encoder.to(torch.device("cpu") if sampling.t5_cpu else home)
+    movable = [m for m in (dit, low_noise_dit, image_encoder, vae) if m is not None] + \
+        ([] if sampling.t5_cpu else [text_encoder])
+
+    def stage(*modules) -> None:
+        """With offload_model: ``modules`` on the device, every other model on the host."""
+        if not sampling.offload_model:
+            return
+        wanted = {id(m) for m in modules if m is not None}
+        for m in movable:
+            m.to(device if id(m) in wanted else torch.device("cpu"))
+        if not acc.is_cpu:
+            acc.module.empty_cache()
     rank0 = torch.distributed.get_rank() == 0
     # data-parallel replicas share the prompts; --cfg-parallel pairs of them share one prompt's branches
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
@@ -232,6 +249,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
         begin = time.perf_counter()
         seed = sampling.seed + i
+        stage(text_encoder, image_encoder, vae)
         ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
         contexts = text_encoder.encode(ids, mask).to(device, dtype)
         condition = context_image = None
@@ -241,6 +259,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             condition = cond.encode(vae, frames, sampling.num_frames)
             context_image = None if image_encoder is None else cond.encode_image(image_encoder, frames).to(dtype)
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        stage(dit, low_noise_dit)
         acc.synchronize()
         begin_denoise = time.perf_counter()
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
@@ -249,6 +268,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         acc.synchronize()
         denoise_s = time.perf_counter() - begin_denoise
         if writer:
+            stage(vae)
             video = vae.decode(vae.denormalize(latents.to(dtype)))
             path = output_path(out_dir, prompt, seed)
             write_mp4(path, to_frames(video[0]), sampling.fps)
@@ -258,6 +278,6 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
                   f"{sampling.sample_steps} {sampling.sample_solver} steps: {denoise_s / sampling.sample_steps:.3f} "
                   f"s/step; {time.perf_counter() - begin:.1f} s in all; peak memory "
-                  f"{acc.max_memory_allocated() / 2**30:.1f} GiB)", flush=True)
+                  f"{acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
     destroy_distributed()
     return written

@@ -178,3 +178,11 @@ def test_wan_ulysses_and_ring_sizes_in_the_json(assets, tmp_path, one_process_la
     assert "CP=4 (hybrid_cp_algo)" in log
     (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
     torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_offload_and_text_encoder_on_the_host_change_nothing(assets, tmp_path, one_process_latents):
+    out = tmp_path / "samples"
+    _run(1, _inference_json(assets, out, prompt="a red square moving left to right on a white background",
+                            offload_model=True, t5_cpu=True))
+    (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
+    assert torch.equal(latents, one_process_latents)

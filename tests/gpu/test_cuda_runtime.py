@@ -81,8 +81,23 @@ def test_inference_on_one_gpu(tmp_path):
              "--train-iters", "2", "--micro-batch-size", "1", "--num-workers", "0", "--save", str(tmp_path / "ckpt")]
     result = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sample = [sys.executable, "inference.py", "--bf16", "--mm-model", str(tmp_path / "inference_model.json"),
-              "--load", str(tmp_path / "ckpt")]
-    result = subprocess.run(sample, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert len(list((tmp_path / "samples").glob("*.mp4"))) == 2
+    import json
+    import re
+
+    import torch
+
+    peaks, latents = {}, {}
+    for name, extra in (("resident", {}), ("offload", {"offload_model": True, "t5_cpu": True})):
+        model = json.loads((tmp_path / "inference_model.json").read_text())
+        model["inference"].update(extra, save_latents=True, save_path=str(tmp_path / name), prompt="a red square")
+        (tmp_path / f"{name}.json").write_text(json.dumps(model))
+        sample = [sys.executable, "inference.py", "--bf16", "--mm-model", str(tmp_path / f"{name}.json"),
+                  "--load", str(tmp_path / "ckpt")]
+        result = subprocess.run(sample, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert len(list((tmp_path / name).glob("*.mp4"))) == 1
+        peaks[name] = float(re.search(r"peak memory ([0-9.]+) GiB", result.stdout).group(1))
+        latents[name] = torch.load(next((tmp_path / name).glob("*.latents.pt")))
+    # the same video, with the models brought to the device one stage at a time
+    assert torch.equal(latents["offload"], latents["resident"])
+    assert peaks["offload"] <= peaks["resident"]
