@@ -6,6 +6,10 @@ level ``sigma`` (``x_t = (1 - sigma) x0 + sigma noise``), and a sampler walks ``
   The schedule: ``steps`` levels evenly spaced in (1/N, 1] (N = ``num_train_timesteps``), shifted
   by ``shift sigma / (1 + (shift - 1) sigma)``, the first nudged below 1 (its log-SNR must be
   finite), then 0.
+* ``dpm++``: DPM-Solver++ 2M (Lu et al. 2022), data prediction, second order with the midpoint
+  correction from the second step on, first order on the last step (the one to sigma 0). The
+  schedule: ``1 - sigma`` evenly spaced in [1/N, 1) ... shifted and reversed: ``steps`` levels from
+  ``shift(1 - 1/N)`` down, then 0.
 * ``euler``: first-order steps ``x += (sigma_next - sigma) v`` over ``steps`` levels evenly spaced
   between the shifted schedule's ends (1 and shift(1/N)), shifted (again), then 0.
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SOLVERS = ("unipc", "euler")
+SOLVERS = ("unipc", "dpm++", "euler")
 
 
 def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -148,11 +152,46 @@ class FlowUniPC(FlowSampler):
         return out
 
 
+class FlowDPMPP(FlowSampler):
+    def __init__(self, steps: int, shift: float, num_train_timesteps: int = 1000):
+        _check(steps, shift)
+        n = num_train_timesteps
+        sigmas = np.flip(_shift(1.0 - np.linspace(1, 1 / n, steps + 1), shift))[:-1].copy()
+        self.timesteps = torch.from_numpy((sigmas * n).copy()).to(torch.int64)
+        self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        self.index = 0
+        self._x0: list[torch.Tensor] = []
+
+    def _lambda(self, i: int) -> torch.Tensor:
+        s = self.sigmas[i]
+        return torch.log(1 - s) - torch.log(s)
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        i = self.index
+        x0 = sample - self.sigmas[i] * velocity
+        self._x0 = (self._x0 + [x0])[-2:]
+        x = sample.float()
+        sigma_t, sigma_s0 = self.sigmas[i + 1], self.sigmas[i]
+        alpha_t = 1 - sigma_t
+        h = self._lambda(i + 1) - self._lambda(i)
+        first_order = len(self._x0) < 2 or i == len(self.timesteps) - 1
+        # sigma 0 at the end: lambda is infinite there and the first-order step lands on x0 itself
+        out = sigma_t / sigma_s0 * x - alpha_t * torch.expm1(-h) * self._x0[-1]
+        if not first_order:
+            r0 = (self._lambda(i) - self._lambda(i - 1)) / h
+            d1 = (self._x0[-1] - self._x0[-2]) / r0
+            out = out - 0.5 * alpha_t * torch.expm1(-h) * d1
+        self.index += 1
+        return out.to(sample.dtype)
+
+
 def build_sampler(solver: str, steps: int, shift: float, num_train_timesteps: int = 1000) -> FlowSampler:
     if solver == "unipc":
         return FlowUniPC(steps, shift, num_train_timesteps)
     if solver == "euler":
         return FlowEuler(steps, shift, num_train_timesteps)
+    if solver == "dpm++":
+        return FlowDPMPP(steps, shift, num_train_timesteps)
     raise ValueError(f"sample_solver {solver!r}; valid: {', '.join(SOLVERS)}")
 
 

@@ -9,7 +9,7 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   multiples of the VAE's spatial factor times the DiT's patch.
 - ``fps``: of the written .mp4 (16, Wan's).
 - ``sample_steps`` (``num_inference_steps``), ``sample_shift`` (``flow_shift``), ``sample_solver``
-  (unipc, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off).
+  (unipc, dpm++, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off).
 - ``save_path``: the directory the videos go to.
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).

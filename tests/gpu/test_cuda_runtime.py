@@ -52,7 +52,7 @@ print('ok', float(err))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])
 def test_samplers_on_gpu_match_cpu(solver):
     """The schedule lives on the CPU; the sample on the GPU: every step's arithmetic must follow the
     sample's device and give the CPU's result."""

@@ -37,10 +37,11 @@ def _mm_worker(rank, world, mm_dir, text_dir, kwargs, solver):
     return latents
 
 
-@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])
 def test_latents_equal_diffusers_wan_pipeline(tmp_path, solver):
     import transformers
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+    from diffusers import (AutoencoderKLWan, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           UniPCMultistepScheduler, WanPipeline)
 
     from mm.models.text_encoder.tiny import save_tiny_text_encoder
 
@@ -51,9 +52,10 @@ def test_latents_equal_diffusers_wan_pipeline(tmp_path, solver):
     save_tiny_text_encoder(tmp_path / "umt5", words, d_model=kwargs["text_dim"])
     (latents,) = run_distributed(1, _mm_worker, str(tmp_path / "mm"), str(tmp_path / "umt5"), kwargs, solver)
 
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
-                                        num_train_timesteps=1000) if solver == "unipc" else \
-        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT, num_train_timesteps=1000)
+    scheduler = {"unipc": lambda: UniPCMultistepScheduler(**flow),
+                 "dpm++": lambda: DPMSolverMultistepScheduler(**flow, solver_order=2, algorithm_type="dpmsolver++"),
+                 "euler": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)}[solver]()
     pipe = WanPipeline(tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path / "umt5"),
                        text_encoder=transformers.UMT5EncoderModel.from_pretrained(tmp_path / "umt5"),
                        transformer=diffusers_model(kwargs, seed=5),

@@ -33,7 +33,7 @@ def test_every_problem_is_named():
     for expected in ("inference.prompt = 5; valid: a string or a list of strings",
                      "inference: no prompt", "inference.num_frames = 10; valid: 4k + 1",
                      "inference.height = 33; valid: a multiple of 16", "inference.width = 'wide'; valid: an integer",
-                     "inference.sample_solver = 'ddim'; valid: unipc, euler", "inference.seed = -1; valid: >= 0",
+                     "inference.sample_solver = 'ddim'; valid: unipc, dpm++, euler", "inference.seed = -1; valid: >= 0",
                      "inference.sample_steps = 0; valid: >= 1", "inference.save_latents = 'yes'; valid: true or false",
                      "inference.colour: unknown key"):
         assert expected in text, (expected, text)
