@@ -17,11 +17,13 @@ from typing import Any, Iterator
 import torch
 
 from checkpoint.config import ConvertError
+from mm.training.chunks import chunk_keys
 from mm.models.predictor.wan.weights import (
     IGNORED_SOURCE_KEYS,
     WAN_NAME_TABLE,
     WeightMappingError,
     detect_format,
+    global_name,
     rule_for,
     tp_shard,
 )
@@ -311,7 +313,7 @@ class TorchSource(Source):
         parallel = self.header["parallel"]
         self.tp, self.pp = parallel["tensor_model_parallel_size"], parallel["pipeline_model_parallel_size"]
         chunks = parallel.get("virtual_pipeline_model_parallel_size") or 1
-        self.chunk_keys = ["model"] if chunks == 1 else [f"model{c}" for c in range(chunks)]
+        self.chunk_keys = chunk_keys(chunks)
         self.origin = f"the mm checkpoint {path} (TP{self.tp} PP{self.pp}{f' VPP{chunks}' if chunks > 1 else ''})"
         self._files: dict[tuple[int, int], dict] = {}
         # global key -> (stage, chunk key, local key); layer offsets follow megatron's chunk-major order
@@ -327,9 +329,7 @@ class TorchSource(Source):
                 for local in self._file(0, stage)[ck]:
                     if local.endswith("._extra_state"):
                         continue
-                    m = _BLOCK.match(local)
-                    gkey = f"blocks.{int(m.group(1)) + offset}.{local[m.end():]}" if m else local
-                    self._where[gkey] = (stage, ck, local)
+                    self._where[global_name(local, offset)] = (stage, ck, local)
                 offset += counts[(stage, ck)]
 
     def _file(self, tp_rank: int, stage: int) -> dict:

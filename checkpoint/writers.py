@@ -16,6 +16,7 @@ from tqdm import tqdm
 from checkpoint.config import ConvertError, Layout
 from checkpoint.sources import Source, diffusers_config, iter_layer_keys
 from mm.models.predictor.wan.weights import rule_for
+from mm.training.chunks import chunk_keys
 
 _HEAD = ("head.",)
 
@@ -74,7 +75,7 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def _chunk_keys(layout: Layout, source_keys: list[str], stage: int, chunk: int) -> list[tuple[str, str]]:
+def _stage_keys(layout: Layout, source_keys: list[str], stage: int, chunk: int) -> list[tuple[str, str]]:
     """(global key, local key) of one stage's chunk: its layers (local indices from 0), the
     embedders on the first, the head on the last."""
     first, count = layout.span(stage, chunk)
@@ -101,9 +102,9 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
     release = directory / "release"
     release.mkdir()
     chunks = len(layout.rows)
-    chunk_names = ["model"] if chunks == 1 else [f"model{c}" for c in range(chunks)]
+    chunk_names = chunk_keys(chunks)
     plan = [(stage, rank) for stage in range(layout.pp) for rank in range(layout.tp)]
-    tensors = layout.tp * sum(len(_chunk_keys(layout, keys, s, c)) for s in range(layout.pp) for c in range(chunks))
+    tensors = layout.tp * sum(len(_stage_keys(layout, keys, s, c)) for s in range(layout.pp) for c in range(chunks))
     total = 0
     with tqdm(total=tensors, desc=extra.get("verb", "convert"), unit="tensor") as bar:
         for stage, rank in plan:
@@ -111,7 +112,7 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
                                      "iteration": 0}
             for chunk, name in enumerate(chunk_names):
                 state[name] = {}
-                for gkey, local in _chunk_keys(layout, keys, stage, chunk):
+                for gkey, local in _stage_keys(layout, keys, stage, chunk):
                     tensor = _compact(source.local(gkey, layout.tp, rank))
                     state[name][local] = tensor
                     total += tensor.numel() * tensor.element_size()

@@ -182,9 +182,10 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
 
 def inference(argv: Sequence[str] | None = None) -> list[Path]:
     """Sample every prompt of the model JSON; returns the .mp4 paths this rank wrote."""
-    runtime = start(argv, mode="inference", prog=PROG, check=sampling_config)
-    args, cfg = runtime.config.args, runtime.config
-    sampling = sampling_config(cfg)
+    checked = {}  # the inference section as start()'s check parsed it (before any process group)
+    runtime = start(argv, mode="inference", prog=PROG,
+                    check=lambda config: checked.update(sampling=sampling_config(config)))
+    args, cfg, sampling = runtime.config.args, runtime.config, checked["sampling"]
     acc = runtime.accelerator
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor

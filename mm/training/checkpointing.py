@@ -70,6 +70,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 
 from mm.accelerator import get_accelerator, rank0_print
 from mm.training import checkpoint_torch
+from mm.training.chunks import chunk_keys, unwrap as _unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = -1  # the tracker's "release": weights from mm-convert, not a training iteration
@@ -101,14 +102,8 @@ def read_tracker(root: str | os.PathLike, flag: str = "--load") -> int | None:
     return int(text)
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _chunk_keys(model_chunks: Sequence[torch.nn.Module]) -> list[str]:
-    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    return chunk_keys(len(model_chunks))
 
 
 def _layout() -> dict[str, Any]:

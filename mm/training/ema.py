@@ -19,13 +19,9 @@ from typing import Sequence
 
 import torch
 
+from mm.training.chunks import unwrap
+
 PREFIX = "ema."
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 class ModelEMA:
@@ -35,7 +31,7 @@ class ModelEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"--ema-decay {decay}; valid: 0 < decay < 1 (e.g. 0.9999)")
         self.decay, self.start_iter = decay, start_iter
-        self.chunks = [_unwrap(c) for c in model_chunks]
+        self.chunks = [unwrap(c) for c in model_chunks]
         self.averages = [{name: p.detach().float().clone() for name, p in chunk.named_parameters()}
                          for chunk in self.chunks]
 

@@ -39,6 +39,7 @@ from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import load_checkpoint, save_checkpoint
+from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
 from mm.training.flops import wan_training_flops
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss, require_logging_packages
@@ -88,12 +89,6 @@ def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None
             pred.model_id, arch, tf_config, pre_process=stage == 0 and chunk == 0,
             post_process=stage == pp - 1 and chunk == len(layout) - 1, layer_offset=offset, num_layers=count))
     return chunks
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 TASKS = {"t2v": "pretrain_t2v.py", "i2v": "pretrain_i2v.py"}
@@ -228,7 +223,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         return torch.stack(noise).to(dtype), torch.cat(sigmas)
 
     def forward_step(data_iterator, chunk):
-        dit = _unwrap(chunk)
+        dit = unwrap(chunk)
         target = None
         if dit.pre_process:
             batch = next(batches)
@@ -279,7 +274,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     if start_iteration >= args.train_iters:
         rank_last_print(f"{TASKS[task]}: the checkpoint is at iteration {start_iteration}, --train-iters is "
                         f"{args.train_iters}: nothing to train")
-    saved = start_iteration
+    saved = reached = start_iteration  # the last iteration saved / trained
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         step.update(iteration=iteration, micro=0)
         flops["sum"] = 0.0
@@ -323,17 +318,15 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
                    flops=shared[0].item(), max_memory_bytes=acc.max_memory_allocated(),
                    loss_scale=optimizer.get_loss_scale().item() if args.fp16 else None,
                    bad_samples=skips.summary() if reads_data and sum(skips.counts.values()) else None)
+        reached = iteration
         if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
             saved = iteration
         if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-            if args.save is not None and saved < iteration:
-                save(iteration)
             rank_last_print(f"{TASKS[task]}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
-            saved = args.train_iters  # no final save below
             break
-    if args.save is not None and saved < args.train_iters:
-        save(args.train_iters)
+    if args.save is not None and saved < reached:  # the end, or an --exit-interval stop
+        save(reached)
     logger.close()
     destroy_distributed()
     return losses

@@ -27,17 +27,11 @@ from megatron.core.dist_checkpointing.mapping import (
 )
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-from mm.models.predictor.wan.weights import rule_for
+from mm.models.predictor.wan.weights import global_name, rule_for
+
+__all__ = ["global_name", "wan_sharded_state_dict"]
 
 _SPLIT_AXIS = {"column": 0, "row": 1}
-
-
-def global_name(local_name: str, layer_offset: int) -> str:
-    """``blocks.{i}.rest`` of a stage -> ``blocks.{layer_offset + i}.rest``; other names unchanged."""
-    if not local_name.startswith("blocks."):
-        return local_name
-    index, rest = local_name[len("blocks."):].split(".", 1)
-    return f"blocks.{int(index) + layer_offset}.{rest}"
 
 
 def _fused_factory(key: str, param: torch.Tensor, parts: int, offsets: tuple, tp_rank: int, tp_size: int,

@@ -182,11 +182,13 @@ def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "diffusers") -> d
     return out
 
 
-def _global_block_name(key: str, offset: int) -> str:
-    if offset and key.startswith("blocks."):
-        index, rest = key[len("blocks."):].split(".", 1)
-        return f"blocks.{int(index) + offset}.{rest}"
-    return key
+def global_name(local_name: str, layer_offset: int) -> str:
+    """``blocks.{i}.rest`` of a pipeline stage whose first layer is ``layer_offset`` ->
+    ``blocks.{layer_offset + i}.rest``; other names unchanged."""
+    if not local_name.startswith("blocks."):
+        return local_name
+    index, rest = local_name[len("blocks."):].split(".", 1)
+    return f"blocks.{int(index) + layer_offset}.{rest}"
 
 
 def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
@@ -197,7 +199,7 @@ def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_
     offset = getattr(model, "layer_offset", 0)
     whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True) and \
         len(getattr(model, "blocks", ())) == getattr(getattr(model, "wan", None), "num_layers", None)
-    own = {_global_block_name(k, offset): v for k, v in model.state_dict().items()}
+    own = {global_name(k, offset): v for k, v in model.state_dict().items()}
     keys = [k for k in own if is_weight_key(k)]
     mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt, check_unexpected=whole)
     bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
