@@ -14,6 +14,8 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
 - ``task``: t2v, i2v or flf2v (default: flf2v with ``last_image``, i2v with ``image``, else t2v).
+  A Wan2.2 TI2V-5B model (``predictor.in_dim = out_dim``) samples t2v, or i2v with the image's
+  latent as the first latent frame (``num_frames >= 5``).
 - ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
   image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.

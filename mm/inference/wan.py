@@ -1,5 +1,6 @@
 """Wan sampling, text-to-video and image-to-video (Wan2.1 I2V, FLF2V; Wan2.2 I2V-A14B's
-channel-concatenated condition): ``inference.py --mm-model inference_model.json [parallel flags]``.
+channel-concatenated condition; Wan2.2 TI2V-5B's first latent frame, clean at timestep 0 on every
+step): ``inference.py --mm-model inference_model.json [parallel flags]``.
 
 Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
 DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
@@ -92,9 +93,10 @@ def sampling_config(config) -> SamplingConfig:
             problems.append(f"inference.task = {sampling.task!r} with predictor (in_dim {arch.in_dim}, image_dim "
                             f"{arch.image_dim}): {e}")
         else:
-            if cond.kind == "ti2v":
-                problems.append("inference.task: Wan2.2 TI2V (per-token timesteps) is not sampled by this "
-                                "inference.py yet")
+            if cond.kind == "ti2v" and (sampling.num_frames - 1) // temporal < 1:
+                problems.append(f"inference.num_frames = {sampling.num_frames} with task 'i2v' on a TI2V model "
+                                f"(predictor.in_dim = out_dim = {arch.in_dim}): the first latent frame is the "
+                                f"image, so at least {temporal + 1} frames are needed")
             if cond.uses_clip and not (config.model.image_encoder and config.model.image_encoder.from_pretrained):
                 problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
                                 "image_encoder.from_pretrained (a CLIP vision model directory)")
@@ -140,10 +142,13 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
         scale = sampling.guidance_scale if high_noise or sampling.guidance_scale_2 is None else \
             sampling.guidance_scale_2
 
-        model_latents = latents if cond is None else cond.model_input(latents, timestep, condition)[0]
+        # i2v/flf2v: the condition channels after the latents; ti2v: latent frame 0 the clean image
+        # latent, with timestep 0 on its tokens
+        model_latents, model_timestep = (latents, timestep) if cond is None else \
+            cond.model_input(latents, timestep, condition)
 
         def velocity_for(ctx):
-            return model(latents=model_latents.to(dtype), timestep=timestep, context=ctx,
+            return model(latents=model_latents.to(dtype), timestep=model_timestep, context=ctx,
                          context_image=context_image).float()
 
         if negative is None:
@@ -158,6 +163,8 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
                 conditional, unconditional = both
             velocity = unconditional + scale * (conditional - unconditional)
         latents = sampler.step(velocity, latents)
+    if cond is not None and cond.kind == "ti2v":  # the sampler also moved frame 0; the image is its value
+        latents = cond.model_input(latents, timestep, condition)[0]
     return latents
 
 

@@ -139,10 +139,10 @@ def _inference_model(assets, variant, task, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("variant,task", [("wan21_i2v", "i2v"), ("wan21_flf2v", "flf2v"),
-                                          ("wan22_i2v_a14b", "i2v")])
+                                          ("wan22_i2v_a14b", "i2v"), ("wan22_ti2v", "i2v")])
 def test_image_to_video_sampling(assets, tmp_path, variant, task):
     """inference.py samples image-conditioned models (images resized to the video size); CP2 gives the
-    same latents as one process."""
+    same latents as one process. TI2V: the first latent frame is the image's latent."""
     import torch
 
     env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -159,6 +159,15 @@ def test_image_to_video_sampling(assets, tmp_path, variant, task):
         assert len(list(out.glob("*.mp4"))) == 1
     assert latents[0].shape == (1, Z, 3, 8, 8)
     torch.testing.assert_close(latents[1], latents[0], rtol=1e-4, atol=1e-4)
+    if variant == "wan22_ti2v":
+        from mm.inference.wan import load_condition_frames
+        from mm.models.ae import load_wan_vae
+        from mm.models.predictor.wan.conditioning import ti2v_image_latents
+
+        model = json.loads((assets / f"{variant}_model.json").read_text())
+        image = ti2v_image_latents(load_wan_vae(model["ae"]["from_pretrained"]),
+                                   load_condition_frames([str(assets / "first.png")], 64, 64))
+        torch.testing.assert_close(latents[0][:, :, :1], image, rtol=1e-5, atol=1e-5)
 
 
 def test_image_to_video_needs_its_images(assets, tmp_path):
@@ -172,3 +181,14 @@ def test_image_to_video_needs_its_images(assets, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "inference.image: no such file" in done.stderr and "needs inference.last_image" in done.stderr
+
+
+def test_ti2v_image_to_video_needs_a_frame_to_sample(assets, tmp_path):
+    path = _inference_model(assets, "wan22_ti2v", "i2v", tmp_path / "out")
+    model = json.loads(path.read_text())
+    model["inference"]["num_frames"] = 1
+    path.write_text(json.dumps(model))
+    done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(path)], cwd=REPO,
+                          env=dict(os.environ, MM_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "inference.num_frames = 1 with task 'i2v' on a TI2V model" in done.stderr, done.stderr

@@ -70,7 +70,7 @@ def test_latents_equal_diffusers_wan_pipeline(tmp_path, solver):
     assert not torch.allclose(latents, torch.zeros_like(latents))
 
 
-def _mm_i2v_worker(rank, world, root, kwargs, task):
+def _mm_i2v_worker(rank, world, root, kwargs, task, height=HEIGHT, width=WIDTH):
     from mm.inference.config import SamplingConfig
     from mm.inference.wan import denoise, load_condition_frames
     from mm.models.ae import load_wan_vae
@@ -92,13 +92,17 @@ def _mm_i2v_worker(rank, world, root, kwargs, task):
     contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
     vae = load_wan_vae(f"{root}/vae")
     cond = WanConditioning.from_config(wan, task)
-    paths = [f"{root}/first.png"] + ([f"{root}/last.png"] if task == "flf2v" else [])
-    frames = load_condition_frames(paths, HEIGHT, WIDTH)
-    condition = cond.encode(vae, frames, FRAMES)
-    image_tokens = cond.encode_image(ClipImageEncoder(f"{root}/clip", "fp32"), frames)
+    condition = image_tokens = None
+    if cond.kind != "none":
+        paths = [f"{root}/first.png"] + ([f"{root}/last.png"] if task == "flf2v" else [])
+        frames = load_condition_frames(paths, height, width)
+        condition = cond.encode(vae, frames, FRAMES)
+        if cond.uses_clip:
+            image_tokens = cond.encode_image(ClipImageEncoder(f"{root}/clip", "fp32"), frames)
     sampling = SamplingConfig(prompts=[PROMPT], negative_prompt=NEGATIVE, sample_steps=STEPS, sample_shift=SHIFT,
                               guidance_scale=GUIDANCE)
-    shape = (1, kwargs["out_dim"], (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
+    spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
+    shape = (1, kwargs["out_dim"], (FRAMES - 1) // temporal + 1, height // spatial, width // spatial)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
     latents = denoise(dit, contexts[:1], contexts[1:], noise, sampling, torch.float32, show_progress=False,
                       cond=cond, condition=condition, context_image=image_tokens)
@@ -215,3 +219,48 @@ def test_wan22_experts_switch_at_the_boundary_as_diffusers(tmp_path):
                     num_inference_steps=STEPS, guidance_scale=GUIDANCE, guidance_scale_2=guidance_2,
                     max_sequence_length=16, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_ti2v_latents_equal_diffusers_expand_timesteps(tmp_path, task):
+    """Wan2.2 TI2V-5B (latents alone in, the Wan2.2 VAE with 16x spatial compression): text-to-video
+    as WanPipeline with expand_timesteps, image-to-video as WanImageToVideoPipeline with
+    expand_timesteps (latent frame 0 the clean image latent at timestep 0 on every step, and again at
+    the end)."""
+    import numpy as np
+    import transformers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from PIL import Image
+
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+    from tests.vae_helpers import VARIANTS
+
+    height, width = 32, 64  # the VAE's 16 x the DiT's patch 2
+    kwargs = tiny_kwargs(layers=2)
+    _diffusers_dir(tmp_path / "hf", kwargs, seed=5)
+    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
+    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
+    torch.manual_seed(3)
+    save_wan_vae(WanVAE(WanVAEConfig(**VARIANTS["wan2.2"])), tmp_path / "vae")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image.save(tmp_path / "first.png")
+    (latents, _, contexts), = run_distributed(1, _mm_i2v_worker, str(tmp_path), kwargs, task, height, width)
+
+    parts = dict(tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path / "umt5"),
+                 text_encoder=transformers.UMT5EncoderModel.from_pretrained(tmp_path / "umt5"),
+                 transformer=diffusers_model(kwargs, seed=5), vae=AutoencoderKLWan.from_pretrained(tmp_path / "vae"),
+                 scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=SHIFT, num_train_timesteps=1000),
+                 expand_timesteps=True)
+    call = dict(prompt_embeds=contexts[:1], negative_prompt_embeds=contexts[1:], height=height, width=width,
+                num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(SEED), output_type="latent")
+    if task == "t2v":
+        expected = WanPipeline(**parts)(**call).frames
+    else:
+        expected = WanImageToVideoPipeline(**parts)(image=image, **call).frames
+    assert latents.shape == expected.shape == (1, kwargs["out_dim"], 2, 2, 4)
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    if task == "i2v":  # the first latent frame is the image's, the rest was sampled
+        assert not torch.allclose(latents[:, :, 1:], expected.new_zeros(()).expand_as(latents[:, :, 1:]))
