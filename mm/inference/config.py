@@ -25,6 +25,9 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``offload_model`` (seed 000's name): every model waits in host memory and comes to the device
   only for its stage (text/image encoding, denoising, decoding); ``t5_cpu``: the text encoder
   stays on the host.
+- ``dit_fsdp``, ``t5_fsdp`` (seed 000's names): shard the DiT's parameters over its context-parallel
+  group, the text encoder's over its TP x CP group (the ranks that run each forward together; see
+  ``mm.parallel.fsdp``): each rank keeps a 1/group share and gathers one block at a time.
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
   low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
   ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
@@ -44,7 +47,7 @@ ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
-        "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu")
+        "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp")
 TASKS = ("t2v", "i2v", "flf2v")
 
 
@@ -72,6 +75,8 @@ class SamplingConfig:
     guidance_scale_2: float | None = None
     offload_model: bool = False
     t5_cpu: bool = False
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,5 +198,12 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         last_images=last_images, low_noise_model=low_noise if isinstance(low_noise, str) else None,
         boundary_ratio=float(boundary) if isinstance(boundary, (int, float)) and not isinstance(boundary, bool) else None,
         guidance_scale_2=number("guidance_scale_2", float, 0.0, None) if "guidance_scale_2" in values else None,
-        offload_model=flag("offload_model"), t5_cpu=flag("t5_cpu"))
+        offload_model=flag("offload_model"), t5_cpu=flag("t5_cpu"), dit_fsdp=flag("dit_fsdp"),
+        t5_fsdp=flag("t5_fsdp"))
+    if config.offload_model and (config.dit_fsdp or config.t5_fsdp):
+        problems.append("inference.offload_model moves whole models between host and device; with dit_fsdp or "
+                        "t5_fsdp each rank holds a shard: use one or the other")
+    if config.t5_cpu and config.t5_fsdp:
+        problems.append("inference.t5_cpu keeps the text encoder whole on the host; t5_fsdp shards it over the "
+                        "devices: use one or the other")
     return config

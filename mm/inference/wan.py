@@ -39,7 +39,8 @@ from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
 from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
-from mm.parallel import get_group
+from mm.parallel import get_group, get_group_ranks
+from mm.parallel.fsdp import shard_parameters
 from mm.runtime import start
 from mm.training.checkpointing import load_checkpoint
 from mm.training.pretrain import params_dtype, transformer_config
@@ -100,6 +101,19 @@ def sampling_config(config) -> SamplingConfig:
             if cond.uses_clip and not (config.model.image_encoder and config.model.image_encoder.from_pretrained):
                 problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
                                 "image_encoder.from_pretrained (a CLIP vision model directory)")
+    if sampling is not None:
+        cp, tpcp = config.sizes.context_parallel, config.sizes.tensor_parallel * config.sizes.context_parallel
+        if sampling.dit_fsdp and cp == 1:
+            problems.append("inference.dit_fsdp shards the DiT over its context-parallel group, which is 1 rank here: "
+                            "set --context-parallel-size (or ulysses_size x ring_size) > 1, or dit_fsdp false")
+        if sampling.t5_fsdp and tpcp == 1:
+            problems.append("inference.t5_fsdp shards the text encoder over the TP x CP group, which is 1 rank here: "
+                            "set --tensor-model-parallel-size or --context-parallel-size > 1, or t5_fsdp false")
+        vae_cp = config.sizes.vae_cp_size
+        if vae_cp > 1 and (sampling.num_frames - 1) // temporal < 2 * vae_cp:
+            problems.append(f"ae.vae_cp_size = {vae_cp} with inference.num_frames = {sampling.num_frames}: VAE-CP "
+                            f"gives each rank at least 2 latent frames after the first; valid: num_frames >= "
+                            f"{1 + 2 * vae_cp * temporal}, or a smaller vae_cp_size")
     if sampling is not None and config.args.cfg_parallel and sampling.guidance_scale == 1.0:
         problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
     if problems:
@@ -216,6 +230,13 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     if sampling.low_noise_model is not None:  # an mm checkpoint has a tracker file, a HuggingFace directory not
         low = sampling.low_noise_model
         low_noise_dit = build_dit(low, (Path(low) / "latest_checkpointed_iteration.txt").is_file())
+    if sampling.dit_fsdp:  # over the ranks that run every DiT forward together
+        for model in (dit, low_noise_dit):
+            if model is not None:
+                held = shard_parameters(model, mpu.get_context_parallel_group(), device.type)
+        if torch.distributed.get_rank() == 0:
+            print(f"{PROG}: dit_fsdp: the DiT's parameters sharded over {args.context_parallel_size} ranks "
+                  f"({held / 2**20:.1f} MiB per rank)", flush=True)
     cond = WanConditioning.from_config(arch, sampling.task)
     image_encoder = None
     if cond.uses_clip:
@@ -226,6 +247,15 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                max_length=sampling.model_max_length)
     text_encoder.to(torch.device("cpu") if sampling.t5_cpu else home)
+    if sampling.t5_fsdp:  # every rank of a TP x CP group encodes the same prompts
+        held = shard_parameters(text_encoder.model, mpu.get_tensor_and_context_parallel_group(), device.type)
+        if torch.distributed.get_rank() == 0:
+            print(f"{PROG}: t5_fsdp: the text encoder's parameters sharded over "
+                  f"{mpu.get_tensor_and_context_parallel_world_size()} ranks ({held / 2**20:.1f} MiB per rank)",
+                  flush=True)
+    # VAE-CP: the ranks of a VAE-CP group share each encode (I2V/FLF2V condition) and the writer's
+    # group each decode
+    vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
     movable = [m for m in (dit, low_noise_dit, image_encoder, vae) if m is not None] + \
         ([] if sampling.t5_cpu else [text_encoder])
 
@@ -244,6 +274,11 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     cfg_group = get_group("cfg") if args.cfg_parallel else None
     replicas, replica = (dp // 2, dp_rank // 2) if args.cfg_parallel else (dp, dp_rank)
     writer = tp_rank == 0 and mpu.get_context_parallel_rank() == 0 and (not args.cfg_parallel or dp_rank % 2 == 0)
+    decoder = writer
+    if vae_cp is not None:  # the writer's VAE-CP group decodes with it
+        flag = torch.tensor([float(writer)], device=device)
+        torch.distributed.all_reduce(flag, group=vae_cp[0])
+        decoder = bool(flag.item())
     out_dir = Path(sampling.save_path)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +299,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         if cond.kind != "none":
             paths = [sampling.images[i]] + ([sampling.last_images[i]] if sampling.task == "flf2v" else [])
             frames = load_condition_frames(paths, sampling.height, sampling.width).to(device)
-            condition = cond.encode(vae, frames, sampling.num_frames)
+            condition = cond.encode(vae, frames, sampling.num_frames, vae_cp=vae_cp)
             context_image = None if image_encoder is None else cond.encode_image(image_encoder, frames).to(dtype)
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         stage(dit, low_noise_dit)
@@ -275,9 +310,10 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                           context_image=context_image, low_noise_dit=low_noise_dit)
         acc.synchronize()
         denoise_s = time.perf_counter() - begin_denoise
-        if writer:
+        if decoder:
             stage(vae)
-            video = vae.decode(vae.denormalize(latents.to(dtype)))
+            video = vae.decode(vae.denormalize(latents.to(dtype)), vae_cp=vae_cp)
+        if writer:
             path = output_path(out_dir, prompt, seed)
             write_mp4(path, to_frames(video[0]), sampling.fps)
             if sampling.save_latents:
@@ -285,7 +321,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             written.append(path)
             print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
                   f"{sampling.sample_steps} {sampling.sample_solver} steps: {denoise_s / sampling.sample_steps:.3f} "
-                  f"s/step; {time.perf_counter() - begin:.1f} s in all; peak memory "
+                  f"s/step; {time.perf_counter() - begin:.1f} s in all"
+                  f"{'' if vae_cp is None else f'; decoded over {len(vae_cp[1])} VAE-CP ranks'}; peak memory "
                   f"{acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
     destroy_distributed()
     return written

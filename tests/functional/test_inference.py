@@ -186,3 +186,66 @@ def test_offload_and_text_encoder_on_the_host_change_nothing(assets, tmp_path, o
                             offload_model=True, t5_cpu=True))
     (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
     assert torch.equal(latents, one_process_latents)
+
+
+@pytest.mark.slow
+def test_sharded_dit_and_text_encoder_change_nothing(assets, tmp_path, one_process_latents):
+    """dit_fsdp / t5_fsdp (seed 000): parameters sharded over the CP2 group; the same latents."""
+    out = tmp_path / "samples"
+    log = _run(2, _inference_json(assets, out, prompt="a red square moving left to right on a white background",
+                                  dit_fsdp=True, t5_fsdp=True), "--context-parallel-size", "2")
+    assert "dit_fsdp: the DiT's parameters sharded over 2 ranks" in log
+    assert "t5_fsdp: the text encoder's parameters sharded over 2 ranks" in log
+    (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
+    torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
+
+
+def _frames(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_vae_cp_decode_writes_the_same_video(assets, tmp_path):
+    """ae.vae_cp_size 2 with CP2: both ranks of the writer's TP x CP group decode half the frames each;
+    the video equals one process's (17 frames: two latent frames per rank after the first)."""
+    runs = {}
+    for name, nproc, vae_cp in (("one", 1, 1), ("two", 2, 2)):
+        out = tmp_path / name
+        model_json = _inference_json(assets, out, prompt="a red square", num_frames=17)
+        model = json.loads(model_json.read_text())
+        model["ae"]["vae_cp_size"] = vae_cp
+        model_json.write_text(json.dumps(model))
+        log = _run(nproc, model_json, *(["--context-parallel-size", "2"] if nproc == 2 else []))
+        assert ("decoded over 2 VAE-CP ranks" in log) == (vae_cp == 2)
+        (video,) = out.glob("*.mp4")
+        runs[name] = (_frames(video), torch.load(next(out.glob("*.latents.pt"))))
+    torch.testing.assert_close(runs["two"][1], runs["one"][1], rtol=1e-4, atol=1e-4)
+    one, two = runs["one"][0], runs["two"][0]
+    assert one.shape == two.shape == (17, 64, 64, 3)
+    assert abs(one - two).mean() < 0.5 and one.std() > 1  # same frames up to rounding, and not blank
+
+
+def test_sharding_and_vae_cp_are_checked_before_starting(assets, tmp_path):
+    model_json = _inference_json(assets, tmp_path / "bad", dit_fsdp=True, t5_fsdp=True, t5_cpu=True)
+    cmd = [sys.executable, "inference.py", "--mm-model", str(model_json)]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    for expected in ("inference.dit_fsdp shards the DiT over its context-parallel group, which is 1 rank here",
+                     "inference.t5_fsdp shards the text encoder over the TP x CP group, which is 1 rank here",
+                     "inference.t5_cpu keeps the text encoder whole on the host"):
+        assert expected in done.stderr, done.stderr
+    # VAE-CP over 2 ranks needs 2 latent frames per rank after the first: 17 video frames, not 9
+    model = json.loads(model_json.read_text())
+    model["ae"]["vae_cp_size"] = 2
+    model["inference"].update(dit_fsdp=False, t5_fsdp=False, t5_cpu=False)
+    model_json.write_text(json.dumps(model))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "inference.py",
+           "--mm-model", str(model_json), "--context-parallel-size", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "ae.vae_cp_size = 2 with inference.num_frames = 9" in done.stdout + done.stderr
+    assert not (tmp_path / "bad").exists()
