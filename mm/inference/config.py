@@ -13,12 +13,18 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``save_path``: the directory the videos go to.
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
-- ``task``: t2v, i2v or flf2v (default: flf2v with ``last_image``, i2v with ``image``, else t2v).
+- ``task``: t2v, i2v, flf2v or s2v (default: flf2v with ``last_image``, i2v with ``image``, s2v with
+  ``ref_images``, else t2v).
   A Wan2.2 TI2V-5B model (``predictor.in_dim = out_dim``) samples t2v, or i2v with the image's
   latent as the first latent frame (``num_frames >= 5``).
 - ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
   image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
+- ``ref_images`` (``ref_image``, Phantom's name; task s2v): the subjects' reference images of
+  Phantom subject-to-video, for every prompt (a list of paths, or Phantom's one comma-separated
+  string) or a list of such lists, one per prompt; guided by ``guidance_scale_img``
+  (``sample_guide_scale_img``, 5) and ``guidance_scale_text`` (``sample_guide_scale_text``, 7.5) as
+  ``mm.inference.subject`` describes (``guidance_scale`` is not used by s2v, as in Phantom).
 - ``ulysses_size``, ``ring_size`` (seed 000's Wan/Phantom names): context parallelism of
   ulysses_size x ring_size ranks (mapped onto --context-parallel-size / -algo /
   --ulysses-degree-in-cp by ``mm.arguments`` before anything starts).
@@ -43,12 +49,14 @@ from typing import Any
 from mm.diffusion.samplers import SOLVERS
 
 ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
-           "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale"}
+           "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale", "ref_image": "ref_images",
+           "sample_guide_scale_img": "guidance_scale_img", "sample_guide_scale_text": "guidance_scale_text"}
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
-        "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp")
-TASKS = ("t2v", "i2v", "flf2v")
+        "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
+        "ref_images", "guidance_scale_img", "guidance_scale_text")
+TASKS = ("t2v", "i2v", "flf2v", "s2v")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,9 @@ class SamplingConfig:
     t5_cpu: bool = False
     dit_fsdp: bool = False
     t5_fsdp: bool = False
+    ref_images: list[list[str]] | None = None  # s2v: the reference images of each prompt
+    guidance_scale_img: float = 5.0
+    guidance_scale_text: float = 7.5
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,7 +172,9 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         return paths
 
     images, last_images = per_prompt("image"), per_prompt("last_image")
-    task = values.get("task", "flf2v" if "last_image" in values else "i2v" if "image" in values else "t2v")
+    references = _reference_images(values.get("ref_images"), len(prompts), problems)
+    task = values.get("task", "flf2v" if "last_image" in values else "i2v" if "image" in values else
+                      "s2v" if "ref_images" in values else "t2v")
     if task not in TASKS:
         problems.append(f"inference.task = {task!r}; valid: {', '.join(TASKS)}")
     elif task in ("i2v", "flf2v") and "image" not in values:
@@ -170,8 +183,15 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         problems.append("inference.task = 'flf2v' needs inference.last_image")
     elif task != "flf2v" and "last_image" in values:
         problems.append(f"inference.last_image is for task flf2v (task is {task!r})")
-    elif task == "t2v" and "image" in values:
-        problems.append("inference.image is for task i2v or flf2v (task is 't2v')")
+    elif task in ("t2v", "s2v") and "image" in values:
+        problems.append(f"inference.image is for task i2v or flf2v (task is {task!r})")
+    if task == "s2v" and "ref_images" not in values:
+        problems.append("inference.task = 's2v' (Phantom subject-to-video) needs inference.ref_images")
+    elif task != "s2v" and "ref_images" in values:
+        problems.append(f"inference.ref_images is for task s2v (task is {task!r})")
+    for key in ("guidance_scale_img", "guidance_scale_text"):
+        if key in values and task != "s2v":
+            problems.append(f"inference.{key} is Phantom's (task s2v); task is {task!r}: use guidance_scale")
     low_noise = values.get("low_noise_model")
     boundary = values.get("boundary_ratio")
     if (low_noise is None) != (boundary is None):
@@ -199,7 +219,9 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         boundary_ratio=float(boundary) if isinstance(boundary, (int, float)) and not isinstance(boundary, bool) else None,
         guidance_scale_2=number("guidance_scale_2", float, 0.0, None) if "guidance_scale_2" in values else None,
         offload_model=flag("offload_model"), t5_cpu=flag("t5_cpu"), dit_fsdp=flag("dit_fsdp"),
-        t5_fsdp=flag("t5_fsdp"))
+        t5_fsdp=flag("t5_fsdp"), ref_images=references,
+        guidance_scale_img=number("guidance_scale_img", float, 0.0, defaults.guidance_scale_img),
+        guidance_scale_text=number("guidance_scale_text", float, 0.0, defaults.guidance_scale_text))
     if config.offload_model and (config.dit_fsdp or config.t5_fsdp):
         problems.append("inference.offload_model moves whole models between host and device; with dit_fsdp or "
                         "t5_fsdp each rank holds a shard: use one or the other")
@@ -207,3 +229,33 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         problems.append("inference.t5_cpu keeps the text encoder whole on the host; t5_fsdp shards it over the "
                         "devices: use one or the other")
     return config
+
+
+def _reference_images(value: Any, prompts: int, problems: list[str]) -> list[list[str]] | None:
+    """``ref_images`` as one list of paths per prompt: a list of paths (or Phantom's comma-separated
+    string) for every prompt, or a list of ``prompts`` such lists."""
+    if value is None:
+        return None
+
+    def paths(v: Any) -> list[str] | None:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        return v if isinstance(v, list) and v and all(isinstance(p, str) for p in v) else None
+
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        per_prompt = [paths(v) for v in value]
+        if len(per_prompt) != prompts or any(p is None for p in per_prompt):
+            problems.append(f"inference.ref_images = {value!r}; valid: a list of image paths (or one comma-separated "
+                            f"string) for every prompt, or a list of {prompts} such lists (one per prompt)")
+            return None
+    else:
+        shared = paths(value)
+        if shared is None:
+            problems.append(f"inference.ref_images = {value!r}; valid: a non-empty list of image paths, one "
+                            "comma-separated string of them, or one such list per prompt")
+            return None
+        per_prompt = [shared] * prompts
+    missing = sorted({p for group in per_prompt for p in group if not Path(p).is_file()})
+    if missing:
+        problems.append(f"inference.ref_images: no such file: {', '.join(missing)}")
+    return per_prompt

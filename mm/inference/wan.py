@@ -1,6 +1,7 @@
 """Wan sampling, text-to-video and image-to-video (Wan2.1 I2V, FLF2V; Wan2.2 I2V-A14B's
 channel-concatenated condition; Wan2.2 TI2V-5B's first latent frame, clean at timestep 0 on every
-step): ``inference.py --mm-model inference_model.json [parallel flags]``.
+step; Phantom subject-to-video on a Wan2.1 T2V DiT, ``mm.inference.subject``):
+``inference.py --mm-model inference_model.json [parallel flags]``.
 
 Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
 DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
@@ -33,10 +34,11 @@ from mm.arguments import ConfigError
 from mm.data.video_writer import write_mp4
 from mm.diffusion.samplers import build_sampler
 from mm.inference.config import SamplingConfig, parse_sampling
+from mm.inference.subject import load_reference_images, reference_latents
 from mm.models.ae import load_wan_vae
 from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor import build_predictor, predictor_config
-from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.predictor.wan import load_hf_weights, read_weights
 from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_group, get_group_ranks
@@ -89,7 +91,7 @@ def sampling_config(config) -> SamplingConfig:
                               problems)
     if not problems:
         try:
-            cond = WanConditioning.from_config(arch, sampling.task)
+            cond = WanConditioning.from_config(arch, conditioning_task(sampling.task))
         except ValueError as e:
             problems.append(f"inference.task = {sampling.task!r} with predictor (in_dim {arch.in_dim}, image_dim "
                             f"{arch.image_dim}): {e}")
@@ -114,11 +116,19 @@ def sampling_config(config) -> SamplingConfig:
             problems.append(f"ae.vae_cp_size = {vae_cp} with inference.num_frames = {sampling.num_frames}: VAE-CP "
                             f"gives each rank at least 2 latent frames after the first; valid: num_frames >= "
                             f"{1 + 2 * vae_cp * temporal}, or a smaller vae_cp_size")
+    if sampling is not None and sampling.task == "s2v" and config.args.cfg_parallel:
+        problems.append("--cfg-parallel splits two guidance branches over a pair of ranks; Phantom's s2v guidance "
+                        "has three (text, image, neither): leave --cfg-parallel out")
     if sampling is not None and config.args.cfg_parallel and sampling.guidance_scale == 1.0:
         problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
     if problems:
         raise ConfigError(problems)
     return sampling
+
+
+def conditioning_task(task: str) -> str:
+    """The WanConditioning a sampling task uses: Phantom's s2v runs a text-to-video DiT."""
+    return "t2v" if task == "s2v" else task
 
 
 def output_path(directory: Path, prompt: str, seed: int) -> Path:
@@ -136,7 +146,7 @@ def output_path(directory: Path, prompt: str, seed: int) -> Path:
 def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
             dtype: torch.dtype, show_progress: bool, cfg_group=None, cond: WanConditioning | None = None,
             condition: torch.Tensor | None = None, context_image: torch.Tensor | None = None,
-            low_noise_dit=None) -> torch.Tensor:
+            low_noise_dit=None, references: torch.Tensor | None = None) -> torch.Tensor:
     """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents.
 
     ``cfg_group``: a pair of ranks (--cfg-parallel) of which the first runs the conditional branch and
@@ -144,11 +154,16 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
     as one rank would. ``cond``/``condition``/``context_image``: an image-conditioned model's
     conditioning (WanConditioning, its encoded condition, the CLIP tokens), the same for both
     branches. ``low_noise_dit``: Wan2.2 A14B's second expert, which takes over (with
-    ``guidance_scale_2``) below ``boundary_ratio`` x 1000."""
+    ``guidance_scale_2``) below ``boundary_ratio`` x 1000. ``references [1, z, N, h, w]``: Phantom's
+    reference latents after the video frames, with its three-branch guidance
+    (``mm.inference.subject``; ``negative`` is then required)."""
     sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
     latents = noise.float()
     branch = None if cfg_group is None else torch.distributed.get_rank(cfg_group)
     boundary = None if low_noise_dit is None else sampling.boundary_ratio * 1000
+    refs = None if references is None else references.to(latents.device, latents.dtype)
+    if refs is not None and (negative is None or cfg_group is not None):
+        raise ValueError("Phantom references: three guidance branches on one rank need the negative prompt")
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not show_progress, leave=False):
         timestep = t.float().expand(latents.shape[0]).to(latents.device)
         high_noise = boundary is None or t >= boundary
@@ -161,11 +176,17 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
         model_latents, model_timestep = (latents, timestep) if cond is None else \
             cond.model_input(latents, timestep, condition)
 
-        def velocity_for(ctx):
-            return model(latents=model_latents.to(dtype), timestep=model_timestep, context=ctx,
-                         context_image=context_image).float()
+        def velocity_for(ctx, x=model_latents):
+            out = model(latents=x.to(dtype), timestep=model_timestep, context=ctx, context_image=context_image)
+            return out[:, :, :latents.shape[2]].float()  # the video frames (Phantom: not the references')
 
-        if negative is None:
+        if refs is not None:
+            with_refs = torch.cat([model_latents, refs], dim=2)
+            text, image = velocity_for(context, with_refs), velocity_for(negative, with_refs)
+            neither = velocity_for(negative, torch.cat([model_latents, torch.zeros_like(refs)], dim=2))
+            velocity = neither + sampling.guidance_scale_img * (image - neither) + \
+                sampling.guidance_scale_text * (text - image)
+        elif negative is None:
             velocity = velocity_for(context)
         else:
             if branch is None:
@@ -222,7 +243,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         if from_checkpoint:
             load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
         else:
-            load_hf_weights(model, read_safetensors_dir(weights), tp_size=tp, tp_rank=tp_rank)
+            load_hf_weights(model, read_weights(weights), tp_size=tp, tp_rank=tp_rank)
         return model
 
     dit = build_dit(args.load or pred.from_pretrained, args.load is not None)
@@ -237,7 +258,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         if torch.distributed.get_rank() == 0:
             print(f"{PROG}: dit_fsdp: the DiT's parameters sharded over {args.context_parallel_size} ranks "
                   f"({held / 2**20:.1f} MiB per rank)", flush=True)
-    cond = WanConditioning.from_config(arch, sampling.task)
+    cond = WanConditioning.from_config(arch, conditioning_task(sampling.task))
     image_encoder = None
     if cond.uses_clip:
         image = cfg.model.image_encoder
@@ -286,7 +307,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
     shape = (arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
              sampling.width // spatial)
-    guided = sampling.guidance_scale != 1.0
+    guided = sampling.guidance_scale != 1.0 or sampling.task == "s2v"
     written = []
     mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
     for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
@@ -301,13 +322,20 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             frames = load_condition_frames(paths, sampling.height, sampling.width).to(device)
             condition = cond.encode(vae, frames, sampling.num_frames, vae_cp=vae_cp)
             context_image = None if image_encoder is None else cond.encode_image(image_encoder, frames).to(dtype)
-        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        references = None
+        if sampling.task == "s2v":
+            references = reference_latents(vae, load_reference_images(sampling.ref_images[i], sampling.height,
+                                                                      sampling.width))
+        # Phantom draws the noise for the video and reference frames at once and keeps the video's
+        frames = shape[1] + (0 if references is None else references.shape[2])
+        noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float32)[:, :, :shape[1]]
         stage(dit, low_noise_dit)
         acc.synchronize()
         begin_denoise = time.perf_counter()
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
                           show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
-                          context_image=context_image, low_noise_dit=low_noise_dit)
+                          context_image=context_image, low_noise_dit=low_noise_dit, references=references)
         acc.synchronize()
         denoise_s = time.perf_counter() - begin_denoise
         if decoder:

@@ -33,7 +33,7 @@ from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.image_encoder import ClipImageEncoder
-from mm.models.predictor.wan import load_hf_weights, read_safetensors_dir
+from mm.models.predictor.wan import load_hf_weights, read_weights
 from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
@@ -143,7 +143,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
     chunks = build_model_chunks(pred, arch, tf_config, vpp)
     if pred.from_pretrained:  # full (diffusers or original-Wan) weights: this stage's layers, split for this TP rank
-        source = read_safetensors_dir(pred.from_pretrained)
+        source = read_weights(pred.from_pretrained)
         for chunk in chunks:
             load_hf_weights(chunk, source, tp_size=args.tensor_model_parallel_size,
                             tp_rank=mpu.get_tensor_model_parallel_rank())

@@ -249,3 +249,50 @@ def test_sharding_and_vae_cp_are_checked_before_starting(assets, tmp_path):
     assert done.returncode != 0
     assert "ae.vae_cp_size = 2 with inference.num_frames = 9" in done.stdout + done.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_phantom_subject_to_video_from_a_pth_state_dict(assets, tmp_path):
+    """task s2v (Phantom): reference images (Phantom's comma-separated ref_image) after the video
+    frames; the DiT's weights from a flat .pth state dict (Phantom-Wan-1.3B.pth's form); CP2 (ring)
+    equals one process, and other references give another video."""
+    import numpy as np
+    from PIL import Image
+
+    from mm.models.predictor.wan import read_weights
+
+    model = json.loads((assets / "model.json").read_text())
+    pth = tmp_path / "phantom.pth"
+    torch.save(read_weights(model["predictor"]["from_pretrained"]), pth)
+    rng = np.random.default_rng(2)
+    refs = []
+    for i, (h, w) in enumerate(((40, 64), (64, 24), (30, 30))):
+        refs.append(tmp_path / f"ref{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(refs[-1])
+    latents = {}
+    for name, nproc, chosen in (("one", 1, refs[:2]), ("cp2", 2, refs[:2]), ("other", 1, refs[2:])):
+        out = tmp_path / name
+        model_json = _inference_json(assets, out, prompt="a red square", ref_image=",".join(map(str, chosen)),
+                                     sample_guide_scale_img=4.0, sample_guide_scale_text=6.0)
+        config = json.loads(model_json.read_text())
+        config["predictor"]["from_pretrained"] = str(pth)
+        model_json.write_text(json.dumps(config))
+        flags = ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo"] if nproc == 2 else []
+        _run(nproc, model_json, *flags)
+        (video,) = out.glob("*.mp4")
+        assert _decode(video) == (9, 64, 64)
+        latents[name] = torch.load(next(out.glob("*.latents.pt")))
+    assert latents["one"].shape == (1, 4, 3, 8, 8)
+    torch.testing.assert_close(latents["cp2"], latents["one"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(latents["other"], latents["one"], atol=1e-3)
+
+
+def test_phantom_with_cfg_parallel_is_refused(assets, tmp_path):
+    ref = tmp_path / "ref.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(ref)
+    model_json = _inference_json(assets, tmp_path / "s2v", ref_images=[str(ref)])
+    done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(model_json), "--cfg-parallel"], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Phantom's s2v guidance has three (text, image, neither): leave --cfg-parallel out" in done.stderr

@@ -264,3 +264,102 @@ def test_ti2v_latents_equal_diffusers_expand_timesteps(tmp_path, task):
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
     if task == "i2v":  # the first latent frame is the image's, the rest was sampled
         assert not torch.allclose(latents[:, :, 1:], expected.new_zeros(()).expand_as(latents[:, :, 1:]))
+
+
+def _mm_phantom_worker(rank, world, root, kwargs, paths, scales):
+    from mm.inference.config import SamplingConfig
+    from mm.inference.subject import load_reference_images, reference_latents
+    from mm.inference.wan import denoise
+    from mm.models.ae import load_wan_vae
+    from mm.models.predictor.wan import WanDiT, WanDiTConfig
+    from mm.models.text_encoder import TextEncoder
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from mm.training.checkpointing import load_checkpoint
+    from tests.wan_helpers import megatron_config
+
+    initialize_parallel(ParallelSizes(world_size=world), seed=0)
+    dit = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
+    load_checkpoint(f"{root}/mm", [dit], None, None, load_optim=False, load_rng=False)
+    text = TextEncoder("umt5", f"{root}/umt5", "fp32", max_length=16)
+    contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
+    refs = reference_latents(load_wan_vae(f"{root}/vae"), load_reference_images(paths, HEIGHT, WIDTH))
+    sampling = SamplingConfig(prompts=[PROMPT], negative_prompt=NEGATIVE, sample_steps=STEPS, sample_shift=SHIFT,
+                              task="s2v", guidance_scale_img=scales[0], guidance_scale_text=scales[1])
+    frames = (FRAMES - 1) // 4 + 1
+    noise = torch.randn((1, kwargs["in_dim"], frames + len(paths), HEIGHT // 8, WIDTH // 8),
+                        generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)[:, :, :frames]
+    latents = denoise(dit, contexts[:1], contexts[1:], noise, sampling, torch.float32, show_progress=False,
+                      references=refs)
+    destroy_parallel()
+    return latents, contexts
+
+
+def _phantom_reference(pipe_parts, contexts, paths, scales):
+    """Phantom-Wan's subject-to-video sampler, written from its release (generate.py's
+    load_ref_images, subject2video.py's loop) on diffusers' transformer, VAE and UniPC: the latents
+    hold video + reference frames, the references are re-imposed (zeros for the unconditional branch)
+    before every forward, the scheduler steps the whole tensor, the video frames are kept at the end."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    transformer, vae, scheduler = pipe_parts
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    refs = []
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        ratio = img.width / img.height
+        size = (WIDTH, int(WIDTH / ratio)) if ratio > WIDTH / HEIGHT else (int(HEIGHT * ratio), HEIGHT)
+        img = img.resize(size, Image.Resampling.LANCZOS)
+        dw, dh = WIDTH - size[0], HEIGHT - size[1]
+        img = ImageOps.expand(img, border=(dw // 2, dh // 2, dw - dw // 2, dh - dh // 2), fill=(255, 255, 255))
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+        refs.append((vae.encode(x[None, :, None]).latent_dist.mean - mean) / std)
+    refs = torch.cat(refs, dim=2)
+    n, frames = refs.shape[2], (FRAMES - 1) // 4 + 1
+    x = torch.randn((1, refs.shape[1], frames + n, HEIGHT // 8, WIDTH // 8),
+                    generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
+    scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            def v(latents, ctx):
+                return transformer(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=ctx,
+                                   return_dict=False)[0]
+            v_it = v(torch.cat([x[:, :, :-n], refs], 2), contexts[:1])
+            v_i = v(torch.cat([x[:, :, :-n], refs], 2), contexts[1:])
+            v_0 = v(torch.cat([x[:, :, :-n], torch.zeros_like(refs)], 2), contexts[1:])
+            x = scheduler.step(v_0 + scales[0] * (v_i - v_0) + scales[1] * (v_it - v_i), t, x, return_dict=False)[0]
+    return x[:, :, :-n]
+
+
+def test_phantom_subject_to_video_equals_the_reference_sampler(tmp_path):
+    """Two reference images of other aspect ratios than the video (one wider, one taller), two guidance
+    scales: mm's s2v latents equal Phantom's sampler on diffusers' parts with the same weights."""
+    import numpy as np
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from PIL import Image
+
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+
+    kwargs = tiny_kwargs(layers=2)
+    _diffusers_dir(tmp_path / "hf", kwargs, seed=5)
+    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
+    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
+    torch.manual_seed(3)
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0])),
+                 tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(((24, 40), (36, 20))):
+        paths.append(str(tmp_path / f"ref{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    scales = (3.0, 4.5)
+    (latents, contexts), = run_distributed(1, _mm_phantom_worker, str(tmp_path), kwargs, paths, scales)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
+                                        num_train_timesteps=1000)
+    expected = _phantom_reference((diffusers_model(kwargs, seed=5), AutoencoderKLWan.from_pretrained(tmp_path / "vae"),
+                                   scheduler), contexts, paths, scales)
+    assert latents.shape == expected.shape == (1, 4, 2, HEIGHT // 8, WIDTH // 8)
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)

@@ -64,3 +64,33 @@ def test_wan22_expert_keys(tmp_path):
     _, problems = _parse({"prompt": "x", "boundary_ratio": 0.9, "guidance_scale_2": 2.0})
     text = "\n".join(problems)
     assert "go together" in text and "guidance_scale_2 is the low-noise expert's" in text
+
+
+def test_phantom_keys(tmp_path):
+    """Seed 000's Phantom names: ref_image as one comma-separated string, the two guidance scales."""
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
+    config, problems = _parse({"prompt": ["x", "y"], "ref_image": f"{a}, {b}", "sample_guide_scale_img": 4.0,
+                               "sample_guide_scale_text": 6.5, "sample_guide_scale": 5.0})
+    assert problems == []
+    assert config.task == "s2v" and config.ref_images == [[a, b], [a, b]]
+    assert (config.guidance_scale_img, config.guidance_scale_text) == (4.0, 6.5)
+    config, problems = _parse({"prompt": ["x", "y"], "ref_images": [[a], [b, c]]})
+    assert problems == [] and config.ref_images == [[a], [b, c]]
+    assert (config.guidance_scale_img, config.guidance_scale_text) == (5.0, 7.5)  # Phantom's defaults
+
+
+def test_phantom_problems_are_named(tmp_path):
+    _, problems = _parse({"prompt": ["x", "y"], "ref_images": [["a.png"]], "task": "s2v"})
+    assert any("inference.ref_images = [['a.png']]; valid: a list of image paths (or one comma-separated string) "
+               "for every prompt, or a list of 2 such lists" in p for p in problems), problems
+    _, problems = _parse({"prompt": "x", "ref_images": ["missing.png"]})
+    assert problems == ["inference.ref_images: no such file: missing.png"]
+    _, problems = _parse({"prompt": "x", "task": "s2v", "guidance_scale_img": -1})
+    assert "inference.task = 's2v' (Phantom subject-to-video) needs inference.ref_images" in problems
+    assert "inference.guidance_scale_img = -1; valid: >= 0.0" in problems
+    _, problems = _parse({"prompt": "x", "guidance_scale_text": 7.5})
+    assert problems == ["inference.guidance_scale_text is Phantom's (task s2v); task is 't2v': use guidance_scale"]
+    _, problems = _parse({"prompt": "x", "task": "t2v", "ref_images": "a.png"})
+    assert "inference.ref_images is for task s2v (task is 't2v')" in problems
