@@ -12,6 +12,21 @@ from tests.wan_helpers import diffusers_model, tiny_kwargs
 
 PROMPT, NEGATIVE = "a red square moving left", "blurry static"
 FRAMES, HEIGHT, WIDTH, STEPS, GUIDANCE, SHIFT, SEED = 5, 32, 48, 6, 4.0, 3.0, 7
+VAE_21 = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.3, 0.0],
+              latents_std=[0.5, 1.5, 1.0, 2.0])
+
+
+def _tiny_assets(root, kwargs, vae: dict) -> None:
+    """Under ``root``: the DiT in diffusers' layout (``hf``) and through mm-convert (``mm``), a tiny
+    UMT5 (``umt5``) and a random Wan VAE of config ``vae`` (``vae``)."""
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+
+    _diffusers_dir(root / "hf", kwargs, seed=5)
+    _convert("hf_to_mm", root / "hf", root / "mm")
+    save_tiny_text_encoder(root / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
+    torch.manual_seed(3)
+    save_wan_vae(WanVAE(WanVAEConfig(**vae)), root / "vae")
 
 
 def _mm_worker(rank, world, mm_dir, text_dir, kwargs, solver):
@@ -120,21 +135,13 @@ def test_image_to_video_latents_equal_diffusers(tmp_path, task):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
     from PIL import Image
 
-    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
-    from mm.models.text_encoder.tiny import save_tiny_text_encoder
     from tests.encoder_helpers import save_clip
 
     kwargs = tiny_kwargs(image=True, flf2v=task == "flf2v")
     kwargs.update(in_dim=12, out_dim=4, image_dim=16)  # latents 4 + mask 4 + condition latents 4; CLIP width 16
     if task == "flf2v":
         kwargs["pos_embed_seq_len"] = 10  # 2 images x (4 patches + class token)
-    _diffusers_dir(tmp_path / "hf", kwargs, seed=5)
-    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
-    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
-    torch.manual_seed(3)
-    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0])),
-                 tmp_path / "vae")
+    _tiny_assets(tmp_path, kwargs, VAE_21)
     save_clip(tmp_path / "clip")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)) for _ in range(2)]
@@ -232,17 +239,11 @@ def test_ti2v_latents_equal_diffusers_expand_timesteps(tmp_path, task):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from PIL import Image
 
-    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
-    from mm.models.text_encoder.tiny import save_tiny_text_encoder
     from tests.vae_helpers import VARIANTS
 
     height, width = 32, 64  # the VAE's 16 x the DiT's patch 2
     kwargs = tiny_kwargs(layers=2)
-    _diffusers_dir(tmp_path / "hf", kwargs, seed=5)
-    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
-    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
-    torch.manual_seed(3)
-    save_wan_vae(WanVAE(WanVAEConfig(**VARIANTS["wan2.2"])), tmp_path / "vae")
+    _tiny_assets(tmp_path, kwargs, VARIANTS["wan2.2"])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
     image.save(tmp_path / "first.png")
     (latents, _, contexts), = run_distributed(1, _mm_i2v_worker, str(tmp_path), kwargs, task, height, width)
@@ -339,17 +340,9 @@ def test_phantom_subject_to_video_equals_the_reference_sampler(tmp_path):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from PIL import Image
 
-    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
-    from mm.models.text_encoder.tiny import save_tiny_text_encoder
 
     kwargs = tiny_kwargs(layers=2)
-    _diffusers_dir(tmp_path / "hf", kwargs, seed=5)
-    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
-    save_tiny_text_encoder(tmp_path / "umt5", sorted(set((PROMPT + " " + NEGATIVE).split())), d_model=kwargs["text_dim"])
-    torch.manual_seed(3)
-    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0])),
-                 tmp_path / "vae")
+    _tiny_assets(tmp_path, kwargs, VAE_21)
     rng = np.random.default_rng(0)
     paths = []
     for i, (h, w) in enumerate(((24, 40), (36, 20))):

@@ -8,12 +8,8 @@
 # the DiT's weights from there.
 # Every variable in the first block can be set from the environment, e.g.
 #   GPUS_PER_NODE=4 CP=4 bash examples/wan2.1/1.3b/t2v/inference_t2v.sh
-#
-# Layout: every rank of a TP x CP group samples the same video (CP splits the sequence: Ulysses needs
-# 12 heads % (TP x ULYSSES) == 0; CP_ALGO=megatron_cp_algo is ring attention, hybrid_cp_algo with
-# ULYSSES=U is Ulysses x ring, seed 000's "ulysses_size x ring_size"). The remaining factor of the
-# world size runs prompts side by side, or with CFG_PARALLEL=1 pairs of ranks run the conditional
-# and unconditional branches of one prompt.
+# The layout (TP, CP, CFG pairs, prompts side by side) is explained in examples/inference_launch.sh;
+# the DiT has 12 heads, so Ulysses needs 12 % (TP x Ulysses degree) == 0.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../../.."
 
@@ -32,31 +28,4 @@ DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
 MM_MODEL=${MM_MODEL:-examples/wan2.1/1.3b/t2v/inference_t2v_model.json}
 LOAD_PATH=${LOAD_PATH:-}  # an mm checkpoint for the DiT; empty: predictor.from_pretrained
 
-source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $GPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
-PARALLEL_ARGS="
-    --tensor-model-parallel-size ${TP} \
-    --context-parallel-size ${CP} \
-    --context-parallel-algo ${CP_ALGO} \
-    --bf16 \
-    --distributed-timeout-minutes ${DIST_TIMEOUT_MINUTES}
-"
-if [[ "$CP_ALGO" == hybrid_cp_algo ]]; then
-    PARALLEL_ARGS="$PARALLEL_ARGS --ulysses-degree-in-cp ${ULYSSES}"
-fi
-if [[ "$CFG_PARALLEL" == 1 ]]; then
-    PARALLEL_ARGS="$PARALLEL_ARGS --cfg-parallel"
-fi
-MM_ARGS="--mm-model $MM_MODEL"
-if [[ -n "$LOAD_PATH" ]]; then
-    MM_ARGS="$MM_ARGS --load $LOAD_PATH"
-fi
-
-torchrun $DISTRIBUTED_ARGS inference.py $PARALLEL_ARGS $MM_ARGS
+source examples/inference_launch.sh
