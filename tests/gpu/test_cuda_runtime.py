@@ -101,3 +101,35 @@ def test_inference_on_one_gpu(tmp_path):
     # the same video, with the models brought to the device one stage at a time
     assert torch.equal(latents["offload"], latents["resident"])
     assert peaks["offload"] <= peaks["resident"]
+
+
+def test_ti2v_and_phantom_sampling_on_gpu_match_cpu(tmp_path):
+    """inference.py on CUDA and on the CPU (fp32): TI2V-style first-frame sampling (the quickstart's
+    in_dim = out_dim model with task i2v) and Phantom s2v with two references give the same latents."""
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("first", (64, 64)), ("ref0", (40, 64)), ("ref1", (64, 30))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    tasks = {"ti2v": {"task": "i2v", "image": str(tmp_path / "first.png")},
+             "s2v": {"ref_images": [str(tmp_path / "ref0.png"), str(tmp_path / "ref1.png")]}}
+    for task, extra in tasks.items():
+        latents = {}
+        for device in ("cuda", "cpu"):
+            model = json.loads((tmp_path / "inference_model.json").read_text())
+            out = tmp_path / f"{task}_{device}"
+            model["inference"].update(extra, save_latents=True, save_path=str(out), prompt="a red square",
+                                      sample_steps=4)
+            (tmp_path / f"{task}_{device}.json").write_text(json.dumps(model))
+            env = dict(os.environ, MM_ACCELERATOR=device, PYTHONUNBUFFERED="1")
+            result = subprocess.run([sys.executable, "inference.py", "--mm-model", str(tmp_path / f"{task}_{device}.json")],
+                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            latents[device] = torch.load(next(out.glob("*.latents.pt")))
+        torch.testing.assert_close(latents["cuda"], latents["cpu"], rtol=1e-3, atol=1e-3)
