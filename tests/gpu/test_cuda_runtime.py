@@ -114,6 +114,9 @@ def test_ti2v_and_phantom_sampling_on_gpu_match_cpu(tmp_path):
 
     subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(tmp_path)], cwd=REPO, check=True,
                    capture_output=True)
+    # fixed DiT weights, set as predictor.from_pretrained (the quickstart's model JSON has none)
+    subprocess.run([sys.executable, "tests/functional/dit_weights.py", str(tmp_path / "inference_model.json"),
+                    str(tmp_path / "dit")], cwd=REPO, check=True, capture_output=True)
     rng = np.random.default_rng(0)
     for name, (h, w) in (("first", (64, 64)), ("ref0", (40, 64)), ("ref1", (64, 30))):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
