@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from mm.models.ae.wan_vae import WanVAE, WanVAEConfig, load_wan_vae, save_wan_vae
-from mm.models.ae.wfvae import WFVAE, WFVAEConfig, load_wfvae, save_wfvae, wfvae_state_dict_from_reference
+from mm.models.ae.wfvae import WFVAE, WFVAEConfig
+from mm.models.ae.wfvae_checkpoint import load_wfvae, save_wfvae, wfvae_state_dict_from_reference
 
 AE_MODEL_IDS = ("wan_vae", "wfvae")
 

@@ -13,18 +13,16 @@ or as slices over a VAE-CP group, through the ``CausalCache`` interface of ``wan
 chunk's last (look-ahead) frame with the next chunk, so the decoder runs one frame late from
 there on, and the side path joining after it is held back by one frame to match; the chunk that
 ends the video (``at_end``) flushes both, with the end frame clamped as ``F.interpolate`` does.
-Chunked, VAE-CP and whole-video results are the same numbers.
+Chunked, VAE-CP and whole-video results agree up to fp32 rounding (different conv shapes).
 
 Parameter names are the reference's (``opensora/models/causalvideovae`` at 4b14d58), so its state
-dict loads after ``wfvae_state_dict_from_reference`` drops the fixed Haar filters it stores.
+dict loads after ``wfvae_checkpoint.wfvae_state_dict_from_reference`` drops the fixed Haar filters it stores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -315,7 +313,7 @@ class FrameDelay(nn.Module):
         return x if end else x[:, :, :-1]
 
 
-def _haar_filters(dims: int) -> torch.Tensor:
+def haar_filters(dims: int) -> torch.Tensor:
     """The reference's sub-band filters, in its order: [bands, 1, 2, ...] with bands = 2 ** dims."""
     low, high = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
     if dims == 3:  # band = 4 * time_high + 2 * height_high + width_high
@@ -332,7 +330,7 @@ class HaarWavelet3D(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("filters", _haar_filters(3), persistent=False)
+        self.register_buffer("filters", haar_filters(3), persistent=False)
 
     def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
         if cache.at_start(self):
@@ -347,7 +345,7 @@ class InverseHaarWavelet3D(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("filters", _haar_filters(3), persistent=False)
+        self.register_buffer("filters", haar_filters(3), persistent=False)
 
     def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
         b, c8 = x.shape[:2]
@@ -362,7 +360,7 @@ class HaarWavelet2D(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("filters", _haar_filters(2), persistent=False)
+        self.register_buffer("filters", haar_filters(2), persistent=False)
 
     def _image(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
@@ -534,87 +532,3 @@ class WFVAE(nn.Module):
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.scale.to(latents) + self.shift.to(latents)
 
-
-def _haar_keys() -> dict[str, torch.Tensor]:
-    """The fixed filters the reference stores in its state dict, by name."""
-    names3 = ["h", "g", "hh", "gh", "h_v", "g_v", "hh_v", "gh_v"]
-    f3, f2 = _haar_filters(3), _haar_filters(2)
-    keys = {}
-    for prefix in ("encoder.wavelet_transform_in", "encoder.wavelet_transform_l2"):
-        keys.update({f"{prefix}.{n}_conv.conv.weight": f3[i].unsqueeze(0) for i, n in enumerate(names3)})
-    for prefix in ("decoder.inverse_wavelet_transform_out", "decoder.inverse_wavelet_transform_l2"):
-        keys.update({f"{prefix}.{n}": f3[i].unsqueeze(0) for i, n in enumerate(names3)})
-    for prefix in ("encoder.wavelet_transform_l1", "decoder.inverse_wavelet_transform_l1"):
-        keys.update({f"{prefix}.{n}": f2[i].unsqueeze(0) for i, n in enumerate(["aa", "ad", "da", "dd"])})
-    return keys
-
-
-def wfvae_state_dict_from_reference(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Our state dict from the reference's (a ``WFVAEModel.state_dict()`` or a training checkpoint such as
-    the released ``merged.ckpt``: ``ema_state_dict`` when present and ``use_ema``, else ``state_dict``
-    [``gen_model``], as the reference's ``init_from_ckpt`` picks). Names are the same; the fixed Haar
-    filters the reference stores are checked against ours and dropped."""
-    state = checkpoint
-    if use_ema and checkpoint.get("ema_state_dict"):
-        state = {k.removeprefix("module."): v for k, v in checkpoint["ema_state_dict"].items()}
-    elif "state_dict" in checkpoint:
-        state = checkpoint["state_dict"]
-        state = state.get("gen_model", state)
-    haar = _haar_keys()
-    out = {}
-    for name, value in state.items():
-        if name in haar:
-            if value.shape != haar[name].shape or not torch.allclose(value.float(), haar[name], atol=2e-3):
-                raise ValueError(f"WFVAE checkpoint: {name} is not the Haar filter {haar[name].flatten().tolist()}")
-            continue
-        out[name] = value
-    return out
-
-
-def _read_weights(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_wfvae(from_pretrained: str, dtype: torch.dtype = torch.float32, params: dict | None = None) -> WFVAE:
-    """A WFVAE from ``ae.from_pretrained``: a directory (the reference's layout: config.json and one
-    ``*.ckpt``, or ours: config.json and ``model.safetensors``) or a weights file (``.pt`` / ``.ckpt`` /
-    ``.safetensors``, e.g. vae_convert's ``vae.pt``). The config is the directory's config.json, if
-    any, updated with the model JSON's ``ae`` keys (``params``). Missing or unexpected weights are an
-    error that lists them."""
-    path = Path(from_pretrained)
-    values: dict = {}
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            values.update(json.loads((path / "config.json").read_text()))
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.ckpt")) or sorted(path.glob("*.pt"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: expected one *.safetensors, *.ckpt "
-                                    f"or *.pt file there, found {[f.name for f in files]}")
-        weights = files[0]
-    elif path.is_file():
-        weights = path
-    else:
-        raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no such file or directory")
-    values.update(params or {})
-    vae = WFVAE(WFVAEConfig.from_json(values))
-    state = wfvae_state_dict_from_reference(_read_weights(weights))
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f"ae.from_pretrained = {from_pretrained!r}: weights do not match the config: "
-                       f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    return vae.to(dtype).eval().requires_grad_(False)
-
-
-def save_wfvae(vae: WFVAE, directory: str) -> None:
-    """Write ``vae`` as a directory (config.json + model.safetensors) that ``load_wfvae`` reads."""
-    from safetensors.torch import save_file
-
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in dataclasses.asdict(vae.cfg).items() if k not in ("use_tiling", "t_chunk_enc", "t_chunk_dec")}
-    (path / "config.json").write_text(json.dumps(dict(config, _class_name="WFVAEModel"), indent=1))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path / "model.safetensors"))
