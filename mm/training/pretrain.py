@@ -27,7 +27,7 @@ from mm.arguments import ConfigError
 from mm.data.dataset import SkipCounter
 from mm.data.loader import build_video_dataloader
 from mm.diffusion import FlowMatching, FlowMatchingConfig
-from mm.models.ae import load_wan_vae
+from mm.models.ae import load_vae
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
@@ -187,7 +187,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     skips = SkipCounter()
     batches = None
     if first_stage:  # stage 0 holds the frozen encoders and reads the data (seed 003's layout)
-        vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(device)
+        vae = load_vae(cfg.model.ae, dtype).to(device)
         text = cfg.model.text_encoder[0]
         text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
                                    max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)

@@ -1,5 +1,28 @@
-"""Video autoencoders: the Wan VAE (Wan2.1 and Wan2.2)."""
+"""Video autoencoders: the Wan VAE (Wan2.1 and Wan2.2) and WFVAE (OpenSoraPlan 1.3), chosen by the model
+JSON's ``ae.model_id``."""
+
+from __future__ import annotations
+
+import torch
 
 from mm.models.ae.wan_vae import WanVAE, WanVAEConfig, load_wan_vae, save_wan_vae
+from mm.models.ae.wfvae import WFVAE, WFVAEConfig
+from mm.models.ae.wfvae_checkpoint import load_wfvae, save_wfvae, wfvae_state_dict_from_reference
 
-__all__ = ["WanVAE", "WanVAEConfig", "load_wan_vae", "save_wan_vae"]
+AE_MODEL_IDS = ("wan_vae", "wfvae")
+
+
+def load_vae(ae, dtype: torch.dtype = torch.float32) -> WanVAE | WFVAE:
+    """The VAE of the model JSON's ``ae`` section (an ``AEConfig``): ``model_id`` picks the implementation,
+    ``from_pretrained`` the weights; WFVAE also reads its config keys from the section."""
+    if ae.model_id not in AE_MODEL_IDS:
+        raise ValueError(f"ae.model_id = {ae.model_id!r}; valid: {', '.join(AE_MODEL_IDS)}")
+    if not ae.from_pretrained:
+        raise ValueError(f"ae.from_pretrained is required for ae.model_id = {ae.model_id!r}")
+    if ae.model_id == "wfvae":
+        return load_wfvae(ae.from_pretrained, dtype, ae.params)
+    return load_wan_vae(ae.from_pretrained, dtype)
+
+
+__all__ = ["AE_MODEL_IDS", "WFVAE", "WFVAEConfig", "WanVAE", "WanVAEConfig", "load_vae", "load_wan_vae", "load_wfvae",
+           "save_wan_vae", "save_wfvae", "wfvae_state_dict_from_reference"]

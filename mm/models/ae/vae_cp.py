@@ -49,6 +49,10 @@ class HaloCache:
     def at_start(self, module: nn.Module) -> bool:
         return self.index == 0
 
+    def at_end(self, module: nn.Module) -> bool:
+        """True on the rank whose slice ends the video (modules that look ahead flush there)."""
+        return self.index == len(self.ranks) - 1
+
 
 def gather_frames(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather slices of different lengths along dim 2 (frames), in rank order."""
