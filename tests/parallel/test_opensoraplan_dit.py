@@ -379,3 +379,53 @@ def test_pipeline_stages_match_the_whole_model(pipeline_num_layers, vpp, i2v):
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=k)
     assert carried
     assert offsets == ([(0, 1), (1, 3)] if vpp is None else [(0, 1), (1, 1), (2, 1), (3, 1)])
+
+
+# ------------------------------------------------------------------------------ distributed checkpoints
+
+
+def _save_worker(rank, world, path, source):
+    import multiprocessing
+
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as mpu
+
+    from mm.models.predictor.opensoraplan.weights import load_reference_weights
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    multiprocessing.current_process().daemon = False  # megatron's writer starts a manager process
+    initialize_parallel(ParallelSizes(world_size=world, tensor_parallel=world), seed=0)
+    osp = _config(dict(TINY, vae_scale_factor_t=4), i2v=True)
+    model = _model(osp, tp=world)
+    load_reference_weights(model, source, tp_size=world, tp_rank=mpu.get_tensor_model_parallel_rank())
+    dist_checkpointing.save(model.sharded_state_dict(), path)
+    destroy_parallel()
+
+
+def _load_worker(rank, world, path):
+    from megatron.core import dist_checkpointing
+
+    from mm.models.predictor import build_predictor
+    from mm.models.predictor.opensoraplan.weights import mm_to_hf
+    from mm.models.predictor.wan.weights import global_name
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    osp = _config(dict(TINY, vae_scale_factor_t=4), i2v=True)
+    state = {}
+    for offset, count in ((0, 1), (1, 3)):  # the stages of pipeline_num_layers [1, 3]
+        part = build_predictor("videoditsparsei2v", osp, _megatron_config(osp), pre_process=offset == 0,
+                               post_process=offset + count == osp.num_layers, layer_offset=offset, num_layers=count)
+        part.load_state_dict(dist_checkpointing.load(part.sharded_state_dict(), path))
+        state.update({global_name(k, offset): v for k, v in part.state_dict().items()})
+    destroy_parallel()
+    return mm_to_hf([state])
+
+
+def test_distributed_checkpoint_reshards_tp2_to_pipeline_stages(tmp_path):
+    source = _source(True)
+    run_distributed(2, _save_worker, str(tmp_path), source)
+    (loaded,), = [run_distributed(1, _load_worker, str(tmp_path))]
+    assert set(loaded) == set(source)
+    for name in source:
+        assert torch.equal(loaded[name], source[name]), name

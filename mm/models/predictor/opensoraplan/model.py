@@ -98,6 +98,14 @@ class OpenSoraPlanDiT(MegatronModule):
         self.input_tensor = None
         self.carried = None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron-core distributed-checkpoint view of this stage's weights under layout-independent
+        global names and shapes (the Wan DiT's scheme, ``wan/sharding.py``, with this model's table)."""
+        from mm.models.predictor.opensoraplan.weights import rule_for
+        from mm.models.predictor.wan.sharding import wan_sharded_state_dict
+
+        return wan_sharded_state_dict(self, prefix, sharded_offsets, metadata, rule_for=rule_for)
+
     def set_input_tensor(self, tensor) -> None:
         """megatron-core's pipeline hook: a later stage's input (stage 0's input is the batch)."""
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor

@@ -43,6 +43,11 @@ class Rule:
     def sources(self, fmt: str) -> tuple[str, ...]:
         return self.reference if fmt == "opensoraplan" else tuple(mindspeed_name(r) for r in self.reference)
 
+    @property
+    def fused_parts(self) -> int:
+        """How many reference tensors this mm tensor fuses (self-attention q/k/v: 3)."""
+        return len(self.reference)
+
 
 def _linear(mm: str, reference, split: str | None) -> list[Rule]:
     """Weight and bias rows of one linear/conv layer. A row-parallel bias is replicated."""
