@@ -106,9 +106,9 @@ def test_sparse_fold_matches_the_reference_grouping():
     for blk in (False, True):
         assert torch.equal(sparse_unfold(sparse_fold(x, n, blk), n, blk), x)
     # 36 real tokens of 48: strided group g holds ceil((36 - g) / 4); block group g holds tokens with (i // 4) % 4 == g
-    assert group_valid_counts(36, 48, n, block=False) == [9, 9, 9, 9]
-    assert group_valid_counts(37, 48, n, block=False) == [10, 9, 9, 9]
-    assert group_valid_counts(36, 48, n, block=True) == [12, 8, 8, 8]
+    assert group_valid_counts(36, 48, n, block=False) == (9, 9, 9, 9)
+    assert group_valid_counts(37, 48, n, block=False) == (10, 9, 9, 9)
+    assert group_valid_counts(36, 48, n, block=True) == (12, 8, 8, 8)
 
 
 # ------------------------------------------------------------------------------ configs
@@ -429,3 +429,115 @@ def test_distributed_checkpoint_reshards_tp2_to_pipeline_stages(tmp_path):
     assert set(loaded) == set(source)
     for name in source:
         assert torch.equal(loaded[name], source[name]), name
+
+
+# ------------------------------------------------------------------------------ megatron-core's schedules
+
+NUM_MICRO = 4  # interleaving needs a multiple of the pipeline size
+
+
+def _micro_batches(osp):
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for _ in range(NUM_MICRO):
+        x = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) if k in ("latents", "context") else v
+             for k, v in _inputs(osp).items()}
+        batches.append((x, torch.randn(2, osp.out_dim, *LATENT, generator=g, dtype=torch.float64)))
+    return batches
+
+
+def _schedule_worker(rank, world, pipeline_num_layers, vpp, source):
+    """The predictor's pipeline chunks under megatron-core's 1F1B / interleaved schedule with the
+    training loop's settings (variable_seq_lengths: the stage message's length varies); the target
+    rides to the last stage in the message (``carry``)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mm.models.predictor import build_predictor
+    from mm.models.predictor.opensoraplan.weights import load_reference_weights, mm_to_hf
+    from mm.models.predictor.pipeline import layer_layout, stage_span
+    from mm.models.predictor.wan.weights import global_name
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=world, pipeline_parallel=world), virtual_pipeline_parallel=vpp, seed=0)
+    osp = _config(TINY)
+    config = _megatron_config(osp, pipeline_model_parallel_size=world, virtual_pipeline_model_parallel_size=vpp,
+                              variable_seq_lengths=world > 1, overlap_p2p_comm=world > 1 and vpp is not None,
+                              batch_p2p_comm=not (world > 1 and vpp is not None), moe_token_dispatcher_type="alltoall",
+                              pipeline_dtype=torch.float64)
+    stage = mpu.get_pipeline_model_parallel_rank()
+    layout = layer_layout(osp.num_layers, world, vpp, pipeline_num_layers)
+    chunks = []
+    for c in range(len(layout)):
+        offset, count = stage_span(layout, stage, c)
+        part = build_predictor("videoditsparse", osp, config, pre_process=stage == 0 and c == 0,
+                               post_process=stage == world - 1 and c == len(layout) - 1, layer_offset=offset,
+                               num_layers=count)
+        load_reference_weights(part, source)
+        chunks.append(part)
+    batches = iter(_micro_batches(osp))
+
+    def forward_step(data_iterator, chunk):
+        if chunk.pre_process:
+            x, target = next(batches)
+            output = chunk(**x, carry=None if chunk.post_process else target)
+        else:
+            output, target = chunk(), None
+
+        def loss_func(out):
+            loss = ((out - (chunk.carried if target is None else target)) ** 2).mean()
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=[None] * len(chunks) if vpp else None,
+        model=chunks if vpp else chunks[0], num_microbatches=NUM_MICRO, seq_length=1, micro_batch_size=2,
+        forward_only=False)
+    grads = {}
+    for part in chunks:
+        grads.update({global_name(n, part.layer_offset): p.grad for n, p in part.named_parameters()})
+    destroy_parallel()
+    return mm_to_hf([grads]), [entry["loss"] for entry in losses]
+
+
+@pytest.mark.parametrize("pipeline_num_layers, vpp", [([1, 3], None), ([[1, 1], [1, 1]], 2)], ids=["pp2", "pp2_vpp2"])
+def test_pipeline_schedule_matches_single_process(pipeline_num_layers, vpp):
+    source = _source(False)
+    (ref_grads, ref_losses), = run_distributed(1, _schedule_worker, None, None, source)
+    results = run_distributed(2, _schedule_worker, pipeline_num_layers, vpp, source)
+    grads = {**results[0][0], **results[1][0]}
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(torch.stack(results[1][1]), torch.stack(ref_losses), rtol=1e-12, atol=0)
+
+
+def _recompute_worker(rank, world, source):
+    from mm.models.predictor.opensoraplan.weights import load_reference_weights
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    osp = _config(TINY)
+    settings = {"none": {}, "full_uniform": dict(recompute_granularity="full", recompute_method="uniform",
+                                                 recompute_num_layers=3),
+                "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+                "selective": dict(recompute_granularity="selective")}
+    results = {}
+    for name, extra in settings.items():
+        model = _model(osp, **extra).train()
+        load_reference_weights(model, source)
+        out, x = _run(model, _inputs(osp))
+        results[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()}, x["context"].grad)
+    destroy_parallel()
+    return results
+
+
+def test_activation_recompute_gives_the_same_gradients():
+    (results,), = [run_distributed(1, _recompute_worker, _source(False))]
+    ref_out, ref_grads, ref_context = results.pop("none")
+    for name, (out, grads, context) in results.items():
+        torch.testing.assert_close(out, ref_out, msg=name)
+        torch.testing.assert_close(context, ref_context, msg=name)
+        for key in ref_grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], msg=f"{name}: {key}")

@@ -25,6 +25,7 @@ one call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +97,12 @@ def sparse_unfold(x: torch.Tensor, n: int, block: bool) -> torch.Tensor:
     return y.reshape(p * n, b, *x.shape[2:])
 
 
-def group_valid_counts(valid_tokens: int, padded_tokens: int, n: int, block: bool) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def group_valid_counts(valid_tokens: int, padded_tokens: int, n: int, block: bool) -> tuple[int, ...]:
     """Real tokens in each of the ``n`` groups of a ``padded_tokens``-long sequence whose first
     ``valid_tokens`` are real; each group's real tokens are a prefix of it."""
     index = sparse_fold(torch.arange(padded_tokens)[:, None], n, block)  # [s/n, n]: global index per slot
-    return (index < valid_tokens).sum(dim=0).tolist()
+    return tuple((index < valid_tokens).sum(dim=0).tolist())
 
 
 class OpenSoraPlanSelfAttention(MegatronModule):
