@@ -153,6 +153,9 @@ def test_full_size_has_the_reference_parameter_count():
     (dict(attention_k_bias=False), "attention_k_bias / attention_v_bias = [True, False, True]"),
     (dict(vae_scale_factor_t=4), "predictor keys ['vae_scale_factor_t'] are not videoditsparse parameters"),
     (dict(foo=1), "predictor keys ['foo'] are not videoditsparse parameters; valid:"),
+    (dict(num_layers=None), "predictor.num_layers = None; expected an integer"),
+    (dict(sparse1d="yes"), "predictor.sparse1d = 'yes'; expected true or false"),
+    (dict(interpolation_scale=[1.0, 1.0]), "predictor.interpolation_scale = [1.0, 1.0]; expected three numbers"),
 ])
 def test_config_errors_name_the_key(change, message):
     with pytest.raises(ValueError) as err:

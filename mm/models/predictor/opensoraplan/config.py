@@ -14,6 +14,32 @@ ACTIVATIONS = ("gelu-approximate",)
 FA_LAYOUTS = ("sbh", "bsh", "bnsd")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_list(check, length: int):
+    return lambda v: isinstance(v, (list, tuple)) and len(v) == length and all(check(x) for x in v)
+
+
+# what each JSON key may hold (checked before the dataclass, so a wrong type names its key)
+_JSON_TYPES = {
+    **{k: (_is_int, "an integer") for k in ("num_layers", "num_heads", "head_dim", "in_channels", "caption_channels",
+                                              "sparse_n", "vae_scale_factor_t")},
+    **{k: (lambda v: v is None or _is_int(v), "an integer or null") for k in ("out_channels", "cross_attention_dim")},
+    **{k: (lambda v: isinstance(v, bool), "true or false") for k in (
+        "attention_q_bias", "attention_k_bias", "attention_v_bias", "norm_elementwise_affine", "sparse1d")},
+    **{k: (_is_number, "a number") for k in ("dropout", "norm_eps", "rope_theta")},
+    **{k: (lambda v: isinstance(v, str), "a string") for k in ("fa_layout", "activation_fn")},
+    "patch_size_thw": (_is_list(_is_int, 3), "three integers [t, h, w]"),
+    "interpolation_scale": (_is_list(_is_number, 3), "three numbers [t, h, w]"),
+}
+
+
 @dataclass(frozen=True)
 class OpenSoraPlanDiTConfig:
     """Keys of the model JSON's ``predictor`` section for ``model_id: "videoditsparse"`` (T2V) and
@@ -117,7 +143,11 @@ class OpenSoraPlanDiTConfig:
         unknown = sorted(set(params) - valid)
         if unknown:
             raise ValueError(f"predictor keys {unknown} are not {cls.model_id()} parameters; valid: {sorted(valid)}")
-        values = {k: v for k, v in params.items() if v is not None or k in ("out_channels", "cross_attention_dim")}
+        problems = [f"predictor.{k} = {v!r}; expected {_JSON_TYPES[k][1]}" for k, v in params.items()
+                    if not _JSON_TYPES[k][0](v)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        values = dict(params)
         for key in ("patch_size_thw", "interpolation_scale"):
             if key in values:
                 values[key] = tuple(values[key])
