@@ -81,9 +81,10 @@ def _golden_worker(rank, world):
         if case == "t2v":  # the same weights under MindSpeed-MM's names give the same model
             twin = _model(osp, dtype=torch.float32).eval()
             load_reference_weights(twin, {mindspeed_name(k): v for k, v in source.items()})
-            errors["t2v_mindspeed_names"] = (twin(latents=inputs["hidden_states"], timestep=inputs["timestep"],
-                                                  context=inputs["encoder_hidden_states"][:, 0],
-                                                  context_mask=inputs["encoder_attention_mask"][:, 0]) - out).abs().max().item()
+            twin_out = twin(latents=inputs["hidden_states"], timestep=inputs["timestep"],
+                            context=inputs["encoder_hidden_states"][:, 0],
+                            context_mask=inputs["encoder_attention_mask"][:, 0])
+            errors["t2v_mindspeed_names"] = (twin_out - out).abs().max().item()
     destroy_parallel()
     return errors, sorted(meta["cases"])
 

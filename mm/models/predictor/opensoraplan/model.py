@@ -165,12 +165,14 @@ class OpenSoraPlanDiT(MegatronModule):
         text_mask = None
         if context_mask is not None:
             if context_mask.shape != (b, context.shape[0]):
-                raise ValueError(f"context_mask has shape {tuple(context_mask.shape)}; expected ({b}, {context.shape[0]})")
+                raise ValueError(f"context_mask has shape {tuple(context_mask.shape)}; "
+                                 f"expected ({b}, {context.shape[0]})")
             text_mask = context_mask.to(x.dtype)
         token_mask = None
         if video_mask is not None:
             if video_mask.shape != (b, frames, height, width):
-                raise ValueError(f"video_mask has shape {tuple(video_mask.shape)}; expected {(b, frames, height, width)}")
+                raise ValueError(f"video_mask has shape {tuple(video_mask.shape)}; "
+                                 f"expected {(b, frames, height, width)}")
             pooled = F.max_pool2d(video_mask.to(torch.float32).flatten(0, 1)[:, None], kernel_size=p)
             token_mask = (pooled.reshape(b, -1) != 0).to(x.dtype)  # [b, tokens]: a patch is real if any latent is
             if bool(token_mask.all()):
@@ -188,7 +190,8 @@ class OpenSoraPlanDiT(MegatronModule):
         h = self.osp.hidden_size
         t = state["time_mod"]
         masks = {k: None if state[k] is None else to_rows(state[k], h) for k in ("text_mask", "token_mask")}
-        tensors = dict(x=state["x"], time_emb=state["time_emb"], time_mod=t.permute(0, 2, 1, 3).reshape(-1, t.shape[1], h),
+        tensors = dict(x=state["x"], time_emb=state["time_emb"],
+                       time_mod=t.permute(0, 2, 1, 3).reshape(-1, t.shape[1], h),  # [n*6, b, h]
                        context=state["context"], carry=None if carry is None else to_rows(carry, h), **masks)
         shape = list(carry.shape[1:]) if carry is not None else []
         if len(shape) > 4:

@@ -52,8 +52,8 @@ class Rule:
 def _linear(mm: str, reference, split: str | None) -> list[Rule]:
     """Weight and bias rows of one linear/conv layer. A row-parallel bias is replicated."""
     reference = (reference,) if isinstance(reference, str) else tuple(reference)
-    return [Rule(f"{mm}.{p}", tuple(f"{r}.{p}" for r in reference), split if (p == "weight" or split == "column") else None)
-            for p in ("weight", "bias")]
+    return [Rule(f"{mm}.{p}", tuple(f"{r}.{p}" for r in reference),
+                 split if (p == "weight" or split == "column") else None) for p in ("weight", "bias")]
 
 
 _B, _R = "blocks.{i}", "transformer_blocks.{i}"
