@@ -7,9 +7,12 @@ from typing import Any
 
 from megatron.core.transformer import TransformerConfig
 
+from mm.models.predictor.opensoraplan import OpenSoraPlanDiT, OpenSoraPlanDiTConfig, OpenSoraPlanI2VConfig
 from mm.models.predictor.wan import WanDiT, WanDiTConfig
 
-PREDICTORS = {"wan_dit": (WanDiT, WanDiTConfig)}
+PREDICTORS = {"wan_dit": (WanDiT, WanDiTConfig),
+              "videoditsparse": (OpenSoraPlanDiT, OpenSoraPlanDiTConfig),
+              "videoditsparsei2v": (OpenSoraPlanDiT, OpenSoraPlanI2VConfig)}
 
 
 def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | None, num_heads: int | None):

@@ -52,13 +52,15 @@ def _fused_factory(key: str, param: torch.Tensor, parts: int, offsets: tuple, tp
 
 
 def wan_sharded_state_dict(model: torch.nn.Module, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: dict | None = None) -> ShardedStateDict:
+                           metadata: dict | None = None, rule_for=rule_for) -> ShardedStateDict:
     """``{prefix + local name: ShardedTensor | ShardedTensorFactory | LocalNonpersistentObject}``
     for one stage of a WanDiT (``model.layer_offset``; embedders on the first stage, head on the
     last). Dict keys are the module's own state-dict names, so ``model.load_state_dict`` takes the
     loaded dict; the tensors' checkpoint keys are the global names behind ``prefix``.
     ``sharded_offsets``: ``(axis, offset, fragments)`` of axes a caller prepends, as megatron-core
-    modules take them; ``metadata['dp_cp_group']``: the group whose rank 0 writes (megatron's)."""
+    modules take them; ``metadata['dp_cp_group']``: the group whose rank 0 writes (megatron's).
+    ``rule_for``: the model's name table lookup (another DiT passes its own; rows need ``split`` and
+    ``fused_parts``)."""
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     dp_cp_rank = metadata["dp_cp_group"].rank()
     tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
@@ -79,7 +81,7 @@ def wan_sharded_state_dict(model: torch.nn.Module, prefix: str = "", sharded_off
                 key, tensor, *sharded_offsets, replica_id=(0, tp_rank, dp_cp_rank), prepend_axis_num=prepend)
             continue
         replica_id = (0, 0, dp_cp_rank)
-        parts = len(rule.diffusers)
+        parts = rule.fused_parts
         if parts > 1:
             out[local_key] = _fused_factory(key, tensor, parts, sharded_offsets, tp_rank, tp_size, replica_id)
             continue

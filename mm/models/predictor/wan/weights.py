@@ -28,6 +28,11 @@ class Rule:
     def sources(self, fmt: str) -> tuple[str, ...]:
         return self.diffusers if fmt == "diffusers" else self.original
 
+    @property
+    def fused_parts(self) -> int:
+        """How many source tensors this mm tensor fuses (self-attention q/k/v: 3)."""
+        return len(self.diffusers)
+
 
 def _linear(mm: str, diffusers, original, split: str | None) -> list[Rule]:
     """Weight and bias rows of one linear/conv layer. A row-parallel bias is replicated."""

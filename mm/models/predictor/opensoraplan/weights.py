@@ -1,0 +1,176 @@
+"""Open-Sora-Plan v1.3 DiT weight names: one declarative table between mm's keys and the reference
+release's (``transformer_blocks.N.attn1.to_q`` ..., the HF ``diffusion_pytorch_model.safetensors``),
+plus the tensor-parallel split of each tensor.
+
+Each row: mm key, reference key(s), and how TP splits it ("column": dim 0 per rank, "row": dim 1
+per rank, None: replicated). A row with several reference keys fuses them: mm's TP rank r holds the
+concatenation of rank r's slice of each (a fused q/k/v shard holds that rank's heads of q, k and v).
+``{i}`` stands for a layer number. MindSpeed-MM's converted checkpoints (``mindspeed`` format) use the
+reference names with its renaming (``transformer_blocks`` -> ``videodit_sparse_blocks``, ``attn1`` ->
+``self_atten``, ``to_q`` -> ``proj_q`` ...), derived here by ``mindspeed_name``. Used by
+``load_reference_weights`` and the parity tests now, and by the converter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mm.models.predictor.wan.weights import WeightMappingError, global_name, is_weight_key, tp_shard
+
+FORMATS = ("opensoraplan", "mindspeed")
+
+# MindSpeed-MM's OpenSoraPlanConverter v1.3 renaming, applied in this order
+_MINDSPEED_RENAMES = (("transformer_blocks", "videodit_sparse_blocks"), ("attn1", "self_atten"),
+                      ("attn2", "cross_atten"), ("to_q", "proj_q"), ("to_k", "proj_k"), ("to_v", "proj_v"),
+                      ("to_out.0", "proj_out"))
+
+
+def mindspeed_name(reference: str) -> str:
+    for old, new in _MINDSPEED_RENAMES:
+        reference = reference.replace(old, new)
+    return reference
+
+
+@dataclass(frozen=True)
+class Rule:
+    mm: str
+    reference: tuple[str, ...]
+    split: str | None  # "column", "row" or None
+
+    def sources(self, fmt: str) -> tuple[str, ...]:
+        return self.reference if fmt == "opensoraplan" else tuple(mindspeed_name(r) for r in self.reference)
+
+    @property
+    def fused_parts(self) -> int:
+        """How many reference tensors this mm tensor fuses (self-attention q/k/v: 3)."""
+        return len(self.reference)
+
+
+def _linear(mm: str, reference, split: str | None) -> list[Rule]:
+    """Weight and bias rows of one linear/conv layer. A row-parallel bias is replicated."""
+    reference = (reference,) if isinstance(reference, str) else tuple(reference)
+    return [Rule(f"{mm}.{p}", tuple(f"{r}.{p}" for r in reference),
+                 split if (p == "weight" or split == "column") else None) for p in ("weight", "bias")]
+
+
+_B, _R = "blocks.{i}", "transformer_blocks.{i}"
+OSP_NAME_TABLE: list[Rule] = [
+    *_linear("patch_embedding.proj", "pos_embed.proj", None),
+    *_linear("masked_video_embedding.patch.proj", "pos_embed_masked_hidden_states.0.proj", None),
+    Rule("masked_video_embedding.linear.weight", ("pos_embed_masked_hidden_states.1.weight",), None),
+    *_linear("mask_embedding.patch.proj", "pos_embed_mask.0.proj", None),
+    Rule("mask_embedding.linear.weight", ("pos_embed_mask.1.weight",), None),
+    *_linear("time_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1", None),
+    *_linear("time_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2", None),
+    *_linear("time_projection", "adaln_single.linear", None),
+    *_linear("caption_projection.linear_1", "caption_projection.linear_1", None),
+    *_linear("caption_projection.linear_2", "caption_projection.linear_2", None),
+    # DiT layers (norm1/norm2 have parameters only with predictor.norm_elementwise_affine)
+    *_linear(f"{_B}.norm1", f"{_R}.norm1", None),
+    *_linear(f"{_B}.self_attention.linear_qkv", [f"{_R}.attn1.to_q", f"{_R}.attn1.to_k", f"{_R}.attn1.to_v"], "column"),
+    *_linear(f"{_B}.self_attention.linear_proj", f"{_R}.attn1.to_out.0", "row"),
+    *_linear(f"{_B}.cross_attention.linear_q", f"{_R}.attn2.to_q", "column"),
+    *_linear(f"{_B}.cross_attention.linear_kv", [f"{_R}.attn2.to_k", f"{_R}.attn2.to_v"], "column"),
+    *_linear(f"{_B}.cross_attention.linear_proj", f"{_R}.attn2.to_out.0", "row"),
+    *_linear(f"{_B}.norm2", f"{_R}.norm2", None),
+    *_linear(f"{_B}.mlp.linear_fc1", f"{_R}.ff.net.0.proj", "column"),
+    *_linear(f"{_B}.mlp.linear_fc2", f"{_R}.ff.net.2", "row"),
+    Rule(f"{_B}.scale_shift_table", (f"{_R}.scale_shift_table",), None),
+    # head
+    Rule("scale_shift_table", ("scale_shift_table",), None),
+    *_linear("proj_out", "proj_out", None),
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_RULE_PATTERNS = [(_pattern(rule.mm), rule) for rule in OSP_NAME_TABLE]
+
+
+def rule_for(mm_key: str) -> tuple[Rule, dict[str, str]]:
+    """The table row of an mm key and its placeholder values."""
+    for pattern, rule in _RULE_PATTERNS:
+        match = pattern.match(mm_key)
+        if match:
+            return rule, match.groupdict()
+    raise WeightMappingError(f"mm key {mm_key!r} has no row in the Open-Sora-Plan name table")
+
+
+def detect_format(keys) -> str:
+    """'opensoraplan' or 'mindspeed' from the key names of a v1.3 DiT checkpoint."""
+    keys = list(keys)
+    if any(k.startswith("transformer_blocks.") for k in keys):
+        return "opensoraplan"
+    if any(k.startswith("videodit_sparse_blocks.") for k in keys):
+        return "mindspeed"
+    raise WeightMappingError("cannot tell the checkpoint format: neither Open-Sora-Plan (transformer_blocks.N.*) "
+                             "nor MindSpeed-MM (videodit_sparse_blocks.N.*) keys")
+
+
+def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank: int = 0,
+             fmt: str | None = None, check_unexpected: bool = True) -> dict[str, torch.Tensor]:
+    """The mm tensors named ``mm_keys`` for TP rank ``tp_rank`` of ``tp_size`` from a full source
+    state dict; WeightMappingError lists every missing and (``check_unexpected``) unexpected key."""
+    fmt = fmt or detect_format(source)
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}; valid: {FORMATS}")
+    out, used, missing = {}, set(), []
+    for key in mm_keys:
+        rule, values = rule_for(key)
+        names = [s.format(**values) for s in rule.sources(fmt)]
+        used.update(names)
+        absent = [n for n in names if n not in source]
+        if absent:
+            missing.extend(absent)
+            continue
+        parts = [tp_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
+        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    unexpected = sorted(k for k in source if k not in used) if check_unexpected else []
+    if missing or unexpected:
+        lines = [f"{fmt} weights do not match the model:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(sorted(missing))}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+        raise WeightMappingError("\n".join(lines))
+    return out
+
+
+def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "opensoraplan") -> dict[str, torch.Tensor]:
+    """Merge the (global-named) state dicts of all TP ranks, in rank order, into full source tensors."""
+    out = {}
+    tp = len(shards)
+    for key in filter(is_weight_key, shards[0]):
+        rule, values = rule_for(key)
+        names = [s.format(**values) for s in rule.sources(fmt)]
+        pieces = [shard[key].chunk(len(names), dim=0) if len(names) > 1 else (shard[key],) for shard in shards]
+        for j, name in enumerate(names):
+            per_rank = [p[j] for p in pieces]
+            if rule.split is None or tp == 1:
+                out[name] = per_rank[0]
+            else:
+                out[name] = torch.cat(per_rank, dim=0 if rule.split == "column" else 1)
+    return out
+
+
+def load_reference_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1,
+                           tp_rank: int = 0, fmt: str | None = None) -> None:
+    """Load full reference (or MindSpeed-MM) weights into this rank's model or pipeline stage
+    (``model.layer_offset``); missing/unexpected keys and shape mismatches fail in one error."""
+    offset = getattr(model, "layer_offset", 0)
+    whole = model.pre_process and model.post_process and len(model.blocks) == model.osp.num_layers
+    own = {global_name(k, offset): v for k, v in model.state_dict().items()}
+    keys = [k for k in own if is_weight_key(k)]
+    mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt, check_unexpected=whole)
+    bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+           for k, v in mapped.items() if v.shape != own[k].shape]
+    if bad:
+        raise WeightMappingError("shape mismatch:\n  " + "\n  ".join(bad))
+    with torch.no_grad():
+        for key, value in mapped.items():
+            own[key].copy_(value)
