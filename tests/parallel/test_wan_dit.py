@@ -261,3 +261,19 @@ def test_context_parallel_dit_matches_single_rank(world):
         merged = mm_to_hf(shards)
         for name in full_ref:
             torch.testing.assert_close(merged[name], full_ref[name], rtol=1e-9, atol=1e-10, msg=f"{layout} {name}")
+
+
+def test_selective_recompute_modules_of_a_wan_layer():
+    from megatron.core.transformer import TransformerConfig
+
+    from mm.models.predictor.wan.layers import selective_recompute_modules
+
+    def config(**extra):
+        return TransformerConfig(num_layers=1, hidden_size=24, num_attention_heads=2, **extra)
+
+    assert selective_recompute_modules(config()) == set()
+    assert selective_recompute_modules(config(recompute_granularity="selective")) == {"core_attn"}
+    both = config(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"])
+    assert selective_recompute_modules(both) == {"core_attn", "mlp"}
+    with pytest.raises(ValueError, match="--recompute-modules layernorm: the Wan DiT recomputes core_attn and mlp only"):
+        selective_recompute_modules(config(recompute_granularity="selective", recompute_modules=["layernorm"]))
