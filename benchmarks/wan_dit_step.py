@@ -1,26 +1,42 @@
-"""One bf16 forward+backward of a Wan DiT at video scale, mm vs diffusers, in the same process.
+"""A Wan DiT at video scale, mm vs diffusers in the same process: one bf16 training step
+(forward+backward) or one inference forward (no grad).
 
     python benchmarks/wan_dit_step.py --model examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json \
-        --latent 21 60 104 --text-len 512 --repeats 3
+        --latent 21 60 104 --text-len 512 --repeats 3 [--mode infer] [--variants mm+compile:mlp diffusers:ckpt]
 
-Random weights (no download), random latents/context, loss = mean of the output. Prints per
-implementation and recompute setting: median seconds per forward+backward, peak GPU memory, and
-model TFLOP/s from the per-layer formula of docs/benchmarks.md (x3 for forward+backward, not
-counting recomputation). An implementation that runs out of memory is reported as OOM.
+Random weights (no download), random latents/context, loss = mean of the output. Each variant is
+``IMPL[+compile][:RECOMPUTE]``: IMPL ``mm`` or ``diffusers``; ``+compile`` compiles each DiT block
+(mm: ``WanDiT.compile_blocks``, what ``--compile-dit-blocks`` does; diffusers:
+``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
+(full recompute of the first N layers), ``core_attn``, ``mlp``, ``core_attn+mlp`` (selective,
+``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
+block). Prints per variant: median seconds per step (training) or per forward (inference; a CFG
+sampling step is two), peak GPU memory, model TFLOP/s from the per-layer formula of
+docs/benchmarks.md (x3 for forward+backward, recomputation not counted) and MFU = TFLOP/s over the
+GPU's dense bf16 peak (--peak-tflops; 989 for H100/H200). An implementation that runs out of memory
+is reported as OOM. ``--profile DIR`` also records one step of each variant with torch.profiler and
+writes its top GPU kernels (DIR/<variant>.txt) and a summary by kernel class.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from mm.accelerator import init_distributed, select_accelerator
 from mm.models.predictor import build_predictor, predictor_config
 from mm.parallel import ParallelSizes, initialize_parallel
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
+DEFAULT_TRAIN = ["mm:full", "mm+compile:none", "mm+compile:mlp", "diffusers:ckpt"]
+DEFAULT_INFER = ["mm:none", "mm+compile:none", "diffusers:none"]
 
 
 def model_flops(arch, tokens: int, text_len: int) -> float:
@@ -30,9 +46,82 @@ def model_flops(arch, tokens: int, text_len: int) -> float:
     return per_layer * arch.num_layers
 
 
-def _time(step, repeats: int) -> tuple[float, float]:
+def parse_variant(spec: str) -> tuple[str, bool, str]:
+    impl, _, recompute = spec.partition(":")
+    impl, _, compiled = impl.partition("+")
+    recompute = recompute or "none"
+    if impl not in ("mm", "diffusers") or compiled not in ("", "compile"):
+        raise SystemExit(f"variant {spec!r}: IMPL[+compile][:RECOMPUTE] with IMPL mm or diffusers")
+    valid = (("none", "full", "core_attn", "mlp", "core_attn+mlp") if impl == "mm" else ("none", "ckpt"))
+    if recompute not in valid and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
+        raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
+                         + (", blockN" if impl == "mm" else ""))
+    return impl, bool(compiled), recompute
+
+
+def mm_recompute(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute.startswith("block"):
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=int(recompute[5:]))
+    return dict(recompute_granularity="selective", recompute_modules=recompute.split("+"))
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "sdpa", "cudnn_generated")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "sm90_")):
+        return "matmul"
+    if n.startswith("triton"):
+        return "compiled (triton)"
+    if any(k in n for k in ("norm", "reduce", "welford")):
+        return "norm / reduction"
+    if any(k in n for k in ("copy", "cat", "memcpy", "memset", "transpose", "fill")):
+        return "copy / layout"
+    return "other elementwise"
+
+
+def profile_step(step, name: str, out_dir: Path, rows: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
-    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    per_kernel = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = per_kernel[e.name]
+            k[0] += e.time_range.elapsed_us()
+            k[1] += 1
+    total = sum(v[0] for v in per_kernel.values())
+    classes = collections.defaultdict(float)
+    for kname, (us, _) in per_kernel.items():
+        classes[kernel_class(kname)] += us
+    lines = [f"# {name}: wall {wall * 1e3:.1f} ms (profiled), GPU kernel time {total / 1e3:.1f} ms, "
+             f"{sum(v[1] for v in per_kernel.values())} kernel launches", "", "| class | ms | % of kernel time |",
+             "| --- | --- | --- |"]
+    for cls, us in sorted(classes.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cls} | {us / 1e3:.1f} | {100 * us / total:.1f} |")
+    lines += ["", "| kernel | calls | ms | % |", "| --- | --- | --- | --- |"]
+    for kname, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:rows]:
+        short = kname if len(kname) <= 110 else kname[:107] + "..."
+        lines.append(f"| `{short}` | {calls} | {us / 1e3:.2f} | {100 * us / total:.1f} |")
+    text = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".txt")).write_text(text + "\n")
+    return text
+
+
+def _time(step, repeats: int, warmups: int) -> tuple[float, float]:
+    torch.cuda.synchronize()
+    for _ in range(warmups):  # compilation, cuDNN plans, allocator
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -51,78 +140,102 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs=3, default=[21, 60, 104], metavar=("F", "H", "W"))
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=("mm", "diffusers"), default=None)
+    parser.add_argument("--warmups", type=int, default=2)
+    parser.add_argument("--mode", choices=("train", "infer"), default="train")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help=f"default: train {' '.join(DEFAULT_TRAIN)}; infer {' '.join(DEFAULT_INFER)}")
+    parser.add_argument("--only", choices=("mm", "diffusers"), default=None, help="keep the variants of one IMPL")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (profiling)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default by GPU name")
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler kernel tables here")
     args = parser.parse_args()
+    variants = args.variants or (DEFAULT_TRAIN if args.mode == "train" else DEFAULT_INFER)
+    variants = [v for v in variants if args.only is None or v.split(":")[0].split("+")[0] == args.only]
+    specs = [(v, *parse_variant(v)) for v in variants]
 
     from megatron.core.transformer import TransformerConfig
 
     acc = select_accelerator("cuda")
     init_distributed(acc, 10)
     initialize_parallel(ParallelSizes(world_size=1), seed=1234)
+    gpu = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    if peak is None:
+        raise SystemExit(f"no dense bf16 peak known for {gpu!r}: pass --peak-tflops")
     pred = json.load(open(args.model))["predictor"]
-    params = {k: v for k, v in pred.items() if k not in ("model_id", "from_pretrained", "dtype", "num_layers", "num_heads")}
-    arch = predictor_config("wan_dit", params, pred["num_layers"], pred["num_heads"])
+    params = {k: v for k, v in pred.items() if k not in ("model_id", "from_pretrained", "dtype", "num_layers",
+                                                         "num_heads", "pipeline_num_layers")}
+    arch = predictor_config("wan_dit", params, args.layers or pred["num_layers"], pred["num_heads"])
     f, h, w = args.latent
     tokens = f * h * w // 4
-    flops = 3 * model_flops(arch, tokens, args.text_len)
+    train = args.mode == "train"
+    flops = (3 if train else 1) * model_flops(arch, tokens, args.text_len)
     dev = acc.device()
     latents = torch.randn(1, arch.in_dim, f, h, w, device=dev, dtype=torch.bfloat16)
     context = torch.randn(1, args.text_len, arch.text_dim, device=dev, dtype=torch.bfloat16)
     timestep = torch.tensor([500.0], device=dev)
-    rows = []
+    rows, profiles = [], []
 
-    def run(name, build, forward):
+    def build_mm(compiled: bool, recompute: str):
+        config = TransformerConfig(num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+                                   num_attention_heads=arch.num_heads, params_dtype=torch.bfloat16,
+                                   bf16=True, **mm_recompute(recompute))
+        # megatron's layers allocate on the GPU; the plain torch parts move like Megatron-LM's model.cuda()
+        model = build_predictor("wan_dit", arch, config).to(dev).train(train)
+        if compiled:
+            model.compile_blocks()
+        return model
+
+    def build_diffusers(compiled: bool, recompute: str):
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(
+            patch_size=arch.patch_size, num_attention_heads=arch.num_heads, attention_head_dim=arch.head_dim,
+            in_channels=arch.in_dim, out_channels=arch.out_dim, text_dim=arch.text_dim, freq_dim=arch.freq_dim,
+            ffn_dim=arch.ffn_dim, num_layers=arch.num_layers, cross_attn_norm=arch.cross_attn_norm,
+            eps=arch.eps).to(dev, torch.bfloat16).train(train)
+        if recompute == "ckpt":
+            model.enable_gradient_checkpointing()
+        if compiled:
+            model.compile_repeated_blocks()
+        return model
+
+    forwards = {"mm": lambda m: m(latents, timestep, context),
+                "diffusers": lambda m: m(latents, timestep, context, return_dict=False)[0]}
+    for name, impl, compiled, recompute in specs:
+        model = None
         try:
-            model = build()
+            model = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
+            forward = forwards[impl]
+
             def step():
-                model.zero_grad(set_to_none=True)
-                forward(model).float().mean().backward()
-            seconds, peak = _time(step, args.repeats)
-            rows.append((name, f"{seconds:.3f}", f"{peak:.1f}", f"{flops / seconds / 1e12:.0f}"))
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    forward(model).float().mean().backward()
+                else:
+                    with torch.no_grad():
+                        forward(model)
+
+            seconds, mem = _time(step, args.repeats, args.warmups)
+            tflops = flops / seconds / 1e12
+            rows.append((name, f"{seconds:.3f}", f"{mem:.1f}", f"{tflops:.0f}", f"{100 * tflops / peak:.1f}%"))
+            if args.profile is not None:
+                profiles.append(profile_step(step, f"{args.mode}-{name}", args.profile))
         except torch.OutOfMemoryError:
-            rows.append((name, "OOM", "-", "-"))
+            rows.append((name, "OOM", "-", "-", "-"))
         finally:
             model = None
             torch.cuda.empty_cache()
 
-    def mm_build(**recompute):
-        def build():
-            config = TransformerConfig(num_layers=arch.num_layers, hidden_size=arch.hidden_size,
-                                       num_attention_heads=arch.num_heads, params_dtype=torch.bfloat16,
-                                       bf16=True, **recompute)
-            # megatron's layers allocate on the GPU; the plain torch parts move like Megatron-LM's model.cuda()
-            return build_predictor("wan_dit", arch, config).to(dev).train()
-        return build
-
-    def diffusers_build(checkpointing):
-        def build():
-            from diffusers import WanTransformer3DModel
-            model = WanTransformer3DModel(
-                patch_size=arch.patch_size, num_attention_heads=arch.num_heads, attention_head_dim=arch.head_dim,
-                in_channels=arch.in_dim, out_channels=arch.out_dim, text_dim=arch.text_dim, freq_dim=arch.freq_dim,
-                ffn_dim=arch.ffn_dim, num_layers=arch.num_layers, cross_attn_norm=arch.cross_attn_norm,
-                eps=arch.eps).to(dev, torch.bfloat16).train()
-            if checkpointing:
-                model.enable_gradient_checkpointing()
-            return model
-        return build
-
-    mm_forward = lambda m: m(latents, timestep, context)  # noqa: E731
-    diffusers_forward = lambda m: m(latents, timestep, context, return_dict=False)[0]  # noqa: E731
-    if args.only in (None, "mm"):
-        run("mm, no recompute", mm_build(), mm_forward)
-        run("mm, full recompute (uniform, 1 layer)",
-            mm_build(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), mm_forward)
-        run("mm, selective recompute (core attention)", mm_build(recompute_granularity="selective"), mm_forward)
-    if args.only in (None, "diffusers"):
-        run("diffusers, no checkpointing", diffusers_build(False), diffusers_forward)
-        run("diffusers, gradient checkpointing", diffusers_build(True), diffusers_forward)
-
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {arch.num_layers} layers, hidden "
-          f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, batch 1")
-    print(f"{'implementation':<44} {'s/step':>8} {'peak GiB':>9} {'TFLOP/s':>8}")
+    for text in profiles:
+        print(text + "\n")
+    unit = "s/step" if train else "s/fwd"
+    print(f"\n{gpu} | torch {torch.__version__} | {args.mode} | {arch.num_layers} layers, hidden "
+          f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, "
+          f"batch 1 | MFU vs {peak:.0f} TFLOP/s")
+    print(f"{'variant':<32} {unit:>8} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>7}")
     for row in rows:
-        print(f"{row[0]:<44} {row[1]:>8} {row[2]:>9} {row[3]:>8}")
+        print(f"{row[0]:<32} {row[1]:>8} {row[2]:>9} {row[3]:>8} {row[4]:>7}")
 
 
 if __name__ == "__main__":

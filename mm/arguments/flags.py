@@ -14,6 +14,7 @@ from mm.accelerator.device import ACCELERATOR_CHOICES
 from mm.arguments.errors import ConfigError
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+RECOMPUTE_MODULES = ("core_attn", "mlp")  # what a DiT layer can recompute (mm.models.predictor.wan.layers)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
@@ -89,6 +90,12 @@ def _training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="with --recompute-granularity selective: what each DiT layer recomputes in the backward "
+                        "(core_attn: the attention kernels; mlp: the FFN with its adaLN input norm); "
+                        "default core_attn")
+    g.add_argument("--compile-dit-blocks", action="store_true",
+                   help="torch.compile each DiT layer (regional compilation: fused adaLN/norm/RoPE/GELU kernels)")
     g.add_argument("--exit-on-nan-loss", action="store_true",
                    help="stop at the first NaN/Inf loss; default: skip that step (no update) and count it")
     g.add_argument("--min-timestep-boundary", type=float, default=None,

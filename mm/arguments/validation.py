@@ -106,6 +106,17 @@ def _check_precision_and_recompute(args: argparse.Namespace, problems: list[str]
         problems.append(
             "--recompute-granularity full needs --recompute-method (uniform or block) and --recompute-num-layers"
         )
+    if args.recompute_modules is not None:
+        if args.recompute_granularity != "selective":
+            problems.append(f"--recompute-modules {' '.join(args.recompute_modules)} needs --recompute-granularity "
+                            f"selective (got {args.recompute_granularity})")
+    if args.compile_dit_blocks and (args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1):
+        # their collectives break a compiled layer's graph; a graph break inside a layer failed in the
+        # backward on torch 2.11 (a parameter gradient of the wrong shape), so these are not offered yet
+        problems.append(
+            f"--compile-dit-blocks is for runs without tensor or context parallelism (got "
+            f"--tensor-model-parallel-size {args.tensor_model_parallel_size}, --context-parallel-size "
+            f"{args.context_parallel_size}); drop one or the other")
 
 
 def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems: list[str]) -> None:
@@ -227,6 +238,8 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_batch(args, world_size, mode, problems)
     if model is not None:
         _check_model(args, model, problems)
+    if mode == "inference" and args.compile_dit_blocks:
+        problems.append("--compile-dit-blocks is for training: inference.py does not compile its DiT yet")
     if mode == "train" and data is None and (model is None or not model.load_video_features):
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":

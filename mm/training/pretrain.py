@@ -66,7 +66,8 @@ def transformer_config(args, arch, on_cpu: bool, vpp: int | None = None) -> Tran
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
         params_dtype=params_dtype(args), bf16=args.bf16, fp16=args.fp16, pipeline_dtype=params_dtype(args),
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers, use_cpu_initialization=on_cpu,
+        recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules,
+        use_cpu_initialization=on_cpu,
         gradient_accumulation_fusion=False)
 
 
@@ -142,6 +143,9 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     vpp = cfg.virtual_pipeline_size
     tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
     chunks = build_model_chunks(pred, arch, tf_config, vpp)
+    if args.compile_dit_blocks:
+        for chunk in chunks:
+            chunk.compile_blocks()
     if pred.from_pretrained:  # full (diffusers or original-Wan) weights: this stage's layers, split for this TP rank
         source = read_weights(pred.from_pretrained)
         for chunk in chunks:

@@ -117,20 +117,37 @@ def _recompute_worker(rank, world):
     settings = {"none": {}, "full_uniform": dict(recompute_granularity="full", recompute_method="uniform",
                                                  recompute_num_layers=2),
                 "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
-                "selective": dict(recompute_granularity="selective")}
+                "selective": dict(recompute_granularity="selective"),
+                "selective_mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+                "selective_both": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+                # --compile-dit-blocks (traced by dynamo + AOT autograd, run without inductor on the CPU)
+                "compiled": {}, "compiled_mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"])}
+    fc1_calls = {}
     for name, extra in settings.items():
         model = _build_mm(kwargs, **extra)
         load_hf_weights(model, source)
         model.train()
+        if name.startswith("compiled"):
+            keys = list(model.state_dict())
+            model.compile_blocks(backend="aot_eager")
+            assert all(block._compiled_call_impl is not None for block in model.blocks)
+            assert list(model.state_dict()) == keys  # names unchanged: checkpoints and weight maps still fit
+        else:  # how often each FFN input projection runs: twice per step when the mlp is recomputed
+            fc1_calls[name] = 0
+            for block in model.blocks:
+                block.mlp.linear_fc1.register_forward_hook(
+                    lambda *_, name=name: fc1_calls.__setitem__(name, fc1_calls[name] + 1))
         out = model(**x)
         out.square().sum().backward()
         results[name] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     destroy_parallel()
-    return results
+    return results, fc1_calls
 
 
 def test_activation_recompute_gives_the_same_gradients():
-    (results,) = run_distributed(1, _recompute_worker)
+    ((results, fc1_calls),) = run_distributed(1, _recompute_worker)
+    assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "selective": 3, "selective_mlp": 6,
+                         "selective_both": 6}
     ref_out, ref_grads = results.pop("none")
     for name, (out, grads) in results.items():
         torch.testing.assert_close(out, ref_out, msg=name)
@@ -244,3 +261,19 @@ def test_context_parallel_dit_matches_single_rank(world):
         merged = mm_to_hf(shards)
         for name in full_ref:
             torch.testing.assert_close(merged[name], full_ref[name], rtol=1e-9, atol=1e-10, msg=f"{layout} {name}")
+
+
+def test_selective_recompute_modules_of_a_wan_layer():
+    from megatron.core.transformer import TransformerConfig
+
+    from mm.models.predictor.wan.layers import selective_recompute_modules
+
+    def config(**extra):
+        return TransformerConfig(num_layers=1, hidden_size=24, num_attention_heads=2, **extra)
+
+    assert selective_recompute_modules(config()) == set()
+    assert selective_recompute_modules(config(recompute_granularity="selective")) == {"core_attn"}
+    both = config(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"])
+    assert selective_recompute_modules(both) == {"core_attn", "mlp"}
+    with pytest.raises(ValueError, match="--recompute-modules layernorm: the Wan DiT recomputes core_attn and mlp only"):
+        selective_recompute_modules(config(recompute_granularity="selective", recompute_modules=["layernorm"]))

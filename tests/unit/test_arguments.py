@@ -262,6 +262,29 @@ def test_recompute_method_needs_full(tmp_path):
     assert "--recompute-method block needs --recompute-granularity full" in msg
 
 
+def test_recompute_modules_need_selective(tmp_path):
+    msg = _problems(tmp_path, flags=["--recompute-modules", "mlp"])
+    assert "--recompute-modules mlp needs --recompute-granularity selective (got None)" in msg
+    cfg = _load(tmp_path, flags=["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"])
+    assert cfg.args.recompute_modules == ["core_attn", "mlp"]
+
+
+def test_recompute_modules_choices(tmp_path):
+    with pytest.raises(ConfigError, match="--recompute-modules.*invalid choice: 'layernorm'"):
+        _load(tmp_path, flags=["--recompute-granularity", "selective", "--recompute-modules", "layernorm"])
+
+
+def test_compile_dit_blocks_without_tp_or_cp(tmp_path):
+    assert _load(tmp_path, flags=["--compile-dit-blocks"]).args.compile_dit_blocks
+    msg = _problems(tmp_path, flags=["--compile-dit-blocks", "--tensor-model-parallel-size", "2"])
+    assert "--compile-dit-blocks is for runs without tensor or context parallelism" in msg
+    msg = _problems(tmp_path, flags=["--compile-dit-blocks", "--context-parallel-size", "2"])
+    assert "--context-parallel-size 2" in msg
+    m = _write(tmp_path, "model.json", BASE_MODEL)
+    with pytest.raises(ConfigError, match="--compile-dit-blocks is for training: inference.py does not compile"):
+        load_config(["--mm-model", m, "--compile-dit-blocks"], world_size=1, mode="inference")
+
+
 def test_causal_mask_rejected(tmp_path):
     assert "valid: general" in _problems(tmp_path, flags=["--attention-mask-type", "causal"])
 

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
@@ -52,10 +53,25 @@ def sinusoidal_embedding(timestep: torch.Tensor, dim: int, max_period: float = 1
 class FP32LayerNorm(torch.nn.LayerNorm):
     """LayerNorm computed in fp32, result in the input dtype (Wan keeps its norms in fp32)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised ``x`` in fp32 (fp64 stays fp64), not cast back: adaLN modulates it first."""
         weight = upcast(self.weight) if self.weight is not None else None
         bias = upcast(self.bias) if self.bias is not None else None
-        return F.layer_norm(upcast(x), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        return F.layer_norm(upcast(x), self.normalized_shape, weight, bias, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fp32(x).type_as(x)
+
+
+def modulate(norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``norm(x) * (1 + scale) + shift`` in fp32 (one fused multiply-add), in ``x``'s dtype."""
+    return torch.addcmul(shift, norm.forward_fp32(x), 1 + scale).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + y * gate`` with the sum in the gate's (fp32) precision, in ``x``'s dtype; bf16 operands
+    are promoted inside the kernels instead of being copied to fp32 first."""
+    return (x + y * gate).type_as(x)
 
 
 class TPRMSNorm(torch.nn.Module):
@@ -73,6 +89,8 @@ class TPRMSNorm(torch.nn.Module):
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:  # the whole hidden size on this rank: torch's fused kernel (fp32 inside)
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         sum_sq = upcast(x).pow(2).sum(dim=-1, keepdim=True)
         if self.tp_size > 1:
             sum_sq = dist.nn.functional.all_reduce(sum_sq, group=mpu.get_tensor_model_parallel_group())
@@ -86,7 +104,7 @@ def rope_tables(config: WanDiTConfig, frames: int, height: int, width: int,
 
     Head channels are split into frame, row and column parts (``config.rope_dims``); token
     ``(f, y, x)`` of the flattened grid rotates channel pair ``j`` of a part by ``pos * theta^(-2j/n)``.
-    Computed from global positions in fp64; ``apply_rope`` casts them to its compute dtype.
+    Computed from global positions in fp64; the model casts them once to ``rope_dtype``.
     """
     angles = []
     for size, dim in zip((frames, height, width), config.rope_dims):
@@ -100,12 +118,34 @@ def rope_tables(config: WanDiTConfig, frames: int, height: int, width: int,
     return grid.cos(), grid.sin()
 
 
+def rope_dtype(x: torch.Tensor) -> torch.dtype:
+    """RoPE is computed in fp32 (fp64 for fp64 activations), as Wan does."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs ``(x[2j], x[2j+1])`` of ``[s, b, n, d]`` by the tables."""
-    pairs = upcast(x).unflatten(-1, (-1, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.to(pairs.dtype), sin.to(pairs.dtype)
+    """Rotate interleaved channel pairs ``(x[2j], x[2j+1])`` of ``[s, b, n, d]`` by the tables
+    (``rope_dtype`` tables: bf16 pairs are promoted inside the products, not copied to fp32)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.to(rope_dtype(x)), sin.to(rope_dtype(x))  # no-ops once the model has cast them
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+WAN_RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
+def selective_recompute_modules(config: TransformerConfig) -> set[str]:
+    """What ``--recompute-granularity selective`` recomputes in a Wan layer (megatron's
+    ``recompute_modules``, default ``core_attn``): ``core_attn`` the attention kernels of self- and
+    cross-attention, ``mlp`` the FFN with its adaLN-modulated input norm."""
+    if config.recompute_granularity != "selective":
+        return set()
+    modules = set(config.recompute_modules or ("core_attn",))
+    unknown = modules - set(WAN_RECOMPUTE_MODULES)
+    if unknown:
+        raise ValueError(f"--recompute-modules {' '.join(sorted(unknown))}: the Wan DiT recomputes "
+                         f"{' and '.join(WAN_RECOMPUTE_MODULES)} only")
+    return modules
 
 
 def _column(config: TransformerConfig, in_size: int, out_size: int, gather_sequence: bool = True):
@@ -141,7 +181,7 @@ class _AttentionBase(MegatronModule):
         self.k_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
         self.core_attention = CoreAttention(context_parallel=context_parallel)
         self.linear_proj = _row(config, h, h)
-        self.recompute_core_attention = config.recompute_granularity == "selective"
+        self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
@@ -232,6 +272,10 @@ class WanLayer(MegatronModule):
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=config.params_dtype) / h**0.5)
         mark_sequence_parallel(self.modulation, config.sequence_parallel)
         mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
+        self.recompute_mlp = "mlp" in selective_recompute_modules(config)
+
+    def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.mlp(modulate(self.norm3, x, shift, scale))
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
@@ -240,9 +284,15 @@ class WanLayer(MegatronModule):
         per-token timesteps; context: [L, b, h]; valid_tokens: the unpadded video length when CP
         padded it."""
         mod = upcast(self.modulation) + upcast(time_mod)  # [1|s, b, 6, h]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, :, i] for i in range(6))
-        normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
-        x = (upcast(x) + upcast(self.self_attention(normed, rope, valid_tokens)) * gate_sa).type_as(x)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)
+        normed = modulate(self.norm1, x, shift_sa, scale_sa)
+        x = gated_residual(x, self.self_attention(normed, rope, valid_tokens), gate_sa)
         x = x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
-        normed = (upcast(self.norm3(x)) * (1 + scale_ff) + shift_ff).type_as(x)
-        return (upcast(x) + upcast(self.mlp(normed)) * gate_ff).type_as(x)
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            # no randomness inside: the recompute needs no RNG state; torch's non-reentrant
+            # checkpoint also works inside a torch.compile'd block
+            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, shift_ff, scale_ff, use_reentrant=False,
+                                                   preserve_rng_state=False)
+        else:
+            ff = self._ffn(x, shift_ff, scale_ff)
+        return gated_residual(x, ff, gate_ff)

@@ -19,6 +19,8 @@ from mm.models.predictor.wan.layers import (
     FP32LayerNorm,
     WanLayer,
     mark_sequence_parallel,
+    modulate,
+    rope_dtype,
     rope_tables,
     sinusoidal_embedding,
     upcast,
@@ -71,8 +73,8 @@ class WanHead(torch.nn.Module):
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         """x: [s, b, h]; time_emb: [1, b, h] or, with per-token timesteps, [s, b, h]."""
         mod = upcast(self.modulation) + upcast(time_emb).unsqueeze(2)  # [1|s, b, 2, h]
-        shift, scale = mod[:, :, 0], mod[:, :, 1]
-        return self.proj((upcast(self.norm(x)) * (1 + scale) + shift).type_as(x))
+        shift, scale = mod.unbind(2)
+        return self.proj(modulate(self.norm, x, shift, scale))
 
 
 class WanDiT(MegatronModule):
@@ -120,6 +122,14 @@ class WanDiT(MegatronModule):
         self.share_embeddings_and_output_weights = False
         self.input_tensor = None  # a later stage's input: the previous stage's StageMessage
         self.carried = None  # on the last stage: the tensor stage 0 passed along (``carry``)
+
+    def compile_blocks(self, **options) -> None:
+        """Regional compilation (``--compile-dit-blocks``): ``torch.compile`` each DiT layer in place,
+        so that its elementwise work (adaLN, norms, RoPE, GELU, gated residuals) fuses into few
+        kernels. The layers share one compiled graph (same code, parameters as inputs); parameter
+        names and the state dict are unchanged. Embeddings, head and the recompute wrappers stay eager."""
+        for block in self.blocks:
+            block.compile(**options)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """megatron-core distributed-checkpoint view of this stage's weights, in layout-independent
@@ -269,7 +279,8 @@ class WanDiT(MegatronModule):
         tokens = f * gh * gw
         valid_tokens = tokens if tokens % self._split_multiple() else None
         # RoPE of this CP shard's global positions (attention sees the whole shard on each TP rank)
-        rope = tuple(self._token_shard(t, tp_slice=False) for t in rope_tables(wan, f, gh, gw, state["x"].device))
+        rope = tuple(self._token_shard(t.to(rope_dtype(state["x"])), tp_slice=False)
+                     for t in rope_tables(wan, f, gh, gw, state["x"].device))
         x = self._run_blocks(state["x"], state["time_mod"], state["context"], state["context_img"], rope,
                              valid_tokens)
         if not self.post_process:
