@@ -7,12 +7,13 @@ config, a random Wan2.1-size VAE and a 2-layer UMT5-style text encoder of the re
 and an inference model JSON that points at them. Then, in two child processes one after the
 other, samples one prompt with classifier-free guidance (guidance 5, UniPC, shift 3):
 
-* ``mm``: ``inference.py --bf16`` (its log line gives s/step of the denoising loop and peak memory);
+* ``mm``: ``inference.py --bf16`` (its log line gives s/step over steps 2..N and peak memory); with
+  ``--compile`` also ``inference.py --bf16 --compile-dit-blocks``;
 * ``diffusers``: ``WanPipeline`` in bf16 (VAE in bf16 too), its steps timed by a step callback,
   peak memory from torch.cuda.
 
-Prints both lines. No downloads. The diffusers step time is the mean over steps 2..N (the callback
-fires after each step), mm's is the whole loop over N steps.
+Prints the lines. No downloads. Both step times are means over steps 2..N (the first step, with
+its warm-up or compilation, is left out).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--compile", action="store_true", help="also run mm with --compile-dit-blocks")
     a = p.parse_args()
     root = Path(a.out)
     if not (root / "model.json").is_file():
@@ -103,16 +105,20 @@ def main() -> None:
                           "height": a.height, "width": a.width, "sample_steps": a.steps, "sample_shift": 3.0,
                           "sample_solver": "unipc", "guidance_scale": 5.0, "save_path": str(root / "samples")}
     (root / "inference_model.json").write_text(json.dumps(model, indent=1))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    mm = subprocess.run([sys.executable, "inference.py", "--bf16", "--mm-model", str(root / "inference_model.json")],
-                        cwd=REPO, env=env, capture_output=True, text=True)
-    if mm.returncode:
-        raise SystemExit(mm.stdout[-3000:] + mm.stderr[-3000:])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    lines = []
+    for flags in ([], ["--compile-dit-blocks"]) if a.compile else ([],):
+        mm = subprocess.run([sys.executable, "inference.py", "--bf16", "--mm-model", str(root / "inference_model.json"),
+                             *flags], cwd=REPO, env=env, capture_output=True, text=True)
+        if mm.returncode:
+            raise SystemExit(mm.stdout[-3000:] + mm.stderr[-3000:])
+        name = "mm" + "".join(f" {f}" for f in flags)
+        lines.append(f"{name} " + next(line for line in mm.stdout.splitlines() if "inference.py: wrote" in line))
     ref = subprocess.run([sys.executable, "-c", DIFFUSERS, str(root), str(a.frames), str(a.height), str(a.width),
                           str(a.steps), PROMPT], cwd=REPO, env=env, capture_output=True, text=True)
     if ref.returncode:
         raise SystemExit(ref.stdout[-3000:] + ref.stderr[-3000:])
-    print("mm " + next(line for line in mm.stdout.splitlines() if "inference.py: wrote" in line))
+    print("\n".join(lines))
     print(next(line for line in ref.stdout.splitlines() if line.startswith("diffusers WanPipeline")))
 
 

@@ -238,8 +238,6 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_batch(args, world_size, mode, problems)
     if model is not None:
         _check_model(args, model, problems)
-    if mode == "inference" and args.compile_dit_blocks:
-        problems.append("--compile-dit-blocks is for training: inference.py does not compile its DiT yet")
     if mode == "train" and data is None and (model is None or not model.load_video_features):
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":

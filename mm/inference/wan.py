@@ -146,7 +146,7 @@ def output_path(directory: Path, prompt: str, seed: int) -> Path:
 def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor, sampling: SamplingConfig,
             dtype: torch.dtype, show_progress: bool, cfg_group=None, cond: WanConditioning | None = None,
             condition: torch.Tensor | None = None, context_image: torch.Tensor | None = None,
-            low_noise_dit=None, references: torch.Tensor | None = None) -> torch.Tensor:
+            low_noise_dit=None, references: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
     """The sampler's loop with classifier-free guidance (``negative`` None: guidance off); fp32 latents.
 
     ``cfg_group``: a pair of ranks (--cfg-parallel) of which the first runs the conditional branch and
@@ -156,7 +156,7 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
     branches. ``low_noise_dit``: Wan2.2 A14B's second expert, which takes over (with
     ``guidance_scale_2``) below ``boundary_ratio`` x 1000. ``references [1, z, N, h, w]``: Phantom's
     reference latents after the video frames, with its three-branch guidance
-    (``mm.inference.subject``; ``negative`` is then required)."""
+    (``mm.inference.subject``; ``negative`` is then required). ``on_step``: called after every step."""
     sampler = build_sampler(sampling.sample_solver, sampling.sample_steps, sampling.sample_shift)
     latents = noise.float()
     branch = None if cfg_group is None else torch.distributed.get_rank(cfg_group)
@@ -198,6 +198,8 @@ def denoise(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: to
                 conditional, unconditional = both
             velocity = unconditional + scale * (conditional - unconditional)
         latents = sampler.step(velocity, latents)
+        if on_step is not None:
+            on_step()
     if cond is not None and cond.kind == "ti2v":  # the sampler also moved frame 0; the image is its value
         latents = cond.model_input(latents, timestep, condition)[0]
     return latents
@@ -244,6 +246,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
         else:
             load_hf_weights(model, read_weights(weights), tp_size=tp, tp_rank=tp_rank)
+        if args.compile_dit_blocks:  # compiled on the first step (its time is left out of s/step)
+            model.compile_blocks()
         return model
 
     dit = build_dit(args.load or pred.from_pretrained, args.load is not None)
@@ -333,11 +337,18 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         stage(dit, low_noise_dit)
         acc.synchronize()
         begin_denoise = time.perf_counter()
+        marks = []  # after each step; s/step is over steps 2..N, as diffusers' callbacks time it
+
+        def mark():
+            acc.synchronize()
+            marks.append(time.perf_counter())
+
         latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
                           show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
-                          context_image=context_image, low_noise_dit=low_noise_dit, references=references)
-        acc.synchronize()
+                          context_image=context_image, low_noise_dit=low_noise_dit, references=references,
+                          on_step=mark)
         denoise_s = time.perf_counter() - begin_denoise
+        per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
         if decoder:
             stage(vae)
             video = vae.decode(vae.denormalize(latents.to(dtype)), vae_cp=vae_cp)
@@ -348,8 +359,9 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                 torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
             written.append(path)
             print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
-                  f"{sampling.sample_steps} {sampling.sample_solver} steps: {denoise_s / sampling.sample_steps:.3f} "
-                  f"s/step; {time.perf_counter() - begin:.1f} s in all"
+                  f"{sampling.sample_steps} {sampling.sample_solver} steps: {per_step:.3f} s/step (steps 2-"
+                  f"{sampling.sample_steps}; first {marks[0] - begin_denoise:.3f} s); "
+                  f"{time.perf_counter() - begin:.1f} s in all"
                   f"{'' if vae_cp is None else f'; decoded over {len(vae_cp[1])} VAE-CP ranks'}; peak memory "
                   f"{acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
     destroy_distributed()

@@ -280,9 +280,11 @@ def test_compile_dit_blocks_without_tp_or_cp(tmp_path):
     assert "--compile-dit-blocks is for runs without tensor or context parallelism" in msg
     msg = _problems(tmp_path, flags=["--compile-dit-blocks", "--context-parallel-size", "2"])
     assert "--context-parallel-size 2" in msg
-    m = _write(tmp_path, "model.json", BASE_MODEL)
-    with pytest.raises(ConfigError, match="--compile-dit-blocks is for training: inference.py does not compile"):
-        load_config(["--mm-model", m, "--compile-dit-blocks"], world_size=1, mode="inference")
+    m = _write(tmp_path, "model.json", BASE_MODEL)  # inference.py compiles its DiT(s) too, on one rank per video
+    assert load_config(["--mm-model", m, "--compile-dit-blocks"], world_size=1, mode="inference").args.compile_dit_blocks
+    with pytest.raises(ConfigError, match="--compile-dit-blocks is for runs without tensor or context parallelism"):
+        load_config(["--mm-model", m, "--compile-dit-blocks", "--context-parallel-size", "2"], world_size=2,
+                    mode="inference")
 
 
 def test_causal_mask_rejected(tmp_path):
