@@ -1,5 +1,8 @@
 """Layer 4: noise schedules, training objectives and samplers (pure tensor math, no parallelism)."""
 
+from mm.diffusion.ddpm import DDPM, DDPMConfig, NoiseSchedule
+from mm.diffusion.ddpm_samplers import DDPMSamplerConfig, build_ddpm_sampler, classifier_free_guidance
 from mm.diffusion.flow_matching import FlowMatching, FlowMatchingConfig, shift_sigma, unshift_sigma
 
-__all__ = ["FlowMatching", "FlowMatchingConfig", "shift_sigma", "unshift_sigma"]
+__all__ = ["DDPM", "DDPMConfig", "DDPMSamplerConfig", "FlowMatching", "FlowMatchingConfig", "NoiseSchedule",
+           "build_ddpm_sampler", "classifier_free_guidance", "shift_sigma", "unshift_sigma"]
