@@ -6,9 +6,10 @@ import sys
 from typing import Sequence
 
 from checkpoint.config import ConvertError
+from checkpoint.opensoraplan import OpenSoraPlanConverter
 from checkpoint.wan import WanConverter
 
-CONVERTERS = {"WanConverter": WanConverter}
+CONVERTERS = {"WanConverter": WanConverter, "OpenSoraPlanConverter": OpenSoraPlanConverter}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
