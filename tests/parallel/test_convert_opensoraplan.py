@@ -220,9 +220,13 @@ def _vae_release(root: Path, layout: str) -> dict[str, torch.Tensor]:
     config = json.loads((FIXTURES / "wfvae_tiny_config.json").read_text())["config"]
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps(dict(config, _class_name="WFVAEModel")))
-    if layout == "ema":  # EMA weights (DDP names) next to the model's: the EMA ones are taken
+    if layout == "ema":  # EMA weights (DDP names) next to the model's (zeros but the fixed Haar filters)
+        from mm.models.ae.wfvae_checkpoint import wfvae_state_dict_from_reference
+
+        trained = wfvae_state_dict_from_reference(state)
+        model = {k: torch.zeros_like(v) if k in trained else v for k, v in state.items()}
         checkpoint = {"ema_state_dict": {f"module.{k}": v for k, v in state.items()},
-                      "state_dict": {"gen_model": {k: torch.zeros_like(v) for k, v in state.items()}}, "epoch": 3}
+                      "state_dict": {"gen_model": model}, "epoch": 3}
     else:
         checkpoint = {"state_dict": state}
     torch.save(checkpoint, root / "merged.ckpt")
@@ -239,6 +243,14 @@ def test_vae_convert_writes_what_ae_from_pretrained_reads(tmp_path, layout):
     expected = wfvae_state_dict_from_reference(state)  # the Haar filters left out
     assert set(written) == set(expected) and len(written) < len(state)
     assert all(torch.equal(written[k], v) for k, v in expected.items())
+    if layout == "ema":  # --use_ema false: the model's weights (zeros here)
+        from checkpoint.config import ConvertConfig
+        from checkpoint.opensoraplan import OpenSoraPlanConverter
+
+        OpenSoraPlanConverter("v1.3").vae_convert(
+            ConvertConfig(str(tmp_path / "vae" / "merged.ckpt"), str(tmp_path / "model.pt")), use_ema=False)
+        model = torch.load(tmp_path / "model.pt", weights_only=True)
+        assert set(model) == set(expected) and all(not v.any() for v in model.values())
     # the model JSON's ae section: from_pretrained is vae.pt, the config keys beside it
     config = json.loads((FIXTURES / "wfvae_tiny_config.json").read_text())["config"]
     vae = load_wfvae(str(tmp_path / "mm" / "vae.pt"), params=config)
