@@ -6,7 +6,10 @@ import sys
 from typing import Sequence
 
 from checkpoint.config import ConvertError
-from checkpoint.wan import CONVERTERS
+from checkpoint.opensoraplan import OpenSoraPlanConverter
+from checkpoint.wan import WanConverter
+
+CONVERTERS = {"WanConverter": WanConverter, "OpenSoraPlanConverter": OpenSoraPlanConverter}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -15,7 +18,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         CLI(CONVERTERS, args=argv, prog="mm-convert", as_positional=False,
-            description="Convert DiT weights between HuggingFace layouts and mm's TP/PP/VPP checkpoints.")
+            description="Convert DiT (and VAE) weights between HuggingFace-side releases and mm's TP/PP/VPP "
+                        "checkpoints.")
     except ConvertError as e:
         print(f"mm-convert: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

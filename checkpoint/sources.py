@@ -1,10 +1,11 @@
-"""Where mm-convert reads a Wan DiT from, one tensor at a time.
+"""Where mm-convert reads a DiT from, one tensor at a time.
 
-Every source answers the same questions in the vocabulary of the Wan name table
-(``mm.models.predictor.wan.weights``): which global mm keys it holds (``blocks.{global i}.…``),
-and for one key the full, unsplit tensors of its parts (one part, or q/k/v of a fused row, in
-the table's order). Nothing is read before it is asked for: safetensors files are memory-mapped,
-torch files are opened with ``mmap=True``, torch_dist checkpoints load one tensor per request.
+Every source answers the same questions in the vocabulary of its model's name table (a
+``ModelWeights``: the Wan DiT's, Open-Sora-Plan's ...): which global mm keys it holds
+(``blocks.{global i}.…``), and for one key the full, unsplit tensors of its parts (one part, or
+q/k/v of a fused row, in the table's order). Nothing is read before it is asked for: safetensors
+files are read tensor by tensor with positioned reads, torch files are opened with ``mmap=True``,
+torch_dist checkpoints load one tensor per request.
 """
 
 from __future__ import annotations
@@ -17,16 +18,9 @@ from typing import Any, Iterator
 import torch
 
 from checkpoint.config import ConvertError
+from checkpoint.families import ModelWeights
+from mm.models.predictor.wan.weights import WeightMappingError, global_name, tp_shard
 from mm.training.chunks import chunk_keys
-from mm.models.predictor.wan.weights import (
-    IGNORED_SOURCE_KEYS,
-    WAN_NAME_TABLE,
-    WeightMappingError,
-    detect_format,
-    global_name,
-    rule_for,
-    tp_shard,
-)
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -36,8 +30,10 @@ def _is_block_rule(template: str) -> bool:
 
 
 class Source:
-    """The interface; ``arch``: the model's WanDiTConfig keys; ``origin``: a phrase for messages."""
+    """The interface; ``weights``: the model family; ``arch``: its predictor config keys (what
+    checkpoint headers record as ``extra.predictor``); ``origin``: a phrase for messages."""
 
+    weights: ModelWeights
     arch: dict[str, Any]
     origin: str
 
@@ -53,7 +49,7 @@ class Source:
 
     def local(self, key: str, tp: int, rank: int) -> torch.Tensor:
         """TP rank ``rank``'s tensor of ``key`` (fused rows: the rank's slice of each part, concatenated)."""
-        rule, _ = rule_for(key)
+        rule, _ = self.weights.rule_for(key)
         pieces = [_split(p, rule.split, tp, rank, key) for p in self.parts(key)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
@@ -66,31 +62,8 @@ def _split(tensor: torch.Tensor, split: str | None, tp: int, rank: int, key: str
 
 
 # ---------------------------------------------------------------------------------------------
-# HuggingFace: a diffusers WanTransformer3DModel directory or the original Wan release
-
-
-def arch_from_diffusers(config: dict) -> dict[str, Any]:
-    heads = config["num_attention_heads"]
-    arch = dict(num_layers=config["num_layers"], num_heads=heads, hidden_size=heads * config["attention_head_dim"],
-                ffn_dim=config["ffn_dim"], in_dim=config["in_channels"], out_dim=config["out_channels"],
-                patch_size=list(config.get("patch_size", [1, 2, 2])), freq_dim=config.get("freq_dim", 256),
-                text_dim=config.get("text_dim", 4096), image_dim=config.get("image_dim"),
-                pos_embed_seq_len=config.get("pos_embed_seq_len"), cross_attn_norm=config.get("cross_attn_norm", True),
-                eps=config.get("eps", 1e-6), rope_max_seq_len=config.get("rope_max_seq_len", 1024))
-    return arch
-
-
-def diffusers_config(arch: dict[str, Any]) -> dict[str, Any]:
-    """diffusers' ``WanTransformer3DModel`` config.json for mm's WanDiTConfig keys."""
-    image = arch.get("image_dim")
-    return {"_class_name": "WanTransformer3DModel", "patch_size": list(arch.get("patch_size", [1, 2, 2])),
-            "num_attention_heads": arch["num_heads"], "attention_head_dim": arch["hidden_size"] // arch["num_heads"],
-            "in_channels": arch.get("in_dim", 16), "out_channels": arch.get("out_dim", 16),
-            "text_dim": arch.get("text_dim", 4096), "freq_dim": arch.get("freq_dim", 256), "ffn_dim": arch["ffn_dim"],
-            "num_layers": arch["num_layers"], "cross_attn_norm": arch.get("cross_attn_norm", True),
-            "qk_norm": "rms_norm_across_heads", "eps": arch.get("eps", 1e-6), "image_dim": image,
-            "added_kv_proj_dim": arch["hidden_size"] if image is not None else None,
-            "rope_max_seq_len": arch.get("rope_max_seq_len", 1024), "pos_embed_seq_len": arch.get("pos_embed_seq_len")}
+# HuggingFace: a directory of *.safetensors files and config.json (diffusers' sharded layout with
+# its index, or a release's single file)
 
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -137,17 +110,18 @@ class SafetensorsFile:
 
 
 class HFSource(Source):
-    """``*.safetensors`` (diffusers' sharded files with their index, or the original release's) and
-    ``config.json`` in one directory."""
+    """``*.safetensors`` (diffusers' sharded files with their index, or a release's single file) and
+    ``config.json`` in one directory, named as one of ``weights``' formats."""
 
-    def __init__(self, directory: str | Path, option: str = "--cfg.source_path"):
+    def __init__(self, directory: str | Path, weights: ModelWeights, option: str = "--cfg.source_path"):
+        self.weights = weights
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ConvertError(f"{option} = {str(directory)!r}: not a directory")
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
-            raise ConvertError(f"{option} = {str(directory)!r}: no *.safetensors files there (a diffusers "
-                               "transformer directory or the original Wan release)")
+            raise ConvertError(f"{option} = {str(directory)!r}: no *.safetensors files there (expected the "
+                               f"{weights.name}'s release directory: config.json and *.safetensors)")
         self._file_of: dict[str, SafetensorsFile] = {}
         for f in files:
             try:
@@ -159,7 +133,7 @@ class HFSource(Source):
                     raise ConvertError(f"{option}: tensor {key!r} is in more than one file ({f.name})")
                 self._file_of[key] = handle
         try:
-            self.format = detect_format(self._file_of)
+            self.format = weights.detect_format(self._file_of)
         except WeightMappingError as e:
             raise ConvertError(f"{option} = {str(directory)!r}: {e}") from None
         self.origin = f"{self.format} weights in {self.directory}"
@@ -174,40 +148,24 @@ class HFSource(Source):
         if not config_file.is_file():
             raise ConvertError(f"{option} = {str(self.directory)!r}: no config.json (it gives the number of attention "
                                "heads, which the weights do not)")
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as e:
+            raise ConvertError(f"{config_file}: not JSON: {e}") from None
         self.hf_config = config
-        if self.format == "diffusers":
-            missing = [k for k in ("num_attention_heads", "attention_head_dim", "num_layers", "ffn_dim",
-                                   "in_channels", "out_channels") if k not in config]
-            if missing:
-                raise ConvertError(f"{config_file}: a diffusers config without {', '.join(missing)}")
-            return arch_from_diffusers(config)
-        # the original release: dim / num_heads / ...; the image branch is read from the weights
-        missing = [k for k in ("dim", "num_heads", "num_layers", "ffn_dim") if k not in config]
-        if missing:
-            raise ConvertError(f"{config_file}: an original Wan config without {', '.join(missing)}")
-        # the sizes the weights carry come from the weights
-        patch = self._shape("patch_embedding.weight")
-        kernel = patch[2:]
-        head = self._shape("head.head.weight")[0]
-        arch = dict(num_layers=config["num_layers"], num_heads=config["num_heads"], hidden_size=config["dim"],
-                    ffn_dim=config["ffn_dim"], in_dim=patch[1], out_dim=head // (kernel[0] * kernel[1] * kernel[2]),
-                    patch_size=list(kernel), freq_dim=self._shape("time_embedding.0.weight")[1],
-                    text_dim=self._shape("text_embedding.0.weight")[1], image_dim=None, pos_embed_seq_len=None,
-                    cross_attn_norm=config.get("cross_attn_norm", True), eps=config.get("eps", 1e-6),
-                    rope_max_seq_len=1024)
-        if "img_emb.proj.0.weight" in self._file_of:
-            arch["image_dim"] = self._shape("img_emb.proj.0.weight")[0]
-        if "img_emb.emb_pos" in self._file_of:
-            arch["pos_embed_seq_len"] = self._shape("img_emb.emb_pos")[1]
-        return arch
+
+        def shape(name: str) -> list[int] | None:
+            return self._shape(name) if name in self._file_of else None
+
+        return self.weights.read_arch(config, self.format, shape, str(config_file))
 
     def _map_keys(self) -> list[str]:
         """Every table row whose source tensors are all present (a row's parts all or none), and
         the check that nothing is left over and the layer count is the config's."""
         keys, used, partial = [], set(), []
-        layers = sorted({int(m.group(1)) for k in self._file_of if (m := _BLOCK.match(k))})
-        for rule in WAN_NAME_TABLE:
+        block = self.weights.source_layer_pattern(self.format)
+        layers = sorted({int(m.group(1)) for k in self._file_of if (m := block.match(k))})
+        for rule in self.weights.table:
             indices = layers if _is_block_rule(rule.mm) else [None]
             for i in indices:
                 values = {} if i is None else {"i": str(i)}
@@ -218,25 +176,36 @@ class HFSource(Source):
                     used.update(names)
                 elif present:
                     partial.append(f"{rule.mm.format(**values)} needs {names}, found only {present}")
-        ignored = IGNORED_SOURCE_KEYS[self.format]
+        ignored = self.weights.ignored_source_keys.get(self.format, ())
         unexpected = sorted(k for k in self._file_of if k not in used and not any(p.match(k) for p in ignored))
         problems = []
         if partial:
             problems.append(f"incomplete ({len(partial)}): {'; '.join(partial[:10])}")
         if unexpected:
-            problems.append(f"not in the Wan name table ({len(unexpected)}): {', '.join(unexpected[:20])}")
+            problems.append(f"not in the {self.weights.name} name table ({len(unexpected)}): "
+                            f"{', '.join(unexpected[:20])}")
+        if self.weights.expected_keys is not None:
+            expected = self.weights.expected_keys(self.arch)
+            missing = [k for k in expected if k not in set(keys)]
+            if missing:
+                names = [n for k in missing for n in self._names(k)]
+                problems.append(f"missing ({len(names)}): {', '.join(names[:20])}")
+            surplus = sorted(set(keys) - set(expected))
+            if surplus:
+                names = [n for k in surplus for n in self._names(k)]
+                problems.append(f"not part of the model config.json describes ({len(names)}): {', '.join(names[:20])}")
         if layers != list(range(self.arch["num_layers"])):
             problems.append(f"layers {layers[:3]}...{layers[-3:] if layers else []} ({len(layers)}) but config.json "
                             f"says num_layers = {self.arch['num_layers']}")
         if problems:
-            raise ConvertError(f"{self.origin} do not match the Wan DiT:\n  " + "\n  ".join(problems))
+            raise ConvertError(f"{self.origin} do not match the {self.weights.name}:\n  " + "\n  ".join(problems))
         return keys
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
     def _names(self, key: str) -> list[str]:
-        rule, values = rule_for(key)
+        rule, values = self.weights.rule_for(key)
         return [s.format(**values) for s in rule.sources(self.format)]
 
     def parts(self, key: str) -> list[torch.Tensor]:
@@ -244,7 +213,7 @@ class HFSource(Source):
 
     def local(self, key: str, tp: int, rank: int) -> torch.Tensor:
         """Reads only the rank's rows of a column-split tensor (a row-split one is read whole and cut)."""
-        rule, _ = rule_for(key)
+        rule, _ = self.weights.rule_for(key)
         if rule.split != "column" or tp == 1:
             return super().local(key, tp, rank)
         pieces = []
@@ -269,16 +238,19 @@ def _checkpoint_path(root: Path, option: str) -> Path:
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     if iteration is None:
+        hint = ("; it holds *.safetensors and config.json, a HuggingFace-side release: convert that with hf_to_mm"
+                if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else "")
         raise ConvertError(f"{option} = {str(root)!r}: no latest_checkpointed_iteration.txt (pass the directory "
-                           "that --save wrote or mm-convert hf_to_mm made)")
+                           f"that --save wrote or mm-convert hf_to_mm made){hint}")
     path = checkpoint_dir(root, iteration)
     if not path.is_dir():
         raise ConvertError(f"{option} = {str(root)!r}: the tracker names {path.name}, which does not exist")
     return path
 
 
-def open_mm_source(directory: str | Path, option: str = "--cfg.source_path") -> Source:
-    """An mm checkpoint directory (the one with latest_checkpointed_iteration.txt), either format."""
+def open_mm_source(directory: str | Path, weights: ModelWeights, option: str = "--cfg.source_path") -> Source:
+    """An mm checkpoint directory (the one with latest_checkpointed_iteration.txt), either format, of
+    ``weights``' model."""
     from mm.training import checkpoint_torch
 
     root = Path(directory)
@@ -286,9 +258,14 @@ def open_mm_source(directory: str | Path, option: str = "--cfg.source_path") -> 
         raise ConvertError(f"{option} = {str(directory)!r}: not a directory")
     path = _checkpoint_path(root, option)
     if checkpoint_torch.is_torch_checkpoint(path):
-        return TorchSource(path, option)
-    if (path / "metadata.json").is_file():
-        return TorchDistSource(path, option)
+        source = TorchSource(path, weights, option)
+    elif (path / "metadata.json").is_file():
+        source = TorchDistSource(path, weights, option)
+    else:
+        source = None
+    if source is not None:
+        _check_keys(source, option)
+        return source
     raise ConvertError(f"{option}: {path} is neither a torch-format (checkpoint.json) nor a torch_dist "
                        "(metadata.json) checkpoint")
 
@@ -304,9 +281,10 @@ def _arch_of(header: dict, path: Path, option: str) -> dict[str, Any]:
 class TorchSource(Source):
     """``mp_rank_XX[_YYY]/model_optim_rng.pt`` of any TP/PP/VPP, opened memory-mapped."""
 
-    def __init__(self, path: Path, option: str):
+    def __init__(self, path: Path, weights: ModelWeights, option: str):
         from mm.training import checkpoint_torch
 
+        self.weights = weights
         self.path = path
         self.header = checkpoint_torch.read_header(path)
         self.arch = _arch_of(self.header, path, option)
@@ -349,9 +327,9 @@ class TorchSource(Source):
         return list(self._where)
 
     def parts(self, key: str) -> list[torch.Tensor]:
-        rule, _ = rule_for(key)
+        rule, _ = self.weights.rule_for(key)
         stage, ck, local = self._where[key]
-        n = len(rule.diffusers)
+        n = rule.fused_parts
         per_rank = [self._file(r, stage)[ck][local] for r in range(self.tp)]
         pieces = [t.chunk(n, dim=0) if n > 1 else (t,) for t in per_rank]
         out = []
@@ -367,10 +345,11 @@ class TorchDistSource(Source):
     """A torch_dist checkpoint: tensors stored under global keys with un-split shapes (fused rows as
     ``[parts, ...]``), read one at a time without process groups."""
 
-    def __init__(self, path: Path, option: str):
+    def __init__(self, path: Path, weights: ModelWeights, option: str):
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
 
+        self.weights = weights
         self.path = path
         self.header = dist_checkpointing.load_common_state_dict(str(path))
         self.arch = _arch_of(self.header, path, option)
@@ -378,12 +357,14 @@ class TorchDistSource(Source):
         self._reader = FileSystemReader(str(path))
         metadata = self._reader.read_metadata().state_dict_metadata
         self._meta = {}
+        self.unmatched: list[str] = []  # tensors of the checkpoint without a row in the name table
         for key, meta in metadata.items():
             if key.startswith(("optimizer.", "ema.", "rng_state", "common")) or not hasattr(meta, "size"):
                 continue
             try:
-                rule_for(key)
+                weights.rule_for(key)
             except WeightMappingError:
+                self.unmatched.append(key)
                 continue
             self._meta[key] = meta
 
@@ -396,8 +377,22 @@ class TorchDistSource(Source):
         meta = self._meta[key]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         load({key: tensor}, storage_reader=self._reader, no_dist=True)
-        rule, _ = rule_for(key)
-        return list(tensor.unbind(0)) if len(rule.diffusers) > 1 else [tensor]
+        rule, _ = self.weights.rule_for(key)
+        return list(tensor.unbind(0)) if rule.fused_parts > 1 else [tensor]
+
+
+def _check_keys(source: Source, option: str) -> None:
+    """Every model tensor of an mm checkpoint must have a row in the converter's name table (a Wan
+    checkpoint given to the Open-Sora-Plan converter fails here, naming the tensors)."""
+    unknown = list(getattr(source, "unmatched", []))
+    for key in source.keys():
+        try:
+            source.weights.rule_for(key)
+        except WeightMappingError:
+            unknown.append(key)
+    if unknown or not source.keys():
+        raise ConvertError(f"{option}: {source.origin} is not a {source.weights.name} checkpoint: "
+                           f"{len(unknown)} tensors have no row in its name table: {', '.join(unknown[:10])}")
 
 
 def iter_layer_keys(keys: list[str], first: int, count: int) -> Iterator[str]:

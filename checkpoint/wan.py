@@ -2,89 +2,88 @@
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
-from checkpoint.config import ConvertConfig, ConvertError, Layout, ParallelConfig, layout_from
-from checkpoint.sources import HFSource, Source, TorchSource, open_mm_source
-from checkpoint.writers import return_freed_memory_to_the_system, staged_target, write_diffusers, write_mm
-
-VERSIONS = ("wan2.1", "wan2.2")
-
-
-def _check_source_layout(source: Source, given: ParallelConfig | None) -> None:
-    """``--cfg.source_parallel_config``, when given, must describe a torch-format source's own split
-    (a torch_dist checkpoint has no split to speak of)."""
-    if given is None or not isinstance(source, TorchSource):
-        return
-    recorded = (source.header.get("extra") or {}).get("pipeline_layers") or []
-    if given.tp_size != source.tp or (given.pp_layers and recorded and given.pp_layers != recorded):
-        raise ConvertError(f"--cfg.source_parallel_config = tp_size {given.tp_size}, pp_layers {given.pp_layers}; "
-                           f"{source.origin} is tp_size {source.tp}, pp_layers {recorded or 'not recorded'}")
+from checkpoint.config import ConvertError
+from checkpoint.converter import DiTConverter
+from checkpoint.families import ModelWeights, ShapeOf
+from mm.models.predictor.wan.weights import IGNORED_SOURCE_KEYS, WAN_NAME_TABLE, detect_format, rule_for
 
 
-class WanConverter:
+def arch_from_diffusers(config: dict) -> dict[str, Any]:
+    heads = config["num_attention_heads"]
+    arch = dict(num_layers=config["num_layers"], num_heads=heads, hidden_size=heads * config["attention_head_dim"],
+                ffn_dim=config["ffn_dim"], in_dim=config["in_channels"], out_dim=config["out_channels"],
+                patch_size=list(config.get("patch_size", [1, 2, 2])), freq_dim=config.get("freq_dim", 256),
+                text_dim=config.get("text_dim", 4096), image_dim=config.get("image_dim"),
+                pos_embed_seq_len=config.get("pos_embed_seq_len"), cross_attn_norm=config.get("cross_attn_norm", True),
+                eps=config.get("eps", 1e-6), rope_max_seq_len=config.get("rope_max_seq_len", 1024))
+    return arch
+
+
+def diffusers_config(arch: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' ``WanTransformer3DModel`` config.json for mm's WanDiTConfig keys."""
+    image = arch.get("image_dim")
+    return {"_class_name": "WanTransformer3DModel", "patch_size": list(arch.get("patch_size", [1, 2, 2])),
+            "num_attention_heads": arch["num_heads"], "attention_head_dim": arch["hidden_size"] // arch["num_heads"],
+            "in_channels": arch.get("in_dim", 16), "out_channels": arch.get("out_dim", 16),
+            "text_dim": arch.get("text_dim", 4096), "freq_dim": arch.get("freq_dim", 256), "ffn_dim": arch["ffn_dim"],
+            "num_layers": arch["num_layers"], "cross_attn_norm": arch.get("cross_attn_norm", True),
+            "qk_norm": "rms_norm_across_heads", "eps": arch.get("eps", 1e-6), "image_dim": image,
+            "added_kv_proj_dim": arch["hidden_size"] if image is not None else None,
+            "rope_max_seq_len": arch.get("rope_max_seq_len", 1024), "pos_embed_seq_len": arch.get("pos_embed_seq_len")}
+
+
+def read_wan_arch(config: dict, fmt: str, shape: ShapeOf, where: str) -> dict[str, Any]:
+    """WanDiTConfig keys from a diffusers config.json, or from the original release's (dim /
+    num_heads / ...) and the sizes its weights carry."""
+    if fmt == "diffusers":
+        missing = [k for k in ("num_attention_heads", "attention_head_dim", "num_layers", "ffn_dim",
+                               "in_channels", "out_channels") if k not in config]
+        if missing:
+            raise ConvertError(f"{where}: a diffusers config without {', '.join(missing)}")
+        return arch_from_diffusers(config)
+    missing = [k for k in ("dim", "num_heads", "num_layers", "ffn_dim") if k not in config]
+    if missing:
+        raise ConvertError(f"{where}: an original Wan config without {', '.join(missing)}")
+
+    def need(name: str) -> list[int]:
+        found = shape(name)
+        if found is None:
+            raise ConvertError(f"{where}: the original Wan weights beside it have no {name}")
+        return found
+
+    kernel = need("patch_embedding.weight")[2:]
+    head = need("head.head.weight")[0]
+    arch = dict(num_layers=config["num_layers"], num_heads=config["num_heads"], hidden_size=config["dim"],
+                ffn_dim=config["ffn_dim"], in_dim=need("patch_embedding.weight")[1],
+                out_dim=head // (kernel[0] * kernel[1] * kernel[2]), patch_size=list(kernel),
+                freq_dim=need("time_embedding.0.weight")[1], text_dim=need("text_embedding.0.weight")[1],
+                image_dim=None, pos_embed_seq_len=None, cross_attn_norm=config.get("cross_attn_norm", True),
+                eps=config.get("eps", 1e-6), rope_max_seq_len=1024)
+    if shape("img_emb.proj.0.weight") is not None:
+        arch["image_dim"] = shape("img_emb.proj.0.weight")[0]
+    if shape("img_emb.emb_pos") is not None:
+        arch["pos_embed_seq_len"] = shape("img_emb.emb_pos")[1]
+    return arch
+
+
+WAN_WEIGHTS = ModelWeights(name="Wan DiT", table=WAN_NAME_TABLE, rule_for=rule_for, detect_format=detect_format,
+                           hf_format="diffusers", head_prefixes=("head.",), read_arch=read_wan_arch,
+                           hf_config=diffusers_config, ignored_source_keys=IGNORED_SOURCE_KEYS)
+
+
+class WanConverter(DiTConverter):
     """Wan2.1 / Wan2.2 DiT weights.
 
     Every variant (Wan2.1 T2V/I2V/FLF2V, Wan2.2 T2V/I2V-A14B experts, TI2V-5B) is read from the
-    source: config.json and the tensors present.
+    source: config.json and the tensors present. hf_to_mm reads a diffusers WanTransformer3DModel
+    directory or the original Wan release; mm_to_hf writes what WanTransformer3DModel.from_pretrained
+    loads.
 
     Args:
         version: wan2.1 or wan2.2.
     """
 
-    def __init__(self, version: str):
-        if version not in VERSIONS:
-            raise ConvertError(f"--version {version!r}; valid: {', '.join(VERSIONS)}")
-        self.version = version
-        return_freed_memory_to_the_system()
-
-    def _summary(self, verb: str, source: Source, target: str, layout: Layout | None, nbytes: int, start: float):
-        seconds = time.perf_counter() - start
-        split = f" as {layout.describe()}" if layout else ""
-        print(f"{verb}: {source.origin} -> {target}{split}: {nbytes / 2**20:.1f} MiB in {seconds:.1f} s "
-                    f"({nbytes / 2**20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
-
-    def hf_to_mm(self, cfg: ConvertConfig) -> None:
-        """HuggingFace weights -> an mm checkpoint split for TP/PP/VPP.
-
-        The source is a diffusers WanTransformer3DModel directory or the original Wan release; the
-        split is --cfg.target_parallel_config (tp_size, pp_layers). pretrain_*.py --load reads the
-        result directly (with --no-load-optim --no-load-rng, or --finetune)."""
-        start = time.perf_counter()
-        source = HFSource(cfg.source_path)
-        layout = layout_from(cfg.target_parallel_config, source.arch["num_layers"], source.arch["num_heads"],
-                             "--cfg.target_parallel_config")
-        with staged_target(cfg.target_path, cfg.overwrite) as tmp:
-            nbytes = write_mm(source, layout, tmp, {"verb": "hf_to_mm", "converted_from": str(cfg.source_path),
-                                                    "source_format": source.format, "version": self.version})
-        self._summary("hf_to_mm", source, cfg.target_path, layout, nbytes, start)
-
-    def mm_to_hf(self, cfg: ConvertConfig) -> None:
-        """An mm checkpoint (any format and split) -> a diffusers directory.
-
-        The result (config.json + safetensors) is what WanTransformer3DModel.from_pretrained loads."""
-        start = time.perf_counter()
-        source = open_mm_source(cfg.source_path)
-        _check_source_layout(source, cfg.source_parallel_config)
-        if cfg.max_shard_size_gb <= 0:
-            raise ConvertError(f"--cfg.max_shard_size_gb = {cfg.max_shard_size_gb}; valid: > 0")
-        with staged_target(cfg.target_path, cfg.overwrite) as tmp:
-            nbytes = write_diffusers(source, tmp, int(cfg.max_shard_size_gb * 2**30))
-        self._summary("mm_to_hf", source, cfg.target_path, None, nbytes, start)
-
-    def resplit(self, cfg: ConvertConfig) -> None:
-        """An mm checkpoint (any format and split) -> an mm checkpoint of another split.
-
-        The split is --cfg.target_parallel_config (tp_size 1 and pp_layers [] merge everything)."""
-        start = time.perf_counter()
-        source = open_mm_source(cfg.source_path)
-        _check_source_layout(source, cfg.source_parallel_config)
-        layout = layout_from(cfg.target_parallel_config, source.arch["num_layers"], source.arch["num_heads"],
-                             "--cfg.target_parallel_config")
-        with staged_target(cfg.target_path, cfg.overwrite) as tmp:
-            nbytes = write_mm(source, layout, tmp, {"verb": "resplit", "resplit_from": str(cfg.source_path),
-                                                    "version": self.version})
-        self._summary("resplit", source, cfg.target_path, layout, nbytes, start)
-
-
-CONVERTERS = {"WanConverter": WanConverter}
+    WEIGHTS = WAN_WEIGHTS
+    VERSIONS = ("wan2.1", "wan2.2")

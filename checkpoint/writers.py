@@ -1,5 +1,6 @@
-"""What mm-convert writes: mm checkpoints in the torch format (``release``) and diffusers
-directories; both into a temporary directory beside the target, renamed into place at the end."""
+"""What mm-convert writes: mm checkpoints in the torch format (``release``), HuggingFace-style
+directories (config.json + safetensors) and single files; all into a temporary path beside the
+target, renamed into place at the end."""
 
 from __future__ import annotations
 
@@ -14,11 +15,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint.config import ConvertError, Layout
-from checkpoint.sources import Source, diffusers_config, iter_layer_keys
-from mm.models.predictor.wan.weights import rule_for
+from checkpoint.sources import Source, iter_layer_keys
 from mm.training.chunks import chunk_keys
-
-_HEAD = ("head.",)
 
 
 @contextmanager
@@ -49,7 +47,32 @@ def staged_target(target: str | Path, overwrite: bool, option: str = "--cfg.targ
         tmp.rename(target)
 
 
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
+@contextmanager
+def staged_file(target: str | Path, overwrite: bool, option: str = "--cfg.target_path") -> Iterator[Path]:
+    """A temporary file name beside ``target`` that becomes ``target`` when the block finishes; on
+    failure it is removed and ``target`` is untouched."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ConvertError(f"{option} = {str(target)!r} exists; pass --cfg.overwrite true to replace it")
+    if target.is_dir():
+        raise ConvertError(f"{option} = {str(target)!r} is a directory; give a file name (e.g. vae.pt)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def compact(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` owning exactly its bytes: a view (of a whole tensor read for one TP slice) would
     keep, and torch.save would write, the whole storage."""
     if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
@@ -75,7 +98,8 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def _stage_keys(layout: Layout, source_keys: list[str], stage: int, chunk: int) -> list[tuple[str, str]]:
+def _stage_keys(layout: Layout, source: Source, source_keys: list[str], stage: int,
+                chunk: int) -> list[tuple[str, str]]:
     """(global key, local key) of one stage's chunk: its layers (local indices from 0), the
     embedders on the first, the head on the last."""
     first, count = layout.span(stage, chunk)
@@ -83,7 +107,7 @@ def _stage_keys(layout: Layout, source_keys: list[str], stage: int, chunk: int) 
     for key in source_keys:
         if key.startswith("blocks."):
             continue
-        head = key.startswith(_HEAD)
+        head = source.weights.is_head(key)
         if (head and layout.holds_head(stage, chunk)) or (not head and layout.holds_embedders(stage, chunk)):
             out.append((key, key))
     for key in iter_layer_keys(source_keys, first, count):
@@ -104,7 +128,8 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
     chunks = len(layout.rows)
     chunk_names = chunk_keys(chunks)
     plan = [(stage, rank) for stage in range(layout.pp) for rank in range(layout.tp)]
-    tensors = layout.tp * sum(len(_stage_keys(layout, keys, s, c)) for s in range(layout.pp) for c in range(chunks))
+    tensors = layout.tp * sum(len(_stage_keys(layout, source, keys, s, c)) for s in range(layout.pp)
+                              for c in range(chunks))
     total = 0
     with tqdm(total=tensors, desc=extra.get("verb", "convert"), unit="tensor") as bar:
         for stage, rank in plan:
@@ -112,8 +137,8 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
                                      "iteration": 0}
             for chunk, name in enumerate(chunk_names):
                 state[name] = {}
-                for gkey, local in _stage_keys(layout, keys, stage, chunk):
-                    tensor = _compact(source.local(gkey, layout.tp, rank))
+                for gkey, local in _stage_keys(layout, source, keys, stage, chunk):
+                    tensor = compact(source.local(gkey, layout.tp, rank))
                     state[name][local] = tensor
                     total += tensor.numel() * tensor.element_size()
                     bar.update()
@@ -135,10 +160,11 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
     return total
 
 
-def write_diffusers(source: Source, directory: Path, max_shard_bytes: int) -> int:
-    """A diffusers ``WanTransformer3DModel`` directory: config.json and safetensors files of at most
-    ``max_shard_bytes`` (several: ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and the
-    index). Returns the bytes written."""
+def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
+    """A HuggingFace-style directory of the model's ``hf_format`` (for Wan a diffusers
+    ``WanTransformer3DModel``): config.json and safetensors files of at most ``max_shard_bytes``
+    (several: ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and the index). Returns the
+    bytes written."""
     from safetensors.torch import save_file
 
     files: list[tuple[str, list[str]]] = []
@@ -154,14 +180,15 @@ def write_diffusers(source: Source, directory: Path, max_shard_bytes: int) -> in
             current, size = {}, 0
             source.release()
 
+    weights = source.weights
     for key in tqdm(source.keys(), desc="mm_to_hf", unit="tensor"):
-        rule, values = rule_for(key)
-        names = [s.format(**values) for s in rule.diffusers]
+        rule, values = weights.rule_for(key)
+        names = [s.format(**values) for s in rule.sources(weights.hf_format)]
         for name, tensor in zip(names, source.parts(key)):
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_shard_bytes:
                 flush()
-            current[name] = _compact(tensor)
+            current[name] = compact(tensor)
             size += nbytes
             total += nbytes
     flush()
@@ -176,7 +203,7 @@ def write_diffusers(source: Source, directory: Path, max_shard_bytes: int) -> in
             weight_map.update({k: final for k in keys})
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (directory / "config.json").write_text(json.dumps(diffusers_config(source.arch), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(weights.hf_config(source.arch), indent=2) + "\n")
     return total
 
 

@@ -33,8 +33,9 @@ def _original_dir(root: Path, kwargs: dict, diffusers_state: dict) -> None:
     from mm.models.predictor.wan.weights import hf_to_mm
 
     from checkpoint.sources import HFSource
+    from checkpoint.wan import WAN_WEIGHTS
 
-    keys = HFSource(root.parent / "diffusers").keys()
+    keys = HFSource(root.parent / "diffusers", WAN_WEIGHTS).keys()
     state = mm_to_hf([hf_to_mm(diffusers_state, keys)], fmt="original")
     root.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(root / "diffusion_pytorch_model.safetensors"))
