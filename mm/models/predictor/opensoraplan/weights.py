@@ -13,12 +13,11 @@ reference names with its renaming (``transformer_blocks`` -> ``videodit_sparse_b
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from mm.models.predictor.wan.weights import WeightMappingError, global_name, is_weight_key, tp_shard
+from mm.models.predictor.name_table import NameTable, WeightMappingError
 
 FORMATS = ("opensoraplan", "mindspeed")
 
@@ -85,22 +84,6 @@ OSP_NAME_TABLE: list[Rule] = [
 ]
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-
-
-_RULE_PATTERNS = [(_pattern(rule.mm), rule) for rule in OSP_NAME_TABLE]
-
-
-def rule_for(mm_key: str) -> tuple[Rule, dict[str, str]]:
-    """The table row of an mm key and its placeholder values."""
-    for pattern, rule in _RULE_PATTERNS:
-        match = pattern.match(mm_key)
-        if match:
-            return rule, match.groupdict()
-    raise WeightMappingError(f"mm key {mm_key!r} has no row in the Open-Sora-Plan name table")
-
-
 def detect_format(keys) -> str:
     """'opensoraplan' or 'mindspeed' from the key names of a v1.3 DiT checkpoint."""
     keys = list(keys)
@@ -112,65 +95,13 @@ def detect_format(keys) -> str:
                              "nor MindSpeed-MM (videodit_sparse_blocks.N.*) keys")
 
 
-def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank: int = 0,
-             fmt: str | None = None, check_unexpected: bool = True) -> dict[str, torch.Tensor]:
-    """The mm tensors named ``mm_keys`` for TP rank ``tp_rank`` of ``tp_size`` from a full source
-    state dict; WeightMappingError lists every missing and (``check_unexpected``) unexpected key."""
-    fmt = fmt or detect_format(source)
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}; valid: {FORMATS}")
-    out, used, missing = {}, set(), []
-    for key in mm_keys:
-        rule, values = rule_for(key)
-        names = [s.format(**values) for s in rule.sources(fmt)]
-        used.update(names)
-        absent = [n for n in names if n not in source]
-        if absent:
-            missing.extend(absent)
-            continue
-        parts = [tp_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
-        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    unexpected = sorted(k for k in source if k not in used) if check_unexpected else []
-    if missing or unexpected:
-        lines = [f"{fmt} weights do not match the model:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(sorted(missing))}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
-        raise WeightMappingError("\n".join(lines))
-    return out
-
-
-def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "opensoraplan") -> dict[str, torch.Tensor]:
-    """Merge the (global-named) state dicts of all TP ranks, in rank order, into full source tensors."""
-    out = {}
-    tp = len(shards)
-    for key in filter(is_weight_key, shards[0]):
-        rule, values = rule_for(key)
-        names = [s.format(**values) for s in rule.sources(fmt)]
-        pieces = [shard[key].chunk(len(names), dim=0) if len(names) > 1 else (shard[key],) for shard in shards]
-        for j, name in enumerate(names):
-            per_rank = [p[j] for p in pieces]
-            if rule.split is None or tp == 1:
-                out[name] = per_rank[0]
-            else:
-                out[name] = torch.cat(per_rank, dim=0 if rule.split == "column" else 1)
-    return out
+OSP_WEIGHTS = NameTable("Open-Sora-Plan", OSP_NAME_TABLE, FORMATS, detect_format)
+rule_for, hf_to_mm, mm_to_hf = OSP_WEIGHTS.rule_for, OSP_WEIGHTS.hf_to_mm, OSP_WEIGHTS.mm_to_hf
 
 
 def load_reference_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1,
                            tp_rank: int = 0, fmt: str | None = None) -> None:
     """Load full reference (or MindSpeed-MM) weights into this rank's model or pipeline stage
     (``model.layer_offset``); missing/unexpected keys and shape mismatches fail in one error."""
-    offset = getattr(model, "layer_offset", 0)
     whole = model.pre_process and model.post_process and len(model.blocks) == model.osp.num_layers
-    own = {global_name(k, offset): v for k, v in model.state_dict().items()}
-    keys = [k for k in own if is_weight_key(k)]
-    mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt, check_unexpected=whole)
-    bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-           for k, v in mapped.items() if v.shape != own[k].shape]
-    if bad:
-        raise WeightMappingError("shape mismatch:\n  " + "\n  ".join(bad))
-    with torch.no_grad():
-        for key, value in mapped.items():
-            own[key].copy_(value)
+    OSP_WEIGHTS.load(model, source, tp_size, tp_rank, fmt, whole)

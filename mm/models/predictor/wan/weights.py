@@ -15,6 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from mm.models.predictor.name_table import (  # noqa: F401 (re-exported: the Wan weights API)
+    NameTable,
+    WeightMappingError,
+    global_name,
+    is_weight_key,
+    tp_shard,
+)
+
 FORMATS = ("diffusers", "original")
 
 
@@ -89,34 +97,6 @@ WAN_NAME_TABLE: list[Rule] = [
 IGNORED_SOURCE_KEYS = {"diffusers": (re.compile(r".*\.norm_added_q\.weight$"),), "original": ()}
 
 
-class WeightMappingError(KeyError):
-    """Source weights do not match the model: missing, unexpected or misshapen keys, all listed."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def is_weight_key(key: str) -> bool:
-    """State-dict entries that are tensors of the model (megatron layers add ``_extra_state``)."""
-    return not key.endswith("._extra_state")
-
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-
-
-_RULE_PATTERNS = [(_pattern(rule.mm), rule) for rule in WAN_NAME_TABLE]
-
-
-def rule_for(mm_key: str) -> tuple[Rule, dict[str, str]]:
-    """The table row of an mm key and its placeholder values."""
-    for pattern, rule in _RULE_PATTERNS:
-        match = pattern.match(mm_key)
-        if match:
-            return rule, match.groupdict()
-    raise WeightMappingError(f"mm key {mm_key!r} has no row in the Wan name table")
-
-
 def detect_format(keys) -> str:
     """'diffusers' or 'original' from the key names of a Wan checkpoint."""
     keys = list(keys)
@@ -128,72 +108,8 @@ def detect_format(keys) -> str:
                              "blocks.N.attn1.*) nor original Wan (time_embedding.*, blocks.N.self_attn.*) keys")
 
 
-def tp_shard(tensor: torch.Tensor, split: str | None, tp_size: int, tp_rank: int, key: str) -> torch.Tensor:
-    """TP rank ``tp_rank``'s part of a full tensor under the table's ``split`` (a view)."""
-    if split is None or tp_size == 1:
-        return tensor
-    dim = 0 if split == "column" else 1
-    if tensor.shape[dim] % tp_size:
-        raise WeightMappingError(f"{key}: dim {dim} of shape {tuple(tensor.shape)} is not divisible by TP {tp_size}")
-    return tensor.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def hf_to_mm(source: dict[str, torch.Tensor], mm_keys, tp_size: int = 1, tp_rank: int = 0,
-             fmt: str | None = None, check_unexpected: bool = True) -> dict[str, torch.Tensor]:
-    """The mm tensors named ``mm_keys`` for TP rank ``tp_rank`` of ``tp_size``, from a full source
-    state dict. Raises WeightMappingError listing every missing and (``check_unexpected``: a
-    pipeline stage uses only part of the source) unexpected source key."""
-    fmt = fmt or detect_format(source)
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}; valid: {FORMATS}")
-    out, used, missing = {}, set(), []
-    for key in mm_keys:
-        rule, values = rule_for(key)
-        names = [s.format(**values) for s in rule.sources(fmt)]
-        used.update(names)
-        absent = [n for n in names if n not in source]
-        if absent:
-            missing.extend(absent)
-            continue
-        parts = [tp_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
-        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    ignored = IGNORED_SOURCE_KEYS[fmt]
-    unexpected = sorted(k for k in source if k not in used and not any(p.match(k) for p in ignored)) \
-        if check_unexpected else []
-    if missing or unexpected:
-        lines = [f"{fmt} weights do not match the model:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(sorted(missing))}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
-        raise WeightMappingError("\n".join(lines))
-    return out
-
-
-def mm_to_hf(shards: list[dict[str, torch.Tensor]], fmt: str = "diffusers") -> dict[str, torch.Tensor]:
-    """Merge the state dicts of all TP ranks (in rank order) back into full source-format tensors."""
-    out = {}
-    tp = len(shards)
-    for key in filter(is_weight_key, shards[0]):
-        rule, values = rule_for(key)
-        names = [s.format(**values) for s in rule.sources(fmt)]
-        pieces = [shard[key].chunk(len(names), dim=0) if len(names) > 1 else (shard[key],) for shard in shards]
-        for j, name in enumerate(names):
-            per_rank = [p[j] for p in pieces]
-            if rule.split is None or tp == 1:
-                out[name] = per_rank[0]
-            else:
-                out[name] = torch.cat(per_rank, dim=0 if rule.split == "column" else 1)
-    return out
-
-
-def global_name(local_name: str, layer_offset: int) -> str:
-    """``blocks.{i}.rest`` of a pipeline stage whose first layer is ``layer_offset`` ->
-    ``blocks.{layer_offset + i}.rest``; other names unchanged."""
-    if not local_name.startswith("blocks."):
-        return local_name
-    index, rest = local_name[len("blocks."):].split(".", 1)
-    return f"blocks.{int(index) + layer_offset}.{rest}"
+WAN_WEIGHTS = NameTable("Wan", WAN_NAME_TABLE, FORMATS, detect_format, IGNORED_SOURCE_KEYS)
+rule_for, hf_to_mm, mm_to_hf = WAN_WEIGHTS.rule_for, WAN_WEIGHTS.hf_to_mm, WAN_WEIGHTS.mm_to_hf
 
 
 def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
@@ -201,19 +117,9 @@ def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_
     """Load full diffusers/original weights into this rank's (TP-sharded) model, or into one
     pipeline stage of it (``model.layer_offset``; ``pre_process``/``post_process``); never guesses:
     missing/unexpected keys and shape mismatches are all listed in one error."""
-    offset = getattr(model, "layer_offset", 0)
     whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True) and \
         len(getattr(model, "blocks", ())) == getattr(getattr(model, "wan", None), "num_layers", None)
-    own = {global_name(k, offset): v for k, v in model.state_dict().items()}
-    keys = [k for k in own if is_weight_key(k)]
-    mapped = hf_to_mm(source, keys, tp_size, tp_rank, fmt, check_unexpected=whole)
-    bad = [f"{k}: source gives {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-           for k, v in mapped.items() if v.shape != own[k].shape]
-    if bad:
-        raise WeightMappingError("shape mismatch:\n  " + "\n  ".join(bad))
-    with torch.no_grad():
-        for key, value in mapped.items():
-            own[key].copy_(value)
+    WAN_WEIGHTS.load(model, source, tp_size, tp_rank, fmt, whole)
 
 
 def read_weights(path: str, key: str = "predictor.from_pretrained") -> dict[str, torch.Tensor]:
