@@ -4,6 +4,7 @@ class with its ``ModelWeights`` and versions (``checkpoint/wan.py``, ``checkpoin
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import ClassVar
 
 from checkpoint.config import ConvertConfig, ConvertError, Layout, ParallelConfig, layout_from
@@ -74,9 +75,15 @@ class DiTConverter:
         """An mm checkpoint (any format and split) -> an mm checkpoint of another split.
 
         The split is --cfg.target_parallel_config (the defaults, tp_size 1 and pp_layers [], merge
-        everything into one file)."""
+        everything into one file). A release directory (config.json and *.safetensors, no tracker
+        file; seed 003's resplit example passes one) is read as hf_to_mm reads it."""
         start = time.perf_counter()
-        source = open_mm_source(cfg.source_path, self.WEIGHTS)
+        root = Path(cfg.source_path)
+        if (root / "config.json").is_file() and any(root.glob("*.safetensors")) and \
+                not (root / "latest_checkpointed_iteration.txt").exists():
+            source = HFSource(cfg.source_path, self.WEIGHTS)
+        else:
+            source = open_mm_source(cfg.source_path, self.WEIGHTS)
         _check_source_layout(source, cfg.source_parallel_config)
         layout = self._layout(source, cfg)
         with staged_target(cfg.target_path, cfg.overwrite) as tmp:

@@ -85,9 +85,15 @@ def test_round_trip_is_bit_exact(tmp_path, variant, target):
         qkv = [files[f"release/{n}/model_optim_rng.pt"][chunk]["blocks.0.self_attention.linear_qkv.weight"]
                for n in names[::pp]]
         assert qkv[0].shape == (3 * 24 // 2, 24) and not torch.equal(*qkv)
-    # seed 003's resplit: source and target only, merged into one TP1 file
+    # seed 003's resplit: source and target only, merged into one TP1 file; its example passes the
+    # release directory itself, which gives the same tensors as hf_to_mm at TP1
     _convert("resplit", tmp_path / "split", tmp_path / "merged")
     assert sorted(_files(tmp_path / "merged")) == ["release/mp_rank_00/model_optim_rng.pt"]
+    _convert("resplit", tmp_path / "93x480p", tmp_path / "from_release")
+    merged, from_release = (_files(tmp_path / d)["release/mp_rank_00/model_optim_rng.pt"]["model"]
+                            for d in ("merged", "from_release"))
+    assert merged.keys() == from_release.keys()
+    assert all(torch.equal(merged[k], from_release[k]) for k in merged if not k.endswith("_extra_state"))
     for source in ("merged", "split"):
         _convert("mm_to_hf", tmp_path / source, tmp_path / f"back_{source}")
         back = load_file(str(tmp_path / f"back_{source}" / "diffusion_pytorch_model.safetensors"))
@@ -327,9 +333,11 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ConvertError, match="predictor.sparse_n = 0"):
         _convert("hf_to_mm", tmp_path / "wrong", target)
     assert not target.exists()
-    # resplit reads mm checkpoints; the release directory is hf_to_mm's
-    with pytest.raises(ConvertError, match="no latest_checkpointed_iteration.txt.*hf_to_mm"):
-        _convert("resplit", tmp_path / "hf", target)
+    # a directory that is neither an mm checkpoint nor a release
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "config.json").write_text(config)
+    with pytest.raises(ConvertError, match="no latest_checkpointed_iteration.txt"):
+        _convert("resplit", tmp_path / "neither", target)
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
