@@ -71,5 +71,6 @@ def test_full_size_parameter_counts_equal_diffusers():
 def test_unknown_predictor_key_is_an_error():
     with pytest.raises(ValueError, match=r"predictor keys \['hiden_size'\] are not Wan DiT parameters"):
         predictor_config("wan_dit", {"hiden_size": 8}, 2, 2)
-    with pytest.raises(ValueError, match="predictor.model_id = 'wan'; valid: wan_dit"):
+    with pytest.raises(ValueError,
+                       match="predictor.model_id = 'wan'; valid: videoditsparse, videoditsparsei2v, wan_dit"):
         predictor_config("wan", {}, 2, 2)
