@@ -112,6 +112,7 @@ class ModelConfig:
     load_text_features: bool = False
     enable_encoder_dp: bool = False
     encoder_offload_interval: int = 1
+    task: str | None = None  # MindSpeed-MM's "task" ("t2v" / "i2v"): which entry point trains this JSON
     # sections this issue does not type yet (sampling settings of inference JSONs, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,7 +147,8 @@ def _pipeline_num_layers(reader: _Reader) -> list | None:
 
 
 _MODEL_KEYS = ["predictor", "ae", "text_encoder", "image_encoder", "diffusion", "load_video_features",
-               "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "inference"]
+               "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "inference", "task"]
+MODEL_TASKS = ("t2v", "i2v")
 
 
 def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> ModelConfig | None:
@@ -184,13 +186,20 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> 
         load_text_features=top.get("load_text_features", bool, default=False),
         enable_encoder_dp=top.get("enable_encoder_dp", bool, default=False),
         encoder_offload_interval=top.get("encoder_offload_interval", int, default=1),
+        task=top.get("task", str),
         extra={"inference": top.get("inference", dict, default={})},
     )
     top.reject_rest(_MODEL_KEYS)
+    if config.task is not None and config.task not in MODEL_TASKS:
+        problems.append(f"task = {config.task!r}; valid: {', '.join(MODEL_TASKS)}")
     return config if predictor is not None else None
 
 
 DATASET_TYPES = ("t2v", "i2v", "flf2v", "t2i", "image")
+# dataset_param keys of Open-Sora-Plan's inpainting (I2V) training masks, MindSpeed-MM's names; read by
+# mm.models.predictor.opensoraplan.conditioning.MaskConfig (its KEYS)
+MASK_KEYS = ("mask_type_ratio_dict_video", "mask_type_ratio_dict_image", "min_clear_ratio", "max_clear_ratio",
+             "add_noise_to_condition")
 
 
 @dataclass
@@ -204,6 +213,7 @@ class DataConfig:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     dataloader: dict[str, Any] = field(default_factory=dict)
     use_text_processer: bool = True
+    masks: dict[str, Any] = field(default_factory=dict)  # MASK_KEYS given in dataset_param
 
 
 def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> DataConfig | None:
@@ -233,7 +243,8 @@ def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> D
         tokenizer=ds.get("tokenizer_config", dict, default={}),
         use_text_processer=ds.get("use_text_processer", bool, default=True),
         dataloader=dataloader,
+        masks={key: ds.data.pop(key) for key in MASK_KEYS if key in ds.data},
     )
     ds.reject_rest(["dataset_type", "basic_parameters", "preprocess_parameters", "tokenizer_config",
-                    "use_text_processer"])
+                    "use_text_processer", *MASK_KEYS])
     return config

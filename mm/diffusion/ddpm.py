@@ -225,9 +225,14 @@ class DDPM:
         """fp32 scalar: the (min-SNR weighted) squared error, averaged over every element, or with
         ``mask`` ``[b, t, h, w]`` (1 = real latent, 0 = padding) summed over the real ones and divided
         by their number (times channels)."""
+        return self.weighted_loss(prediction, target, self.loss_weights(timesteps), mask)
+
+    def weighted_loss(self, prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss`` with the per-sample weights ``[b]`` given (``loss_weights``' result, e.g. computed on
+        another pipeline stage) instead of the timesteps."""
         b = prediction.shape[0]
         err = ((prediction.float() - target.float()) ** 2).reshape(b, -1)
-        weights = self.loss_weights(timesteps)
         if weights is not None:
             err = err * weights.to(err.device).reshape(b, 1)
         if mask is None:

@@ -1,7 +1,10 @@
-"""Wan sampling, text-to-video and image-to-video (Wan2.1 I2V, FLF2V; Wan2.2 I2V-A14B's
-channel-concatenated condition; Wan2.2 TI2V-5B's first latent frame, clean at timestep 0 on every
-step; Phantom subject-to-video on a Wan2.1 T2V DiT, ``mm.inference.subject``):
-``inference.py --mm-model inference_model.json [parallel flags]``.
+"""Video sampling: ``inference.py --mm-model inference_model.json [parallel flags]``.
+
+Wan text-to-video and image-to-video (Wan2.1 I2V, FLF2V; Wan2.2 I2V-A14B's channel-concatenated
+condition; Wan2.2 TI2V-5B's first latent frame, clean at timestep 0 on every step; Phantom
+subject-to-video on a Wan2.1 T2V DiT, ``mm.inference.subject``) with flow-matching samplers, and
+Open-Sora-Plan v1.3 T2V / I2V with its DDPM-family samplers (``mm.inference.opensoraplan``); the
+family follows ``predictor.model_id``.
 
 Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
 DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
@@ -13,8 +16,9 @@ and device draws the same), run the sampler with classifier-free guidance, and t
 first rank decodes and writes ``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if
 that exists).
 
-The DiT's weights come from ``predictor.from_pretrained`` (diffusers or original Wan) or from
-``--load`` (an mm checkpoint of either format: a training run's, or mm-convert's).
+The DiT's weights come from ``predictor.from_pretrained`` (diffusers or original Wan; the
+Open-Sora-Plan release or MindSpeed-MM's names) or from ``--load`` (an mm checkpoint of either format:
+a training run's, or mm-convert's).
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from mm.arguments import ConfigError
 from mm.data.video_writer import write_mp4
 from mm.diffusion.samplers import build_sampler
 from mm.inference.config import SamplingConfig, parse_sampling
+from mm.inference import opensoraplan
 from mm.inference.subject import load_reference_images, reference_latents
-from mm.models.ae import load_wan_vae
+from mm.models.ae import load_vae
 from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor import build_predictor, predictor_config
+from mm.models.predictor.opensoraplan.weights import load_reference_weights
 from mm.models.predictor.wan import load_hf_weights, read_weights
 from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
@@ -50,13 +56,23 @@ from mm.training.pretrain import params_dtype, transformer_config
 PROG = "inference.py"
 
 
+OPEN_SORA_PLAN = ("videoditsparse", "videoditsparsei2v")
+
+
+def is_open_sora_plan(config) -> bool:
+    return config.model.predictor.model_id in OPEN_SORA_PLAN
+
+
 def _vae_factors(config) -> tuple[int, int]:
-    """(spatial, temporal) compression of the model JSON's VAE (Wan2.1: 8, 4; Wan2.2's: 16, 4),
-    from its config.json."""
+    """(spatial, temporal) compression of the model JSON's VAE (Wan2.1: 8, 4; Wan2.2's: 16, 4, from its
+    config.json; WFVAE: 8, 4)."""
     import json
 
     from mm.models.ae.wan_vae import WanVAEConfig
+    from mm.models.ae.wfvae import WFVAEConfig
 
+    if config.model.ae.model_id == "wfvae":
+        return WFVAEConfig.scale_factor_spatial, WFVAEConfig.scale_factor_temporal
     path = Path(config.model.ae.from_pretrained) / "config.json"
     if not path.is_file():
         raise ConfigError(f"ae.from_pretrained = {config.model.ae.from_pretrained!r}: no config.json there")
@@ -87,9 +103,20 @@ def sampling_config(config) -> SamplingConfig:
         if not part or not part.from_pretrained:
             problems.append(f"{section}.from_pretrained: needed to sample (a local directory)")
     spatial, temporal = _vae_factors(config) if not problems else (8, 4)
-    sampling = parse_sampling(config.model.extra.get("inference", {}), spatial, temporal, tuple(arch.patch_size),
-                              problems)
-    if not problems:
+    section = config.model.extra.get("inference", {})
+    osp = is_open_sora_plan(config)
+    if osp:
+        problems.extend(_open_sora_plan_problems(config, arch, section))
+    sampling = parse_sampling(section, spatial, temporal, tuple(arch.patch_size), problems)
+    if not problems and osp:
+        if sampling.task not in ("t2v", "i2v"):
+            problems.append(f"inference.task = {sampling.task!r} with predictor {config.model.predictor.model_id!r}; "
+                            "valid: t2v, i2v")
+        elif (sampling.task == "i2v") != arch.is_i2v:
+            problems.append(f"inference.task = {sampling.task!r} with predictor {config.model.predictor.model_id!r}: "
+                            + ("the I2V DiT needs inference.conditional_pixel_values_path (task i2v)" if arch.is_i2v
+                               else "the T2V DiT samples task t2v (leave conditional_pixel_values_path out)"))
+    elif not problems:
         try:
             cond = WanConditioning.from_config(arch, conditioning_task(sampling.task))
         except ValueError as e:
@@ -119,11 +146,47 @@ def sampling_config(config) -> SamplingConfig:
     if sampling is not None and sampling.task == "s2v" and config.args.cfg_parallel:
         problems.append("--cfg-parallel splits two guidance branches over a pair of ranks; Phantom's s2v guidance "
                         "has three (text, image, neither): leave --cfg-parallel out")
-    if sampling is not None and config.args.cfg_parallel and sampling.guidance_scale == 1.0:
+    guidance = sampling is not None and (opensoraplan.sampler_config(config.model.diffusion).guidance_scale if osp and
+                                         not problems else sampling.guidance_scale)
+    if sampling is not None and config.args.cfg_parallel and guidance == 1.0:
         problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
     if problems:
         raise ConfigError(problems)
     return sampling
+
+
+def _open_sora_plan_problems(config, arch, section: dict) -> list[str]:
+    """What the Open-Sora-Plan family checks beyond the shared keys: its sampler is the ``diffusion``
+    section, so the flow-matching keys of the inference section do not apply."""
+    problems = []
+    for key in ("sample_steps", "num_inference_steps", "sample_shift", "flow_shift", "sample_solver",
+                "guidance_scale", "sample_guide_scale", "low_noise_model", "boundary_ratio", "ref_images"):
+        if key in section:
+            where = {"sample_steps": "diffusion.num_inference_steps", "num_inference_steps":
+                     "diffusion.num_inference_steps", "sample_solver": "diffusion.model_id",
+                     "guidance_scale": "diffusion.guidance_scale", "sample_guide_scale": "diffusion.guidance_scale"}
+            problems.append(f"inference.{key} is not an Open-Sora-Plan sampling key"
+                            + (f": set {where[key]}" if key in where else ""))
+    try:
+        opensoraplan.sampler_config(config.model.diffusion)
+    except (TypeError, ValueError) as e:
+        problems.append(str(e))
+    if config.args.compile_dit_blocks:
+        problems.append(f"--compile-dit-blocks compiles the Wan DiT's layers; predictor "
+                        f"{config.model.predictor.model_id!r} runs eager: leave the flag out")
+    if config.model.ae.model_id != "wfvae":
+        problems.append(f"ae.model_id = {config.model.ae.model_id!r} with predictor "
+                        f"{config.model.predictor.model_id!r}; valid: wfvae")
+    return problems
+
+
+def _osp_conditioning(arch):
+    """The I2V DiT's masked-video + mask conditioning (first frame given), None for T2V."""
+    if not arch.is_i2v:
+        return None
+    from mm.models.predictor.opensoraplan.conditioning import OpenSoraPlanConditioning
+
+    return OpenSoraPlanConditioning.from_config(arch, None)
 
 
 def conditioning_task(task: str) -> str:
@@ -235,6 +298,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     pred = cfg.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
     tp, tp_rank = args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank()
+    osp = is_open_sora_plan(cfg)
+    osp_sampler = opensoraplan.sampler_config(cfg.model.diffusion) if osp else None
 
     # offload_model: every model waits in host memory and comes to the device for its stage
     # (encode, denoise, decode); t5_cpu: the text encoder stays on the host
@@ -244,6 +309,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         model = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(home).eval()
         if from_checkpoint:
             load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
+        elif osp:
+            load_reference_weights(model, read_weights(weights), tp_size=tp, tp_rank=tp_rank)
         else:
             load_hf_weights(model, read_weights(weights), tp_size=tp, tp_rank=tp_rank)
         if args.compile_dit_blocks:  # compiled on the first step (its time is left out of s/step)
@@ -262,15 +329,19 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         if torch.distributed.get_rank() == 0:
             print(f"{PROG}: dit_fsdp: the DiT's parameters sharded over {args.context_parallel_size} ranks "
                   f"({held / 2**20:.1f} MiB per rank)", flush=True)
-    cond = WanConditioning.from_config(arch, conditioning_task(sampling.task))
+    if osp:
+        cond = _osp_conditioning(arch)
+    else:
+        cond = WanConditioning.from_config(arch, conditioning_task(sampling.task))
     image_encoder = None
-    if cond.uses_clip:
+    if not osp and cond.uses_clip:
         image = cfg.model.image_encoder
         image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(home)
-    vae = load_wan_vae(cfg.model.ae.from_pretrained, dtype).to(home)
+    vae = load_vae(cfg.model.ae, dtype).to(home)
     text = cfg.model.text_encoder[0]
+    # Open-Sora-Plan's DiT masks the padded caption tokens; Wan's reads zeros there
     text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
-                               max_length=sampling.model_max_length)
+                               max_length=sampling.model_max_length, zero_padding=not osp)
     text_encoder.to(torch.device("cpu") if sampling.t5_cpu else home)
     if sampling.t5_fsdp:  # every rank of a TP x CP group encodes the same prompts
         held = shard_parameters(text_encoder.model, mpu.get_tensor_and_context_parallel_group(), device.type)
@@ -311,7 +382,10 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
     shape = (arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
              sampling.width // spatial)
-    guided = sampling.guidance_scale != 1.0 or sampling.task == "s2v"
+    guided = osp_sampler.do_classifier_free_guidance if osp else sampling.guidance_scale != 1.0 or \
+        sampling.task == "s2v"
+    steps = osp_sampler.num_inference_steps if osp else sampling.sample_steps
+    solver = osp_sampler.model_id if osp else sampling.sample_solver
     written = []
     mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
     for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
@@ -320,8 +394,12 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         stage(text_encoder, image_encoder, vae)
         ids, mask = text_encoder.tokenize([prompt] + ([sampling.negative_prompt] if guided else []))
         contexts = text_encoder.encode(ids, mask).to(device, dtype)
+        mask = mask.to(device)
         condition = context_image = None
-        if cond.kind != "none":
+        if osp and cond is not None:
+            frames = load_condition_frames([sampling.images[i]], sampling.height, sampling.width).to(device)
+            condition = cond.encode_images(vae, frames, sampling.num_frames, vae_cp=vae_cp).to(dtype)
+        elif not osp and cond.kind != "none":
             paths = [sampling.images[i]] + ([sampling.last_images[i]] if sampling.task == "flf2v" else [])
             frames = load_condition_frames(paths, sampling.height, sampling.width).to(device)
             condition = cond.encode(vae, frames, sampling.num_frames, vae_cp=vae_cp)
@@ -332,7 +410,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                                                                       sampling.width))
         # Phantom draws the noise for the video and reference frames at once and keeps the video's
         frames = shape[1] + (0 if references is None else references.shape[2])
-        noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=torch.Generator().manual_seed(seed),
+        generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise
+        noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=generator,
                             dtype=torch.float32)[:, :, :shape[1]]
         stage(dit, low_noise_dit)
         acc.synchronize()
@@ -343,10 +422,16 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
             acc.synchronize()
             marks.append(time.perf_counter())
 
-        latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling, dtype,
-                          show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
-                          context_image=context_image, low_noise_dit=low_noise_dit, references=references,
-                          on_step=mark)
+        if osp:
+            latents = opensoraplan.denoise(
+                dit, contexts[:1], mask[:1], contexts[1:] if guided else None, mask[1:] if guided else None,
+                noise.to(device), osp_sampler, dtype, generator=generator, show_progress=rank0, cfg_group=cfg_group,
+                cond=cond, condition=condition, on_step=mark)
+        else:
+            latents = denoise(dit, contexts[:1], contexts[1:] if guided else None, noise.to(device), sampling,
+                              dtype, show_progress=rank0, cfg_group=cfg_group, cond=cond, condition=condition,
+                              context_image=context_image, low_noise_dit=low_noise_dit, references=references,
+                              on_step=mark)
         denoise_s = time.perf_counter() - begin_denoise
         per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
         if decoder:
@@ -359,8 +444,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                 torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
             written.append(path)
             print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
-                  f"{sampling.sample_steps} {sampling.sample_solver} steps: {per_step:.3f} s/step (steps 2-"
-                  f"{sampling.sample_steps}; first {marks[0] - begin_denoise:.3f} s); "
+                  f"{steps} {solver} steps: {per_step:.3f} s/step (steps 2-{steps}; first "
+                  f"{marks[0] - begin_denoise:.3f} s); "
                   f"{time.perf_counter() - begin:.1f} s in all"
                   f"{'' if vae_cp is None else f'; decoded over {len(vae_cp[1])} VAE-CP ranks'}; peak memory "
                   f"{acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)

@@ -1,17 +1,17 @@
-"""Text-to-video pre-training of a Wan DiT: the loop behind ``pretrain_t2v.py``.
+"""Pre-training of a DiT: the loop behind ``pretrain_t2v.py`` and ``pretrain_i2v.py``.
 
-First increment (issue 8): no pipeline parallelism yet, no checkpoints yet (``--save``/``--load``
-are refused with a clear error rather than ignored). TP, SP, CP (every algorithm), DP with
-megatron-core's DDP and (optionally) distributed optimizer, recompute, bf16/fp16, the LR schedule,
-frozen VAE and text encoder (with VAE-CP, encoder-DP and interleaved offload from the model JSON),
-Wan's flow-matching objective, megatron-style iteration logs.
+TP, SP, CP (every algorithm), PP/VPP, DP with megatron-core's DDP and (optionally) distributed
+optimizer, recompute, bf16/fp16, the LR schedule, frozen VAE and text encoder on stage 0 (with
+VAE-CP, encoder-DP and interleaved offload from the model JSON), checkpoints, EMA and megatron-style
+iteration logs. What is family-specific (objective, conditioning, weight names, FLOPs) is the
+recipe of ``mm.training.recipes``: Wan's flow matching, Open-Sora-Plan v1.3's DDPM.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import time
+import zlib
 from typing import Sequence
 
 import torch
@@ -26,23 +26,21 @@ from mm.accelerator import destroy_distributed
 from mm.arguments import ConfigError
 from mm.data.dataset import SkipCounter
 from mm.data.loader import build_video_dataloader
-from mm.diffusion import FlowMatching, FlowMatchingConfig
 from mm.models.ae import load_vae
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.image_encoder import ClipImageEncoder
-from mm.models.predictor.wan import load_hf_weights, read_weights
-from mm.models.predictor.wan.conditioning import WanConditioning
+from mm.models.predictor.wan import read_weights
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import load_checkpoint, save_checkpoint
 from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
-from mm.training.flops import wan_training_flops
-from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss, require_logging_packages
+from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
+from mm.training.recipes import TASKS, check_task, recipe_for
 
 
 def params_dtype(args) -> torch.dtype:
@@ -92,43 +90,6 @@ def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None
     return chunks
 
 
-TASKS = {"t2v": "pretrain_t2v.py", "i2v": "pretrain_i2v.py"}
-
-
-def conditioning(config) -> WanConditioning:
-    """How the model JSON's predictor is conditioned on the data JSON's samples (raises ConfigError)."""
-    pred = config.model.predictor
-    try:
-        arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
-        return WanConditioning.from_config(arch, config.data.dataset_type)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def check_task(task: str, config) -> None:
-    """pretrain_t2v.py trains text-only conditioning, pretrain_i2v.py image conditioning; the model
-    JSON has the encoders the conditioning needs."""
-    cond = conditioning(config)
-    problems = []
-    if task == "t2v" and cond.kind != "none":
-        problems.append(f"predictor.in_dim = {config.model.predictor.params.get('in_dim')} with dataset_type "
-                        f"{config.data.dataset_type!r} is {cond.kind} conditioning: train it with pretrain_i2v.py")
-    if task == "i2v" and cond.kind == "none":
-        problems.append(f"dataset_param.dataset_type = {config.data.dataset_type!r} with predictor.in_dim = "
-                        f"{config.model.predictor.params.get('in_dim')} is text-only conditioning: pretrain_i2v.py "
-                        "needs an i2v/flf2v dataset and an image-conditioned model (use pretrain_t2v.py otherwise)")
-    try:
-        require_logging_packages(LogConfig.from_args(config.args))
-    except SystemExit as e:
-        problems.append(str(e))
-    image = config.model.image_encoder
-    if cond.uses_clip and (image is None or not image.from_pretrained):
-        problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
-                        "image_encoder.from_pretrained (a CLIP vision model directory)")
-    if problems:
-        raise ConfigError(problems)
-
-
 def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
     """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
     if task not in TASKS:
@@ -139,18 +100,17 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
-    cond = WanConditioning.from_config(arch, cfg.data.dataset_type)
+    recipe = recipe_for(pred.model_id)(args, cfg, arch)
     vpp = cfg.virtual_pipeline_size
     tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
     chunks = build_model_chunks(pred, arch, tf_config, vpp)
     if args.compile_dit_blocks:
         for chunk in chunks:
             chunk.compile_blocks()
-    if pred.from_pretrained:  # full (diffusers or original-Wan) weights: this stage's layers, split for this TP rank
+    if pred.from_pretrained:  # full release weights: this stage's layers, split for this TP rank
         source = read_weights(pred.from_pretrained)
         for chunk in chunks:
-            load_hf_weights(chunk, source, tp_size=args.tensor_model_parallel_size,
-                            tp_rank=mpu.get_tensor_model_parallel_rank())
+            recipe.load_weights(chunk, source, args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank())
         del source
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
@@ -185,7 +145,6 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     if args.overlap_grad_reduce:
         tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
 
-    flow = FlowMatching(flow_matching_config(args, cfg.model.diffusion))
     first_stage = mpu.is_pipeline_first_stage(ignore_virtual=True)
     last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
     skips = SkipCounter()
@@ -194,15 +153,17 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         vae = load_vae(cfg.model.ae, dtype).to(device)
         text = cfg.model.text_encoder[0]
         text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
-                                   max_length=int(cfg.data.tokenizer.get("model_max_length", 512))).to(device)
+                                   max_length=int(cfg.data.tokenizer.get("model_max_length", 512)),
+                                   zero_padding=recipe.text_zero_padding).to(device)
         image_encoder = None
-        if cond.uses_clip:
+        if recipe.uses_clip:
             image = cfg.model.image_encoder
             image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, consumed_samples=consumed,
                                            num_workers=args.num_workers, seed=args.seed,
                                            pin_memory=not acc.is_cpu)
-        encode = _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype)
+        encode = _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype, args.seed,
+                                first_batch=start_iteration * num_micro)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
         offload = InterleavedEncoderOffload([e for e in (vae, text_encoder, image_encoder) if e is not None],
                                             cfg.model.encoder_offload_interval, device)
@@ -215,39 +176,36 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     global_micro = args.micro_batch_size * dp
 
     def sample_noise(latents):
-        noise, sigmas = [], []
+        noise, levels = [], []
         for i in range(latents.shape[0]):
             place = step["micro"] * global_micro + dp_rank * args.micro_batch_size + i
             seed = (args.seed * 1_000_003 + step["iteration"]) * 1_000_003 + place
             for gen in rng.values():
                 gen.manual_seed(seed)
-            noise.append(torch.randn(latents.shape[1:], generator=rng["noise"], device=device, dtype=torch.float32))
-            sigmas.append(flow.sample_sigmas(1, generator=rng["sigmas"], device=device))
+            n, level = recipe.draw(latents.shape[1:], rng["noise"], rng["sigmas"], place, gbs, device)
+            noise.append(n)
+            levels.append(level)
         step["micro"] += 1
-        return torch.stack(noise).to(dtype), torch.cat(sigmas)
+        return torch.stack(noise).to(dtype), torch.cat(levels)
 
     def forward_step(data_iterator, chunk):
         dit = unwrap(chunk)
-        target = None
         if dit.pre_process:
             batch = next(batches)
             skips.update(batch)
-            latents, context = batch["latents"], batch["context"]
-            noise, sigmas = sample_noise(latents)
-            target = flow.target(latents, noise)
-            inputs, timestep = cond.model_input(flow.noisy(latents, noise, sigmas), flow.timesteps(sigmas),
-                                                batch["condition"])
-            step["count_flops"](inputs, context, batch["context_image"])
+            noise, levels = sample_noise(batch["latents"])
+            inputs = recipe.step(batch, noise, levels)
+            if counts_flops:
+                flops["sum"] += inputs.flops
+            carry = inputs.carry
             # later stages get the target through the pipeline, inside the stage message
-            output = chunk(inputs, timestep, context, batch["context_image"],
-                           carry=None if dit.post_process else target)
+            output = chunk(*inputs.args, carry=None if dit.post_process else carry, **inputs.kwargs)
         else:
             output = chunk()
-            target = dit.carried
+            carry = dit.carried
 
         def loss_func(out):
-            frames = cond.loss_frames  # TI2V: not the given first frame
-            loss = flow.loss(out[:, :, frames], target[:, :, frames])
+            loss = recipe.loss(out, carry)
             return loss, {"loss": loss.detach().clone()}
 
         return output, loss_func
@@ -255,15 +213,6 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     # model FLOPs of this iteration's micro-batches, counted once per DP replica (stage 0, TP/CP rank 0)
     counts_flops = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
     flops = {"sum": 0.0}
-
-    def count_flops(inputs, context, context_image):
-        if counts_flops:
-            _, _, frames, height, width = inputs.shape
-            flops["sum"] += wan_training_flops(
-                arch, frames, height, width, context.shape[1], 0 if context_image is None else context_image.shape[1],
-                batch_size=inputs.shape[0], per_token_timestep=cond.kind == "ti2v")
-
-    step["count_flops"] = count_flops
     logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(), torch.distributed.get_world_size(),
                             run_config=vars(args))
     def save(iteration):
@@ -336,24 +285,12 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     return losses
 
 
-def flow_matching_config(args, diffusion) -> FlowMatchingConfig:
-    """The objective from the model JSON's ``diffusion``, with the expert's timestep range from
-    --min/--max-timestep-boundary (fractions of num_train_timesteps; Wan2.2 A14B's high-noise expert
-    trains on t >= boundary, the low-noise one below it)."""
-    if diffusion is not None and diffusion.model_id != "flow_matching":
-        raise SystemExit(f"pretrain: diffusion.model_id = {diffusion.model_id!r}; valid: flow_matching")
-    params = dict(diffusion.params if diffusion else {})
-    steps = params.get("num_train_timesteps", FlowMatchingConfig.num_train_timesteps)
-    if args.min_timestep_boundary is not None:
-        params["min_timestep"] = args.min_timestep_boundary * steps
-    if args.max_timestep_boundary is not None:
-        params["max_timestep"] = args.max_timestep_boundary * steps
-    return FlowMatchingConfig(**params)
-
-
-def _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype):
-    """batch -> {latents, context, condition, context_image, skipped}: the frozen encoders, with VAE-CP
-    (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for them."""
+def _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype, seed: int, first_batch: int = 0):
+    """batch -> {latents, context, context_mask, condition, context_image, skipped}: the frozen encoders,
+    with VAE-CP (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for
+    them; the recipe encodes its condition. ``seeds`` (one per sample, from the run seed, the number of
+    batches this rank encoded since the run began, resumes included, and the sample's file) drive random
+    conditions such as Open-Sora-Plan's masks."""
     vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
     group = get_encoder_dp_group() if cfg.model.enable_encoder_dp else None
 
@@ -363,21 +300,23 @@ def _batch_encoder(cfg, cond, vae, text_encoder, image_encoder, device, dtype):
     def encode_text(ids, mask):
         return text_encoder.encode(ids, mask).to(dtype)
 
+    def encode_dp(fn, *tensors):
+        return encode_data_parallel(fn, *tensors, group=group)
+
+    encoded = {"batches": first_batch}
+
     @torch.no_grad()
     def encode(batch):
         video = batch["video"].to(device, dtype, non_blocking=True)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
-        out = {"latents": encode_data_parallel(encode_video, video, group=group),
-               "context": encode_data_parallel(encode_text, ids, mask, group=group), "skipped": batch["skipped"],
-               "condition": None, "context_image": None}
-        if cond.kind != "none":
-            frames = batch["condition_frames"].to(device, dtype, non_blocking=True)
-            out["condition"] = encode_data_parallel(
-                lambda f: cond.encode(vae, f, video.shape[2], vae_cp=vae_cp).to(dtype), frames, group=group)
-            if cond.uses_clip:
-                out["context_image"] = encode_data_parallel(
-                    lambda f: cond.encode_image(image_encoder, f).to(dtype), frames, group=group)
-        return out
+        batch = dict(batch, seeds=torch.tensor(
+            [((seed * 1_000_003 + encoded["batches"]) * 1_000_003 + zlib.crc32(path.encode())) % (1 << 62)
+             for path in batch["path"]], dtype=torch.int64))
+        encoded["batches"] += 1
+        condition, context_image = recipe.encode_condition(vae, batch, video, vae_cp, image_encoder, encode_dp, dtype)
+        return {"latents": encode_dp(encode_video, video), "context": encode_dp(encode_text, ids, mask),
+                "context_mask": mask, "skipped": batch["skipped"], "condition": condition,
+                "context_image": context_image}
 
     return encode

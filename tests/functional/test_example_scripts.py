@@ -82,6 +82,8 @@ def _validate(flags: list[str], world_size: int, monkeypatch):
 
 INFERENCE_SCRIPTS = sorted(str(p.relative_to(REPO)) for p in REPO.glob("examples/*/**/inference_*.sh"))
 INFERENCE_TASKS = {  # script -> the task its JSON samples
+    "examples/opensoraplan1.3/i2v/inference_i2v.sh": "i2v",
+    "examples/opensoraplan1.3/t2v/inference_t2v.sh": "t2v",
     "examples/phantom/1.3b/s2v/inference_s2v.sh": "s2v",
     "examples/wan2.1/1.3b/t2v/inference_t2v.sh": "t2v",
     "examples/wan2.1/14b/flf2v/inference_flf2v.sh": "flf2v",
@@ -210,6 +212,11 @@ def test_inference_script_flags_and_sampling_section_are_valid(script, launcher,
     arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
     assert arch.num_heads % (config.sizes.tensor_parallel * config.sizes.ulysses_degree) == 0
     task = INFERENCE_TASKS[script]
+    if pred.model_id in ("videoditsparse", "videoditsparsei2v"):  # test_opensoraplan_example_scripts.py: the rest
+        from mm.inference.wan import sampling_config
+
+        assert sampling_config(config).task == task
+        return
     # Phantom's three guidance branches stay on one rank; the others pair ranks for CFG
     assert config.args.cfg_parallel == (task != "s2v") and config.args.bf16
     assert config.sizes.data_parallel % 2 == 0 or not config.args.cfg_parallel

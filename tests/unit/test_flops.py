@@ -128,3 +128,48 @@ def test_bad_shapes_name_what_is_wrong():
         wan_training_flops(config, 3, 4, 6, 8, recompute="full", recompute_layers=3)
     with pytest.raises(ValueError, match="seconds"):
         tflops_per_device(1e12, 0.0, 8)
+
+
+def _measure_open_sora_plan(rank, world, i2v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from tests.parallel.test_opensoraplan_dit import TINY, _config, _model
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    osp = _config(dict(TINY, vae_scale_factor_t=4) if i2v else TINY, i2v)
+    model = _model(osp, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    frames, height, width = OSP_SHAPE
+    x = {"latents": torch.randn(BATCH, osp.input_channels, frames, height, width, generator=g),
+         "timestep": torch.tensor([37, 912]), "context": torch.randn(BATCH, TEXT_LEN, osp.caption_channels, generator=g),
+         "context_mask": torch.ones(BATCH, TEXT_LEN)}
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward:
+            out = model(**x)
+        with FlopCounterMode(display=False) as backward:
+            out.square().mean().backward()
+    destroy_parallel()
+    return osp, forward.get_total_flops(), backward.get_total_flops()
+
+
+OSP_SHAPE = (2, 8, 8)  # 32 tokens with patch 2: a multiple of sparse_n**2 = 16, so nothing is padded
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+def test_open_sora_plan_flops_equal_flop_counter(i2v):
+    """Dense and sparse layers (TINY: layers 2 and 3 attend within 4 groups) counted like torch does."""
+    from mm.training.flops import opensoraplan_forward_flops, opensoraplan_training_flops
+
+    ((osp, fwd, bwd),) = run_distributed(1, _measure_open_sora_plan, i2v)
+    parts = opensoraplan_forward_flops(osp, *OSP_SHAPE, TEXT_LEN, BATCH)
+    assert sum(parts.values()) == fwd
+    s, h = OSP_SHAPE[0] * OSP_SHAPE[1] * OSP_SHAPE[2] // 4, osp.hidden_size
+    dense = 2 * 2 * BATCH * s * s * h  # one dense layer's q k^T and p v
+    assert parts["self_attention_core"] == 2 * dense + 2 * dense // osp.sparse_n
+    # the backward is 2x the forward but for the data gradients of the first products on untrained inputs
+    unneeded = (parts["patch_embedding"] - (2 * 2 * BATCH * s * h * h if i2v else 0)
+                + 2 * BATCH * 256 * h + 2 * BATCH * TEXT_LEN * osp.caption_channels * h)
+    assert 2 * fwd - unneeded == bwd
+    assert opensoraplan_training_flops(osp, *OSP_SHAPE, TEXT_LEN, BATCH) == 3 * fwd

@@ -45,6 +45,7 @@ class TextEncoder(torch.nn.Module):
         super().__init__()
         import transformers
 
+        model_id = model_id.lower()  # MindSpeed-MM's JSONs say "MT5"
         if model_id not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder.model_id = {model_id!r}; valid: {', '.join(TEXT_ENCODERS)}")
         if dtype not in DTYPES:

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Open-Sora-Plan v1.3 pre-training of the image-to-video (inpainting) DiT "videoditsparsei2v" (32
+# layers, 24 heads x 96), up to 93 frames at about 352 x 640 pixels, with pretrain_i2v.py. Beside the
+# noisy latents the DiT reads the clip's latents with some frames masked out, and the mask; each
+# sample draws which frames stay visible (the first, first and last, a leading part, random ones,
+# none) in the proportions the release was trained with.
+#
+# Before the first run:
+#   1. Convert the released weights (seed 003's commands; mm-convert is mm's console script):
+#        mm-convert OpenSoraPlanConverter --version v1.3 vae_convert \
+#          --cfg.source_path "raw_ckpt/open-sora-plan/merged.ckpt" \
+#          --cfg.target_path "mm_ckpt/open-sora-plan/vae.pt"
+#        mm-convert OpenSoraPlanConverter --version v1.3 hf_to_mm \
+#          --cfg.source_path "./raw_ckpt/open-sora-plan/<the I2V DiT directory>/" \
+#          --cfg.target_path "mm_ckpt/open-sora-plan/pretrained-checkpoint-dit" \
+#          --cfg.target_parallel_config.tp_size <TP> \
+#          --cfg.target_parallel_config.pp_layers <[] without PP, e.g. '[8,8,8,8]' for PP=4>
+#      (hf_to_mm tells the I2V DiT from the T2V one by its config.json and tensors.) The DiT split
+#      (tp_size, pp_layers) must be the TP and pipeline_num_layers this script trains
+#      with: the converted checkpoint holds one file per model-parallel rank.
+#   2. Edit the placeholder paths: in pretrain_i2v_model.json beside this script
+#      text_encoder.from_pretrained (a HuggingFace google/mt5-xxl directory) and ae.from_pretrained
+#      (vae_convert's vae.pt); in the data JSON (MM_DATA) tokenizer_config.from_pretrained, and in
+#      the data.txt it names, one "dataset_root,annotation.json" line per dataset.
+# Run from anywhere: bash examples/opensoraplan1.3/i2v/pretrain_i2v.sh
+# Every variable in the first block can be set from the environment instead of editing this file,
+# e.g. CP=2 CP_ALGO=megatron_cp_algo bash examples/opensoraplan1.3/i2v/pretrain_i2v.sh
+# Multi-node: the same command on every node, with NNODES, NODE_RANK (0 on the master) and
+# MASTER_ADDR (the master's IP, not localhost) set; only NODE_RANK differs between nodes.
+#
+# Checkpoints: LOAD_PATH is hf_to_mm's output, which holds weights only, hence the default
+# LOAD_ARGS="--no-load-optim --no-load-rng". To resume a run instead, set SAVE_PATH and
+# LOAD_PATH to the same directory and LOAD_ARGS= (empty).
+# Resolution: dynamic by default (every clip keeps its aspect ratio within max_hxw pixels, sides cut
+# to multiples of hw_stride); MM_DATA=examples/opensoraplan1.3/i2v/data_static_resolution.json
+# resizes and crops every clip to 352 x 640. (data.json is the dynamic one under the guide's plain
+# name.)
+#
+# Layout (about 2.7B DiT parameters; 93 x 352 x 640 is 24 x 22 x 40 = 21120 tokens): the default is
+# pure data parallelism with full recompute of all 32 layers, as MindSpeed-MM runs it. For longer
+# or larger videos:
+#   - CP > 1 with Ulysses (CP_ALGO=ulysses_cp_algo): 24 heads % (TP x CP) == 0, e.g. CP 2, 4, 8;
+#   - ring attention (CP_ALGO=megatron_cp_algo) has no head constraint; CP_WINDOW=w > 1 is double
+#     ring attention with inner rings of w ranks (w divides CP);
+#   - Ulysses inside ring (CP_ALGO=hybrid_cp_algo ULYSSES=u): u divides CP, 1 < u < CP, and
+#     24 % (TP x u) == 0; keep the Ulysses part inside a node;
+#   - TP > 1 adds --sequence-parallel; 24 heads % (TP x Ulysses degree) == 0 again;
+#   - PP > 1: set predictor.pipeline_num_layers in the model JSON, one entry per stage summing to 32,
+#     e.g. PP=4 with [8, 8, 8, 8] (stage 0 also holds mT5 and the VAE, so [6, 8, 9, 9] balances
+#     better); PP x VP: a 2-D list of VP rows of PP stages, e.g. PP=4 VP=2 with
+#     [[4, 4, 4, 4], [4, 4, 4, 4]]. Convert the DiT with the same pp_layers.
+#   - VAE-CP: ae.vae_cp_size > 1 in the model JSON splits the VAE encode over that many of the TP x CP
+#     ranks holding one video (it must divide TP x CP; CP is a good value); not with PP.
+#   - Encoder-DP: "enable_encoder_dp": true makes each of the TP x CP ranks that share a batch encode
+#     (VAE and mT5) only its part of the samples and gather the rest, instead of every rank encoding
+#     all of them (pays off with MBS > 1; one all-gather more); not with PP or VAE-CP.
+#   - "encoder_offload_interval": N > 1 brings the encoders to the device every N steps to encode the
+#     next N steps' batches at once, and keeps them in host memory in between (10 or more hides
+#     the transfers; raise NUM_WORKERS with it); works with encoder-DP.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29501}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
+
+TP=${TP:-1}
+PP=${PP:-1}  # PP > 1 also needs predictor.pipeline_num_layers in the model JSON
+VP=${VP:-1}  # 1: no interleaving; > 1 needs a 2-D pipeline_num_layers
+CP=${CP:-1}
+CP_ALGO=${CP_ALGO:-ulysses_cp_algo}  # ulysses_cp_algo, megatron_cp_algo (ring) or hybrid_cp_algo
+CP_WINDOW=${CP_WINDOW:-1}  # megatron_cp_algo: inner ring size of double ring attention (1: one ring)
+ULYSSES=${ULYSSES:-2}  # hybrid_cp_algo: the Ulysses part of CP
+MBS=${MBS:-1}
+GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP)))}
+RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-32}  # layers recomputed in the backward (of 32)
+TRAIN_ITERS=${TRAIN_ITERS:-5000}
+LR=${LR:-1e-5}
+NUM_WORKERS=${NUM_WORKERS:-4}
+DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
+
+MM_DATA=${MM_DATA:-examples/opensoraplan1.3/i2v/data_dynamic_resolution.json}
+# static resolution: MM_DATA=examples/opensoraplan1.3/i2v/data_static_resolution.json
+MM_MODEL=${MM_MODEL:-examples/opensoraplan1.3/i2v/pretrain_i2v_model.json}
+RUN_NAME=${RUN_NAME:-opensoraplan1.3_i2v}
+LOG_DIR=${LOG_DIR:-outputs/logs}
+LOAD_PATH=${LOAD_PATH-mm_ckpt/open-sora-plan/pretrained-checkpoint-dit}  # empty: random DiT weights
+LOAD_ARGS=${LOAD_ARGS-"--no-load-optim --no-load-rng"}  # unset: weights only; empty: everything
+SAVE_PATH=${SAVE_PATH:-}  # checkpoint directory; empty: no checkpoints
+CKPT_FORMAT=${CKPT_FORMAT:-torch}  # torch (per-rank files, as MindSpeed-MM saves) or torch_dist
+SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+
+source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $GPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --virtual-pipeline-model-parallel-size ${VP} \
+    --context-parallel-size ${CP} \
+    --context-parallel-algo ${CP_ALGO} \
+    --micro-batch-size ${MBS} \
+    --global-batch-size ${GBS} \
+    --train-iters ${TRAIN_ITERS} \
+    --lr ${LR} \
+    --min-lr ${LR} \
+    --lr-decay-style constant \
+    --lr-warmup-iters 0 \
+    --weight-decay 1e-2 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.999 \
+    --adam-eps 1e-15 \
+    --clip-grad 1.0 \
+    --bf16 \
+    --use-distributed-optimizer \
+    --recompute-granularity full \
+    --recompute-method block \
+    --recompute-num-layers ${RECOMPUTE_LAYERS} \
+    --num-workers ${NUM_WORKERS} \
+    --seed 1234 \
+    --distributed-timeout-minutes ${DIST_TIMEOUT_MINUTES}
+"
+if (( TP > 1 )); then
+    GPT_ARGS="$GPT_ARGS --sequence-parallel"
+fi
+if (( PP > 1 )); then
+    # stages exchange the hidden states with the caption and its mask, at each sample's own size
+    GPT_ARGS="$GPT_ARGS --optimization-level 2 --use-multiparameter-pipeline-model-parallel --variable-seq-lengths"
+fi
+case "$CP_ALGO" in
+    megatron_cp_algo)
+        GPT_ARGS="$GPT_ARGS --attention-mask-type general --use-cp-send-recv-overlap --cp-window-size ${CP_WINDOW}" ;;
+    hybrid_cp_algo)
+        GPT_ARGS="$GPT_ARGS --attention-mask-type general --use-cp-send-recv-overlap --ulysses-degree-in-cp ${ULYSSES}" ;;
+esac
+
+MM_ARGS="
+    --mm-model $MM_MODEL \
+    --mm-data $MM_DATA
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --log-throughput \
+    --tensorboard-dir ${LOG_DIR}/tensorboard/${RUN_NAME}
+"
+if [[ -n "$SAVE_PATH" ]]; then
+    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL --ckpt-format $CKPT_FORMAT"
+fi
+if [[ -n "$LOAD_PATH" ]]; then
+    OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
+fi
+
+mkdir -p "$LOG_DIR"
+torchrun $DISTRIBUTED_ARGS pretrain_i2v.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"
