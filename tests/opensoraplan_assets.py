@@ -5,6 +5,7 @@ lays them out, so its commands run here on CPU processes:
                                                            tiny reference model)
     raw_ckpt/open-sora-plan/93x480p/                       the released T2V DiT (reference layout)
     raw_ckpt/open-sora-plan/93x480p_i2v/                   the released I2V DiT
+    raw_ckpt/open-sora-plan/93x480p_2layers/               the T2V DiT's first two layers
     weights/google/mt5-xxl/                                a tiny random mT5 with a word tokenizer
     data/                                                  synthetic clips + annotation + data.txt
 
@@ -29,17 +30,20 @@ CLIP_SIZES = [(64, 64), (48, 96), (96, 64)]  # synthetic clips (height, width): 
 TEXT_WORDS = 16  # the tiny mT5's width = the tiny DiT's caption_channels
 
 
-def write_release_dit(root: Path, variant: str) -> None:
-    """A release DiT directory as the reference's save_pretrained writes it."""
+def write_release_dit(root: Path, variant: str, num_layers: int = 4) -> None:
+    """A release DiT directory as the reference's save_pretrained writes it (the fixture's first
+    ``num_layers`` layers)."""
     from safetensors.torch import load_file, save_file
 
     meta = json.loads((FIXTURES / "dit_golden.json").read_text())
     state = load_file(str(FIXTURES / "dit_weights.safetensors"))
     if variant == "t2v":
         state = {k: v for k, v in state.items() if not k.startswith(_I2V_KEYS)}
+    state = {k: v for k, v in state.items()
+             if not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < num_layers}
     root.mkdir(parents=True, exist_ok=True)
     save_file(state, str(root / "diffusion_pytorch_model.safetensors"))
-    config = dict(meta["tiny_config"], _class_name="OpenSoraInpaint_v1_3" if variant == "i2v" else "OpenSoraT2V_v1_3",
+    config = dict(meta["tiny_config"], num_layers=num_layers, _class_name="OpenSoraInpaint_v1_3" if variant == "i2v" else "OpenSoraT2V_v1_3",
                   _diffusers_version="0.30.2", dropout=0.0)
     if variant == "i2v":
         config["vae_scale_factor_t"] = meta["vae_scale_factor_t"]
@@ -65,6 +69,7 @@ def make_assets(root: Path, clips: int = 6, frames: int = 17) -> Path:
     (raw / "config.json").write_text(json.dumps(tiny_vae_config()))  # the release has it beside
     write_release_dit(raw / "93x480p", "t2v")
     write_release_dit(raw / "93x480p_i2v", "i2v")
+    write_release_dit(raw / "93x480p_2layers", "t2v", num_layers=2)  # for pp_layers [1, 1]
     words = [w for phrase in [*COLOURS, *SHAPES, *MOTIONS, "a moving on background"] for w in phrase.split()]
     save_tiny_text_encoder(root / "weights" / "google" / "mt5-xxl", sorted(set(words)), kind="mt5",
                            d_model=TEXT_WORDS)
@@ -111,6 +116,12 @@ def tiny_data_json(example: Path, root: Path, out: Path, **preprocess) -> Path:
         params.update(max_height=64, max_width=64)
     else:
         params.update(max_hxw=4096, hw_stride=16)
+    for step in params.get("train_pipeline", {}).get("video", []):  # the transforms name the sizes too
+        param = step.get("param", {})
+        if "stride" in param:
+            param["stride"] = params["hw_stride"]
+        if "size" in param:
+            param["size"] = [params["max_height"], params["max_width"]]
     params.update(preprocess)
     out.write_text(json.dumps(data, indent=1))
     return out

@@ -130,6 +130,15 @@ def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems:
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size ({mbs}) x data-parallel size "
             f"({dp} = world {world_size} / (TP x PP x CP)); valid: multiples of {mbs * dp}"
         )
+    vpp, pp = virtual_pipeline_size(args), args.pipeline_model_parallel_size
+    micro = (gbs or mbs * dp) // (mbs * dp)
+    if mode == "train" and vpp is not None and pp > 1 and micro < pp:
+        # megatron-core's interleaved schedule runs groups of PP micro-batches per virtual stage
+        problems.append(
+            f"--virtual-pipeline-model-parallel-size {vpp} with {micro} micro-batch(es) per iteration (--global-batch-size "
+            f"{gbs or mbs * dp} / (--micro-batch-size {mbs} x data-parallel size {dp})): interleaving needs at least "
+            f"--pipeline-model-parallel-size ({pp}) micro-batches; valid: --global-batch-size >= {pp * mbs * dp}"
+        )
     if mode == "train":
         if args.train_iters is None:
             problems.append("--train-iters is required for training")

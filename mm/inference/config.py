@@ -9,7 +9,8 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   multiples of the VAE's spatial factor times the DiT's patch.
 - ``fps``: of the written .mp4 (16, Wan's).
 - ``sample_steps`` (``num_inference_steps``), ``sample_shift`` (``flow_shift``), ``sample_solver``
-  (unipc, dpm++, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off).
+  (unipc, dpm++, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off; a pair
+  with ``low_noise_model``, below).
 - ``save_path``: the directory the videos go to.
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
@@ -37,7 +38,10 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
   low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
   ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
-  low-noise expert the rest, with ``guidance_scale_2`` (default: ``guidance_scale``).
+  low-noise expert the rest, with ``guidance_scale_2`` (default: ``guidance_scale``). Wan2.2's own
+  ``sample_guide_scale`` pair (its A14B configs: T2V (3.0, 4.0), I2V (3.5, 3.5)) is ordered
+  (low-noise expert's, high-noise expert's), as its samplers use it: it sets ``guidance_scale_2``
+  and ``guidance_scale`` in that order.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
     message naming the key, its value and what is valid. ``spatial``/``temporal``: the VAE's
     compression, ``patch``: the DiT's."""
     values: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # mm name -> the key the section used
     for key, value in section.items():
         name = ALIASES.get(key, key)
         if name not in KEYS:
@@ -105,6 +110,9 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         if name in values:
             problems.append(f"inference.{key}: given twice (also as {name} or its alias)")
         values[name] = value
+        given_as[name] = key
+    if given_as.get("guidance_scale") == "sample_guide_scale" and isinstance(values["guidance_scale"], list):
+        _wan22_guide_scale_pair(values, problems)
     prompts: list[str] = []
     prompt = values.pop("prompt", None)
     if isinstance(prompt, str):
@@ -229,6 +237,25 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         problems.append("inference.t5_cpu keeps the text encoder whole on the host; t5_fsdp shards it over the "
                         "devices: use one or the other")
     return config
+
+
+def _wan22_guide_scale_pair(values: dict[str, Any], problems: list[str]) -> None:
+    """Wan2.2 A14B's ``sample_guide_scale = [low-noise expert's, high-noise expert's]`` onto
+    ``guidance_scale`` (the high-noise expert, ``predictor``) and ``guidance_scale_2`` (the low-noise
+    expert); a bad pair is removed from ``values`` and named in ``problems``."""
+    pair = values.pop("guidance_scale")
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in pair):
+        problems.append(f"inference.sample_guide_scale = {pair!r}; valid: a number >= 0, or Wan2.2 A14B's pair of "
+                        "two (the low-noise expert's, the high-noise expert's)")
+    elif values.get("low_noise_model") is None:
+        problems.append(f"inference.sample_guide_scale = {pair!r} is Wan2.2 A14B's pair (the low-noise expert's, "
+                        "the high-noise expert's scale); it needs inference.low_noise_model, else give one number")
+    elif "guidance_scale_2" in values:
+        problems.append(f"inference.sample_guide_scale = {pair!r} already gives the low-noise expert's scale (its "
+                        f"first number); inference.guidance_scale_2 = {values['guidance_scale_2']!r} too: give one "
+                        "or the other")
+    else:
+        values["guidance_scale_2"], values["guidance_scale"] = pair
 
 
 def _reference_images(value: Any, prompts: int, problems: list[str]) -> list[list[str]] | None:

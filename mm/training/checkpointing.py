@@ -406,6 +406,23 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     return final
 
 
+def check_load_dir(args) -> None:
+    """--load names a checkpoint directory; only a resumable run (--load = --save) may find none yet
+    (its first launch starts from scratch). Any other --load without a checkpoint is a wrong path,
+    which would otherwise train from random weights: a ConfigError before anything starts."""
+    from mm.arguments import ConfigError
+
+    if args.load is None:
+        return
+    load = Path(args.load)
+    if (load / TRACKER).is_file() or (args.save is not None and Path(args.save).resolve() == load.resolve()):
+        return
+    where = str(load) if load.is_absolute() else f"{load} from {Path.cwd()}"
+    raise ConfigError(f"--load {args.load}: no checkpoint there (no {TRACKER} in {where}); give mm-convert's output "
+                      "or a training run's --save directory, the same directory as --save to start a resumable run, "
+                      "or leave --load out to train from scratch")
+
+
 def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, *,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
                     strict: bool = True, ema=None) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from mm.models.predictor.wan import read_weights
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
-from mm.training.checkpointing import load_checkpoint, save_checkpoint
+from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
 from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
@@ -94,7 +94,8 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
-    runtime = start(argv, mode="train", prog=TASKS[task], check=lambda config: check_task(task, config))
+    runtime = start(argv, mode="train", prog=TASKS[task],
+                    check=lambda config: (check_task(task, config), check_load_dir(config.args)))
     args, cfg = runtime.config.args, runtime.config
     acc = runtime.accelerator
     device, dtype = acc.device(), params_dtype(args)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mm.arguments import ConfigError
+from mm.data.dataset import VideoDataConfig
 from mm.diffusion import FlowMatching, FlowMatchingConfig
 from mm.diffusion.ddpm import DDPM, DDPMConfig
 from mm.models.predictor import predictor_config
@@ -271,6 +272,10 @@ def check_task(task: str, config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     problems = recipe_for(pred.model_id).check(task, config, arch)
+    try:  # the data JSON's preprocessing, before any process group starts rather than in the loader
+        VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
+    except (TypeError, ValueError) as e:
+        problems.append(str(e))
     if config.model.task is not None and config.model.task != task:
         problems.append(f"task = {config.model.task!r} in the model JSON: train it with {TASKS[config.model.task]}, "
                         f"not {TASKS[task]}")
@@ -280,3 +285,4 @@ def check_task(task: str, config) -> None:
         problems.append(str(e))
     if problems:
         raise ConfigError(problems)
+

@@ -30,12 +30,73 @@ def _inference_json(assets, out: Path, **changes) -> Path:
     return path
 
 
-def _run(nproc: int, model_json: Path, *flags) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "inference.py",
+def _run(nproc: int, model_json: Path, *flags, script: tuple[str, ...] = ("inference.py",),
+         env: dict | None = None) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script,
            "--mm-model", str(model_json), *flags]
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, _failure(done)
     return done.stdout
+
+
+def _failure(done: subprocess.CompletedProcess) -> str:
+    """The end of a failed run's output without the progress bars and warnings that would push the
+    failing rank's traceback out of the message."""
+    noise = ("it/s]", "s/it]", "Warning", "warnings.warn", "No CUDA runtime is found")
+    err = "\n".join(line for line in done.stderr.splitlines() if not any(n in line for n in noise))
+    return f"exit status {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{err[-6000:]}"
+
+
+# inference.py with, on every rank, the DiT's forwards (the context each was given), the text
+# encoder's outputs and each sharded model's local parameter bytes recorded: observed, not replaced
+SPY = """
+import os
+import sys
+
+import torch
+
+from mm.inference import wan
+
+seen = {"contexts": [], "encoded": [], "shards": []}
+build_predictor, shard_parameters, encode = wan.build_predictor, wan.shard_parameters, wan.TextEncoder.encode
+
+
+def spied_build_predictor(*args, **kwargs):
+    model = build_predictor(*args, **kwargs)
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen["contexts"].append(kwargs["context"].clone()),
+                                    with_kwargs=True)
+    return model
+
+
+def spied_encode(self, *args, **kwargs):
+    out = encode(self, *args, **kwargs)
+    seen["encoded"].append(out.detach().clone())
+    return out
+
+
+def spied_shard_parameters(module, group, device_type):
+    held = shard_parameters(module, group, device_type)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in module.parameters())
+    seen["shards"].append({"model": type(module).__name__, "group": torch.distributed.get_world_size(group),
+                           "bytes": local})
+    return held
+
+
+wan.build_predictor, wan.shard_parameters, wan.TextEncoder.encode = \
+    spied_build_predictor, spied_shard_parameters, spied_encode
+rank = os.environ["RANK"]
+wan.inference(sys.argv[2:])
+torch.save(seen, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+"""
+
+
+def _spied_run(nproc: int, model_json: Path, seen_dir: Path, *flags) -> tuple[list[dict], str]:
+    """inference.py through SPY: each rank's record, and the log."""
+    seen_dir.mkdir(parents=True)
+    script = seen_dir / "spied_inference.py"
+    script.write_text(SPY)
+    log = _run(nproc, model_json, *flags, script=(str(script), str(seen_dir)), env=dict(ENV, PYTHONPATH=str(REPO)))
+    return [torch.load(seen_dir / f"rank{r}.pt") for r in range(nproc)], log
 
 
 def _decode(path: Path) -> tuple[int, int, int]:
@@ -47,13 +108,22 @@ def _decode(path: Path) -> tuple[int, int, int]:
 
 
 def test_writes_playable_videos_and_never_overwrites(assets, tmp_path):
+    """H.264 at inference.fps (the fixture's 8, not Wan's default 16): 9 frames last 9/8 s."""
+    import av
+
     model_json = _inference_json(assets, tmp_path / "samples")
+    fps = json.loads(model_json.read_text())["inference"]["fps"]
+    assert fps == 8
     _run(1, model_json)
     videos = sorted((tmp_path / "samples").glob("*.mp4"))
     assert [v.name for v in videos] == ["a_blue_circle_moving_top_to_bottom_on_a_yellow_background_seed43.mp4",
                                         "a_red_square_moving_left_to_right_on_a_white_background_seed42.mp4"]
     for video in videos:
         assert _decode(video) == (9, 64, 64)
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            assert stream.codec_context.name == "h264" and stream.average_rate == fps
+            assert container.duration / av.time_base == pytest.approx(9 / fps)
     first = torch.load(videos[1].with_suffix(".latents.pt"))
     assert first.shape == (1, 4, 3, 8, 8) and torch.isfinite(first).all()
     out = _run(1, model_json)  # again: new names, the first videos stay
@@ -67,13 +137,18 @@ LAYOUTS = {
     "cp2_ulysses": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"]),
     "cp2_ring": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
                      "--use-cp-send-recv-overlap"]),
+    # the fixture's DiT has 4 heads: Ulysses over all 4 ranks gives each one head
+    "cp4_ulysses": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "ulysses_cp_algo"]),
+    "cp4_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
+                     "--use-cp-send-recv-overlap"]),
+    "cp4_double_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
+                            "--cp-window-size", "2", "--use-cp-send-recv-overlap"]),
     "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
                        "--ulysses-degree-in-cp", "2"]),
     "tp2_cp2_ring": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
                          "--context-parallel-algo", "megatron_cp_algo"]),
-    "cfg_parallel": (2, ["--cfg-parallel"]),
     "cfg_parallel_cp2_ulysses": (4, ["--cfg-parallel", "--context-parallel-size", "2"]),
-}
+}  # --cfg-parallel alone: test_cfg_parallel_runs_one_branch_per_rank
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +163,30 @@ def one_process_latents(assets, tmp_path_factory):
 def test_parallel_inference_equals_one_process(assets, tmp_path, layout, one_process_latents):
     nproc, flags = LAYOUTS[layout]
     out = tmp_path / "samples"
-    _run(nproc, _inference_json(assets, out, prompt="a red square moving left to right on a white background"), *flags)
+    log = _run(nproc, _inference_json(assets, out, prompt="a red square moving left to right on a white background"),
+               *flags)
+    if "--context-parallel-algo" in flags:
+        size, algo = (flags[flags.index(f) + 1] for f in ("--context-parallel-size", "--context-parallel-algo"))
+        assert f"CP={size} ({algo})" in log
     (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]  # rank 0 alone writes
+    torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cfg_parallel_runs_one_branch_per_rank(assets, tmp_path, one_process_latents):
+    """--cfg-parallel on 2 ranks: each rank runs the DiT once a step (one process runs it twice),
+    rank 0 on the prompt's encoding and rank 1 on the negative prompt's; the latents are one
+    process's."""
+    out = tmp_path / "samples"
+    model_json = _inference_json(assets, out, prompt="a red square moving left to right on a white background")
+    steps = json.loads(model_json.read_text())["inference"]["sample_steps"]
+    seen, _ = _spied_run(2, model_json, tmp_path / "seen", "--cfg-parallel")
+    for rank, record in enumerate(seen):
+        (encoded,) = record["encoded"]  # [prompt, negative prompt], on every rank
+        assert len(record["contexts"]) == steps, (rank, len(record["contexts"]))
+        assert all(torch.equal(context, encoded[rank:rank + 1]) for context in record["contexts"]), rank
+    assert not torch.allclose(seen[0]["encoded"][0][0], seen[0]["encoded"][0][1])  # two different branches
+    (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
     torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
 
 
@@ -188,14 +285,32 @@ def test_offload_and_text_encoder_on_the_host_change_nothing(assets, tmp_path, o
     assert torch.equal(latents, one_process_latents)
 
 
+def _parameter_bytes(safetensors_file: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(safetensors_file)).values())
+
+
 @pytest.mark.slow
 def test_sharded_dit_and_text_encoder_change_nothing(assets, tmp_path, one_process_latents):
-    """dit_fsdp / t5_fsdp (seed 000): parameters sharded over the CP2 group; the same latents."""
+    """dit_fsdp / t5_fsdp (seed 000): each rank of the CP2 group holds half of each model's parameters
+    (the full size read from the weight files), as the log says; the same latents."""
+    import re
+
     out = tmp_path / "samples"
-    log = _run(2, _inference_json(assets, out, prompt="a red square moving left to right on a white background",
-                                  dit_fsdp=True, t5_fsdp=True), "--context-parallel-size", "2")
-    assert "dit_fsdp: the DiT's parameters sharded over 2 ranks" in log
-    assert "t5_fsdp: the text encoder's parameters sharded over 2 ranks" in log
+    seen, log = _spied_run(2, _inference_json(assets, out, dit_fsdp=True, t5_fsdp=True,
+                                              prompt="a red square moving left to right on a white background"),
+                           tmp_path / "seen", "--context-parallel-size", "2")
+    full = {"dit": _parameter_bytes(assets / "dit" / "diffusion_pytorch_model.safetensors"),
+            "t5": _parameter_bytes(assets / "umt5" / "model.safetensors")}
+    for model, flag, what in (("dit", "dit_fsdp", "the DiT's"), ("t5", "t5_fsdp", "the text encoder's")):
+        held = [next(s["bytes"] for s in record["shards"] if ("T5" in s["model"]) == (model == "t5") and
+                     s["group"] == 2) for record in seen]
+        # dim-0 shards: the two halves make the whole, neither much more than half (odd rows round up)
+        assert sum(held) == full[model] and max(held) <= 0.52 * full[model], (model, held, full[model])
+        mib = float(re.search(rf"{flag}: {what} parameters sharded over 2 ranks \(([0-9.]+) MiB per rank\)",
+                              log).group(1))
+        assert abs(mib - held[0] / 2**20) <= 0.05 + 1e-6, (model, mib, held[0])  # printed to 0.1 MiB
     (latents,) = [torch.load(p) for p in out.glob("*.latents.pt")]
     torch.testing.assert_close(latents, one_process_latents, rtol=1e-4, atol=1e-4)
 

@@ -140,3 +140,20 @@ def test_wrong_entry_point_or_objective_is_refused_before_start(assets):
                                  "--train-iters", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_load_without_a_checkpoint_is_refused_unless_it_is_the_save_directory(assets, tmp_path):
+    """A wrong --load (e.g. a relative path from another directory) must not train from random weights."""
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    base = [sys.executable, "pretrain_t2v.py", "--mm-model", str(assets / "t2v_model.json"), "--mm-data",
+            str(assets / "t2v_data.json"), "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "1"]
+    wrong = tmp_path / "mm_ckpt" / "nothing-here"
+    result = subprocess.run([*base, "--load", str(wrong)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--load {wrong}: no checkpoint there" in result.stderr
+    # the first launch of a resumable run (--load = --save) starts from scratch and saves
+    result = subprocess.run([*base, "--load", str(wrong), "--save", str(wrong), "--num-workers", "0"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (wrong / "latest_checkpointed_iteration.txt").read_text().strip() == "1"

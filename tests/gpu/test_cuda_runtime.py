@@ -71,9 +71,39 @@ def test_samplers_on_gpu_match_cpu(solver):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+# inference.py with the DiT's parameter bytes, the device memory allocated when each DiT forward
+# starts, and the run's peak recorded (in bytes: the log's GiB to two places cannot show a tiny
+# model's drop)
+MEMORY_SPY = """
+import os
+import sys
+
+import torch
+
+from mm.inference import wan
+
+seen = {"dit_bytes": 0, "at_forward": []}
+build_predictor = wan.build_predictor
+
+
+def spied_build_predictor(*args, **kwargs):
+    model = build_predictor(*args, **kwargs)
+    seen["dit_bytes"] += sum(p.numel() * p.element_size() for p in model.parameters())
+    model.register_forward_pre_hook(lambda module, args: seen["at_forward"].append(torch.cuda.memory_allocated()))
+    return model
+
+
+wan.build_predictor = spied_build_predictor
+wan.inference(sys.argv[2:])
+seen["peak"] = torch.cuda.max_memory_allocated()
+torch.save(seen, os.path.join(sys.argv[1], "seen.pt"))
+"""
+
+
 def test_inference_on_one_gpu(tmp_path):
     """inference.py on CUDA: the quickstart's model (from a short training run) sampled to an .mp4;
-    offloading changes nothing, compiled DiT layers only bf16 rounding."""
+    offloading changes nothing but the memory held (less by the models it keeps on the host),
+    compiled DiT layers only bf16 rounding."""
     subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(tmp_path)], cwd=REPO, check=True,
                    capture_output=True)
     env = dict(os.environ, MM_ACCELERATOR="cuda", PYTHONUNBUFFERED="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
@@ -83,25 +113,45 @@ def test_inference_on_one_gpu(tmp_path):
     result = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     import json
-    import re
 
     import torch
+    from safetensors.torch import load_file
 
-    peaks, latents = {}, {}
+    spy = tmp_path / "memory_spy.py"
+    spy.write_text(MEMORY_SPY)
+    seen, latents = {}, {}
     for name, extra in (("resident", {}), ("offload", {"offload_model": True, "t5_cpu": True}), ("compiled", {})):
         model = json.loads((tmp_path / "inference_model.json").read_text())
         model["inference"].update(extra, save_latents=True, save_path=str(tmp_path / name), prompt="a red square")
         (tmp_path / f"{name}.json").write_text(json.dumps(model))
-        sample = [sys.executable, "inference.py", "--bf16", "--mm-model", str(tmp_path / f"{name}.json"),
-                  "--load", str(tmp_path / "ckpt")] + (["--compile-dit-blocks"] if name == "compiled" else [])
-        result = subprocess.run(sample, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        (tmp_path / name).mkdir()
+        sample = [sys.executable, str(spy), str(tmp_path / name), "--bf16", "--mm-model",
+                  str(tmp_path / f"{name}.json"), "--load", str(tmp_path / "ckpt")] + \
+            (["--compile-dit-blocks"] if name == "compiled" else [])
+        result = subprocess.run(sample, cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                                timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert len(list((tmp_path / name).glob("*.mp4"))) == 1
-        peaks[name] = float(re.search(r"peak memory ([0-9.]+) GiB", result.stdout).group(1))
+        assert len(list((tmp_path / name).glob("*.mp4"))) == 1 and "peak memory" in result.stdout
+        seen[name] = torch.load(tmp_path / name / "seen.pt")
         latents[name] = torch.load(next((tmp_path / name).glob("*.latents.pt")))
     # the same video, with the models brought to the device one stage at a time
     assert torch.equal(latents["offload"], latents["resident"])
-    assert peaks["offload"] <= peaks["resident"]
+    # the models' bytes on the device: the text encoder's fp32 (its JSON dtype), the VAE's bf16 (--bf16; at
+    # least 2 bytes a weight), the DiT's as built
+    assert json.loads((tmp_path / "inference_model.json").read_text())["text_encoder"]["dtype"] == "fp32"
+    t5 = sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "umt5" / "model.safetensors")).values())
+    vae = 2 * sum(t.numel() for t in load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")).values())
+    dit = seen["offload"]["dit_bytes"]
+    assert dit == seen["resident"]["dit_bytes"] > 0 and t5 > 0 and vae > 0
+    # while the DiT denoises, offload_model keeps the VAE on the host and t5_cpu the text encoder: every
+    # step starts with at least their bytes fewer allocated than when all models stay on the device
+    resident, offload = seen["resident"]["at_forward"], seen["offload"]["at_forward"]
+    assert len(resident) == len(offload) > 0
+    assert min(r - o for r, o in zip(resident, offload)) >= t5 + vae, (resident, offload, t5, vae)
+    # the peak: the resident run's holds every model; each stage of the offloaded run holds less by a model
+    # on the host: the DiT while its weights load, the text encoder from its construction on (also while
+    # the DiT comes to the device for denoising before the VAE leaves)
+    assert seen["offload"]["peak"] <= seen["resident"]["peak"] - min(dit, t5), (seen, dit, t5)
     # the compiled DiT layers (fused elementwise work in bf16) sample the same video up to bf16 rounding
     torch.testing.assert_close(latents["compiled"], latents["resident"], rtol=5e-2, atol=5e-2)
 

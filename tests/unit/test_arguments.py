@@ -196,7 +196,8 @@ def test_pipeline_num_layers_sum_must_equal_num_layers(tmp_path):
 
 
 def test_pipeline_num_layers_2d_shape_for_vpp(tmp_path):
-    flags = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"]
+    flags = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+             "--global-batch-size", "8"]
     _load(tmp_path, flags=flags, model=_model(pipeline_num_layers=[[2, 2], [2, 2]]))
     msg = _problems(tmp_path, flags=flags, model=_model(pipeline_num_layers=[[2, 2, 2], [1, 1, 0]]))
     assert "a 2-D layout needs 2 row(s) (--virtual-pipeline-model-parallel-size) of 2 stage(s)" in msg
@@ -367,3 +368,13 @@ def test_wan_ulysses_and_ring_sizes_become_context_parallel_flags(tmp_path):
     with pytest.raises(ConfigError) as info:
         inference({"ulysses_size": 0})
     assert "inference.ulysses_size = 0; valid: an integer >= 1" in str(info.value)
+
+
+def test_vpp_needs_at_least_pp_micro_batches(tmp_path):
+    flags = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+             "--micro-batch-size", "1"]
+    model = _model(pipeline_num_layers=[[2, 2], [2, 2]])
+    msg = _problems(tmp_path, flags=[*flags, "--global-batch-size", "1"], model=model, world=2)
+    assert ("interleaving needs at least --pipeline-model-parallel-size (2) micro-batches; "
+            "valid: --global-batch-size >= 2") in msg
+    _load(tmp_path, flags=[*flags, "--global-batch-size", "2"], model=model, world=2)

@@ -94,3 +94,34 @@ def test_phantom_problems_are_named(tmp_path):
     assert problems == ["inference.guidance_scale_text is Phantom's (task s2v); task is 't2v': use guidance_scale"]
     _, problems = _parse({"prompt": "x", "task": "t2v", "ref_images": "a.png"})
     assert "inference.ref_images is for task s2v (task is 't2v')" in problems
+
+
+def test_wan22_guide_scale_pair_is_low_noise_then_high_noise(tmp_path):
+    """Wan2.2's A14B configs give sample_guide_scale as (low-noise expert's, high-noise expert's), e.g.
+    T2V's (3.0, 4.0): guidance_scale (the predictor, the high-noise expert) takes the second."""
+    config, problems = _parse({"prompt": "x", "low_noise_model": str(tmp_path), "boundary_ratio": 0.875,
+                               "sample_guide_scale": [3.0, 4.0]})
+    assert problems == [] and (config.guidance_scale, config.guidance_scale_2) == (4.0, 3.0)
+    config, problems = _parse({"prompt": "x", "low_noise_model": str(tmp_path), "boundary_ratio": 0.9,
+                               "sample_guide_scale": 3.5})
+    assert problems == [] and (config.guidance_scale, config.guidance_scale_2) == (3.5, None)
+
+
+@pytest.mark.parametrize("section,expected", [
+    ({"sample_guide_scale": [3.0, 4.0]},
+     "inference.sample_guide_scale = [3.0, 4.0] is Wan2.2 A14B's pair (the low-noise expert's, the high-noise "
+     "expert's scale); it needs inference.low_noise_model, else give one number"),
+    ({"sample_guide_scale": [3.0, 4.0], "guidance_scale_2": 2.0, "low_noise_model": "DIR", "boundary_ratio": 0.9},
+     "inference.sample_guide_scale = [3.0, 4.0] already gives the low-noise expert's scale (its first number); "
+     "inference.guidance_scale_2 = 2.0 too: give one or the other"),
+    ({"sample_guide_scale": [3.0, 4.0, 5.0], "low_noise_model": "DIR", "boundary_ratio": 0.9},
+     "inference.sample_guide_scale = [3.0, 4.0, 5.0]; valid: a number >= 0, or Wan2.2 A14B's pair of two"),
+    ({"sample_guide_scale": [3.0, "high"], "low_noise_model": "DIR", "boundary_ratio": 0.9},
+     "inference.sample_guide_scale = [3.0, 'high']; valid: a number >= 0, or Wan2.2 A14B's pair"),
+    ({"guidance_scale": [3.0, 4.0], "low_noise_model": "DIR", "boundary_ratio": 0.9},  # Wan's name only
+     "inference.guidance_scale = [3.0, 4.0]; valid: a number"),
+])
+def test_wan22_guide_scale_pair_problems(tmp_path, section, expected):
+    section = {k: str(tmp_path) if v == "DIR" else v for k, v in section.items()}
+    config, problems = _parse({"prompt": "x", **section})
+    assert len(problems) == 1 and problems[0].startswith(expected), problems

@@ -75,7 +75,7 @@ CP_ALGO=${CP_ALGO:-ulysses_cp_algo}  # ulysses_cp_algo, megatron_cp_algo (ring) 
 CP_WINDOW=${CP_WINDOW:-1}  # megatron_cp_algo: inner ring size of double ring attention (1: one ring)
 ULYSSES=${ULYSSES:-2}  # hybrid_cp_algo: the Ulysses part of CP
 MBS=${MBS:-1}
-GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP)))}
+GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP) * (VP > 1 ? PP : 1)))}  # interleaving (VP > 1) needs >= PP micro-batches
 RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-32}  # layers recomputed in the backward (of 32)
 TRAIN_ITERS=${TRAIN_ITERS:-5000}
 LR=${LR:-1e-5}

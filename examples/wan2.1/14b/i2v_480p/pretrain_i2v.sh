@@ -41,7 +41,7 @@ CP=${CP:-2}
 CP_ALGO=${CP_ALGO:-ulysses_cp_algo}  # ulysses_cp_algo, megatron_cp_algo (ring) or hybrid_cp_algo
 ULYSSES=${ULYSSES:-2}  # Ulysses part of CP with hybrid_cp_algo
 MBS=${MBS:-1}
-GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP)))}
+GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP) * (VP > 1 ? PP : 1)))}  # interleaving (VP > 1) needs >= PP micro-batches
 RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-40}  # layers recomputed in the backward (of 40)
 TRAIN_ITERS=${TRAIN_ITERS:-5000}
 LR=${LR:-1e-5}

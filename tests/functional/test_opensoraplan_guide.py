@@ -1,0 +1,153 @@
+"""Seed 003's OpenSoraPlan 1.3 guide, step by step, as a user runs it: mm-convert vae_convert and
+hf_to_mm (tp 2 with pp_layers [1,1] and [[1,1],[1,1]]), the pretrain_t2v.sh / pretrain_i2v.sh scripts
+with the static and the dynamic resolution data JSONs and each CP algorithm, resplit, and the
+inference_t2v.sh / inference_i2v.sh scripts writing .mp4 files. Everything at tiny scale on CPU
+processes (tests/opensoraplan_assets.py stands in for the downloads); the example JSONs are used with
+only their sizes and paths changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.opensoraplan_assets import REPO, make_assets, tiny_data_json, tiny_model_json
+
+EXAMPLES = REPO / "examples" / "opensoraplan1.3"
+CONVERTED = "mm_ckpt/open-sora-plan/pretrained-checkpoint-dit"
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _mm_convert(root: Path, verb: str, *args: str) -> subprocess.CompletedProcess:
+    """The guide's ``mm-convert OpenSoraPlanConverter --version v1.3 <verb> ...`` (the console script)."""
+    mm_convert = Path(sys.executable).parent / "mm-convert"
+    result = subprocess.run([str(mm_convert), "OpenSoraPlanConverter", "--version", "v1.3", verb, *args], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def _script(root: Path, script: str, **env: str) -> str:
+    """``bash examples/opensoraplan1.3/<script>`` with environment overrides; returns its output."""
+    full = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=_free_port(),
+                LOG_DIR=str(root / "logs"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                **env)
+    result = subprocess.run(["bash", str(EXAMPLES / script)], cwd=root, env=full, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def guide(tmp_path_factory):
+    """The guide's downloads and its two conversions (VAE; DiT for TP1, the pretrain scripts' default)."""
+    root = make_assets(tmp_path_factory.mktemp("guide"))
+    out = _mm_convert(root, "vae_convert", "--cfg.source_path", "raw_ckpt/open-sora-plan/merged.ckpt",
+                      "--cfg.target_path", "mm_ckpt/open-sora-plan/vae.pt")
+    assert "checked" in out.stdout + out.stderr  # against the config.json beside the release's checkpoint
+    for variant, release in (("t2v", "93x480p"), ("i2v", "93x480p_i2v")):
+        _mm_convert(root, "hf_to_mm", "--cfg.source_path", f"./raw_ckpt/open-sora-plan/{release}/",
+                    "--cfg.target_path", f"{CONVERTED}-{variant}")
+    return root
+
+
+def _jsons(guide: Path, variant: str, data: str, name: str, **model_changes) -> dict[str, str]:
+    model = tiny_model_json(EXAMPLES / variant / f"pretrain_{variant}_model.json", guide,
+                            guide / f"{name}_model.json", **model_changes)
+    data_json = tiny_data_json(EXAMPLES / variant / data, guide, guide / f"{name}_data.json")
+    return {"MM_MODEL": str(model), "MM_DATA": str(data_json)}
+
+
+def _losses(output: str) -> list[float]:
+    import re
+
+    return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", output)]
+
+
+# (variant, data JSON, environment): the guide's CP variants on both resolution modes
+RUNS = {
+    "t2v_dynamic_ulysses": ("t2v", "data_dynamic_resolution.json", {"GPUS_PER_NODE": "2", "CP": "2"}),
+    "t2v_static_ring": ("t2v", "data_static_resolution.json",
+                        {"GPUS_PER_NODE": "2", "CP": "2", "CP_ALGO": "megatron_cp_algo"}),
+    "t2v_dynamic_double_ring": ("t2v", "data_dynamic_resolution.json",
+                                {"GPUS_PER_NODE": "4", "CP": "4", "CP_ALGO": "megatron_cp_algo", "CP_WINDOW": "2"}),
+    "i2v_dynamic_hybrid": ("i2v", "data_dynamic_resolution.json",
+                           {"GPUS_PER_NODE": "4", "CP": "4", "CP_ALGO": "hybrid_cp_algo", "ULYSSES": "2"}),
+    "i2v_static_ulysses": ("i2v", "data_static_resolution.json", {"GPUS_PER_NODE": "2", "CP": "2"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_pretrain_scripts_train_from_the_converted_dit(guide, run):
+    variant, data, env = RUNS[run]
+    out = _script(guide, f"{variant}/pretrain_{variant}.sh", **_jsons(guide, variant, data, run), **env,
+                  LOAD_PATH=str(guide / f"{CONVERTED}-{variant}"), TRAIN_ITERS="2", RECOMPUTE_LAYERS="4", NUM_WORKERS="0")
+    losses = _losses(out)
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses), out[-3000:]
+    assert "loaded model weights from" in out
+    assert f"CP={env['CP']} ({env.get('CP_ALGO', 'ulysses_cp_algo')})" in out  # the layout the script asked for
+
+
+@pytest.mark.slow
+def test_tp2_pp_conversions_train_and_resplit_back(guide):
+    """hf_to_mm with tp 2 and pp_layers [1,1] (a 2-layer DiT) / [[1,1],[1,1]] (the 4-layer one) trains
+    with the script at that layout; a checkpoint it saves is resplit to TP1 for inference."""
+    layouts = {"pp": ("93x480p_2layers", "[1,1]", {"PP": "2"}, [1, 1]),
+               "vpp": ("93x480p", "[[1,1],[1,1]]", {"PP": "2", "VP": "2"}, [[1, 1], [1, 1]])}
+    for name, (release, pp_layers, env, pipeline) in layouts.items():
+        target = f"mm_ckpt/open-sora-plan/tp2-{name}"
+        _mm_convert(guide, "hf_to_mm", "--cfg.source_path", f"./raw_ckpt/open-sora-plan/{release}/",
+                    "--cfg.target_path", target, "--cfg.target_parallel_config.tp_size", "2",
+                    "--cfg.target_parallel_config.pp_layers", pp_layers)
+        save = guide / f"trained-{name}"
+        out = _script(guide, "t2v/pretrain_t2v.sh",
+                      **_jsons(guide, "t2v", "data_dynamic_resolution.json", f"tp2_{name}",
+                               predictor__pipeline_num_layers=pipeline, predictor__num_layers=sum(
+                                   sum(row) if isinstance(row, list) else row for row in pipeline)),
+                      GPUS_PER_NODE="4", TP="2", **env, LOAD_PATH=str(guide / target), SAVE_PATH=str(save), TRAIN_ITERS="2",
+                      RECOMPUTE_LAYERS="1", NUM_WORKERS="0")
+        assert len(_losses(out)) == 2, out[-3000:]
+        _mm_convert(guide, "resplit", "--cfg.source_path", str(save), "--cfg.target_path",
+                    str(guide / f"resplit-{name}"))
+        assert (guide / f"resplit-{name}" / "release" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_resplit_then_inference_script_writes_videos(guide, variant):
+    import av
+
+    release = "93x480p" if variant == "t2v" else "93x480p_i2v"
+    target = f"mm_ckpt/open-sora-plan/inference-{variant}"
+    # the guide's resplit example: the release directory in, one TP1 checkpoint out
+    _mm_convert(guide, "resplit", "--cfg.source_path", f"./raw_ckpt/open-sora-plan/{release}/",
+                "--cfg.target_path", target)
+    prompts = guide / f"{variant}_prompts.txt"
+    prompts.write_text("a red square moving left to right on a white background\n"
+                       "a blue circle moving top to bottom on a yellow background\n")
+    model = tiny_model_json(EXAMPLES / variant / f"inference_{variant}_model.json", guide,
+                            guide / f"inference_{variant}.json", diffusion__num_inference_steps=3,
+                            inference__prompt_file=str(prompts),
+                            inference__save_path=str(guide / f"samples_{variant}"))
+    out = _script(guide, f"{variant}/inference_{variant}.sh", MM_MODEL=str(model), LOAD_PATH=str(guide / target),
+                  GPUS_PER_NODE="4", CP="2", CFG_PARALLEL="1")
+    videos = sorted((guide / f"samples_{variant}").glob("*.mp4"))
+    assert len(videos) == 2, out[-3000:]
+    for video in videos:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            rate = stream.average_rate
+            assert stream.codec_context.name == "h264" and rate.numerator == 18 * rate.denominator
+        assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
