@@ -109,22 +109,37 @@ class _Clip:
             self._container.close()
 
 
-def read_clip(path: str | Path, reader: str, choose: Callable[[VideoInfo], list[int]]) -> np.ndarray:
-    """Open a video (or image) once, pick frame indices from what it holds, and read them as
-    ``[T, H, W, 3]`` uint8. Any failure is a ``BadSample`` with its reason."""
-    path = Path(path)
-    _check_file(path)
+def _read(path: Path, reader: str, choose: Callable[[VideoInfo], list[int]]) -> np.ndarray:
     clip = None
     try:
         clip = _Clip(path, reader)
         return clip.frames(choose(clip.info))
-    except BadSample:
-        raise
-    except Exception as e:  # decoders and PIL raise their own error types for corrupt data
-        raise BadSample("unreadable", f"{path}: {type(e).__name__}: {e}") from None
     finally:
         if clip is not None:
             clip.close()
+
+
+def read_clip(path: str | Path, reader: str, choose: Callable[[VideoInfo], list[int]]) -> np.ndarray:
+    """Open a video (or image) once, pick frame indices from what it holds, and read them as
+    ``[T, H, W, 3]`` uint8. Any failure is a ``BadSample`` with its reason. A video decord cannot
+    decode is read again with PyAV (decord 0.6 fails on some frame widths, e.g. 48 pixels, that
+    FFmpeg decodes fine), so a file is only bad when neither can read it."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return _read(path, reader, choose)
+    except BadSample:
+        raise
+    except Exception as e:  # decoders and PIL raise their own error types for corrupt data
+        first = f"{type(e).__name__}: {e}"
+    if reader == "decord" and not is_image(path):
+        try:
+            return _read(path, "pyav", choose)
+        except BadSample:
+            raise
+        except Exception as e:
+            first = f"decord: {first}; PyAV: {type(e).__name__}: {e}"
+    raise BadSample("unreadable", f"{path}: {first}")
 
 
 def probe(path: str | Path, reader: str) -> VideoInfo:

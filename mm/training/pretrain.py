@@ -23,7 +23,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from mm.accelerator import destroy_distributed
-from mm.arguments import ConfigError
 from mm.data.dataset import SkipCounter
 from mm.data.loader import build_video_dataloader
 from mm.models.ae import load_vae

@@ -7,7 +7,6 @@ only their sizes and paths changed."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

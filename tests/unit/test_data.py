@@ -172,3 +172,22 @@ def test_images_are_one_frame_samples_and_i2v_carries_condition_frames(dataset_d
     torch.testing.assert_close(clip["condition_frames"][:, 1], clip["video"][:, -1])
     without = VideoDataset(samples, VideoDataConfig.from_json({"buckets": [[9, 32, 32]]}))
     assert len(without) == 2 and without.dropped["image without a 1-frame bucket"] == 1
+
+
+def test_a_clip_decord_cannot_decode_is_read_with_pyav(tmp_path):
+    """decord 0.6 fails on 48-pixel-wide frames; such a clip is not a bad sample."""
+    import importlib.util
+
+    import numpy as np
+
+    from mm.data.decoding import read_frames
+    from mm.data.synthetic import render_clip
+    from mm.data.video_writer import write_mp4
+
+    if importlib.util.find_spec("decord") is None:
+        pytest.skip("decord is not installed")
+    path = tmp_path / "narrow.mp4"
+    write_mp4(path, render_clip(9, 96, 48, "square", "red", "white", "left to right"), 16)
+    via_decord = read_frames(path, [0, 4, 8], "decord")
+    assert via_decord.shape == (3, 96, 48, 3)
+    assert np.array_equal(via_decord, read_frames(path, [0, 4, 8], "pyav"))
