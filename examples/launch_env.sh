@@ -17,6 +17,10 @@ if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(comman
     export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}
     export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
     export NPUS_PER_NODE=${NPUS_PER_NODE:-$GPUS_PER_NODE}
+    export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0}  # CANN's logs not on the screen
+    export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}  # errors only
+    export COMBINED_ENABLE=${COMBINED_ENABLE:-1}  # fuses non-contiguous operator pairs
+    export MULTI_STREAM_MEMORY_REUSE=${MULTI_STREAM_MEMORY_REUSE:-1}
 else
     # NVIDIA: megatron-core orders TP/SP communication behind compute on one connection
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

@@ -38,7 +38,8 @@ def launcher(tmp_path):
 
     def run(script: str, **overrides: str):
         env = {k: v for k, v in os.environ.items()
-               if k not in ("MM_ACCELERATOR", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "TP", "PP", "CP",
+               if k not in ("MM_ACCELERATOR", "ASCEND_SLOG_PRINT_TO_STDOUT", "ASCEND_GLOBAL_LOG_LEVEL",
+                            "COMBINED_ENABLE", "MULTI_STREAM_MEMORY_REUSE", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "TP", "PP", "CP",
                             "VP", "MBS", "GBS", "EXPERT", "CUDA_DEVICE_MAX_CONNECTIONS", "HCCL_EXEC_TIMEOUT",
                             "HCCL_CONNECT_TIMEOUT", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "LD_LIBRARY_PATH")}
         env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_DIR=str(tmp_path),
@@ -165,6 +166,9 @@ def test_ascend_settings_only_on_an_npu(launcher, tmp_path):
     assert env["HCCL_CONNECT_TIMEOUT"] == "3600" and env["HCCL_EXEC_TIMEOUT"] == "1800"
     assert (env["TASK_QUEUE_ENABLE"], env["CPU_AFFINITY_CONF"], env["NPUS_PER_NODE"]) == ("2", "1", "16")
     assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+    # the rest of seed 003's table of NPU variables
+    assert (env["ASCEND_SLOG_PRINT_TO_STDOUT"], env["ASCEND_GLOBAL_LOG_LEVEL"], env["COMBINED_ENABLE"],
+            env["MULTI_STREAM_MEMORY_REUSE"]) == ("0", "3", "1", "1")
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in env
     from mm.accelerator import check_comm_env
 
