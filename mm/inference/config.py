@@ -2,7 +2,8 @@
 
 Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after the mm name):
 
-- ``prompt`` (a string or a list) or ``prompt_file`` (one prompt per line): at least one prompt.
+- ``prompt`` (a string, a list, or, as MindSpeed-MM's JSONs give it, the path of a ``.txt`` file of
+  one prompt per line) or ``prompt_file`` (one prompt per line): at least one prompt.
 - ``negative_prompt``: the unconditional branch of classifier-free guidance ("" by default).
 - ``seed`` (``base_seed``): the first prompt's noise; prompt i uses ``seed + i``.
 - ``num_frames`` (``frame_num``), ``height``, ``width``: the video; frames ``4k + 1``, sizes
@@ -19,7 +20,8 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   A Wan2.2 TI2V-5B model (``predictor.in_dim = out_dim``) samples t2v, or i2v with the image's
   latent as the first latent frame (``num_frames >= 5``).
 - ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
-  image-to-video model, one path for every prompt or a list with one per prompt; ``last_image``
+  image-to-video model, one path for every prompt, a list with one per prompt, or a ``.txt`` file of
+  one path per line (per prompt); ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
 - ``ref_images`` (``ref_image``, Phantom's name; task s2v): the subjects' reference images of
   Phantom subject-to-video, for every prompt (a list of paths, or Phantom's one comma-separated
@@ -115,7 +117,14 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         _wan22_guide_scale_pair(values, problems)
     prompts: list[str] = []
     prompt = values.pop("prompt", None)
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt.endswith(".txt"):  # MindSpeed-MM's JSONs name a prompt file here
+        path = Path(prompt)
+        if not path.is_file():
+            problems.append(f"inference.prompt = {prompt!r}: no such file (a prompt ending in .txt is read as a file "
+                            "of one prompt per line)")
+        else:
+            prompts.extend(_lines(path))
+    elif isinstance(prompt, str):
         prompts.append(prompt)
     elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         prompts.extend(prompt)
@@ -127,7 +136,7 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         if not path.is_file():
             problems.append(f"inference.prompt_file = {prompt_file!r}: no such file")
         else:
-            prompts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            prompts.extend(_lines(path))
     if not prompts:
         problems.append("inference: no prompt; give inference.prompt (a string or a list) or inference.prompt_file")
 
@@ -169,6 +178,12 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         value = values.get(key)
         if value is None:
             return None
+        if isinstance(value, str) and value.endswith(".txt"):  # a file of image paths, one per prompt
+            if not Path(value).is_file():
+                problems.append(f"inference.{key} = {value!r}: no such file (a .txt is read as one image path per "
+                                "line, one per prompt)")
+                return None
+            value = _lines(Path(value))
         paths = [value] * len(prompts) if isinstance(value, str) else value
         if not isinstance(paths, list) or not all(isinstance(v, str) for v in paths) or len(paths) != len(prompts):
             problems.append(f"inference.{key} = {value!r}; valid: one image path, or a list of {len(prompts)} (one "
@@ -256,6 +271,11 @@ def _wan22_guide_scale_pair(values: dict[str, Any], problems: list[str]) -> None
                         "or the other")
     else:
         values["guidance_scale_2"], values["guidance_scale"] = pair
+
+
+def _lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, stripped."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _reference_images(value: Any, prompts: int, problems: list[str]) -> list[list[str]] | None:

@@ -146,10 +146,13 @@ def sampling_config(config) -> SamplingConfig:
     if sampling is not None and sampling.task == "s2v" and config.args.cfg_parallel:
         problems.append("--cfg-parallel splits two guidance branches over a pair of ranks; Phantom's s2v guidance "
                         "has three (text, image, neither): leave --cfg-parallel out")
-    guidance = sampling is not None and (opensoraplan.sampler_config(config.model.diffusion).guidance_scale if osp and
-                                         not problems else sampling.guidance_scale)
-    if sampling is not None and config.args.cfg_parallel and guidance == 1.0:
-        problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second branch")
+    if sampling is not None and config.args.cfg_parallel and not problems:
+        if osp and not opensoraplan.sampler_config(config.model.diffusion).do_classifier_free_guidance:
+            problems.append("--cfg-parallel with diffusion.guidance_scale <= 1 (guidance off): there is no second "
+                            "branch")
+        elif not osp and not _wan_guided(sampling):
+            problems.append("--cfg-parallel with inference.guidance_scale = 1 (guidance off): there is no second "
+                            "branch")
     if problems:
         raise ConfigError(problems)
     return sampling
@@ -178,6 +181,13 @@ def _open_sora_plan_problems(config, arch, section: dict) -> list[str]:
         problems.append(f"ae.model_id = {config.model.ae.model_id!r} with predictor "
                         f"{config.model.predictor.model_id!r}; valid: wfvae")
     return problems
+
+
+def _wan_guided(sampling: SamplingConfig) -> bool:
+    """Whether any step runs classifier-free guidance: a scale other than 1 for either expert (Wan2.2
+    A14B's low-noise expert has its own, ``guidance_scale_2``), or Phantom's three branches."""
+    second = sampling.guidance_scale_2
+    return sampling.guidance_scale != 1.0 or (second is not None and second != 1.0) or sampling.task == "s2v"
 
 
 def _osp_conditioning(arch):
@@ -360,7 +370,8 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
         if not sampling.offload_model:
             return
         wanted = {id(m) for m in modules if m is not None}
-        for m in movable:
+        # the leaving models first, so the stage's models never share the device with them
+        for m in sorted(movable, key=lambda m: id(m) in wanted):
             m.to(device if id(m) in wanted else torch.device("cpu"))
         if not acc.is_cpu:
             acc.module.empty_cache()
@@ -382,8 +393,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
     shape = (arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
              sampling.width // spatial)
-    guided = osp_sampler.do_classifier_free_guidance if osp else sampling.guidance_scale != 1.0 or \
-        sampling.task == "s2v"
+    guided = osp_sampler.do_classifier_free_guidance if osp else _wan_guided(sampling)
     steps = osp_sampler.num_inference_steps if osp else sampling.sample_steps
     solver = osp_sampler.model_id if osp else sampling.sample_solver
     written = []

@@ -137,7 +137,7 @@ def test_resplit_then_inference_script_writes_videos(guide, variant):
                        "a blue circle moving top to bottom on a yellow background\n")
     model = tiny_model_json(EXAMPLES / variant / f"inference_{variant}_model.json", guide,
                             guide / f"inference_{variant}.json", diffusion__num_inference_steps=3,
-                            inference__prompt_file=str(prompts),
+                            inference__prompt=str(prompts),
                             inference__save_path=str(guide / f"samples_{variant}"))
     out = _script(guide, f"{variant}/inference_{variant}.sh", MM_MODEL=str(model), LOAD_PATH=str(guide / target),
                   GPUS_PER_NODE="4", CP="2", CFG_PARALLEL="1")

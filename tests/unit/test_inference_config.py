@@ -125,3 +125,27 @@ def test_wan22_guide_scale_pair_problems(tmp_path, section, expected):
     section = {k: str(tmp_path) if v == "DIR" else v for k, v in section.items()}
     config, problems = _parse({"prompt": "x", **section})
     assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_prompt_and_condition_images_from_txt_files(tmp_path):
+    """MindSpeed-MM's inference JSONs name .txt files in prompt and conditional_pixel_values_path."""
+    from mm.inference.config import parse_sampling
+
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"frame{i}.png")
+        images[-1].write_bytes(b"png")
+    (tmp_path / "prompts.txt").write_text("a red square\n\n  a blue circle  \n")
+    (tmp_path / "images.txt").write_text("".join(f"{p}\n" for p in images))
+    problems: list[str] = []
+    sampling = parse_sampling({"prompt": str(tmp_path / "prompts.txt"),
+                               "conditional_pixel_values_path": str(tmp_path / "images.txt")}, 8, 4, (1, 2, 2),
+                              problems)
+    assert problems == []
+    assert sampling.prompts == ["a red square", "a blue circle"]
+    assert sampling.images == [str(p) for p in images] and sampling.task == "i2v"
+    problems = []
+    parse_sampling({"prompt": str(tmp_path / "missing.txt"), "image": str(tmp_path / "none.txt")}, 8, 4, (1, 2, 2),
+                   problems)
+    assert any("inference.prompt = " in p and "missing.txt': no such file" in p for p in problems), problems
+    assert any("inference.image = " in p and "none.txt': no such file" in p for p in problems), problems
