@@ -141,12 +141,8 @@ LAYOUTS = {
     "cp4_ulysses": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "ulysses_cp_algo"]),
     "cp4_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
                      "--use-cp-send-recv-overlap"]),
-    "cp4_double_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
-                            "--cp-window-size", "2", "--use-cp-send-recv-overlap"]),
     "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
                        "--ulysses-degree-in-cp", "2"]),
-    "tp2_cp2_ring": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
-                         "--context-parallel-algo", "megatron_cp_algo"]),
     "cfg_parallel_cp2_ulysses": (4, ["--cfg-parallel", "--context-parallel-size", "2"]),
 }  # --cfg-parallel alone: test_cfg_parallel_runs_one_branch_per_rank
 

@@ -82,20 +82,17 @@ REFERENCE: dict = {}
 
 def _reference(assets, variant, mbs=1):
     if (variant, mbs) not in REFERENCE:
-        REFERENCE[variant, mbs] = _train(assets, variant, 1, mbs=mbs)
+        REFERENCE[variant, mbs] = _train(assets, variant, 1, "--log-throughput", mbs=mbs)
+        assert "throughput per GPU (TFLOP/s/GPU)" in REFERENCE[variant, mbs][1]  # the recipe's model FLOPs
     return REFERENCE[variant, mbs]
 
 
 LAYOUTS = {  # name -> (variant, processes, flags, model changes)
     "t2v_tp2_sp": ("t2v", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], None),
-    "t2v_cp2_ulysses": ("t2v", 2, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"], None),
     "t2v_cp2_ring_overlap": ("t2v", 2, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
                                         "--use-cp-send-recv-overlap"], None),
-    "t2v_cp4_hybrid": ("t2v", 4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
-                                  "--ulysses-degree-in-cp", "2", "--use-cp-send-recv-overlap"], None),
     "t2v_pp2_vpp2": ("t2v", 2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
                      {"predictor.pipeline_num_layers": [[1, 1], [1, 1]]}),
-    "t2v_dp2_distributed_optimizer": ("t2v", 2, ["--use-distributed-optimizer"], None),
     "i2v_tp2_cp2_ring": ("i2v", 4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
                                     "--context-parallel-algo", "megatron_cp_algo"], None),
     "i2v_pp2": ("i2v", 2, ["--pipeline-model-parallel-size", "2"], {"predictor.pipeline_num_layers": [1, 3]}),
@@ -118,13 +115,6 @@ def test_layout_losses_equal_one_process(assets, layout):
     for a, b in zip(ref, par):
         assert abs(a - b) <= 2e-5 * abs(a), (layout, ref, par)
     assert len(set(ref)) == 3  # different batches, timesteps and weights each iteration
-
-
-def test_t2v_and_i2v_train_and_log_model_flops(assets):
-    for variant in ("t2v", "i2v"):
-        losses, out = _train(assets, variant, 1, "--log-throughput", iters=2)
-        assert len(losses) == 2 and all(0 < x < 10 for x in losses), out[-2000:]
-        assert "throughput per GPU (TFLOP/s/GPU)" in out
 
 
 def test_wrong_entry_point_or_objective_is_refused_before_start(assets):
