@@ -141,8 +141,7 @@ LAYOUTS = {
     "cp4_ulysses": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "ulysses_cp_algo"]),
     "cp4_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
                      "--use-cp-send-recv-overlap"]),
-    "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
-                       "--ulysses-degree-in-cp", "2"]),
+    # CP4 hybrid (Ulysses 2 inside ring 2): test_wan_ulysses_and_ring_sizes_in_the_json
     "cfg_parallel_cp2_ulysses": (4, ["--cfg-parallel", "--context-parallel-size", "2"]),
 }  # --cfg-parallel alone: test_cfg_parallel_runs_one_branch_per_rank
 
