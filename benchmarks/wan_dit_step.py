@@ -10,7 +10,11 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
 (full recompute of the first N layers), ``core_attn``, ``mlp``, ``core_attn+mlp`` (selective,
 ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
-block). Prints per variant: median seconds per step (training) or per forward (inference; a CFG
+block). ``--optimizer`` makes each training step a whole one: mm's model in megatron-core's DDP
+(fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
+(``mm.training.pretrain.wrap_for_training``: Adam, --clip-grad 1.0, bf16 with fp32 main params),
+gradients finalized as megatron's schedules do; diffusers with torch's fused AdamW and
+``clip_grad_norm_(1.0)``. Prints per variant: median seconds per step (training) or per forward (inference; a CFG
 sampling step is two), peak GPU memory, model TFLOP/s from the per-layer formula of
 docs/benchmarks.md (x3 for forward+backward, recomputation not counted) and MFU = TFLOP/s over the
 GPU's dense bf16 peak (--peak-tflops; 989 for H100/H200). An implementation that runs out of memory
@@ -31,8 +35,10 @@ from pathlib import Path
 import torch
 
 from mm.accelerator import init_distributed, select_accelerator
+from mm.arguments.flags import parse_flags
 from mm.models.predictor import build_predictor, predictor_config
 from mm.parallel import ParallelSizes, initialize_parallel
+from mm.training.pretrain import wrap_for_training
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
 DEFAULT_TRAIN = ["mm:full", "mm+compile:none", "mm+compile:mlp", "diffusers:ckpt"]
@@ -95,7 +101,8 @@ def profile_step(step, name: str, out_dir: Path, rows: int = 25) -> str:
         wall = time.perf_counter() - start
     per_kernel = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        # kernels only: the profiler also puts user annotations (Optimizer.step#...) on the GPU timeline
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             k = per_kernel[e.name]
             k[0] += e.time_range.elapsed_us()
             k[1] += 1
@@ -148,17 +155,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (profiling)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default by GPU name")
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler kernel tables here")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="training: time the optimizer step too (mm: pretrain's DDP + megatron optimizer)")
+    parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run of the script itself (tiny --latent/--layers; needs --peak-tflops)")
     args = parser.parse_args()
     variants = args.variants or (DEFAULT_TRAIN if args.mode == "train" else DEFAULT_INFER)
     variants = [v for v in variants if args.only is None or v.split(":")[0].split("+")[0] == args.only]
     specs = [(v, *parse_variant(v)) for v in variants]
 
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer import TransformerConfig
 
-    acc = select_accelerator("cuda")
+    acc = select_accelerator(args.accelerator)
     init_distributed(acc, 10)
     initialize_parallel(ParallelSizes(world_size=1), seed=1234)
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if args.accelerator == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     if peak is None:
         raise SystemExit(f"no dense bf16 peak known for {gpu!r}: pass --peak-tflops")
@@ -184,7 +196,15 @@ def main() -> None:
         model = build_predictor("wan_dit", arch, config).to(dev).train(train)
         if compiled:
             model.compile_blocks()
-        return model
+        if not (train and args.optimizer):
+            return model, None
+        flags = parse_flags(["--mm-model", args.model, "--bf16", "--lr", "1e-5", "--micro-batch-size", "1"])
+        ddp, optimizer = wrap_for_training([model], config, flags, acc)
+
+        def update():
+            finalize_model_grads(ddp)  # what megatron's schedules call after the backward
+            optimizer.step()
+        return ddp[0], (update, lambda: (ddp[0].zero_grad_buffer(), optimizer.zero_grad()))
 
     def build_diffusers(compiled: bool, recompute: str):
         from diffusers import WanTransformer3DModel
@@ -198,20 +218,32 @@ def main() -> None:
             model.enable_gradient_checkpointing()
         if compiled:
             model.compile_repeated_blocks()
-        return model
+        if not (train and args.optimizer):
+            return model, None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+        return model, (update, lambda: optimizer.zero_grad(set_to_none=True))
 
     forwards = {"mm": lambda m: m(latents, timestep, context),
                 "diffusers": lambda m: m(latents, timestep, context, return_dict=False)[0]}
     for name, impl, compiled, recompute in specs:
         model = None
         try:
-            model = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
+            model, opt = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
             forward = forwards[impl]
 
             def step():
                 if train:
-                    model.zero_grad(set_to_none=True)
+                    if opt is None:
+                        model.zero_grad(set_to_none=True)
+                    else:
+                        opt[1]()
                     forward(model).float().mean().backward()
+                    if opt is not None:
+                        opt[0]()
                 else:
                     with torch.no_grad():
                         forward(model)
@@ -224,7 +256,7 @@ def main() -> None:
         except torch.OutOfMemoryError:
             rows.append((name, "OOM", "-", "-", "-"))
         finally:
-            model = None
+            model = opt = None
             torch.cuda.empty_cache()
 
     for text in profiles:
@@ -232,7 +264,7 @@ def main() -> None:
     unit = "s/step" if train else "s/fwd"
     print(f"\n{gpu} | torch {torch.__version__} | {args.mode} | {arch.num_layers} layers, hidden "
           f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, "
-          f"batch 1 | MFU vs {peak:.0f} TFLOP/s")
+          f"batch 1{' | optimizer step included' if train and args.optimizer else ''} | MFU vs {peak:.0f} TFLOP/s")
     print(f"{'variant':<32} {unit:>8} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>7}")
     for row in rows:
         print(f"{row[0]:<32} {row[1]:>8} {row[2]:>9} {row[3]:>8} {row[4]:>7}")

@@ -60,6 +60,12 @@ class Accelerator:
         index = self.module.current_device() if local_rank is None else local_rank
         return torch.device(self.name, index)
 
+    @property
+    def fused_adam(self) -> bool:
+        """Whether the optimizer steps with torch's fused Adam kernel here (CUDA; the CPU keeps
+        megatron's default foreach step, torch_npu brings its own optimizers)."""
+        return self.name == "cuda"
+
     def set_device(self, local_rank: int) -> None:
         if not self.is_cpu:
             self.module.set_device(local_rank)

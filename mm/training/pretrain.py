@@ -39,6 +39,7 @@ from mm.training.checkpointing import check_load_dir, load_checkpoint, save_chec
 from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
+from mm.training.optimizer_kernels import use_torch_kernels
 from mm.training.recipes import TASKS, check_task, recipe_for
 
 
@@ -89,6 +90,25 @@ def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None
     return chunks
 
 
+def wrap_for_training(chunks: list[torch.nn.Module], tf_config: TransformerConfig, args,
+                      acc) -> tuple[list[DistributedDataParallel], object]:
+    """megatron-core's DDP around each model chunk (fp32 gradient buffers) and megatron's optimizer
+    over them, as the training flags (--optimizer, --lr, --clip-grad, --use-distributed-optimizer,
+    --overlap-grad-reduce, ...) set them."""
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    model = [DistributedDataParallel(tf_config, ddp_config, chunk.to(acc.device()), disable_bucketing=i > 0)
+             for i, chunk in enumerate(chunks)]
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype(args),
+        initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
+        use_distributed_optimizer=args.use_distributed_optimizer), model)
+    use_torch_kernels(optimizer, acc.fused_adam)  # without transformer-engine / apex: torch's multi-tensor kernels
+    return model, optimizer
+
+
 def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
     """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
     if task not in TASKS:
@@ -112,16 +132,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         for chunk in chunks:
             recipe.load_weights(chunk, source, args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank())
         del source
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
-    model = [DistributedDataParallel(tf_config, ddp_config, chunk.to(device), disable_bucketing=i > 0)
-             for i, chunk in enumerate(chunks)]
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
-        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
-        initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
-        use_distributed_optimizer=args.use_distributed_optimizer), model)
+    model, optimizer = wrap_for_training(chunks, tf_config, args, acc)
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
     num_micro = gbs // (args.micro_batch_size * dp)

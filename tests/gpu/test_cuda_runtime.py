@@ -128,7 +128,8 @@ def test_inference_on_one_gpu(tmp_path):
         sample = [sys.executable, str(spy), str(tmp_path / name), "--bf16", "--mm-model",
                   str(tmp_path / f"{name}.json"), "--load", str(tmp_path / "ckpt")] + \
             (["--compile-dit-blocks"] if name == "compiled" else [])
-        result = subprocess.run(sample, cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        result = subprocess.run(sample, cwd=REPO, env=dict(env, PYTHONPATH=os.pathsep.join(
+                                    filter(None, [str(REPO), env.get("PYTHONPATH")]))), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert len(list((tmp_path / name).glob("*.mp4"))) == 1 and "peak memory" in result.stdout
