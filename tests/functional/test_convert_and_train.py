@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.functional.test_pretrain_t2v import REPO, _lines, _train, assets  # noqa: F401 (a fixture)
+from tests.functional.test_pretrain_t2v import REPO, _lines, _train
 
 
 def _mm_convert(cwd, *args):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.functional.test_pretrain_t2v import REPO, _train, assets  # noqa: F401 (a fixture)
+from tests.functional.test_pretrain_t2v import REPO
 
 ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -132,11 +132,10 @@ def test_writes_playable_videos_and_never_overwrites(assets, tmp_path):
     assert torch.equal(torch.load(tmp_path / "samples" / videos[1].name.replace(".mp4", "_1.latents.pt")), first)
 
 
+# CP2 Ulysses: test_sharded_dit_and_text_encoder_change_nothing; CP2 ring with overlap:
+# test_vae_cp_decode_writes_the_same_video (both against one process's latents)
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-    "cp2_ulysses": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"]),
-    "cp2_ring": (2, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
-                     "--use-cp-send-recv-overlap"]),
     # the fixture's DiT has 4 heads: Ulysses over all 4 ranks gives each one head
     "cp4_ulysses": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "ulysses_cp_algo"]),
     "cp4_ring": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "megatron_cp_algo",
@@ -207,18 +206,22 @@ def test_cfg_parallel_needs_an_even_data_parallel_size(assets, tmp_path):
     assert "--cfg-parallel pairs data-parallel ranks; the data-parallel size is 1" in done.stdout + done.stderr
 
 
-def test_weights_from_a_training_checkpoint(assets, tmp_path):
+@pytest.fixture(scope="module")
+def red_square_latents(assets, tmp_path_factory):
+    """One process's latents for the prompt "a red square" from predictor.from_pretrained's weights."""
+    out = tmp_path_factory.mktemp("red") / "samples"
+    _run(1, _inference_json(assets, out, prompt="a red square"))
+    return torch.load(next(out.glob("*.latents.pt")))
+
+
+def test_weights_from_a_training_checkpoint(assets, tmp_path, trained_checkpoint, red_square_latents):
     """--load of a training run's checkpoint replaces predictor.from_pretrained's weights."""
-    ckpt = tmp_path / "ckpt"
-    _train(assets, 1, "--save", str(ckpt), iters=2)
-    base = _inference_json(assets, tmp_path / "base", prompt="a red square")
+    ckpt, _ = trained_checkpoint
     trained = _inference_json(assets, tmp_path / "trained", prompt="a red square")
-    _run(1, base)
     out = _run(1, trained, "--load", str(ckpt))
     assert "loading torch_dist checkpoint" in out
-    a = torch.load(next((tmp_path / "base").glob("*.latents.pt")))
     b = torch.load(next((tmp_path / "trained").glob("*.latents.pt")))
-    assert not torch.allclose(a, b)
+    assert not torch.allclose(red_square_latents, b)
 
 
 def test_bad_inference_section_is_refused_before_starting(assets, tmp_path):
@@ -245,14 +248,13 @@ def test_quickstart_trains_and_writes_a_playable_video(tmp_path):
         assert _decode(video) == (9, 64, 64)
 
 
-def test_two_experts_from_the_entry_point(assets, tmp_path):
+def test_two_experts_from_the_entry_point(assets, tmp_path, trained_checkpoint, red_square_latents):
     """inference.low_noise_model (here a training checkpoint) takes over below boundary_ratio x 1000;
     a boundary below every timestep leaves the high-noise expert alone."""
-    ckpt = tmp_path / "ckpt"
-    _train(assets, 1, "--save", str(ckpt), iters=2)
-    runs = {"single": {}, "switching": {"low_noise_model": str(ckpt), "boundary_ratio": 0.9},
+    ckpt, _ = trained_checkpoint
+    runs = {"switching": {"low_noise_model": str(ckpt), "boundary_ratio": 0.9},
             "never": {"low_noise_model": str(ckpt), "boundary_ratio": 0.0001}}
-    latents = {}
+    latents = {"single": red_square_latents}
     for name, extra in runs.items():
         _run(1, _inference_json(assets, tmp_path / name, prompt="a red square", **extra))
         latents[name] = torch.load(next((tmp_path / name).glob("*.latents.pt")))
@@ -329,8 +331,11 @@ def test_vae_cp_decode_writes_the_same_video(assets, tmp_path):
         model = json.loads(model_json.read_text())
         model["ae"]["vae_cp_size"] = vae_cp
         model_json.write_text(json.dumps(model))
-        log = _run(nproc, model_json, *(["--context-parallel-size", "2"] if nproc == 2 else []))
+        # CP2 ring with send/recv overlap (CP2 Ulysses: test_sharded_dit_and_text_encoder_change_nothing)
+        log = _run(nproc, model_json, *(["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+                                         "--use-cp-send-recv-overlap"] if nproc == 2 else []))
         assert ("decoded over 2 VAE-CP ranks" in log) == (vae_cp == 2)
+        assert nproc == 1 or "CP=2 (megatron_cp_algo)" in log
         (video,) = out.glob("*.mp4")
         runs[name] = (_frames(video), torch.load(next(out.glob("*.latents.pt"))))
     torch.testing.assert_close(runs["two"][1], runs["one"][1], rtol=1e-4, atol=1e-4)
