@@ -210,7 +210,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
                 flops["sum"] += inputs.flops
             carry = inputs.carry
             # later stages get the target through the pipeline, inside the stage message
-            output = chunk(*inputs.args, carry=None if dit.post_process else carry, **inputs.kwargs)
+            output = chunk(*inputs.args, carry=None if dit.post_process else carry)
         else:
             output = chunk()
             carry = dit.carried

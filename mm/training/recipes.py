@@ -24,7 +24,6 @@ channel holding each sample's loss weight (the min-SNR weight needs the timestep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -45,7 +44,6 @@ class StepInputs:
     """One micro-batch's DiT call on stage 0 and what the last stage needs for the loss."""
 
     args: tuple  # positional DiT inputs
-    kwargs: dict[str, Any]
     carry: torch.Tensor  # the target (and the family's loss extras), [b, c, f, h, w]
     flops: int  # model FLOPs of forward + backward of this micro-batch
 
@@ -133,7 +131,7 @@ class WanRecipe:
         flops = wan_training_flops(self.arch, frames, height, width, context.shape[1],
                                    0 if context_image is None else context_image.shape[1],
                                    batch_size=inputs.shape[0], per_token_timestep=self.cond.kind == "ti2v")
-        return StepInputs((inputs, timestep, context, context_image), {}, target, flops)
+        return StepInputs((inputs, timestep, context, context_image), target, flops)
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         frames = self.cond.loss_frames  # TI2V: not the given first frame
@@ -245,7 +243,7 @@ class OpenSoraPlanRecipe:
         _, _, frames, height, width = latents.shape
         flops = opensoraplan_training_flops(self.arch, frames, height, width, context.shape[1],
                                             batch_size=latents.shape[0])
-        return StepInputs((inputs, timesteps, context, encoded["context_mask"]), {},
+        return StepInputs((inputs, timesteps, context, encoded["context_mask"]),
                           torch.cat([target.float(), weight_channel], dim=1), flops)
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
