@@ -152,8 +152,14 @@ def one_process_latents(assets, tmp_path_factory):
     return torch.load(next(out.glob("*.latents.pt")))
 
 
+# cp4_ulysses, cfg_parallel_cp2_ulysses: Ulysses is also the CP2 sharded-DiT run's, --cfg-parallel
+# test_cfg_parallel_runs_one_branch_per_rank's
+EXTENDED = {"cp4_ulysses", "cfg_parallel_cp2_ulysses"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
+                                    for name in LAYOUTS])
 def test_parallel_inference_equals_one_process(assets, tmp_path, layout, one_process_latents):
     nproc, flags = LAYOUTS[layout]
     out = tmp_path / "samples"

@@ -67,6 +67,7 @@ def test_encoder_dp_and_offload_training_equals_one_process(assets):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
 
 
+@pytest.mark.extended  # offload interval 2 with encoder-DP: test_encoder_dp_and_offload_training_equals_one_process
 def test_encoder_offload_interval_4_keeps_the_first_8_losses(assets):
     """Encoding 4 steps' micro-batches at once and moving the encoders off the device in between
     changes nothing the model sees: the first 8 losses are those of a run without offload."""
@@ -78,6 +79,7 @@ def test_encoder_offload_interval_4_keeps_the_first_8_losses(assets):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # VAE-CP against one device: tests/parallel/test_vae_cp.py; decode: test_inference.py
 def test_vae_cp_training_equals_one_process(assets):
     buckets = {"buckets": [[17, 64, 64], [17, 48, 96]]}  # VAE-CP over 2 ranks needs 2 chunks of 4 frames each
     ref, _ = _train(assets, 1, iters=2, variant=_variant(assets, "long", data_changes=buckets))
@@ -122,6 +124,9 @@ LAYOUTS = {
 }
 
 
+EXTENDED = {"tp2_sp_pp2"}
+
+
 def _model_parallel_size(flags):
     size = 1
     for flag in ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size"):
@@ -131,7 +136,9 @@ def _model_parallel_size(flags):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+# tp2_sp_pp2: TP2 x PP2 from converted weights is tests/functional/test_convert_and_train.py's run
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
+                                    for name in sorted(LAYOUTS)])
 def test_layout_losses_equal_one_process(assets, layout):
     nproc, flags, model_changes = LAYOUTS[layout]
     # DP2 x micro-batch 1 reads the samples one process reads with micro-batch 2
@@ -175,7 +182,8 @@ UNINTERRUPTED = {}  # the uninterrupted run both checkpoint formats are compared
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+# the torch format's resume: also tests/parallel/test_checkpointing.py (every layout, both formats)
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", pytest.param("torch", marks=pytest.mark.extended)])
 def test_resume_after_stop_is_exact(assets, tmp_path, ckpt_format):
     """Stop after iteration 3 (with a checkpoint), relaunch the same command: iterations 4-8 log the
     same losses, grad norms and learning rates as an uninterrupted run (model, distributed-optimizer
@@ -198,6 +206,7 @@ def test_resume_after_stop_is_exact(assets, tmp_path, ckpt_format):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # loads across layouts: tests/parallel/test_checkpointing.py::test_checkpoint_loads_into_another_layout
 def test_checkpoint_of_tp2_pp2_resumes_on_one_process(assets, tmp_path):
     """Save under TP2 x PP2 (plain optimizer), load on one process (RNG states belong to a layout:
     --no-load-rng): the continued losses are the uninterrupted single-process run's."""

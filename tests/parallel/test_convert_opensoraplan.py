@@ -356,6 +356,7 @@ def test_a_wan_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.extended  # the same commands through the console script: tests/functional/test_opensoraplan_guide.py
 def test_command_line(tmp_path):
     """The real entry point with seed 003's commands."""
     _release(tmp_path / "raw_ckpt" / "open-sora-plan" / "93x480p", "t2v")
