@@ -197,14 +197,18 @@ def main() -> None:
         if compiled:
             model.compile_blocks()
         if not (train and args.optimizer):
-            return model, None
+            return model, lambda: model.zero_grad(set_to_none=True), None
         flags = parse_flags(["--mm-model", args.model, "--bf16", "--lr", "1e-5", "--micro-batch-size", "1"])
         ddp, optimizer = wrap_for_training([model], config, flags, acc)
+
+        def zero_grad():
+            ddp[0].zero_grad_buffer()
+            optimizer.zero_grad()
 
         def update():
             finalize_model_grads(ddp)  # what megatron's schedules call after the backward
             optimizer.step()
-        return ddp[0], (update, lambda: (ddp[0].zero_grad_buffer(), optimizer.zero_grad()))
+        return ddp[0], zero_grad, update
 
     def build_diffusers(compiled: bool, recompute: str):
         from diffusers import WanTransformer3DModel
@@ -219,31 +223,28 @@ def main() -> None:
         if compiled:
             model.compile_repeated_blocks()
         if not (train and args.optimizer):
-            return model, None
+            return model, lambda: model.zero_grad(set_to_none=True), None
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
         def update():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
-        return model, (update, lambda: optimizer.zero_grad(set_to_none=True))
+        return model, lambda: optimizer.zero_grad(set_to_none=True), update
 
     forwards = {"mm": lambda m: m(latents, timestep, context),
                 "diffusers": lambda m: m(latents, timestep, context, return_dict=False)[0]}
     for name, impl, compiled, recompute in specs:
         model = None
         try:
-            model, opt = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
+            model, zero_grad, update = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
             forward = forwards[impl]
 
             def step():
                 if train:
-                    if opt is None:
-                        model.zero_grad(set_to_none=True)
-                    else:
-                        opt[1]()
+                    zero_grad()
                     forward(model).float().mean().backward()
-                    if opt is not None:
-                        opt[0]()
+                    if update is not None:
+                        update()
                 else:
                     with torch.no_grad():
                         forward(model)
@@ -256,7 +257,7 @@ def main() -> None:
         except torch.OutOfMemoryError:
             rows.append((name, "OOM", "-", "-", "-"))
         finally:
-            model = opt = None
+            model = zero_grad = update = None
             torch.cuda.empty_cache()
 
     for text in profiles:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.functional.test_pretrain_t2v import REPO
+from tests.markers import marked_extended
 
 ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -158,8 +159,7 @@ EXTENDED = {"cp4_ulysses", "cfg_parallel_cp2_ulysses"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", marked_extended(LAYOUTS, EXTENDED))
 def test_parallel_inference_equals_one_process(assets, tmp_path, layout, one_process_latents):
     nproc, flags = LAYOUTS[layout]
     out = tmp_path / "samples"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.encoder_helpers import save_clip
+from tests.markers import marked_extended
 
 REPO = Path(__file__).resolve().parents[2]
 Z = 4  # the quickstart VAE's latent channels
@@ -87,8 +88,7 @@ EXTENDED = {"wan22_i2v_a14b"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
-                                     for name in sorted(LAYOUTS)])
+@pytest.mark.parametrize("variant", marked_extended(sorted(LAYOUTS), EXTENDED))
 def test_i2v_variant_parallel_equals_one_process(assets, variant):
     nproc, flags, layout = LAYOUTS[variant]
     extra = [f for f in flags if f.startswith("--max-timestep") or f == "0.9"]

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.markers import marked_extended
 from tests.opensoraplan_assets import REPO, TINY_PREDICTOR, make_assets, tiny_vae_config
 
 DIFFUSION = {"model_id": "DDPM", "num_train_steps": 1000, "prediction_type": "v_prediction",
@@ -105,8 +106,7 @@ EXTENDED = {"t2v_tp2_sp", "t2v_cp2_ring_overlap"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
-                                    for name in sorted(LAYOUTS)])
+@pytest.mark.parametrize("layout", marked_extended(sorted(LAYOUTS), EXTENDED))
 def test_layout_losses_equal_one_process(assets, layout):
     variant, nproc, flags, model_changes = LAYOUTS[layout]
     size = 1

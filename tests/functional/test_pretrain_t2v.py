@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.markers import marked_extended
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -137,8 +139,7 @@ def _model_parallel_size(flags):
 
 @pytest.mark.slow
 # tp2_sp_pp2: TP2 x PP2 from converted weights is tests/functional/test_convert_and_train.py's run
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.extended) if name in EXTENDED else name
-                                    for name in sorted(LAYOUTS)])
+@pytest.mark.parametrize("layout", marked_extended(sorted(LAYOUTS), EXTENDED))
 def test_layout_losses_equal_one_process(assets, layout):
     nproc, flags, model_changes = LAYOUTS[layout]
     # DP2 x micro-batch 1 reads the samples one process reads with micro-batch 2
