@@ -8,7 +8,8 @@ and an inference model JSON that points at them. Then, in two child processes on
 other, samples one prompt with classifier-free guidance (guidance 5, UniPC, shift 3):
 
 * ``mm``: ``inference.py --bf16`` (its log line gives s/step over steps 2..N and peak memory); with
-  ``--compile`` also ``inference.py --bf16 --compile-dit-blocks``;
+  ``--compile`` also ``inference.py --bf16 --compile-dit-blocks``; ``--mm-run`` (repeatable) gives one run's
+  extra flags instead (``--mm-run=--compile-dit-blocks --mm-run="--compile-dit-blocks --attention-kernel cudnn"``);
 * ``diffusers``: ``WanPipeline`` in bf16 (VAE in bf16 too), its steps timed by a step callback,
   peak memory from torch.cuda.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="also run mm with --compile-dit-blocks")
+    p.add_argument("--mm-run", action="append", default=None, metavar="FLAGS",
+                   help="one mm run with these extra inference.py flags (one string; '' for none); repeatable")
     a = p.parse_args()
     root = Path(a.out)
     if not (root / "model.json").is_file():
@@ -107,18 +111,21 @@ def main() -> None:
     (root / "inference_model.json").write_text(json.dumps(model, indent=1))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     lines = []
-    for flags in ([], ["--compile-dit-blocks"]) if a.compile else ([],):
+    runs = [shlex.split(r) for r in a.mm_run] if a.mm_run is not None else \
+        ([], ["--compile-dit-blocks"]) if a.compile else ([],)
+    for flags in runs:
         mm = subprocess.run([sys.executable, "inference.py", "--bf16", "--mm-model", str(root / "inference_model.json"),
                              *flags], cwd=REPO, env=env, capture_output=True, text=True)
         if mm.returncode:
             raise SystemExit(mm.stdout[-3000:] + mm.stderr[-3000:])
         name = "mm" + "".join(f" {f}" for f in flags)
         lines.append(f"{name} " + next(line for line in mm.stdout.splitlines() if "inference.py: wrote" in line))
+        print(lines[-1], flush=True)
     ref = subprocess.run([sys.executable, "-c", DIFFUSERS, str(root), str(a.frames), str(a.height), str(a.width),
                           str(a.steps), PROMPT], cwd=REPO, env=env, capture_output=True, text=True)
     if ref.returncode:
         raise SystemExit(ref.stdout[-3000:] + ref.stderr[-3000:])
-    print("\n".join(lines))
+    print("\n".join(lines))  # again, beside the baseline
     print(next(line for line in ref.stdout.splitlines() if line.startswith("diffusers WanPipeline")))
 
 

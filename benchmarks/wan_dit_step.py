@@ -3,6 +3,7 @@
 
     python benchmarks/wan_dit_step.py --model examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json \
         --latent 21 60 104 --text-len 512 --repeats 3 [--mode infer] [--variants mm+compile:mlp diffusers:ckpt]
+        [--variants mm+compile:none@cudnn mm+compile:none@flash3]
 
 Random weights (no download), random latents/context, loss = mean of the output. Each variant is
 ``IMPL[+compile][:RECOMPUTE]``: IMPL ``mm`` or ``diffusers``; ``+compile`` compiles each DiT block
@@ -10,7 +11,7 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
 (full recompute of the first N layers), ``core_attn``, ``mlp``, ``core_attn+mlp`` (selective,
 ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
-block). ``--optimizer`` makes each training step a whole one: mm's model in megatron-core's DDP
+block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer`` makes each training step a whole one: mm's model in megatron-core's DDP
 (fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
 (``mm.training.pretrain.wrap_for_training``: Adam, --clip-grad 1.0, bf16 with fp32 main params),
 gradients finalized as megatron's schedules do; diffusers with torch's fused AdamW and
@@ -30,14 +31,16 @@ import json
 import re
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from mm.accelerator import init_distributed, select_accelerator
+from mm.accelerator.attention_kernels import KERNEL_CHOICES
 from mm.arguments.flags import parse_flags
 from mm.models.predictor import build_predictor, predictor_config
-from mm.parallel import ParallelSizes, initialize_parallel
+from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 from mm.training.pretrain import wrap_for_training
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
@@ -52,17 +55,21 @@ def model_flops(arch, tokens: int, text_len: int) -> float:
     return per_layer * arch.num_layers
 
 
-def parse_variant(spec: str) -> tuple[str, bool, str]:
+def parse_variant(spec: str) -> tuple[str, bool, str, str]:
+    spec, _, kernel = spec.partition("@")
+    kernel = kernel or "auto"
     impl, _, recompute = spec.partition(":")
     impl, _, compiled = impl.partition("+")
     recompute = recompute or "none"
     if impl not in ("mm", "diffusers") or compiled not in ("", "compile"):
-        raise SystemExit(f"variant {spec!r}: IMPL[+compile][:RECOMPUTE] with IMPL mm or diffusers")
+        raise SystemExit(f"variant {spec!r}: IMPL[+compile][:RECOMPUTE][@KERNEL] with IMPL mm or diffusers")
+    if kernel not in KERNEL_CHOICES or (impl == "diffusers" and kernel != "auto"):
+        raise SystemExit(f"variant {spec!r}: @{kernel}; valid for mm: {', '.join(KERNEL_CHOICES)} (diffusers: none)")
     valid = (("none", "full", "core_attn", "mlp", "core_attn+mlp") if impl == "mm" else ("none", "ckpt"))
     if recompute not in valid and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
         raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
                          + (", blockN" if impl == "mm" else ""))
-    return impl, bool(compiled), recompute
+    return impl, bool(compiled), recompute, kernel
 
 
 def mm_recompute(recompute: str) -> dict:
@@ -233,8 +240,10 @@ def main() -> None:
 
     forwards = {"mm": lambda m: m(latents, timestep, context),
                 "diffusers": lambda m: m(latents, timestep, context, return_dict=False)[0]}
-    for name, impl, compiled, recompute in specs:
+    for name, impl, compiled, recompute, kernel in specs:
         model = None
+        destroy_parallel()
+        initialize_parallel(ParallelSizes(world_size=1), seed=1234, attention_kernel=kernel)
         try:
             model, zero_grad, update = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
             forward = forwards[impl]
@@ -256,6 +265,9 @@ def main() -> None:
                 profiles.append(profile_step(step, f"{args.mode}-{name}", args.profile))
         except torch.OutOfMemoryError:
             rows.append((name, "OOM", "-", "-", "-"))
+        except Exception:  # noqa: BLE001 - one variant's failure (e.g. a kernel missing) does not end the run
+            traceback.print_exc()
+            rows.append((name, "error", "-", "-", "-"))
         finally:
             model = zero_grad = update = None
             torch.cuda.empty_cache()

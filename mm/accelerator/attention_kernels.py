@@ -8,7 +8,8 @@ Shapes: ``q [b, n, sq, d]``, ``k, v [b, n, sk, d]``; ``forward -> (out [b, n, sq
 lse [b, n, sq] in fp32, or fp64 for fp64 inputs)``; ``backward(dout, q, k, v, out, lse) -> dq, dk, dv``.
 
 Kernels: ``math`` (pure PyTorch, any device, the reference), ``flash`` and ``cudnn`` (torch's aten
-SDPA kernels on CUDA GPUs, which expose the log-sum-exp), ``npu_fusion_attention`` (Ascend, through
+SDPA kernels on CUDA GPUs, which expose the log-sum-exp), ``flash3`` (flash-attention 3's Hopper
+kernels, where the ``flash_attn_3`` package is installed), ``npu_fusion_attention`` (Ascend, through
 torch_npu; import-guarded and not yet run on hardware here).
 """
 
@@ -31,6 +32,7 @@ class MathAttention:
     """Reference kernel in plain PyTorch: materialises the score matrix, so for tests and CPUs."""
 
     name = "math"
+    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
 
     def forward(self, q, k, v, scale: float):
         dt = compute_dtype(q)
@@ -56,6 +58,7 @@ class FlashAttention:
     """torch's flash-attention SDPA kernel (CUDA, fp16/bf16)."""
 
     name = "flash"
+    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
 
     def forward(self, q, k, v, scale: float):
         out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
@@ -76,6 +79,7 @@ class CudnnAttention:
     """torch's cuDNN SDPA kernel (CUDA, fp16/bf16); the fastest at DiT sequence lengths on H100."""
 
     name = "cudnn"
+    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
 
     def forward(self, q, k, v, scale: float):
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -92,10 +96,40 @@ class CudnnAttention:
         return dq, dk, dv
 
 
+class FlashAttention3:
+    """flash-attention 3 (the ``flash_attn_3`` package, Hopper GPUs, fp16/bf16), through the custom ops
+    of its ``flash_attn_interface`` module, which torch.compile can trace. The kernels take
+    ``[b, s, n, d]`` with a unit stride in ``d`` only, so the ``[b, n, s, d]`` views of this interface
+    pass through without copies; out and dq/dk/dv come back as ``[b, n, s, d]`` views of
+    ``[b, s, n, d]`` storage."""
+
+    name = "flash3"
+    torch_sdpa = False  # torch's SDPA cannot dispatch to it: callers use forward/backward
+
+    @staticmethod
+    def _ops():
+        import flash_attn_interface
+
+        return flash_attn_interface
+
+    def forward(self, q, k, v, scale: float):
+        out, lse, *_ = self._ops()._flash_attn_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                        softmax_scale=scale)
+        return out.transpose(1, 2), lse
+
+    def backward(self, dout, q, k, v, out, lse, scale: float):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (qt, kt, vt))
+        self._ops()._flash_attn_backward(dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2),
+                                         lse.float().contiguous(), dq=dq, dk=dk, dv=dv, softmax_scale=scale)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 class NpuFusionAttention:
     """Ascend's fused attention through torch_npu, BNSD layout (not yet run on hardware here)."""
 
     name = "npu_fusion_attention"
+    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
 
     def forward(self, q, k, v, scale: float):
         import torch_npu
@@ -117,14 +151,18 @@ class NpuFusionAttention:
         return dq, dk, dv
 
 
-KERNELS = {k.name: k for k in (MathAttention, FlashAttention, CudnnAttention, NpuFusionAttention)}
+KERNELS = {k.name: k for k in (MathAttention, FlashAttention, CudnnAttention, FlashAttention3, NpuFusionAttention)}
 KERNEL_CHOICES = ("auto", *KERNELS)
+
+
+# looked up once: kernels_for runs inside compiled regions, where an import-system call would break the graph
+FLASH3_INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn_3"))
 
 
 def kernels_for(accelerator_name: str) -> list[str]:
     """Kernels usable on an accelerator, fastest first."""
     if accelerator_name == "cuda":
-        return ["cudnn", "flash", "math"]
+        return (["flash3"] if FLASH3_INSTALLED else []) + ["cudnn", "flash", "math"]
     if accelerator_name == "npu" and importlib.util.find_spec("torch_npu") is not None:
         return ["npu_fusion_attention", "math"]
     return ["math"]

@@ -51,7 +51,8 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                    help="> 1: double-ring attention with inner rings of this many ranks")
     g.add_argument("--use-cp-send-recv-overlap", action="store_true")
     g.add_argument("--attention-kernel", choices=KERNEL_CHOICES, default="auto",
-                   help="attention kernel under context parallelism; auto: the fastest on this device")
+                   help="attention kernel of the DiT's attention (without CP: torch's SDPA unless the kernel "
+                        "is one SDPA cannot reach, flash3); auto: the fastest on this device")
     g.add_argument("--attention-mask-type", choices=("general", "causal"), default="general")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")

@@ -3,8 +3,9 @@ plugs into.
 
 Layers call ``CoreAttention`` with ``[s, b, n, d]`` query/key/value (``n`` = heads on this TP rank)
 and get ``[s, b, n * d]`` back. Without context parallelism (or for cross-attention, whose keys
-are the whole text on every rank) it is one kernel call. With ``context_parallel=True`` and CP > 1
-the queries, keys and values are this rank's shard of the sequence, and the run's
+are the whole text on every rank) it is one kernel call: torch's SDPA, which picks its fastest
+kernel, unless --attention-kernel names (or ``auto`` finds) one SDPA cannot reach (flash3). With
+``context_parallel=True`` and CP > 1 the queries, keys and values are this rank's shard of the sequence, and the run's
 --context-parallel-algo decides how the other shards are reached (mm.parallel.context_parallel).
 ``valid_tokens`` is the unpadded global sequence length when the sequence was padded to a
 multiple of CP: padded keys then take no part.
@@ -72,7 +73,11 @@ class CoreAttention(torch.nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if self.context_parallel and (mpu.get_context_parallel_world_size() > 1 or valid_tokens is not None):
             out = context_parallel_attention(q, k, v, valid_tokens)
-        else:  # one device's whole sequence: torch picks its fastest fused kernel
-            out = fused_attention(q, k, v)
+        else:  # one device's whole sequence
+            kernel = get_kernel(get_attention_options()["kernel"], q.dtype)
+            if kernel.torch_sdpa:  # torch picks its fastest fused kernel
+                out = fused_attention(q, k, v)
+            else:
+                out = cp.local_attention(q, k, v, kernel, default_scale(q.shape[-1]))
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -154,8 +154,8 @@ def one_process_latents(assets, tmp_path_factory):
 
 
 # cp4_ulysses, cfg_parallel_cp2_ulysses: Ulysses is also the CP2 sharded-DiT run's, --cfg-parallel
-# test_cfg_parallel_runs_one_branch_per_rank's
-EXTENDED = {"cp4_ulysses", "cfg_parallel_cp2_ulysses"}
+# test_cfg_parallel_runs_one_branch_per_rank's; cp4_ring: ring with overlap is the VAE-CP decode run's (CP2)
+EXTENDED = {"cp4_ulysses", "cp4_ring", "cfg_parallel_cp2_ulysses"}
 
 
 @pytest.mark.slow

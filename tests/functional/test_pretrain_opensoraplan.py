@@ -101,8 +101,10 @@ LAYOUTS = {  # name -> (variant, processes, flags, model changes)
 
 
 # t2v TP2+SP and CP2 ring with overlap: the DiT in-process (tests/parallel/test_opensoraplan_dit.py),
-# the loop under them with Wan (test_pretrain_t2v.py), ring under the recipe by i2v_tp2_cp2_ring
-EXTENDED = {"t2v_tp2_sp", "t2v_cp2_ring_overlap"}
+# the loop under them with Wan (test_pretrain_t2v.py), ring under the recipe by i2v_tp2_cp2_ring;
+# t2v PP2 x VPP2: the DiT's virtual stages in-process (test_opensoraplan_dit.py pp2_vpp2_i2v), the loop's
+# by test_pretrain_t2v.py pp2_vpp2, the recipe over PP stages by i2v_pp2
+EXTENDED = {"t2v_tp2_sp", "t2v_cp2_ring_overlap", "t2v_pp2_vpp2"}
 
 
 @pytest.mark.slow
@@ -123,30 +125,41 @@ def test_layout_losses_equal_one_process(assets, layout):
     assert len(set(ref)) == 3  # different batches, timesteps and weights each iteration
 
 
-def test_wrong_entry_point_or_objective_is_refused_before_start(assets):
-    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def test_wrong_entry_point_or_objective_is_refused_before_start(assets, monkeypatch, capsys):
+    """in-process: the entry points' pretrain(argv, task), refused in its configuration check"""
+    from mm.training.pretrain import pretrain
+
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
     name = _with(assets, "t2v", "flow", {"diffusion": {"model_id": "flow_matching"}})
-    cases = [("pretrain_i2v.py", "t2v", "pretrain_i2v.py trains 'videoditsparsei2v'"),
-             ("pretrain_t2v.py", "i2v", "is the I2V (inpainting) DiT: train it with pretrain_i2v.py"),
-             ("pretrain_t2v.py", name, "diffusion.model_id = 'flow_matching'; valid for training: DDPM")]
-    for entry, json_name, message in cases:
-        result = subprocess.run([sys.executable, entry, "--mm-model", str(assets / f"{json_name}_model.json"),
-                                 "--mm-data", str(assets / f"{json_name}_data.json"), "--micro-batch-size", "1", "--lr", "1e-4",
-                                 "--train-iters", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert message in result.stderr, result.stderr[-2000:]
+    cases = [("i2v", "t2v", "pretrain_i2v.py trains 'videoditsparsei2v'"),
+             ("t2v", "i2v", "is the I2V (inpainting) DiT: train it with pretrain_i2v.py"),
+             ("t2v", name, "diffusion.model_id = 'flow_matching'; valid for training: DDPM")]
+    for task, json_name, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            pretrain(["--mm-model", str(assets / f"{json_name}_model.json"), "--mm-data",
+                      str(assets / f"{json_name}_data.json"), "--micro-batch-size", "1", "--lr", "1e-4",
+                      "--train-iters", "1"], task=task)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, err[-2000:]
+        assert message in err, err[-2000:]
 
 
-def test_load_without_a_checkpoint_is_refused_unless_it_is_the_save_directory(assets, tmp_path):
+def test_load_without_a_checkpoint_is_refused_unless_it_is_the_save_directory(assets, tmp_path, monkeypatch,
+                                                                               capsys):
     """A wrong --load (e.g. a relative path from another directory) must not train from random weights."""
-    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    base = [sys.executable, "pretrain_t2v.py", "--mm-model", str(assets / "t2v_model.json"), "--mm-data",
-            str(assets / "t2v_data.json"), "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "1"]
+    from mm.training.pretrain import pretrain
+
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = ["--mm-model", str(assets / "t2v_model.json"), "--mm-data", str(assets / "t2v_data.json"),
+             "--micro-batch-size", "1", "--lr", "1e-4", "--train-iters", "1"]
+    base = [sys.executable, "pretrain_t2v.py", *flags]
     wrong = tmp_path / "mm_ckpt" / "nothing-here"
-    result = subprocess.run([*base, "--load", str(wrong)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"--load {wrong}: no checkpoint there" in result.stderr
+    with pytest.raises(SystemExit) as stop:  # in-process: refused before any process group
+        pretrain([*flags, "--load", str(wrong)], task="t2v")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err[-2000:]
+    assert f"--load {wrong}: no checkpoint there" in err
     # the first launch of a resumable run (--load = --save) starts from scratch and saves
     result = subprocess.run([*base, "--load", str(wrong), "--save", str(wrong), "--num-workers", "0"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,71 @@
+"""CoreAttention without context parallelism: torch's SDPA for the kernels it can dispatch to, mm's
+kernel interface (forward + backward with the log-sum-exp) for one it cannot (flash3 on Hopper)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.dist_helper import run_distributed
+
+
+def _attend(rank, world, kernel_name, sdpa_reachable):
+    from mm.accelerator import attention_kernels as ak
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from mm.parallel.attention import CoreAttention
+
+    calls = []
+
+    class Recording(ak.MathAttention):  # the math kernel, made to look like one SDPA cannot reach
+        name = kernel_name
+        torch_sdpa = sdpa_reachable
+
+        def forward(self, q, k, v, scale):
+            calls.append("forward")
+            return super().forward(q, k, v, scale)
+
+        def backward(self, dout, q, k, v, out, lse, scale):
+            calls.append("backward")
+            return super().backward(dout, q, k, v, out, lse, scale)
+
+    ak.KERNELS[kernel_name] = Recording
+    original = ak.kernels_for
+    ak.kernels_for = lambda accelerator: [kernel_name, *original(accelerator)]
+    try:
+        initialize_parallel(ParallelSizes(world_size=1), seed=0, attention_kernel=kernel_name)
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(20, 2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = CoreAttention()(q, k, v)
+        out.square().sum().backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        return out.detach(), grads, calls
+    finally:
+        ak.kernels_for = original
+        del ak.KERNELS[kernel_name]
+        destroy_parallel()
+
+
+def _sdpa_reference():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(20, 2, 3, 16, generator=g, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_()
+               for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out.square().sum().backward()
+    return out.detach().permute(2, 0, 1, 3).reshape(20, 2, -1), [t.grad.permute(2, 0, 1, 3) for t in (q, k, v)]
+
+
+def test_a_kernel_sdpa_cannot_reach_runs_through_its_forward_and_backward():
+    ((out, grads, calls),) = run_distributed(1, _attend, "outside_sdpa", False)
+    ref_out, ref_grads = _sdpa_reference()
+    assert calls == ["forward", "backward"]
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_kernels_sdpa_reaches_leave_the_choice_to_sdpa():
+    ((out, grads, calls),) = run_distributed(1, _attend, "inside_sdpa", True)
+    ref_out, ref_grads = _sdpa_reference()
+    assert calls == []
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
