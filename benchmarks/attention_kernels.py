@@ -2,8 +2,9 @@
 
     python benchmarks/attention_kernels.py --tokens 32760 --heads 12 --head-dim 128
 
-bf16, batch 1, no mask; every kernel mm has on CUDA here (flash3 where flash-attention 3 is installed). FLOPs: forward 4 * s^2 * d * heads, forward+backward 3.5x that (the
-backward recomputes the scores). Median over --repeats after a warm-up, timed with CUDA events.
+bf16, batch 1, no mask; every kernel mm has on CUDA here (flash3 where flash-attention 3 is
+installed). FLOPs: forward 4 * s^2 * d * heads, forward+backward 3.5x that (the backward recomputes
+the scores). Median over --repeats after a warm-up, timed with CUDA events.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
 (full recompute of the first N layers), ``core_attn``, ``mlp``, ``core_attn+mlp`` (selective,
 ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
-block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer`` makes each training step a whole one: mm's model in megatron-core's DDP
+block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer``
+makes each training step a whole one: mm's model in megatron-core's DDP
 (fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
 (``mm.training.pretrain.wrap_for_training``: Adam, --clip-grad 1.0, bf16 with fp32 main params),
 gradients finalized as megatron's schedules do; diffusers with torch's fused AdamW and

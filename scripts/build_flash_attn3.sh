@@ -10,7 +10,8 @@
 set -euo pipefail
 src=${1:?usage: $0 FLASH_ATTENTION_CHECKOUT [--all]}
 [ -f "$src/hopper/setup.py" ] || { echo "$src/hopper/setup.py not found: not a flash-attention checkout" >&2; exit 2; }
-[ -d "$src/csrc/cutlass/include/cute" ] || { echo "$src/csrc/cutlass has no CUTLASS headers: git submodule update --init csrc/cutlass" >&2; exit 2; }
+[ -d "$src/csrc/cutlass/include/cute" ] || {
+  echo "$src/csrc/cutlass has no CUTLASS headers: git submodule update --init csrc/cutlass" >&2; exit 2; }
 if [ "${2:-}" != "--all" ]; then
   for f in SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 FP8 VARLEN CLUSTER HDIM64 HDIM96 HDIM192 HDIM256 SM80 \
            HDIMDIFF64 HDIMDIFF192; do

@@ -32,7 +32,8 @@ class MathAttention:
     """Reference kernel in plain PyTorch: materialises the score matrix, so for tests and CPUs."""
 
     name = "math"
-    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
+    # torch's SDPA dispatches to this kernel (or one of the same math): CoreAttention leaves it the choice
+    torch_sdpa = True
 
     def forward(self, q, k, v, scale: float):
         dt = compute_dtype(q)
@@ -58,7 +59,7 @@ class FlashAttention:
     """torch's flash-attention SDPA kernel (CUDA, fp16/bf16)."""
 
     name = "flash"
-    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
+    torch_sdpa = True
 
     def forward(self, q, k, v, scale: float):
         out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
@@ -79,7 +80,7 @@ class CudnnAttention:
     """torch's cuDNN SDPA kernel (CUDA, fp16/bf16); the fastest at DiT sequence lengths on H100."""
 
     name = "cudnn"
-    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
+    torch_sdpa = True
 
     def forward(self, q, k, v, scale: float):
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -129,7 +130,7 @@ class NpuFusionAttention:
     """Ascend's fused attention through torch_npu, BNSD layout (not yet run on hardware here)."""
 
     name = "npu_fusion_attention"
-    torch_sdpa = True  # torch's SDPA dispatches to it (or to a kernel of the same math)
+    torch_sdpa = True
 
     def forward(self, q, k, v, scale: float):
         import torch_npu

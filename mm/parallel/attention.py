@@ -5,10 +5,10 @@ Layers call ``CoreAttention`` with ``[s, b, n, d]`` query/key/value (``n`` = hea
 and get ``[s, b, n * d]`` back. Without context parallelism (or for cross-attention, whose keys
 are the whole text on every rank) it is one kernel call: torch's SDPA, which picks its fastest
 kernel, unless --attention-kernel names (or ``auto`` finds) one SDPA cannot reach (flash3). With
-``context_parallel=True`` and CP > 1 the queries, keys and values are this rank's shard of the sequence, and the run's
---context-parallel-algo decides how the other shards are reached (mm.parallel.context_parallel).
-``valid_tokens`` is the unpadded global sequence length when the sequence was padded to a
-multiple of CP: padded keys then take no part.
+``context_parallel=True`` and CP > 1 the queries, keys and values are this rank's shard of the
+sequence, and the run's --context-parallel-algo decides how the other shards are reached
+(mm.parallel.context_parallel). ``valid_tokens`` is the unpadded global sequence length when the
+sequence was padded to a multiple of CP: padded keys then take no part.
 """
 
 from __future__ import annotations
