@@ -21,7 +21,7 @@ import torch
 
 from mm.accelerator import init_distributed, read_launch_env, select_accelerator
 from mm.arguments.flags import CP_ALGOS
-from mm.models.predictor import build_predictor, predictor_config
+from mm.families import build_predictor, predictor_config
 from mm.parallel import ParallelSizes, initialize_parallel
 
 

@@ -66,7 +66,7 @@ def make_assets(root: Path, predictor_json: Path) -> None:
 
     from checkpoint.wan import diffusers_config
     from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
-    from mm.models.predictor import predictor_config
+    from mm.families import predictor_config
     from mm.models.text_encoder.tiny import save_tiny_text_encoder
 
     pred = json.loads(predictor_json.read_text())["predictor"]

@@ -40,7 +40,7 @@ import torch
 from mm.accelerator import init_distributed, select_accelerator
 from mm.accelerator.attention_kernels import KERNEL_CHOICES
 from mm.arguments.flags import parse_flags
-from mm.models.predictor import build_predictor, predictor_config
+from mm.families import build_predictor, predictor_config
 from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 from mm.training.pretrain import wrap_for_training
 

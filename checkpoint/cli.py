@@ -6,10 +6,13 @@ import sys
 from typing import Sequence
 
 from checkpoint.config import ConvertError
-from checkpoint.opensoraplan import OpenSoraPlanConverter
-from checkpoint.wan import WanConverter
+from mm.families import families
 
-CONVERTERS = {"WanConverter": WanConverter, "OpenSoraPlanConverter": OpenSoraPlanConverter}
+
+def converters() -> dict[str, type]:
+    """Every registered family's converter, by class name (``mm-convert <name> ...``)."""
+    found = [spec.converter() for spec in families() if spec.converter is not None]
+    return {cls.__name__: cls for cls in found}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -17,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        CLI(CONVERTERS, args=argv, prog="mm-convert", as_positional=False,
+        CLI(converters(), args=argv, prog="mm-convert", as_positional=False,
             description="Convert DiT (and VAE) weights between HuggingFace-side releases and mm's TP/PP/VPP "
                         "checkpoints.")
     except ConvertError as e:

@@ -210,10 +210,23 @@ class DataConfig:
     data_folder: str | None = None
     data_storage_mode: str = "combine"
     preprocess: dict[str, Any] = field(default_factory=dict)  # interpreted by mm.data
-    tokenizer: dict[str, Any] = field(default_factory=dict)
+    # tokenizer_config: one per text encoder, in order (a JSON object, or a list of them)
+    tokenizers: list[dict[str, Any]] = field(default_factory=list)
     dataloader: dict[str, Any] = field(default_factory=dict)
     use_text_processer: bool = True
     masks: dict[str, Any] = field(default_factory=dict)  # MASK_KEYS given in dataset_param
+
+
+def _tokenizers(ds: _Reader) -> list[dict[str, Any]]:
+    value = ds.get("tokenizer_config", (dict, list))
+    if value is None:
+        return []
+    items = [value] if isinstance(value, dict) else value
+    if not all(isinstance(item, dict) for item in items):
+        ds.problems.append(f"{ds.key('tokenizer_config')} = {value!r}: expected a JSON object, or a list of them (one "
+                           "per text encoder)")
+        return []
+    return items
 
 
 def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> DataConfig | None:
@@ -240,7 +253,7 @@ def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> D
         data_folder=data_folder,
         data_storage_mode=mode,
         preprocess=ds.get("preprocess_parameters", dict, default={}),
-        tokenizer=ds.get("tokenizer_config", dict, default={}),
+        tokenizers=_tokenizers(ds),
         use_text_processer=ds.get("use_text_processer", bool, default=True),
         dataloader=dataloader,
         masks={key: ds.data.pop(key) for key in MASK_KEYS if key in ds.data},

@@ -158,16 +158,18 @@ def aesthetic_caption(caption: str, score: float) -> str:
 
 class VideoDataset(torch.utils.data.Dataset):
     """Item ``i``: ``{"video": [3, T, H, W] in [-1, 1], "caption", "bucket", "path", "skipped"}`` (plus
-    ``input_ids``/``attention_mask`` with a tokenizer, and ``condition_frames [3, n, H, W]`` for I2V
+    the caption's tokens for each tokenizer (``token_keys``: ``input_ids``/``attention_mask`` of the
+    first, ``input_ids_2``/``attention_mask_2`` of the second, ...), and ``condition_frames [3, n, H, W]`` for I2V
     (first frame) and FLF2V (first and last)). ``buckets[item["bucket"]]`` is its (frames, height,
     width). Images are 1-frame samples; with listed buckets they need a 1-frame bucket, without one
     they are left out when the dataset is built. Every sample left out at build time is counted by
     reason in ``dropped``. A bad sample is replaced by another of the same bucket; what was skipped,
     and why, travels in ``skipped``."""
 
-    def __init__(self, samples: list[Sample], config: VideoDataConfig, tokenizer=None, max_length: int = 512,
+    def __init__(self, samples: list[Sample], config: VideoDataConfig, tokenizers: list | None = None,
                  epoch: int = 0):
-        self.samples, self.config, self.tokenizer, self.max_length = samples, config, tokenizer, max_length
+        """``tokenizers``: (tokenizer, max_length) pairs, one per text encoder."""
+        self.samples, self.config, self.tokenizers = samples, config, list(tokenizers or [])
         self.reader = resolve_reader(config.video_reader_type)
         self.epoch = epoch
         self.dropped: Counter = Counter()
@@ -268,10 +270,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 "path": sample.path}
         if self.config.dataset_type in CONDITION_FRAMES:
             item["condition_frames"] = item["video"][:, list(CONDITION_FRAMES[self.config.dataset_type])]
-        if self.tokenizer is not None:
-            tok = self.tokenizer(caption, padding="max_length", max_length=self.max_length, truncation=True,
-                                 return_tensors="pt")
-            item["input_ids"], item["attention_mask"] = tok.input_ids[0], tok.attention_mask[0]
+        for (tokenizer, max_length), (ids_key, mask_key) in zip(self.tokenizers, token_keys(len(self.tokenizers))):
+            tok = tokenizer(caption, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+            item[ids_key], item[mask_key] = tok.input_ids[0], tok.attention_mask[0]
         return item
 
     def __getitem__(self, index: int) -> dict:
@@ -313,7 +314,13 @@ def collate(items: list[dict]) -> dict:
            "skipped": [s for i in items for s in i["skipped"]]}
     if "condition_frames" in items[0]:
         out["condition_frames"] = torch.stack([i["condition_frames"] for i in items])
-    if "input_ids" in items[0]:
-        out["input_ids"] = torch.stack([i["input_ids"] for i in items])
-        out["attention_mask"] = torch.stack([i["attention_mask"] for i in items])
+    for key in items[0]:
+        if key.startswith(("input_ids", "attention_mask")):
+            out[key] = torch.stack([i[key] for i in items])
     return out
+
+
+def token_keys(count: int) -> list[tuple[str, str]]:
+    """The batch keys of the caption's tokens for ``count`` tokenizers: ``(input_ids, attention_mask)``,
+    then ``(input_ids_2, attention_mask_2)``, ..."""
+    return [("input_ids", "attention_mask")] + [(f"input_ids_{k}", f"attention_mask_{k}") for k in range(2, count + 1)]

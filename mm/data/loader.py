@@ -1,4 +1,4 @@
-"""The training data loader from a validated data JSON: samples, buckets, tokenizer, sampler."""
+"""The training data loader from a validated data JSON: samples, buckets, tokenizers, sampler."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_paralle
     samples, dropped = read_data_txt(data.data_path)
     if dropped and data_parallel_rank == 0:
         logger.warning("data: %d annotation entries left out at start-up (%s)", sum(dropped.values()), dict(dropped))
-    tokenizer, max_length = None, 512
-    if data.use_text_processer and data.tokenizer.get("from_pretrained"):
+    tokenizers = []  # (tokenizer, max_length) of each text encoder
+    if data.use_text_processer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer["from_pretrained"])
-        max_length = int(data.tokenizer.get("model_max_length", 512))
-    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizer, max_length)
+        tokenizers = [(AutoTokenizer.from_pretrained(t["from_pretrained"]), int(t.get("model_max_length", 512)))
+                      for t in data.tokenizers if t.get("from_pretrained")]
+    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizers)
     if dataset.dropped and data_parallel_rank == 0:
         logger.warning("data: %s", dict(dataset.dropped))
     sampler = BucketSampler(dataset.bucket_of, micro_batch_size, data_parallel_rank, data_parallel_size,

@@ -27,7 +27,7 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   Phantom subject-to-video, for every prompt (a list of paths, or Phantom's one comma-separated
   string) or a list of such lists, one per prompt; guided by ``guidance_scale_img``
   (``sample_guide_scale_img``, 5) and ``guidance_scale_text`` (``sample_guide_scale_text``, 7.5) as
-  ``mm.inference.subject`` describes (``guidance_scale`` is not used by s2v, as in Phantom).
+  ``mm.families.wan.subject`` describes (``guidance_scale`` is not used by s2v, as in Phantom).
 - ``ulysses_size``, ``ring_size`` (seed 000's Wan/Phantom names): context parallelism of
   ulysses_size x ring_size ranks (mapped onto --context-parallel-size / -algo /
   --ulysses-degree-in-cp by ``mm.arguments`` before anything starts).

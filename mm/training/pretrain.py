@@ -3,8 +3,9 @@
 TP, SP, CP (every algorithm), PP/VPP, DP with megatron-core's DDP and (optionally) distributed
 optimizer, recompute, bf16/fp16, the LR schedule, frozen VAE and text encoder on stage 0 (with
 VAE-CP, encoder-DP and interleaved offload from the model JSON), checkpoints, EMA and megatron-style
-iteration logs. What is family-specific (objective, conditioning, weight names, FLOPs) is the
-recipe of ``mm.training.recipes``: Wan's flow matching, Open-Sora-Plan v1.3's DDPM.
+iteration logs. What is family-specific (the DiT, its weights, its encoders, the objective,
+conditioning and FLOPs) is the family's spec (``mm.families``): its recipe, e.g. Wan's flow matching
+or Open-Sora-Plan v1.3's DDPM.
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from mm.accelerator import destroy_distributed
-from mm.data.dataset import SkipCounter
+from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
-from mm.models.ae import load_vae
+from mm.families import family_for
+from mm.families.spec import TRAINING_ENTRY_POINTS as TASKS
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
-from mm.models.predictor import build_predictor, predictor_config
-from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.image_encoder import ClipImageEncoder
+from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.wan import read_weights
-from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
@@ -40,7 +40,7 @@ from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
 from mm.training.optimizer_kernels import use_torch_kernels
-from mm.training.recipes import TASKS, check_task, recipe_for
+from mm.training.checks import check_task
 
 
 def params_dtype(args) -> torch.dtype:
@@ -75,7 +75,7 @@ def rank_last_print(*args) -> None:
         print(*args, flush=True)
 
 
-def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None) -> list[torch.nn.Module]:
+def build_model_chunks(family, pred, arch, tf_config: TransformerConfig, vpp: int | None) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual pipeline chunk, each the layers
     ``predictor.pipeline_num_layers`` gives it; the first chunk of stage 0 also embeds, the last chunk
     of the last stage holds the head."""
@@ -84,7 +84,7 @@ def build_model_chunks(pred, arch, tf_config: TransformerConfig, vpp: int | None
     chunks = []
     for chunk in range(len(layout)):
         offset, count = stage_span(layout, stage, chunk)
-        chunks.append(build_predictor(
+        chunks.append(family.build_predictor(
             pred.model_id, arch, tf_config, pre_process=stage == 0 and chunk == 0,
             post_process=stage == pp - 1 and chunk == len(layout) - 1, layer_offset=offset, num_layers=count))
     return chunks
@@ -119,18 +119,19 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     acc = runtime.accelerator
     device, dtype = acc.device(), params_dtype(args)
     pred = cfg.model.predictor
-    arch = predictor_config(pred.model_id, pred.params, pred.num_layers, pred.num_heads)
-    recipe = recipe_for(pred.model_id)(args, cfg, arch)
+    family = family_for(pred.model_id)
+    arch = family.arch(pred)
+    recipe = family.recipe(args, cfg, arch)
     vpp = cfg.virtual_pipeline_size
     tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
-    chunks = build_model_chunks(pred, arch, tf_config, vpp)
+    chunks = build_model_chunks(family, pred, arch, tf_config, vpp)
     if args.compile_dit_blocks:
         for chunk in chunks:
             chunk.compile_blocks()
     if pred.from_pretrained:  # full release weights: this stage's layers, split for this TP rank
         source = read_weights(pred.from_pretrained)
         for chunk in chunks:
-            recipe.load_weights(chunk, source, args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank())
+            family.load_weights(chunk, source, args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank())
         del source
     model, optimizer = wrap_for_training(chunks, tf_config, args, acc)
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
@@ -161,22 +162,21 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     skips = SkipCounter()
     batches = None
     if first_stage:  # stage 0 holds the frozen encoders and reads the data (seed 003's layout)
-        vae = load_vae(cfg.model.ae, dtype).to(device)
-        text = cfg.model.text_encoder[0]
-        text_encoder = TextEncoder(text.model_id, text.from_pretrained, text.dtype or "fp32",
-                                   max_length=int(cfg.data.tokenizer.get("model_max_length", 512)),
-                                   zero_padding=recipe.text_zero_padding).to(device)
+        vae = family.build_vae(cfg.model.ae, dtype).to(device)
+        text_encoders = [family.text_encoders(text, int(tokenizer.get("model_max_length", 512)),
+                                              recipe.text_zero_padding).to(device)
+                         for text, tokenizer in zip(cfg.model.text_encoder, cfg.data.tokenizers)]
         image_encoder = None
-        if recipe.uses_clip:
+        if recipe.uses_image_encoder:
             image = cfg.model.image_encoder
             image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, consumed_samples=consumed,
                                            num_workers=args.num_workers, seed=args.seed,
                                            pin_memory=not acc.is_cpu)
-        encode = _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype, args.seed,
+        encode = _batch_encoder(cfg, recipe, vae, text_encoders, image_encoder, device, dtype, args.seed,
                                 first_batch=start_iteration * num_micro)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
-        offload = InterleavedEncoderOffload([e for e in (vae, text_encoder, image_encoder) if e is not None],
+        offload = InterleavedEncoderOffload([e for e in (vae, *text_encoders, image_encoder) if e is not None],
                                             cfg.model.encoder_offload_interval, device)
         batches = offload.iterate(loader, encode)
     # noise and timestep of each sample from a seed of (run seed, iteration, the sample's place in the
@@ -296,8 +296,9 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     return losses
 
 
-def _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype, seed: int, first_batch: int = 0):
-    """batch -> {latents, context, context_mask, condition, context_image, skipped}: the frozen encoders,
+def _batch_encoder(cfg, recipe, vae, text_encoders, image_encoder, device, dtype, seed: int, first_batch: int = 0):
+    """batch -> {latents, context, context_mask, condition, context_image, skipped}: the frozen encoders
+    (``context`` / ``context_mask``: one embedding and mask per text encoder, in order),
     with VAE-CP (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for
     them; the recipe encodes its condition. ``seeds`` (one per sample, from the run seed, the number of
     batches this rank encoded since the run began, resumes included, and the sample's file) drive random
@@ -308,8 +309,6 @@ def _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype,
     def encode_video(video):
         return vae.normalize(vae.encode(video, vae_cp=vae_cp)[0])
 
-    def encode_text(ids, mask):
-        return text_encoder.encode(ids, mask).to(dtype)
 
     def encode_dp(fn, *tensors):
         return encode_data_parallel(fn, *tensors, group=group)
@@ -319,15 +318,17 @@ def _batch_encoder(cfg, recipe, vae, text_encoder, image_encoder, device, dtype,
     @torch.no_grad()
     def encode(batch):
         video = batch["video"].to(device, dtype, non_blocking=True)
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
+        tokens = [(batch[ids_key].to(device, non_blocking=True), batch[mask_key].to(device, non_blocking=True))
+                  for ids_key, mask_key in token_keys(len(text_encoders))]
         batch = dict(batch, seeds=torch.tensor(
             [((seed * 1_000_003 + encoded["batches"]) * 1_000_003 + zlib.crc32(path.encode())) % (1 << 62)
              for path in batch["path"]], dtype=torch.int64))
         encoded["batches"] += 1
         condition, context_image = recipe.encode_condition(vae, batch, video, vae_cp, image_encoder, encode_dp, dtype)
-        return {"latents": encode_dp(encode_video, video), "context": encode_dp(encode_text, ids, mask),
-                "context_mask": mask, "skipped": batch["skipped"], "condition": condition,
+        contexts = [encode_dp(lambda i, m, enc=encoder: enc.encode(i, m).to(dtype), ids, mask)
+                    for encoder, (ids, mask) in zip(text_encoders, tokens)]
+        return {"latents": encode_dp(encode_video, video), "context": contexts,
+                "context_mask": [mask for _, mask in tokens], "skipped": batch["skipped"], "condition": condition,
                 "context_image": context_image}
 
     return encode

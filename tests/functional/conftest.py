@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tests.dist_helper import run_distributed
 def worker(rank, world):
     from mm.parallel import ParallelSizes, initialize_parallel, destroy_parallel
-    from mm.models.predictor import build_predictor, predictor_config
+    from mm.families import build_predictor, predictor_config
     from mm.models.predictor.wan import mm_to_hf
     from mm.training.pretrain import transformer_config
     import argparse

@@ -21,7 +21,7 @@ ARCH_ONLY = ("model_id", "dtype", "num_layers", "num_heads", "pipeline_num_layer
 def _worker(rank, world, model_json):
     from megatron.core.transformer import TransformerConfig
 
-    from mm.models.predictor import build_predictor, predictor_config
+    from mm.families import build_predictor, predictor_config
     from mm.models.predictor.wan import mm_to_hf
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 

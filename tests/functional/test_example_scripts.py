@@ -67,7 +67,7 @@ def _validate(flags: list[str], world_size: int, monkeypatch):
     """mm's parser and validation on the recorded flags, reading the JSONs from the repository root;
     the placeholder weight paths are not opened (validation does not touch from_pretrained)."""
     from mm.data.dataset import VideoDataConfig
-    from mm.models.predictor import predictor_config
+    from mm.families import predictor_config
 
     monkeypatch.chdir(REPO)
     config = load_config(flags, world_size=world_size, mode="train")
@@ -202,8 +202,8 @@ def test_a_failing_torchrun_fails_the_script(launcher):
 @pytest.mark.parametrize("script", INFERENCE_SCRIPTS)
 def test_inference_script_flags_and_sampling_section_are_valid(script, launcher, monkeypatch):
     from mm.inference.config import parse_sampling
-    from mm.inference.wan import conditioning_task
-    from mm.models.predictor import predictor_config
+    from mm.families.wan.sampler import conditioning_task
+    from mm.families import predictor_config
     from mm.models.predictor.wan.conditioning import WanConditioning
 
     result, argv, env = launcher(script)
@@ -217,7 +217,7 @@ def test_inference_script_flags_and_sampling_section_are_valid(script, launcher,
     assert arch.num_heads % (config.sizes.tensor_parallel * config.sizes.ulysses_degree) == 0
     task = INFERENCE_TASKS[script]
     if pred.model_id in ("videoditsparse", "videoditsparsei2v"):  # test_opensoraplan_example_scripts.py: the rest
-        from mm.inference.wan import sampling_config
+        from mm.inference.runner import sampling_config
 
         assert sampling_config(config).task == task
         return

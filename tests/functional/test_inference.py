@@ -56,10 +56,12 @@ import sys
 
 import torch
 
-from mm.inference import wan
+from mm.families.spec import FamilySpec
+from mm.inference import runner
+from mm.models.text_encoder import TextEncoder
 
 seen = {"contexts": [], "encoded": [], "shards": []}
-build_predictor, shard_parameters, encode = wan.build_predictor, wan.shard_parameters, wan.TextEncoder.encode
+build_predictor, shard_parameters, encode = FamilySpec.build_predictor, runner.shard_parameters, TextEncoder.encode
 
 
 def spied_build_predictor(*args, **kwargs):
@@ -83,10 +85,10 @@ def spied_shard_parameters(module, group, device_type):
     return held
 
 
-wan.build_predictor, wan.shard_parameters, wan.TextEncoder.encode = \
+FamilySpec.build_predictor, runner.shard_parameters, TextEncoder.encode = \
     spied_build_predictor, spied_shard_parameters, spied_encode
 rank = os.environ["RANK"]
-wan.inference(sys.argv[2:])
+runner.inference(sys.argv[2:])
 torch.save(seen, os.path.join(sys.argv[1], f"rank{rank}.pt"))
 """
 

@@ -66,7 +66,7 @@ def _train_config(flags: list[str], world_size: int, task: str, monkeypatch):
     """The flags through mm's parser and validation, the data JSON through the dataset's parser, and the
     entry point's own check; the placeholder weight paths are not opened."""
     from mm.data.dataset import VideoDataConfig
-    from mm.training.recipes import check_task
+    from mm.training.checks import check_task
 
     monkeypatch.chdir(REPO)
     config = load_config(flags, world_size=world_size, mode="train")
@@ -123,7 +123,7 @@ def test_pretrain_defaults_pass_the_parser_validation_and_the_task_check(script,
     # the JSONs: the guide's default data JSON (dynamic resolution) and the converted VAE
     assert data.path.endswith(f"{task}/data_dynamic_resolution.json") and data.dataset_type == task
     assert Path(REPO, data.data_path).is_file()
-    assert data.tokenizer == {"from_pretrained": "./weights/google/mt5-xxl", "model_max_length": 512}
+    assert data.tokenizers == [{"from_pretrained": "./weights/google/mt5-xxl", "model_max_length": 512}]
     assert video.per_sample.max_hxw == 225280 and video.per_sample.force_size is None
     assert (video.per_sample.num_frames, video.per_sample.min_num_frames, video.cfg) == (93, 29, 0.1)
     assert model.predictor.model_id == model_id and model.predictor.from_pretrained is None
@@ -194,8 +194,8 @@ def test_pretrain_pipeline_parallel_needs_pipeline_num_layers(script, launcher, 
 
 @pytest.mark.parametrize("script", sorted(INFERENCE))
 def test_inference_flags_and_sampling_are_valid(script, launcher, monkeypatch):
-    from mm.inference import opensoraplan
-    from mm.inference.wan import sampling_config
+    from mm.families.opensoraplan import sampler as opensoraplan
+    from mm.inference.runner import sampling_config
 
     task, prompts = INFERENCE[script]
     _, own, entry, flags = launcher(script)

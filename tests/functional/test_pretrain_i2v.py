@@ -167,7 +167,7 @@ def test_image_to_video_sampling(assets, tmp_path, variant, task):
     assert latents[0].shape == (1, Z, 3, 8, 8)
     torch.testing.assert_close(latents[1], latents[0], rtol=1e-4, atol=1e-4)
     if variant == "wan22_ti2v":
-        from mm.inference.wan import load_condition_frames
+        from mm.data.images import load_condition_frames
         from mm.models.ae import load_wan_vae
         from mm.models.predictor.wan.conditioning import ti2v_image_latents
 

@@ -80,10 +80,11 @@ import sys
 
 import torch
 
-from mm.inference import wan
+from mm.families.spec import FamilySpec
+from mm.inference import runner
 
 seen = {"dit_bytes": 0, "at_forward": []}
-build_predictor = wan.build_predictor
+build_predictor = FamilySpec.build_predictor
 
 
 def spied_build_predictor(*args, **kwargs):
@@ -93,8 +94,8 @@ def spied_build_predictor(*args, **kwargs):
     return model
 
 
-wan.build_predictor = spied_build_predictor
-wan.inference(sys.argv[2:])
+FamilySpec.build_predictor = spied_build_predictor
+runner.inference(sys.argv[2:])
 seen["peak"] = torch.cuda.max_memory_allocated()
 torch.save(seen, os.path.join(sys.argv[1], "seen.pt"))
 """

@@ -122,7 +122,7 @@ def test_mindspeed_names_convert_to_the_same_checkpoint(tmp_path):
 
 
 def _arch(variant: str):
-    from mm.models.predictor import predictor_config
+    from mm.families import predictor_config
 
     meta = _golden()
     tiny = meta["tiny_config"]
@@ -142,7 +142,7 @@ def _load_worker(rank, world, directory, variant, tp, pp_layers):
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer import TransformerConfig
 
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import load_reference_weights
     from mm.models.predictor.pipeline import layer_layout, stage_span
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel

@@ -31,7 +31,7 @@ def _tiny_assets(root, kwargs, vae: dict) -> None:
 
 def _mm_worker(rank, world, mm_dir, text_dir, kwargs, solver):
     from mm.inference.config import SamplingConfig
-    from mm.inference.wan import denoise
+    from mm.families.wan.sampler import denoise
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
@@ -87,7 +87,8 @@ def test_latents_equal_diffusers_wan_pipeline(tmp_path, solver):
 
 def _mm_i2v_worker(rank, world, root, kwargs, task, height=HEIGHT, width=WIDTH):
     from mm.inference.config import SamplingConfig
-    from mm.inference.wan import denoise, load_condition_frames
+    from mm.data.images import load_condition_frames
+    from mm.families.wan.sampler import denoise
     from mm.models.ae import load_wan_vae
     from mm.models.image_encoder import ClipImageEncoder
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
@@ -172,7 +173,7 @@ def test_image_to_video_latents_equal_diffusers(tmp_path, task):
 
 def _mm_experts_worker(rank, world, root, kwargs, boundary, guidance_2):
     from mm.inference.config import SamplingConfig
-    from mm.inference.wan import denoise
+    from mm.families.wan.sampler import denoise
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
@@ -269,8 +270,8 @@ def test_ti2v_latents_equal_diffusers_expand_timesteps(tmp_path, task):
 
 def _mm_phantom_worker(rank, world, root, kwargs, paths, scales):
     from mm.inference.config import SamplingConfig
-    from mm.inference.subject import load_reference_images, reference_latents
-    from mm.inference.wan import denoise
+    from mm.families.wan.subject import load_reference_images, reference_latents
+    from mm.families.wan.sampler import denoise
     from mm.models.ae import load_wan_vae
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder

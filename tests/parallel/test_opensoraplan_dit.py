@@ -23,7 +23,7 @@ TEXT_LEN = 7
 
 
 def _config(params: dict, i2v: bool = False):
-    from mm.models.predictor import predictor_config
+    from mm.families import predictor_config
 
     params = dict(params)
     return predictor_config("videoditsparsei2v" if i2v else "videoditsparse", params, params.pop("num_layers"),
@@ -116,7 +116,7 @@ def test_sparse_fold_matches_the_reference_grouping():
 
 
 def _count_worker(rank, world, params_by_id):
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1))
@@ -165,7 +165,7 @@ def test_config_errors_name_the_key(change, message):
 
 
 def test_model_id_is_checked():
-    from mm.models.predictor import predictor_config
+    from mm.families import predictor_config
 
     with pytest.raises(ValueError, match="predictor.model_id = 'videodit'; valid: .*videoditsparse, videoditsparsei2v"):
         predictor_config("videodit", {}, 1, 1)
@@ -325,7 +325,7 @@ def _stages_worker(rank, world, pipeline_num_layers, vpp, i2v, source):
     them) and run one chunk after the other through the stage messages, against the whole model.
     megatron-core's schedules moving the messages between processes are tested in
     test_megatron_on_cpu.py and by the functional training tests."""
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import load_reference_weights, mm_to_hf
     from mm.models.predictor.pipeline import layer_layout, stage_span
     from mm.models.predictor.wan.weights import global_name
@@ -409,7 +409,7 @@ def _save_worker(rank, world, path, source):
 def _load_worker(rank, world, path):
     from megatron.core import dist_checkpointing
 
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import mm_to_hf
     from mm.models.predictor.wan.weights import global_name
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
@@ -457,7 +457,7 @@ def _schedule_worker(rank, world, pipeline_num_layers, vpp, source):
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import load_reference_weights, mm_to_hf
     from mm.models.predictor.pipeline import layer_layout, stage_span
     from mm.models.predictor.wan.weights import global_name

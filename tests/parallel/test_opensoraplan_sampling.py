@@ -1,4 +1,4 @@
-"""Open-Sora-Plan v1.3 sampling (``mm.inference.opensoraplan.denoise``) against the reference's
+"""Open-Sora-Plan v1.3 sampling (``mm.families.opensoraplan.sampler.denoise``) against the reference's
 pipeline loop written on diffusers' schedulers (the reference's own choice): the same latents for the
 same DiT, prompt embeddings, seed and scheduler, with and without classifier-free guidance; and
 CFG-parallel on two gloo ranks against one process."""
@@ -58,7 +58,7 @@ def _reference_loop(dit, osp, method: str, guidance: float):
 
 def _worker(rank, world, method, guidance, cfg_parallel):
     from mm.diffusion.ddpm_samplers import DDPMSamplerConfig
-    from mm.inference.opensoraplan import denoise
+    from mm.families.opensoraplan.sampler import denoise
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=world), seed=0)

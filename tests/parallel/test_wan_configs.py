@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mm.arguments import load_config
-from mm.models.predictor import predictor_config
+from mm.families import predictor_config
 from tests.dist_helper import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def _diffusers_count(arch) -> int:
 def _mm_counts(rank, world, paths):
     from megatron.core.transformer import TransformerConfig
 
-    from mm.models.predictor import build_predictor
+    from mm.families import build_predictor
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1))

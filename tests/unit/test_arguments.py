@@ -341,7 +341,7 @@ def test_timestep_boundaries_checked(tmp_path):
     msg = _problems(tmp_path, flags=["--min-timestep-boundary", "0.9", "--max-timestep-boundary", "0.5"])
     assert "--min-timestep-boundary 0.9 must be below --max-timestep-boundary 0.5" in msg
     cfg = _load(tmp_path, flags=["--min-timestep-boundary", "0.9", "--max-timestep-boundary", "1"])
-    from mm.training.recipes import flow_matching_config
+    from mm.families.wan.recipe import flow_matching_config
 
     flow = flow_matching_config(cfg.args, None)
     assert (flow.min_timestep, flow.max_timestep) == (900.0, 1000.0)

@@ -58,7 +58,7 @@ VARIANTS = ["t2v", "i2v", "flf2v", "ti2v_per_token"]
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_and_backward_flops_equal_flop_counter(variant):
     from mm.models.predictor.wan import WanDiTConfig
-    from mm.training.flops import wan_forward_flops, wan_training_flops
+    from mm.families.wan.flops import wan_forward_flops, wan_training_flops
 
     ((kwargs, image_len, fwd, bwd),) = run_distributed(1, _measure, variant, None)
     config = WanDiTConfig(**kwargs)
@@ -79,7 +79,7 @@ def test_forward_and_backward_flops_equal_flop_counter(variant):
 @pytest.mark.parametrize("recompute", ["full", "block", "selective"])
 def test_recompute_adds_the_recomputed_forward(recompute):
     from mm.models.predictor.wan import WanDiTConfig
-    from mm.training.flops import wan_forward_flops, wan_training_flops
+    from mm.families.wan.flops import wan_forward_flops, wan_training_flops
 
     ((kwargs, _, fwd, bwd),) = run_distributed(1, _measure, "t2v", recompute)
     config = WanDiTConfig(**kwargs)
@@ -97,7 +97,8 @@ def test_recompute_adds_the_recomputed_forward(recompute):
 def test_wan21_1_3b_worked_example_of_docs():
     """The numbers docs/flops.md works out for Wan2.1-1.3B at 81 x 480 x 832 (latent 21 x 60 x 104)."""
     from mm.models.predictor.wan import WanDiTConfig
-    from mm.training.flops import tflops_per_device, wan_forward_flops, wan_training_flops
+    from mm.families.wan.flops import wan_forward_flops, wan_training_flops
+    from mm.training.flops import tflops_per_device
 
     config = WanDiTConfig(num_layers=30, num_heads=12, hidden_size=1536, ffn_dim=8960)
     parts = wan_forward_flops(config, 21, 60, 104, 512)
@@ -113,7 +114,8 @@ def test_wan21_1_3b_worked_example_of_docs():
 
 def test_bad_shapes_name_what_is_wrong():
     from mm.models.predictor.wan import WanDiTConfig
-    from mm.training.flops import tflops_per_device, wan_forward_flops, wan_training_flops
+    from mm.families.wan.flops import wan_forward_flops, wan_training_flops
+    from mm.training.flops import tflops_per_device
 
     config = WanDiTConfig(**tiny_kwargs())
     with pytest.raises(ValueError, match=r"latent size 3x5x6.*patch_size \[1, 2, 2\]"):
@@ -160,7 +162,7 @@ OSP_SHAPE = (2, 8, 8)  # 32 tokens with patch 2: a multiple of sparse_n**2 = 16,
 @pytest.mark.parametrize("i2v", [False, True])
 def test_open_sora_plan_flops_equal_flop_counter(i2v):
     """Dense and sparse layers (TINY: layers 2 and 3 attend within 4 groups) counted like torch does."""
-    from mm.training.flops import opensoraplan_forward_flops, opensoraplan_training_flops
+    from mm.families.opensoraplan.flops import opensoraplan_forward_flops, opensoraplan_training_flops
 
     ((osp, fwd, bwd),) = run_distributed(1, _measure_open_sora_plan, i2v)
     parts = opensoraplan_forward_flops(osp, *OSP_SHAPE, TEXT_LEN, BATCH)

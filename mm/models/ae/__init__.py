@@ -24,5 +24,22 @@ def load_vae(ae, dtype: torch.dtype = torch.float32) -> WanVAE | WFVAE:
     return load_wan_vae(ae.from_pretrained, dtype)
 
 
+def vae_factors(ae) -> tuple[int, int]:
+    """(spatial, temporal) compression of the ``ae`` section's VAE, known before it is built (Wan2.1:
+    8, 4; Wan2.2's: 16, 4, from its config.json; WFVAE: 8, 4)."""
+    import json
+    from pathlib import Path
+
+    if ae.model_id not in AE_MODEL_IDS:
+        raise ValueError(f"ae.model_id = {ae.model_id!r}; valid: {', '.join(AE_MODEL_IDS)}")
+    if ae.model_id == "wfvae":
+        return WFVAEConfig.scale_factor_spatial, WFVAEConfig.scale_factor_temporal
+    path = Path(ae.from_pretrained) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"ae.from_pretrained = {ae.from_pretrained!r}: no config.json there")
+    vae = WanVAEConfig.from_json(json.loads(path.read_text()))
+    return vae.scale_factor_spatial, vae.scale_factor_temporal
+
+
 __all__ = ["AE_MODEL_IDS", "WFVAE", "WFVAEConfig", "WanVAE", "WanVAEConfig", "load_vae", "load_wan_vae", "load_wfvae",
-           "save_wan_vae", "save_wfvae", "wfvae_state_dict_from_reference"]
+           "save_wan_vae", "save_wfvae", "vae_factors", "wfvae_state_dict_from_reference"]

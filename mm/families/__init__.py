@@ -1,0 +1,81 @@
+"""The model-family registry: the one place that lists families.
+
+Built-in families are the modules of ``BUILTIN`` (each exports ``SPEC``, a ``FamilySpec``); a family
+outside mm registers through the ``mm.families`` entry-point group of its distribution
+(``[project.entry-points."mm.families"] name = "package.module:SPEC"``), which every entry point
+(``pretrain_*.py``, ``inference.py``, ``mm-convert``) loads, or in-process with ``register``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from mm.families.spec import FamilySpec, Sampler, StepInputs, Texts
+
+BUILTIN = ("mm.families.wan", "mm.families.opensoraplan")
+ENTRY_POINT_GROUP = "mm.families"
+
+_registered: dict[str, FamilySpec] = {}
+_loaded = False
+
+
+def register(spec: FamilySpec) -> None:
+    """Add a family; its ``predictor.model_id`` values must be new."""
+    if not isinstance(spec, FamilySpec):
+        raise TypeError(f"register() takes a FamilySpec, got {type(spec).__name__}")
+    taken = {m: s.name for s in _registered.values() for m in s.predictors if s.name != spec.name}
+    clash = sorted(m for m in spec.predictors if m in taken)
+    if clash:
+        raise ValueError(f"family {spec.name!r}: predictor.model_id {', '.join(clash)} already belongs to family "
+                         f"{taken[clash[0]]!r}")
+    _registered[spec.name] = spec
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN:
+        register(importlib.import_module(module).SPEC)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        spec = point.load()
+        if not isinstance(spec, FamilySpec):
+            raise TypeError(f"entry point {point.name} = {point.value!r} of group {ENTRY_POINT_GROUP!r} is a "
+                            f"{type(spec).__name__}, not a FamilySpec")
+        register(spec)
+
+
+def families() -> list[FamilySpec]:
+    _load()
+    return list(_registered.values())
+
+
+def model_ids() -> list[str]:
+    return sorted(m for spec in families() for m in spec.predictors)
+
+
+def family_for(model_id: str) -> FamilySpec:
+    """The family of ``predictor.model_id`` (ValueError naming the key and the valid values)."""
+    for spec in families():
+        if model_id in spec.predictors:
+            return spec
+    raise ValueError(f"predictor.model_id = {model_id!r}; valid: {', '.join(model_ids())}")
+
+
+def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | None, num_heads: int | None):
+    """The typed architecture config of predictor ``model_id`` from its JSON keys."""
+    config_cls = family_for(model_id).predictors[model_id][1]
+    return config_cls.from_json(dict(params, num_layers=num_layers, num_heads=num_heads))
+
+
+def build_predictor(model_id: str, arch_config: Any, config, **stage):
+    """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``);
+    ``stage``: ``pre_process``, ``post_process``, ``layer_offset``, ``num_layers`` of a pipeline stage."""
+    return family_for(model_id).build_predictor(model_id, arch_config, config, **stage)
+
+
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "Sampler", "StepInputs", "Texts", "build_predictor",
+           "families", "family_for", "model_ids", "predictor_config", "register"]

@@ -1,0 +1,26 @@
+"""The Open-Sora-Plan v1.3 family: the sparse DiT (``videoditsparse`` T2V, ``videoditsparsei2v`` I2V),
+WFVAE and mT5."""
+
+from mm.families.opensoraplan.recipe import OpenSoraPlanRecipe
+from mm.families.opensoraplan.sampler import OpenSoraPlanSampler
+from mm.families.spec import FamilySpec
+from mm.models.predictor.opensoraplan import OpenSoraPlanDiT, OpenSoraPlanDiTConfig, OpenSoraPlanI2VConfig
+
+
+def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
+    from mm.models.predictor.opensoraplan.weights import load_reference_weights
+
+    load_reference_weights(chunk, source, tp_size=tp_size, tp_rank=tp_rank)
+
+
+def _converter():
+    from checkpoint.opensoraplan import OpenSoraPlanConverter
+
+    return OpenSoraPlanConverter
+
+
+SPEC = FamilySpec(name="opensoraplan",
+                  predictors={"videoditsparse": (OpenSoraPlanDiT, OpenSoraPlanDiTConfig),
+                              "videoditsparsei2v": (OpenSoraPlanDiT, OpenSoraPlanI2VConfig)},
+                  recipe=OpenSoraPlanRecipe, sampler=OpenSoraPlanSampler, load_weights=_load_weights,
+                  ae_model_ids=("wfvae",), converter=_converter, description="Open-Sora-Plan v1.3")

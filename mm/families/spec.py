@@ -1,0 +1,202 @@
+"""What a model family is: one ``FamilySpec`` that the training loop, ``inference.py`` and
+``mm-convert`` consume, and the interfaces of the family's parts.
+
+A family folder (``mm/families/wan/``, ``mm/families/opensoraplan/``) exports one spec, built from:
+
+- ``predictors``: ``predictor.model_id`` -> (the DiT class, its architecture config class with
+  ``from_json``). The DiT subclasses ``mm.models.predictor.dit.PipelinedDiT``, so stages, token
+  sharding, recompute and the carry between pipeline stages are shared.
+- ``load_weights(chunk, source, tp_size, tp_rank)``: full release weights (a name -> tensor dict)
+  into one model chunk, this TP rank's slices (the family's weight table).
+- ``ae_model_ids``: the VAEs (``ae.model_id``) whose latents the DiT reads; ``build_vae`` and
+  ``vae_factors`` build one and tell its compression (``mm.models.ae`` by default).
+- ``text_encoders``: how each entry of the model JSON's ``text_encoder`` list is built
+  (``TextEncoderFactory``); the runner and the data loader tokenize and encode with every one and
+  hand the recipe / sampler one embedding and one mask per encoder, in order.
+- ``recipe``: a ``Recipe`` class (training: conditioning, objective, loss, FLOPs).
+- ``sampler``: a ``Sampler`` class (inference: checks, conditioning, denoise loop).
+- ``converter``: a zero-argument callable returning the family's ``mm-convert`` converter class
+  (imported only by mm-convert).
+
+The registry (``mm.families``) is the only place that lists families; shared code asks the spec
+and never branches on a family's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
+
+import torch
+
+
+TRAINING_ENTRY_POINTS = {"t2v": "pretrain_t2v.py", "i2v": "pretrain_i2v.py"}  # training task -> entry point
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch's DiT call on stage 0 and what the last stage needs for the loss."""
+
+    args: tuple  # positional DiT inputs
+    carry: torch.Tensor  # the target (and the family's loss extras), [b, c, f, h, w]
+    flops: int  # model FLOPs of forward + backward of this micro-batch
+
+
+class TextEncoderLike(Protocol):
+    """What the loops call on a text encoder (``mm.models.text_encoder.TextEncoder`` is one)."""
+
+    max_length: int
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+# (one ``text_encoder`` entry of the model JSON, the token length, whether embeddings past each
+# prompt are zeroed) -> the encoder module
+TextEncoderFactory = Callable[[Any, int, bool], torch.nn.Module]
+
+
+def default_text_encoder(component, max_length: int, zero_padding: bool) -> torch.nn.Module:
+    """A T5-family encoder from ``component.from_pretrained`` (``mm.models.text_encoder``)."""
+    from mm.models.text_encoder import TextEncoder
+
+    return TextEncoder(component.model_id, component.from_pretrained, component.dtype or "fp32",
+                       max_length=max_length, zero_padding=zero_padding)
+
+
+def default_vae(ae, dtype: torch.dtype) -> torch.nn.Module:
+    from mm.models.ae import load_vae
+
+    return load_vae(ae, dtype)
+
+
+def default_vae_factors(ae) -> tuple[int, int]:
+    from mm.models.ae import vae_factors
+
+    return vae_factors(ae)
+
+
+class Recipe(Protocol):
+    """A family's training recipe (``pretrain_t2v.py`` / ``pretrain_i2v.py``).
+
+    ``encoded`` (what ``step`` gets): ``latents [b, c, f, h, w]``, ``context`` / ``context_mask``
+    (lists, one per text encoder), ``condition`` and ``context_image`` from ``encode_condition``."""
+
+    text_zero_padding: ClassVar[bool]  # text encoders zero the embeddings past each prompt
+    uses_image_encoder: bool  # the model JSON's image_encoder is built and handed to encode_condition
+
+    @staticmethod
+    def check(task: str, config, arch) -> list[str]: ...
+
+    def encode_condition(self, vae, batch: dict, video: torch.Tensor, vae_cp, image_encoder, encode_dp,
+                         dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+    def draw(self, shape: torch.Size, noise_gen: torch.Generator, level_gen: torch.Generator, place: int,
+             global_batch: int, device) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def step(self, encoded: dict, noise: torch.Tensor, levels: torch.Tensor) -> StepInputs: ...
+
+    def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Texts:
+    """A prompt batch through every text encoder: ``embeddings[k] [n, L_k, d_k]`` and
+    ``masks[k] [n, L_k]`` of encoder k; row 0 the prompt, row 1 (if any) the negative prompt."""
+
+    embeddings: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
+    def rows(self, start: int, stop: int) -> "Texts":
+        return Texts([e[start:stop] for e in self.embeddings], [m[start:stop] for m in self.masks])
+
+
+class Sampler(Protocol):
+    """A family's sampling (``inference.py``): built once per run on every rank.
+
+    The runner owns the CLI, the process groups, building and staging the models, the prompts'
+    text encoding, the noise and the output; the sampler owns what the family adds."""
+
+    text_zero_padding: ClassVar[bool]
+
+    @staticmethod
+    def check(config, arch, section: dict) -> list[str]:
+        """Problems of the model JSON for this family before the ``inference`` section is parsed."""
+
+    @staticmethod
+    def check_sampling(config, arch, sampling, temporal: int) -> list[str]:
+        """Problems of the parsed sampling settings with this family's DiT."""
+
+    @staticmethod
+    def guided(config, sampling) -> bool:
+        """Whether classifier-free guidance runs (a negative prompt is encoded)."""
+
+    steps: int
+    solver: str
+    image_encoder: torch.nn.Module | None  # built by the sampler (on the host), staged by the runner
+
+    def prepare(self, index: int, vae, vae_cp, device, dtype) -> dict:
+        """Prompt ``index``'s conditioning (encoded images, reference latents ...)."""
+
+    def noise_frames(self, latent_frames: int, prepared: dict) -> int:
+        """Latent frames of the initial noise (its first ``latent_frames`` are the video's)."""
+
+    def denoise(self, dits: Sequence, texts: Texts, noise: torch.Tensor, generator: torch.Generator, prepared: dict,
+                dtype: torch.dtype, show_progress: bool, cfg_group, on_step) -> torch.Tensor:
+        """fp32 latents ``[1, c, f, h, w]`` from ``noise``; ``dits``: the DiT, then any further expert."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family; see the module docstring."""
+
+    name: str
+    predictors: Mapping[str, tuple[type, type]]
+    recipe: type
+    sampler: type
+    load_weights: Callable[[torch.nn.Module, dict, int, int], None]
+    ae_model_ids: tuple[str, ...]
+    num_text_encoders: int = 1  # entries of the model JSON's text_encoder list the DiT reads
+    text_encoders: TextEncoderFactory = default_text_encoder
+    build_vae: Callable[[Any, torch.dtype], torch.nn.Module] = default_vae
+    # the ``ae`` section -> (spatial, temporal) compression, before the VAE is built
+    vae_factors: Callable[[Any], tuple[int, int]] = default_vae_factors
+    converter: Callable[[], type] | None = None
+    description: str = ""
+    # checks beyond the recipe's and sampler's, shared by training and inference: (config, arch) -> problems
+    extra_checks: tuple[Callable[[Any, Any], list[str]], ...] = field(default_factory=tuple)
+
+    def arch(self, predictor) -> Any:
+        """The typed architecture config of the model JSON's ``predictor`` section."""
+        config_cls = self.predictors[predictor.model_id][1]
+        return config_cls.from_json(dict(predictor.params, num_layers=predictor.num_layers,
+                                         num_heads=predictor.num_heads))
+
+    def build_predictor(self, model_id: str, arch: Any, config, **stage) -> torch.nn.Module:
+        """The DiT (or one pipeline stage of it: ``pre_process``, ``post_process``, ``layer_offset``,
+        ``num_layers``) for this rank, with megatron's ``config``."""
+        return self.predictors[model_id][0](arch, config, **stage)
+
+    def compiles(self, model_id: str) -> bool:
+        """Whether the DiT compiles its layers (``--compile-dit-blocks``)."""
+        return callable(getattr(self.predictors[model_id][0], "compile_blocks", None))
+
+    def problems(self, config, arch) -> list[str]:
+        """The checks every entry point makes of this family's model JSON."""
+        problems = []
+        model_id = config.model.predictor.model_id
+        ae = config.model.ae
+        if ae is not None and ae.model_id not in self.ae_model_ids:
+            problems.append(f"ae.model_id = {ae.model_id!r} with predictor {model_id!r}; valid: "
+                            f"{', '.join(self.ae_model_ids)}")
+        given = len(config.model.text_encoder)
+        if given != self.num_text_encoders:
+            problems.append(f"text_encoder: {given} given; predictor {model_id!r} ({self.name}) reads "
+                            f"{self.num_text_encoders} text encoder(s) (a list of that many sections)")
+        if config.args.compile_dit_blocks and not self.compiles(model_id):
+            problems.append(f"--compile-dit-blocks: predictor {model_id!r} ({self.name}) does not compile its layers; "
+                            "leave the flag out")
+        for check in self.extra_checks:
+            problems.extend(check(config, arch))
+        return problems

@@ -1,0 +1,278 @@
+"""Video sampling: ``inference.py --mm-model inference_model.json [parallel flags]``, for every model
+family (``mm.families``): the family's sampler (``FamilySpec.sampler``) conditions and denoises, this
+runner does the rest.
+
+Every rank builds the DiT for its TP rank (context parallelism splits the sequence inside the
+DiT's attention, so every rank of a TP x CP group runs the same loop on the same latents), the
+text encoders and the VAE. Data-parallel replicas take turns over the prompts (prompt i goes to
+replica i mod DP); with --cfg-parallel two replicas form a pair that runs one prompt, the first
+the conditional branch and the second the unconditional one. For each prompt: encode the prompt
+(and the negative prompt when guidance runs) with every text encoder, draw the noise from
+``seed + prompt index`` (on the CPU, so every rank and device draws the same), run the family's
+denoise loop, and the replica's first rank decodes and writes
+``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if that exists).
+
+The DiT's weights come from ``predictor.from_pretrained`` (the family's release layout, read by its
+weight table) or from ``--load`` (an mm checkpoint of either format: a training run's, or
+mm-convert's).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as mpu
+from tqdm import tqdm
+
+from mm.accelerator import destroy_distributed
+from mm.arguments import ConfigError
+from mm.data.video_writer import write_mp4
+from mm.families import Texts, family_for
+from mm.inference.config import SamplingConfig, parse_sampling
+from mm.models.predictor.wan import read_weights
+from mm.parallel import get_group, get_group_ranks
+from mm.parallel.fsdp import shard_parameters
+from mm.runtime import start
+from mm.training.checkpointing import load_checkpoint
+from mm.training.pretrain import params_dtype, transformer_config
+
+PROG = "inference.py"
+
+
+def sampling_config(config) -> SamplingConfig:
+    """The model JSON's ``inference`` section, checked with the family's rules (ConfigError naming
+    every bad key)."""
+    pred = config.model.predictor
+    try:
+        family = family_for(pred.model_id)
+        arch = family.arch(pred)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    problems = family.problems(config, arch)
+    if config.args.pipeline_model_parallel_size != 1:
+        problems.append(f"--pipeline-model-parallel-size {config.args.pipeline_model_parallel_size}: inference runs "
+                        "the whole DiT on every rank of a TP x CP group; valid: 1")
+    if config.args.cfg_parallel and config.sizes.data_parallel % 2:
+        problems.append(f"--cfg-parallel pairs data-parallel ranks; the data-parallel size is "
+                        f"{config.sizes.data_parallel} (world / (TP x CP)); valid: an even size")
+    if not pred.from_pretrained and config.args.load is None:
+        problems.append("the DiT's weights: give predictor.from_pretrained (the release's directory) or --load (an mm "
+                        "checkpoint)")
+    if not config.model.ae or not config.model.ae.from_pretrained:
+        problems.append("ae.from_pretrained: needed to sample (a local directory)")
+    for i, text in enumerate(config.model.text_encoder or [None]):
+        if text is None or not text.from_pretrained:
+            where = "text_encoder" if len(config.model.text_encoder) < 2 else f"text_encoder[{i}]"
+            problems.append(f"{where}.from_pretrained: needed to sample (a local directory)")
+    spatial, temporal = (8, 4) if problems else _vae_factors(family, config)
+    section = config.model.extra.get("inference", {})
+    problems.extend(family.sampler.check(config, arch, section))
+    sampling = parse_sampling(section, spatial, temporal, tuple(arch.patch_size), problems)
+    if not problems:
+        problems.extend(family.sampler.check_sampling(config, arch, sampling, temporal))
+    cp, tpcp = config.sizes.context_parallel, config.sizes.tensor_parallel * config.sizes.context_parallel
+    if sampling.dit_fsdp and cp == 1:
+        problems.append("inference.dit_fsdp shards the DiT over its context-parallel group, which is 1 rank here: "
+                        "set --context-parallel-size (or ulysses_size x ring_size) > 1, or dit_fsdp false")
+    if sampling.t5_fsdp and tpcp == 1:
+        problems.append("inference.t5_fsdp shards the text encoder over the TP x CP group, which is 1 rank here: "
+                        "set --tensor-model-parallel-size or --context-parallel-size > 1, or t5_fsdp false")
+    vae_cp = config.sizes.vae_cp_size
+    if vae_cp > 1 and (sampling.num_frames - 1) // temporal < 2 * vae_cp:
+        problems.append(f"ae.vae_cp_size = {vae_cp} with inference.num_frames = {sampling.num_frames}: VAE-CP "
+                        f"gives each rank at least 2 latent frames after the first; valid: num_frames >= "
+                        f"{1 + 2 * vae_cp * temporal}, or a smaller vae_cp_size")
+    if config.args.cfg_parallel and not problems and not family.sampler.guided(config, sampling):
+        problems.append("--cfg-parallel with guidance off (a guidance scale of 1): there is no second branch")
+    if problems:
+        raise ConfigError(problems)
+    return sampling
+
+
+def _vae_factors(family, config) -> tuple[int, int]:
+    try:
+        return family.vae_factors(config.model.ae)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def output_path(directory: Path, prompt: str, seed: int) -> Path:
+    """``<directory>/<first words of the prompt>_seed<seed>.mp4``; never an existing file."""
+    words = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
+    path = directory / f"{words}_seed{seed}.mp4"
+    n = 1
+    while path.exists():
+        path = directory / f"{words}_seed{seed}_{n}.mp4"
+        n += 1
+    return path
+
+
+def to_frames(video: torch.Tensor) -> np.ndarray:
+    """``[3, F, H, W]`` in [-1, 1] -> ``[F, H, W, 3]`` uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+class ModelStager:
+    """With offload_model: only the models of the current stage (encode, denoise, decode) on the
+    device, every other one in host memory; without it, a no-op."""
+
+    def __init__(self, acc, device: torch.device, enabled: bool, movable: list[torch.nn.Module]):
+        self.acc, self.device, self.enabled, self.movable = acc, device, enabled, movable
+
+    def __call__(self, *modules) -> None:
+        if not self.enabled:
+            return
+        wanted = {id(m) for m in modules if m is not None}
+        # the leaving models first, so the stage's models never share the device with them
+        for m in sorted(self.movable, key=lambda m: id(m) in wanted):
+            m.to(self.device if id(m) in wanted else torch.device("cpu"))
+        if not self.acc.is_cpu:
+            self.acc.module.empty_cache()
+
+
+def _report_sharded(what: str, held: int, ranks: int) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(f"{PROG}: {what}'s parameters sharded over {ranks} ranks ({held / 2**20:.1f} MiB per rank)", flush=True)
+
+
+class Runner:
+    """One sampling run: the models of this rank, the prompts of its replica, the written files."""
+
+    def __init__(self, runtime, sampling: SamplingConfig):
+        self.runtime, self.sampling = runtime, sampling
+        cfg, args, acc = runtime.config, runtime.config.args, runtime.accelerator
+        self.args, self.acc = args, acc
+        self.device, self.dtype = acc.device(), params_dtype(args)
+        pred = cfg.model.predictor
+        self.family = family_for(pred.model_id)
+        self.arch = self.family.arch(pred)
+        # offload_model: every model waits in host memory and comes to the device for its stage
+        # (encode, denoise, decode); t5_cpu: the text encoders stay on the host
+        home = torch.device("cpu") if sampling.offload_model else self.device
+        self.home = home
+        self.dits = [self._build_dit(args.load or pred.from_pretrained, args.load is not None)]
+        if sampling.low_noise_model is not None:  # an mm checkpoint has a tracker file, a release directory not
+            low = sampling.low_noise_model
+            self.dits.append(self._build_dit(low, (Path(low) / "latest_checkpointed_iteration.txt").is_file()))
+        if sampling.dit_fsdp:  # over the ranks that run every DiT forward together
+            for model in self.dits:
+                held = shard_parameters(model, mpu.get_context_parallel_group(), self.device.type)
+            _report_sharded("dit_fsdp: the DiT", held, args.context_parallel_size)
+        self.sampler = self.family.sampler(cfg, self.arch, sampling, home)
+        self.vae = self.family.build_vae(cfg.model.ae, self.dtype).to(home)
+        self.text_encoders = [self.family.text_encoders(text, sampling.model_max_length,
+                                                        self.family.sampler.text_zero_padding)
+                              for text in cfg.model.text_encoder]
+        for encoder in self.text_encoders:
+            encoder.to(torch.device("cpu") if sampling.t5_cpu else home)
+            if sampling.t5_fsdp:  # every rank of a TP x CP group encodes the same prompts
+                held = shard_parameters(encoder.model, mpu.get_tensor_and_context_parallel_group(), self.device.type)
+                _report_sharded("t5_fsdp: the text encoder", held, mpu.get_tensor_and_context_parallel_world_size())
+        # VAE-CP: the ranks of a VAE-CP group share each encode (I2V/FLF2V condition) and the writer's
+        # group each decode
+        self.vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
+        movable = [*self.dits, self.sampler.image_encoder, self.vae] + ([] if sampling.t5_cpu else self.text_encoders)
+        self.stage = ModelStager(acc, self.device, sampling.offload_model, [m for m in movable if m is not None])
+        self.guided = self.family.sampler.guided(cfg, sampling)
+
+    def _build_dit(self, weights: str, from_checkpoint: bool):
+        args, pred = self.args, self.runtime.config.model.predictor
+        model = self.family.build_predictor(pred.model_id, self.arch,
+                                            transformer_config(args, self.arch, self.acc.is_cpu)).to(self.home).eval()
+        if from_checkpoint:
+            load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
+        else:
+            self.family.load_weights(model, read_weights(weights), args.tensor_model_parallel_size,
+                                     mpu.get_tensor_model_parallel_rank())
+        if args.compile_dit_blocks:  # compiled on the first step (its time is left out of s/step)
+            model.compile_blocks()
+        return model
+
+    def encode_prompts(self, prompts: list[str]) -> Texts:
+        """Every text encoder's embeddings and masks of ``prompts``, on the device."""
+        embeddings, masks = [], []
+        for encoder in self.text_encoders:
+            ids, mask = encoder.tokenize(prompts)
+            embeddings.append(encoder.encode(ids, mask).to(self.device, self.dtype))
+            masks.append(mask.to(self.device))
+        return Texts(embeddings, masks)
+
+    def run(self) -> list[Path]:
+        args, sampling, acc, device = self.args, self.sampling, self.acc, self.device
+        tp_rank = mpu.get_tensor_model_parallel_rank()
+        rank0 = torch.distributed.get_rank() == 0
+        # data-parallel replicas share the prompts; --cfg-parallel pairs of them share one prompt's branches
+        dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+        cfg_group = get_group("cfg") if args.cfg_parallel else None
+        replicas, replica = (dp // 2, dp_rank // 2) if args.cfg_parallel else (dp, dp_rank)
+        writer = tp_rank == 0 and mpu.get_context_parallel_rank() == 0 and (not args.cfg_parallel or dp_rank % 2 == 0)
+        decoder = writer
+        if self.vae_cp is not None:  # the writer's VAE-CP group decodes with it
+            flag = torch.tensor([float(writer)], device=device)
+            torch.distributed.all_reduce(flag, group=self.vae_cp[0])
+            decoder = bool(flag.item())
+        out_dir = Path(sampling.save_path)
+        if rank0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        vae = self.vae
+        spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
+        shape = (self.arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
+                 sampling.width // spatial)
+        steps, solver = self.sampler.steps, self.sampler.solver
+        written = []
+        mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
+        for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
+            begin = time.perf_counter()
+            seed = sampling.seed + i
+            self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
+            texts = self.encode_prompts([prompt] + ([sampling.negative_prompt] if self.guided else []))
+            prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
+            frames = self.sampler.noise_frames(shape[1], prepared)
+            generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise
+            noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=generator,
+                                dtype=torch.float32)[:, :, :shape[1]]
+            self.stage(*self.dits)
+            acc.synchronize()
+            begin_denoise = time.perf_counter()
+            marks = []  # after each step; s/step is over steps 2..N, as diffusers' callbacks time it
+
+            def mark():
+                acc.synchronize()
+                marks.append(time.perf_counter())
+
+            latents = self.sampler.denoise(self.dits, texts, noise.to(device), generator, prepared, self.dtype,
+                                           show_progress=rank0, cfg_group=cfg_group, on_step=mark)
+            denoise_s = time.perf_counter() - begin_denoise
+            per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
+            if decoder:
+                self.stage(vae)
+                video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
+            if writer:
+                path = output_path(out_dir, prompt, seed)
+                write_mp4(path, to_frames(video[0]), sampling.fps)
+                if sampling.save_latents:
+                    torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
+                written.append(path)
+                print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
+                      f"{steps} {solver} steps: {per_step:.3f} s/step (steps 2-{steps}; first "
+                      f"{marks[0] - begin_denoise:.3f} s); "
+                      f"{time.perf_counter() - begin:.1f} s in all"
+                      f"{'' if self.vae_cp is None else f'; decoded over {len(self.vae_cp[1])} VAE-CP ranks'}; "
+                      f"peak memory {acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
+        return written
+
+
+def inference(argv: Sequence[str] | None = None) -> list[Path]:
+    """Sample every prompt of the model JSON; returns the .mp4 paths this rank wrote."""
+    checked = {}  # the inference section as start()'s check parsed it (before any process group)
+    runtime = start(argv, mode="inference", prog=PROG,
+                    check=lambda config: checked.update(sampling=sampling_config(config)))
+    written = Runner(runtime, checked["sampling"]).run()
+    destroy_distributed()
+    return written
