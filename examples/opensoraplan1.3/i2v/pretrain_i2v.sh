@@ -6,7 +6,7 @@
 # none) in the proportions the release was trained with.
 #
 # Before the first run:
-#   1. Convert the released weights (seed 003's commands; mm-convert is mm's console script):
+#   1. Convert the released weights (MindSpeed-MM's guide; mm-convert is mm's console script):
 #        mm-convert OpenSoraPlanConverter --version v1.3 vae_convert \
 #          --cfg.source_path "raw_ckpt/open-sora-plan/merged.ckpt" \
 #          --cfg.target_path "mm_ckpt/open-sora-plan/vae.pt"

@@ -3,7 +3,7 @@
 # 24 heads x 96), up to 93 frames at about 352 x 640 pixels, with pretrain_t2v.py.
 #
 # Before the first run:
-#   1. Convert the released weights (seed 003's commands; mm-convert is mm's console script):
+#   1. Convert the released weights (MindSpeed-MM's guide; mm-convert is mm's console script):
 #        mm-convert OpenSoraPlanConverter --version v1.3 vae_convert \
 #          --cfg.source_path "raw_ckpt/open-sora-plan/merged.ckpt" \
 #          --cfg.target_path "mm_ckpt/open-sora-plan/vae.pt"
