@@ -1,6 +1,6 @@
 """mm-convert on a full-size Wan2.1-1.3B DiT of random weights: throughput and peak memory.
 
-    .venv/bin/python benchmarks/convert_wan.py --work /tmp/convert_bench --tp 2 --pp-layers '[15,15]'
+    .venv/bin/python benchmarks/convert_wan.py --work outputs/bench/convert_wan --tp 2 --pp-layers '[15,15]'
 
 Makes (once) a diffusers-layout directory of random bf16 weights with Wan2.1-T2V-1.3B's shapes
 (several safetensors files and an index, as diffusers saves them), then runs
@@ -68,7 +68,7 @@ def make_source(directory: Path, max_file_bytes: int = 2 * 2**30) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", default="/tmp/mm_convert_bench")
+    parser.add_argument("--work", default="outputs/bench/convert_wan")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp-layers", default="[15,15]")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """inference.py against diffusers' WanPipeline on the same random full-size Wan2.1-1.3B weights.
 
-    python benchmarks/inference_wan.py /tmp/ib --frames 81 --height 480 --width 832 --steps 50
+    python benchmarks/inference_wan.py outputs/bench/inference_wan --frames 81 --height 480 --width 832 --steps 50
 
 Makes (once) the assets under OUT: a diffusers-format DiT of random bf16 weights with the 1.3B
 config, a random Wan2.1-size VAE and a 2-layer UMT5-style text encoder of the real width (4096),

@@ -6,7 +6,7 @@ WFVAE of the example's ``ae`` section) and a 2-layer UMT5/mT5-style text encoder
     python benchmarks/pretrain_assets.py OUT --predictor examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json \
         --frames 81 --height 480 --width 832
     python benchmarks/pretrain_assets.py OUT --predictor examples/opensoraplan1.3/t2v/pretrain_t2v_model.json \
-        --frames 93 --height 352 --width 640      # seed 003's 93x480p stage (352 x 640 = its max_hxw)
+        --frames 93 --height 352 --width 640      # MindSpeed-MM's 93x480p stage (352 x 640 = max_hxw)
 """
 
 from __future__ import annotations

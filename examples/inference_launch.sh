@@ -4,7 +4,7 @@
 #
 # Layout: every rank of a TP x CP group samples the same video (CP splits the sequence: Ulysses needs
 # the DiT's heads % (TP x Ulysses degree) == 0; CP_ALGO=megatron_cp_algo is ring attention,
-# hybrid_cp_algo with ULYSSES=U is Ulysses x ring, seed 000's "ulysses_size x ring_size"). The
+# hybrid_cp_algo with ULYSSES=U is Ulysses x ring, Wan's and Phantom's "ulysses_size x ring_size"). The
 # remaining factor of the world size runs prompts side by side, or with CFG_PARALLEL=1 pairs of ranks
 # run the conditional and unconditional branches of one prompt.
 source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise

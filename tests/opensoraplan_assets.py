@@ -1,4 +1,4 @@
-"""Tiny stand-ins for everything seed 003's OpenSoraPlan 1.3 guide downloads, laid out as the guide
+"""Tiny stand-ins for everything MindSpeed-MM's OpenSoraPlan 1.3 guide downloads, laid out as the guide
 lays them out, so its commands run here on CPU processes:
 
     raw_ckpt/open-sora-plan/merged.ckpt + config.json      the released WFVAE (the golden fixture's

@@ -12,12 +12,14 @@ cut a collective shorter than ``--distributed-timeout-minutes``):
 variable                            for    meaning
 ==================================  =====  ==========================================================
 TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC    nccl   seconds before torch's watchdog monitor kills a stuck
-                                           process; raise it for very long collectives (seed 002)
-TORCH_NCCL_ENABLE_MONITORING        nccl   0 disables that monitor (last resort, seed 002)
+                                           process; raise it for very long collectives (as for
+                                           Step-Video-T2V's parallel inference)
+TORCH_NCCL_ENABLE_MONITORING        nccl   0 disables that monitor (last resort; Step-Video-T2V)
 TORCH_NCCL_ASYNC_ERROR_HANDLING     nccl   how a timed-out collective ends the process
 NCCL_DEBUG, NCCL_DEBUG_SUBSYS       nccl   NCCL logging (INFO / ALL when debugging hangs)
 NCCL_SOCKET_IFNAME                  nccl   network interface for bootstrap and sockets (eth0 ...)
-NCCL_IB_DISABLE, NCCL_IB_GID_INDEX  nccl   InfiniBand/RoCE selection for multi-node runs (seed 001)
+NCCL_IB_DISABLE, NCCL_IB_GID_INDEX  nccl   InfiniBand/RoCE selection for multi-node runs
+                                           (MindSpeed-MM's Wan2.2-I2V-A14B training)
 CUDA_DEVICE_MAX_CONNECTIONS         nccl   1 is what megatron-core expects when TP/SP communication
                                            overlaps compute; the example scripts export it
 HCCL_CONNECT_TIMEOUT                hccl   seconds to establish links, integer in [120, 7200]

@@ -47,7 +47,7 @@ def load_config(argv: Sequence[str] | None, world_size: int, mode: str = "train"
 
 
 def apply_sequence_parallel_aliases(args: argparse.Namespace, section: dict, problems: list[str]) -> None:
-    """Wan's ``ulysses_size`` x ``ring_size`` (seed 000) in the model JSON's ``inference`` section, as
+    """Wan's and Phantom's ``ulysses_size`` x ``ring_size`` in the model JSON's ``inference`` section, as
     megatron-style flags: CP = ulysses x ring, Ulysses alone (ulysses_cp_algo), ring alone
     (megatron_cp_algo) or both (hybrid_cp_algo with --ulysses-degree-in-cp = ulysses_size)."""
     sizes = {}

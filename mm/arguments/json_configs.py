@@ -1,6 +1,6 @@
 """The model JSON (``--mm-model``) and data JSON (``--mm-data``) as typed objects.
 
-The layout follows MindSpeed-MM's files (seed 003): a model JSON has a ``predictor`` section and
+The layout follows MindSpeed-MM's files (OpenSoraPlan 1.3): a model JSON has a ``predictor`` section and
 optional ``ae``, ``text_encoder``, ``image_encoder`` and ``diffusion`` sections plus run-wide
 switches (``enable_encoder_dp``, ``encoder_offload_interval``, ...); a data JSON has
 ``dataset_param`` (with ``basic_parameters.data_path`` pointing at a ``data.txt``) and

@@ -1,4 +1,4 @@
-"""Parameter sharding for inference (seed 000's ``t5_fsdp`` / ``dit_fsdp``), on torch's FSDP2.
+"""Parameter sharding for inference (Wan's and Phantom's ``t5_fsdp`` / ``dit_fsdp``), on torch's FSDP2.
 
 A model whose forwards a group of ranks runs together, on the same inputs in lockstep (the DiT
 over its context-parallel group, the text encoder over its TP x CP group), keeps only

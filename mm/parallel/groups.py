@@ -5,7 +5,7 @@ TP ranks are contiguous, CP ranks are strided by TP, ...). mm adds groups inside
 
 * hybrid (USP) context parallelism splits a CP group of size ``cp`` into ``cp / U`` Ulysses groups
   of ``U = ulysses_degree`` consecutive CP ranks (kept inside a node, where the all-to-all is cheap)
-  and ``U`` ring groups of CP ranks strided by ``U``. Seed 000's 8 GPUs with ulysses 4 x ring 2:
+  and ``U`` ring groups of CP ranks strided by ``U``. Phantom's 8 GPUs, ulysses 4 x ring 2:
   ulysses {0,1,2,3},{4,5,6,7}; rings {0,4},{1,5},{2,6},{3,7}.
 * double-ring attention (``cp_window_size = W > 1``) splits every ring into inner windows of ``W``
   consecutive ring members and outer rings that join the members at the same window position.

@@ -166,7 +166,7 @@ def test_ascend_settings_only_on_an_npu(launcher, tmp_path):
     assert env["HCCL_CONNECT_TIMEOUT"] == "3600" and env["HCCL_EXEC_TIMEOUT"] == "1800"
     assert (env["TASK_QUEUE_ENABLE"], env["CPU_AFFINITY_CONF"], env["NPUS_PER_NODE"]) == ("2", "1", "16")
     assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
-    # the rest of seed 003's table of NPU variables
+    # the rest of the NPU variables of MindSpeed-MM's OpenSoraPlan 1.3 guide
     assert (env["ASCEND_SLOG_PRINT_TO_STDOUT"], env["ASCEND_GLOBAL_LOG_LEVEL"], env["COMBINED_ENABLE"],
             env["MULTI_STREAM_MEMORY_REUSE"]) == ("0", "3", "1", "1")
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in env
@@ -232,7 +232,7 @@ def test_inference_script_flags_and_sampling_section_are_valid(script, launcher,
     assert len(sampling.prompts) == 2 and sampling.task == task
     WanConditioning.from_config(arch, conditioning_task(task))  # the task fits the model
     assert Path(config.model.predictor.from_pretrained).parts[0] == "weights"
-    if task == "s2v":  # seed 000's Phantom settings
+    if task == "s2v":  # Phantom's own generate settings
         assert (config.sizes.context_parallel, config.args.context_parallel_algo, config.args.ulysses_degree_in_cp) \
             == (8, "hybrid_cp_algo", 4)
         assert sampling.dit_fsdp and sampling.t5_fsdp and len(sampling.ref_images[0]) == 2

@@ -272,7 +272,7 @@ def test_two_experts_from_the_entry_point(assets, tmp_path, trained_checkpoint, 
 
 @pytest.mark.slow
 def test_wan_ulysses_and_ring_sizes_in_the_json(assets, tmp_path, one_process_latents):
-    """Seed 000's ulysses_size x ring_size (2 x 2: Ulysses inside ring) from the inference section,
+    """Wan's ulysses_size x ring_size (2 x 2: Ulysses inside ring) from the inference section,
     with no parallel flags, equals one process."""
     out = tmp_path / "samples"
     log = _run(4, _inference_json(assets, out, prompt="a red square moving left to right on a white background",
@@ -298,7 +298,7 @@ def _parameter_bytes(safetensors_file: Path) -> int:
 
 @pytest.mark.slow
 def test_sharded_dit_and_text_encoder_change_nothing(assets, tmp_path, one_process_latents):
-    """dit_fsdp / t5_fsdp (seed 000): each rank of the CP2 group holds half of each model's parameters
+    """dit_fsdp / t5_fsdp (Wan's names): each rank of the CP2 group holds half of each model's parameters
     (the full size read from the weight files), as the log says; the same latents."""
     import re
 

@@ -1,7 +1,8 @@
-"""The Open-Sora-Plan v1.3 example scripts (examples/opensoraplan1.3/, seed 003's commands) as a user runs
-them, with a stand-in ``torchrun`` first on the PATH that records what it was given: the flags after the
-entry point must pass mm's real parser, validation and the entry point's own checks (with the model and
-data JSONs they name), and the parallel variants of the guide must reach the flags."""
+"""The Open-Sora-Plan v1.3 example scripts (examples/opensoraplan1.3/, the commands of MindSpeed-MM's
+OpenSoraPlan 1.3 guide) as a user runs them, with a stand-in ``torchrun`` first on the PATH that records
+what it was given: the flags after the entry point must pass mm's real parser, validation and the entry
+point's own checks (with the model and data JSONs they name), and the parallel variants of the guide must
+reach the flags."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ INFERENCE = {  # script -> (task, number of prompts)
     "examples/opensoraplan1.3/t2v/inference_t2v.sh": ("t2v", 3),
     "examples/opensoraplan1.3/i2v/inference_i2v.sh": ("i2v", 2),
 }
-CONVERTED_DIT = "mm_ckpt/open-sora-plan/pretrained-checkpoint-dit"  # seed 003's LOAD_PATH
+CONVERTED_DIT = "mm_ckpt/open-sora-plan/pretrained-checkpoint-dit"  # the guide's LOAD_PATH
 FAKE_TORCHRUN = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$RECORD_DIR/argv"
 env > "$RECORD_DIR/env"

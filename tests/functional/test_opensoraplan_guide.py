@@ -1,4 +1,4 @@
-"""Seed 003's OpenSoraPlan 1.3 guide, step by step, as a user runs it: mm-convert vae_convert and
+"""MindSpeed-MM's OpenSoraPlan 1.3 guide, step by step, as a user runs it: mm-convert vae_convert and
 hf_to_mm (tp 2 with pp_layers [1,1] and [[1,1],[1,1]]), the pretrain_t2v.sh / pretrain_i2v.sh scripts
 with the static and the dynamic resolution data JSONs and each CP algorithm, resplit, and the
 inference_t2v.sh / inference_i2v.sh scripts writing .mp4 files. Everything at tiny scale on CPU

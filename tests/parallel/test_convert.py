@@ -222,7 +222,7 @@ def test_a_failure_while_writing_leaves_no_target(tmp_path, monkeypatch):
 
 
 def test_command_line(tmp_path):
-    """The real entry point, with seed 003's option names."""
+    """The real entry point, with the option names of MindSpeed-MM's OpenSoraPlan 1.3 guide."""
     _diffusers_dir(tmp_path / "hf", tiny_kwargs(layers=4))
     env = dict(os.environ, PYTHONPATH=str(REPO))
 

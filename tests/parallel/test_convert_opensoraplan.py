@@ -85,7 +85,7 @@ def test_round_trip_is_bit_exact(tmp_path, variant, target):
         qkv = [files[f"release/{n}/model_optim_rng.pt"][chunk]["blocks.0.self_attention.linear_qkv.weight"]
                for n in names[::pp]]
         assert qkv[0].shape == (3 * 24 // 2, 24) and not torch.equal(*qkv)
-    # seed 003's resplit: source and target only, merged into one TP1 file; its example passes the
+    # MindSpeed-MM's resplit: source and target only, merged into one TP1 file; its example passes the
     # release directory itself, which gives the same tensors as hf_to_mm at TP1
     _convert("resplit", tmp_path / "split", tmp_path / "merged")
     assert sorted(_files(tmp_path / "merged")) == ["release/mp_rank_00/model_optim_rng.pt"]
@@ -206,7 +206,7 @@ def test_pipeline_checkpoints_load_under_their_layout_and_merge_for_inference(tm
     _convert("resplit", tmp_path / "vpp", tmp_path / "pp", tp=1, pp_layers=[3, 1])
     for resumed, same, _ in run_distributed(2, _load_worker, str(tmp_path / "pp"), "i2v", 1, [3, 1]):
         assert same
-    # the inference step of seed 003: merge to TP1 without PP, then one process reproduces the reference
+    # MindSpeed-MM's inference step: merge to TP1 without PP, then one process reproduces the reference
     _convert("resplit", tmp_path / "pp", tmp_path / "merged")
     (resumed, same, errors), = run_distributed(1, _load_worker, str(tmp_path / "merged"), "i2v", 1, [])
     assert same and errors["i2v"] <= 1e-4, errors
@@ -358,7 +358,7 @@ def test_a_wan_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.extended  # the same commands through the console script: tests/functional/test_opensoraplan_guide.py
 def test_command_line(tmp_path):
-    """The real entry point with seed 003's commands."""
+    """The real entry point with the commands of MindSpeed-MM's OpenSoraPlan 1.3 guide."""
     _release(tmp_path / "raw_ckpt" / "open-sora-plan" / "93x480p", "t2v")
     _vae_release(tmp_path / "raw_ckpt" / "open-sora-plan" / "vae", "state_dict")
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -131,7 +131,7 @@ def _count_worker(rank, world, params_by_id):
     return counts
 
 
-# seed 003's predictor section (MindSpeed-MM's examples/opensoraplan1.3/{t2v,i2v}/pretrain_*_model.json)
+# the predictor section of MindSpeed-MM's examples/opensoraplan1.3/{t2v,i2v}/pretrain_*_model.json
 FULL_T2V = {"num_layers": 32, "num_heads": 24, "head_dim": 96, "in_channels": 8, "out_channels": 8, "dropout": 0.0,
             "cross_attention_dim": 2304, "attention_q_bias": True, "attention_k_bias": True, "attention_v_bias": True,
             "fa_layout": "sbh", "patch_size_thw": [1, 2, 2], "activation_fn": "gelu-approximate",

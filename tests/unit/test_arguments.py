@@ -56,7 +56,7 @@ def test_valid_configuration_is_typed(tmp_path):
     assert cfg.sizes.data_parallel == 2 and cfg.sizes.ring_degree == 2 and cfg.sizes.cp_window_size == 2
 
 
-def test_seed_003_pretrain_flags_parse(tmp_path):
+def test_mindspeed_mm_opensoraplan_pretrain_flags_parse(tmp_path):
     # the GPT_ARGS / OUTPUT_ARGS of MindSpeed-MM's OpenSoraPlan 1.3 pretrain_t2v.sh
     flags = ("--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 "
              "--virtual-pipeline-model-parallel-size 1 --context-parallel-size 1 "

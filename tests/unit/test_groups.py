@@ -9,8 +9,8 @@ import pytest
 from mm.parallel.groups import ParallelSizes, all_layouts, describe_layout, group_of, megatron_groups
 
 
-def test_seed_000_ulysses_4_ring_2():
-    # 8 GPUs, ulysses 4 x ring 2, as in seed 000
+def test_phantom_ulysses_4_ring_2():
+    # 8 GPUs, ulysses 4 x ring 2, as in Phantom's own generate settings
     layouts = all_layouts(ParallelSizes(world_size=8, context_parallel=8, ulysses_degree=4))
     assert layouts["ulysses"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert layouts["ring"] == [[0, 4], [1, 5], [2, 6], [3, 7]]

@@ -67,7 +67,7 @@ def test_wan22_expert_keys(tmp_path):
 
 
 def test_phantom_keys(tmp_path):
-    """Seed 000's Phantom names: ref_image as one comma-separated string, the two guidance scales."""
+    """Phantom's own names: ref_image as one comma-separated string, the two guidance scales."""
     for name in ("a.png", "b.png", "c.png"):
         (tmp_path / name).write_bytes(b"")
     a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))

@@ -133,8 +133,8 @@ def test_missing_packages_stop_with_the_flag_named(monkeypatch):
                         else real(name, *a))
     with pytest.raises(SystemExit, match=r"--wandb-project proj needs the wandb package \(pip install wandb\)"):
         TrainingLogger(LogConfig(wandb_project="proj"), rank=0, world_size=2)
-    with pytest.raises(SystemExit, match="--tensorboard-dir /tmp/tb needs the tensorboard package"):
-        TrainingLogger(LogConfig(tensorboard_dir="/tmp/tb"), rank=0, world_size=2)
+    with pytest.raises(SystemExit, match="--tensorboard-dir runs/tb needs the tensorboard package"):
+        TrainingLogger(LogConfig(tensorboard_dir="runs/tb"), rank=0, world_size=2)
 
 
 def test_log_config_from_the_flags():

@@ -1,11 +1,12 @@
 """The Open-Sora-Plan v1.3 inpainting (I2V) condition against the reference itself.
 
 Oracle: ``opensora/utils/mask_utils.py`` of Open-Sora-Plan at 4b14d58 (mask generators, MaskProcessor,
-MaskCompressor, GaussianNoiseAdder), read from the git mirror with ``git show`` and imported with
-stand-in ``cv2`` / ``imageio`` modules (it imports them for its video-writing helpers only). Those tests
-skip when the mirror is absent (CI); the GOLDEN_* numbers below were printed by that reference code
+MaskCompressor, GaussianNoiseAdder), read from a checkout of PKU-YuanGroup/Open-Sora-Plan at that commit
+named by the environment variable ``MM_OPEN_SORA_PLAN_REF`` and imported with stand-in ``cv2`` /
+``imageio`` modules (it imports them for its video-writing helpers only). Those tests skip when the
+variable is unset (CI); the GOLDEN_* numbers below were printed by that reference code
 (``reference_goldens``, run with ``random.seed(seed)`` before each ``MaskProcessor`` call) and keep
-the same checks on CI; ``test_goldens_are_the_references`` re-derives them when the mirror is there.
+the same checks on CI; ``test_goldens_are_the_references`` re-derives them when the reference is there.
 pipeline_inpaint.py / train_inpaint.py import half of the ML ecosystem, so their few lines that turn
 masks into model inputs are re-stated in ``reference_*_condition`` here around the reference's classes.
 The VAE is the tiny WFVAE of tests/fixtures/opensoraplan (equal to the reference's, test_wfvae.py).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import os
 import subprocess
 import sys
 import types
@@ -30,8 +32,9 @@ from mm.models.predictor.opensoraplan.conditioning import (KEYS, MASK_TYPES, Mas
                                                            sampling_condition, training_condition)
 from tests.wfvae_helpers import tiny_wfvae
 
-MIRROR = Path("/work/.mirror/PKU-YuanGroup+Open-Sora-Plan/repo")
+REF_ENV = "MM_OPEN_SORA_PLAN_REF"  # a checkout of PKU-YuanGroup/Open-Sora-Plan at COMMIT
 COMMIT = "4b14d58"
+MASK_UTILS = "opensora/utils/mask_utils.py"
 
 V13_VIDEO = {"t2iv": 1, "i2v": 8, "transition": 8, "continuation": 2, "clear": 0, "random_temporal": 1}
 V13_IMAGE = {"t2iv": 0, "clear": 0}
@@ -66,23 +69,26 @@ def normalized(ratios: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    """The reference's mask_utils module, or a skip when the mirror is not on this machine."""
-    if not MIRROR.is_dir():
-        pytest.skip(f"Open-Sora-Plan mirror not at {MIRROR}: the reference-oracle tests need it "
-                    "(the GOLDEN_* tests cover CI)")
-    shown = subprocess.run(["git", f"--git-dir={MIRROR}", "show", f"{COMMIT}:opensora/utils/mask_utils.py"],
-                           capture_output=True, text=True)
-    if shown.returncode:
-        pytest.skip(f"git show {COMMIT}:opensora/utils/mask_utils.py failed in {MIRROR}: {shown.stderr.strip()}")
-    path = tmp_path_factory.mktemp("osp_ref") / "mask_utils.py"
-    path.write_text(shown.stdout)
+def ref():
+    """The reference's mask_utils module, or a skip when ``MM_OPEN_SORA_PLAN_REF`` is unset."""
+    root = os.environ.get(REF_ENV)
+    if not root:
+        pytest.skip(f"{REF_ENV} is unset: the reference-oracle tests need a checkout of PKU-YuanGroup/Open-Sora-Plan "
+                    f"at {COMMIT} (the GOLDEN_* tests cover CI)")
+    source = Path(root) / MASK_UTILS
+    if not source.is_file():
+        pytest.fail(f"{REF_ENV}={root} has no {MASK_UTILS}: it must be a checkout of PKU-YuanGroup/Open-Sora-Plan "
+                    f"at {COMMIT}")
+    if (Path(root) / ".git").exists():  # a git checkout (an export of the tree has no .git to ask)
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0 and not head.stdout.strip().startswith(COMMIT):
+            pytest.fail(f"{REF_ENV}={root} is at {head.stdout.strip()[:12]}, not {COMMIT}")
     stubs = {}
     for name in ("cv2", "imageio"):  # imported at the top, used only by save_mask_to_video / read_video
         if importlib.util.find_spec(name) is None and name not in sys.modules:
             stubs[name] = sys.modules[name] = types.ModuleType(name)
     try:
-        spec = importlib.util.spec_from_file_location("osp_reference_mask_utils", path)
+        spec = importlib.util.spec_from_file_location("osp_reference_mask_utils", source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:

@@ -14,7 +14,7 @@ from mm.diffusion.ddpm_samplers import DDPMSamplerConfig, build_ddpm_sampler, cl
 
 diffusers = pytest.importorskip("diffusers")
 
-# the diffusion sections of seed 003's pretrain_t2v_model.json and inference_t2v_model.json
+# the diffusion sections of MindSpeed-MM's pretrain_t2v_model.json and inference_t2v_model.json
 TRAIN_JSON = {"model_id": "DDPM", "num_train_steps": 1000, "guidance_scale": 7.5, "prediction_type": "v_prediction",
               "rescale_betas_zero_snr": True, "timestep_spacing": "leading", "device": "npu", "snr_gamma": 5.0,
               "t_sample_method": "explicit_uniform"}

@@ -97,7 +97,7 @@ def test_a_wrong_haar_filter_in_a_checkpoint_is_an_error():
 
 def test_load_from_the_reference_layout_and_from_the_model_json(tmp_path):
     """A directory as the reference releases it (config.json + merged.ckpt), a bare .pt with the config in
-    the ae section (seed 003's vae.pt), and save_wfvae's directory all load the same weights."""
+    the ae section (MindSpeed-MM's vae.pt), and save_wfvae's directory all load the same weights."""
     meta, state, ref = golden()
     released = tmp_path / "vae"
     released.mkdir()

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Open-Sora-Plan v1.3 sampling (image to video) with inference.py. What to sample is the "inference"
-# section of inference_i2v_model.json beside this script: prompt (seed 003's key; here cond_prompt.txt,
-# one prompt per line; a string or a list works too), conditional_pixel_values_path (seed 003's key;
+# section of inference_i2v_model.json beside this script: prompt (the guide's key; here cond_prompt.txt,
+# one prompt per line; a string or a list works too), conditional_pixel_values_path (the guide's key;
 # here cond_pix_path.txt, one first-frame image per prompt; one path for every prompt or a list works
 # too), negative_prompt, seed, 93 x 352 x 640 at 18 fps, save_path. How to sample is its "diffusion"
 # section (Euler ancestral, 100 steps, guidance_scale 7.5, v-prediction on the zero-terminal-SNR
 # schedule, trailing timesteps).
 #
 # Before the first run:
-#   1. The DiT: LOAD_PATH is an mm checkpoint. Seed 003's resplit turns the release's DiT (or a
+#   1. The DiT: LOAD_PATH is an mm checkpoint. MindSpeed-MM's resplit turns the release's DiT (or a
 #      training run's checkpoint split for TP/PP) into one file for TP=1:
 #        mm-convert OpenSoraPlanConverter --version v1.3 resplit \
 #          --cfg.source_path "./raw_ckpt/open-sora-plan/<the I2V DiT directory>/" \

@@ -6,7 +6,7 @@
 # none) in the proportions the release was trained with.
 #
 # Before the first run:
-#   1. Convert the released weights (seed 003's commands; mm-convert is mm's console script):
+#   1. Convert the released weights (MindSpeed-MM's guide; mm-convert is mm's console script):
 #        mm-convert OpenSoraPlanConverter --version v1.3 vae_convert \
 #          --cfg.source_path "raw_ckpt/open-sora-plan/merged.ckpt" \
 #          --cfg.target_path "mm_ckpt/open-sora-plan/vae.pt"
@@ -79,9 +79,11 @@ GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP) * (VP > 1 ? PP : 1)))}  # interl
 RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-32}  # layers recomputed in the backward (of 32)
 TRAIN_ITERS=${TRAIN_ITERS:-5000}
 LR=${LR:-1e-5}
+ADAM_EPS=${ADAM_EPS:-1e-15}
 NUM_WORKERS=${NUM_WORKERS:-4}
 DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
 
+ENTRY_POINT=pretrain_i2v.py
 MM_DATA=${MM_DATA:-examples/opensoraplan1.3/i2v/data_dynamic_resolution.json}
 # static resolution: MM_DATA=examples/opensoraplan1.3/i2v/data_static_resolution.json
 MM_MODEL=${MM_MODEL:-examples/opensoraplan1.3/i2v/pretrain_i2v_model.json}
@@ -92,74 +94,9 @@ LOAD_ARGS=${LOAD_ARGS-"--no-load-optim --no-load-rng"}  # unset: weights only; e
 SAVE_PATH=${SAVE_PATH:-}  # checkpoint directory; empty: no checkpoints
 CKPT_FORMAT=${CKPT_FORMAT:-torch}  # torch (per-rank files, as MindSpeed-MM saves) or torch_dist
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+# MindSpeed-MM's flags for this model: with ring attention (megatron_cp_algo, hybrid_cp_algo), and with
+# PP > 1, where stages exchange the hidden states with the caption and its mask, at each sample's own size
+RING_ARGS="--attention-mask-type general"
+PP_ARGS="--optimization-level 2 --use-multiparameter-pipeline-model-parallel --variable-seq-lengths"
 
-source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $GPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
-
-GPT_ARGS="
-    --tensor-model-parallel-size ${TP} \
-    --pipeline-model-parallel-size ${PP} \
-    --virtual-pipeline-model-parallel-size ${VP} \
-    --context-parallel-size ${CP} \
-    --context-parallel-algo ${CP_ALGO} \
-    --micro-batch-size ${MBS} \
-    --global-batch-size ${GBS} \
-    --train-iters ${TRAIN_ITERS} \
-    --lr ${LR} \
-    --min-lr ${LR} \
-    --lr-decay-style constant \
-    --lr-warmup-iters 0 \
-    --weight-decay 1e-2 \
-    --adam-beta1 0.9 \
-    --adam-beta2 0.999 \
-    --adam-eps 1e-15 \
-    --clip-grad 1.0 \
-    --bf16 \
-    --use-distributed-optimizer \
-    --recompute-granularity full \
-    --recompute-method block \
-    --recompute-num-layers ${RECOMPUTE_LAYERS} \
-    --num-workers ${NUM_WORKERS} \
-    --seed 1234 \
-    --distributed-timeout-minutes ${DIST_TIMEOUT_MINUTES}
-"
-if (( TP > 1 )); then
-    GPT_ARGS="$GPT_ARGS --sequence-parallel"
-fi
-if (( PP > 1 )); then
-    # stages exchange the hidden states with the caption and its mask, at each sample's own size
-    GPT_ARGS="$GPT_ARGS --optimization-level 2 --use-multiparameter-pipeline-model-parallel --variable-seq-lengths"
-fi
-case "$CP_ALGO" in
-    megatron_cp_algo)
-        GPT_ARGS="$GPT_ARGS --attention-mask-type general --use-cp-send-recv-overlap --cp-window-size ${CP_WINDOW}" ;;
-    hybrid_cp_algo)
-        GPT_ARGS="$GPT_ARGS --attention-mask-type general --use-cp-send-recv-overlap --ulysses-degree-in-cp ${ULYSSES}" ;;
-esac
-
-MM_ARGS="
-    --mm-model $MM_MODEL \
-    --mm-data $MM_DATA
-"
-
-OUTPUT_ARGS="
-    --log-interval 1 \
-    --log-throughput \
-    --tensorboard-dir ${LOG_DIR}/tensorboard/${RUN_NAME}
-"
-if [[ -n "$SAVE_PATH" ]]; then
-    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL --ckpt-format $CKPT_FORMAT"
-fi
-if [[ -n "$LOAD_PATH" ]]; then
-    OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
-fi
-
-mkdir -p "$LOG_DIR"
-torchrun $DISTRIBUTED_ARGS pretrain_i2v.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"
+source examples/pretrain_launch.sh  # DISTRIBUTED_ARGS, GPT_ARGS, MM_ARGS, OUTPUT_ARGS and torchrun

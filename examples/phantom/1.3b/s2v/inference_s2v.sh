@@ -7,7 +7,7 @@
 # for the DiT; a diffusers Wan2.1-T2V-1.3B directory's vae/ and text_encoder/ + tokenizer/), or set
 # LOAD_PATH to an mm checkpoint (a training run's --save directory, or mm-convert's output) to take
 # the DiT's weights from there.
-# The JSON holds seed 000's Phantom settings: ulysses_size 4 x ring_size 2 (the CP flags below must
+# The JSON holds Phantom's own generate settings: ulysses_size 4 x ring_size 2 (the CP flags below must
 # agree: CP=8, hybrid_cp_algo, ULYSSES=4), t5_fsdp and dit_fsdp (text encoder and DiT parameters
 # sharded over the ranks), and the image/text guidance scales. Phantom's three guidance branches run
 # on each rank (no CFG pairs).

@@ -36,8 +36,11 @@ GBS=${GBS:-$((MBS * WORLD_SIZE / (TP * PP * CP) * (VP > 1 ? PP : 1)))}  # interl
 RECOMPUTE_LAYERS=${RECOMPUTE_LAYERS:-30}  # layers recomputed in the backward (of 30)
 TRAIN_ITERS=${TRAIN_ITERS:-5000}
 LR=${LR:-1e-5}
+ADAM_EPS=${ADAM_EPS:-1e-8}
+NUM_WORKERS=${NUM_WORKERS:-4}
 DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-30}
 
+ENTRY_POINT=pretrain_t2v.py
 MM_MODEL=${MM_MODEL:-examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json}
 MM_DATA=${MM_DATA:-examples/wan2.1/1.3b/t2v/data.json}
 RUN_NAME=${RUN_NAME:-wan2.1_1.3b_t2v}
@@ -50,69 +53,4 @@ LOAD_ARGS=${LOAD_ARGS:-}
 CKPT_FORMAT=${CKPT_FORMAT:-torch_dist}  # torch_dist (any layout loads it) or torch (per-rank files)
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
-source examples/launch_env.sh  # Ascend's environment on an NPU, NVIDIA's otherwise
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $GPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
-
-GPT_ARGS="
-    --tensor-model-parallel-size ${TP} \
-    --pipeline-model-parallel-size ${PP} \
-    --virtual-pipeline-model-parallel-size ${VP} \
-    --context-parallel-size ${CP} \
-    --context-parallel-algo ${CP_ALGO} \
-    --micro-batch-size ${MBS} \
-    --global-batch-size ${GBS} \
-    --train-iters ${TRAIN_ITERS} \
-    --lr ${LR} \
-    --min-lr ${LR} \
-    --lr-decay-style constant \
-    --lr-warmup-iters 0 \
-    --weight-decay 1e-2 \
-    --adam-beta1 0.9 \
-    --adam-beta2 0.999 \
-    --adam-eps 1e-8 \
-    --clip-grad 1.0 \
-    --bf16 \
-    --use-distributed-optimizer \
-    --recompute-granularity full \
-    --recompute-method block \
-    --recompute-num-layers ${RECOMPUTE_LAYERS} \
-    --num-workers 4 \
-    --seed 1234 \
-    --distributed-timeout-minutes ${DIST_TIMEOUT_MINUTES}
-"
-if (( TP > 1 )); then
-    GPT_ARGS="$GPT_ARGS --sequence-parallel"
-fi
-if [[ "$CP_ALGO" == hybrid_cp_algo ]]; then
-    GPT_ARGS="$GPT_ARGS --ulysses-degree-in-cp ${ULYSSES}"
-fi
-if [[ "$CP_ALGO" != ulysses_cp_algo ]]; then
-    GPT_ARGS="$GPT_ARGS --use-cp-send-recv-overlap"
-fi
-
-MM_ARGS="
-    --mm-model $MM_MODEL \
-    --mm-data $MM_DATA
-"
-
-OUTPUT_ARGS="
-    --log-interval 1 \
-    --log-throughput \
-    --tensorboard-dir ${LOG_DIR}/tensorboard/${RUN_NAME}
-"
-if [[ -n "$SAVE_PATH" ]]; then
-    OUTPUT_ARGS="$OUTPUT_ARGS --save $SAVE_PATH --save-interval $SAVE_INTERVAL --ckpt-format $CKPT_FORMAT"
-fi
-if [[ -n "$LOAD_PATH" ]]; then
-    OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
-fi
-
-mkdir -p "$LOG_DIR"
-torchrun $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"
+source examples/pretrain_launch.sh  # DISTRIBUTED_ARGS, GPT_ARGS, MM_ARGS, OUTPUT_ARGS and torchrun
