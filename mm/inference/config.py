@@ -1,6 +1,6 @@
 """The model JSON's ``inference`` section: what to sample and how.
 
-Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after the mm name):
+Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases, listed after the mm name):
 
 - ``prompt`` (a string, a list, or, as MindSpeed-MM's JSONs give it, the path of a ``.txt`` file of
   one prompt per line) or ``prompt_file`` (one prompt per line): at least one prompt.
@@ -19,7 +19,7 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   ``ref_images``, else t2v).
   A Wan2.2 TI2V-5B model (``predictor.in_dim = out_dim``) samples t2v, or i2v with the image's
   latent as the first latent frame (``num_frames >= 5``).
-- ``image`` (``conditional_pixel_values_path``, seed 003's name): the first frame of an
+- ``image`` (``conditional_pixel_values_path``, MindSpeed-MM's name): the first frame of an
   image-to-video model, one path for every prompt, a list with one per prompt, or a ``.txt`` file of
   one path per line (per prompt); ``last_image``
   (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
@@ -28,13 +28,13 @@ Keys (Wan's / Phantom's names of seed 000 are accepted as aliases, listed after 
   string) or a list of such lists, one per prompt; guided by ``guidance_scale_img``
   (``sample_guide_scale_img``, 5) and ``guidance_scale_text`` (``sample_guide_scale_text``, 7.5) as
   ``mm.families.wan.subject`` describes (``guidance_scale`` is not used by s2v, as in Phantom).
-- ``ulysses_size``, ``ring_size`` (seed 000's Wan/Phantom names): context parallelism of
+- ``ulysses_size``, ``ring_size`` (Wan's and Phantom's names): context parallelism of
   ulysses_size x ring_size ranks (mapped onto --context-parallel-size / -algo /
   --ulysses-degree-in-cp by ``mm.arguments`` before anything starts).
-- ``offload_model`` (seed 000's name): every model waits in host memory and comes to the device
+- ``offload_model`` (Wan's name): every model waits in host memory and comes to the device
   only for its stage (text/image encoding, denoising, decoding); ``t5_cpu``: the text encoder
   stays on the host.
-- ``dit_fsdp``, ``t5_fsdp`` (seed 000's names): shard the DiT's parameters over its context-parallel
+- ``dit_fsdp``, ``t5_fsdp`` (Wan's names): shard the DiT's parameters over its context-parallel
   group, the text encoder's over its TP x CP group (the ranks that run each forward together; see
   ``mm.parallel.fsdp``): each rank keeps a 1/group share and gathers one block at a time.
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the

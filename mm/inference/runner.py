@@ -73,8 +73,7 @@ def sampling_config(config) -> SamplingConfig:
     section = config.model.extra.get("inference", {})
     problems.extend(family.sampler.check(config, arch, section))
     sampling = parse_sampling(section, spatial, temporal, tuple(arch.patch_size), problems)
-    if not problems:
-        problems.extend(family.sampler.check_sampling(config, arch, sampling, temporal))
+    problems.extend(family.sampler.check_sampling(config, arch, sampling, temporal))
     cp, tpcp = config.sizes.context_parallel, config.sizes.tensor_parallel * config.sizes.context_parallel
     if sampling.dit_fsdp and cp == 1:
         problems.append("inference.dit_fsdp shards the DiT over its context-parallel group, which is 1 rank here: "

@@ -161,7 +161,7 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
     skips = SkipCounter()
     batches = None
-    if first_stage:  # stage 0 holds the frozen encoders and reads the data (seed 003's layout)
+    if first_stage:  # stage 0 holds the frozen encoders and reads the data (MindSpeed-MM's layout)
         vae = family.build_vae(cfg.model.ae, dtype).to(device)
         text_encoders = [family.text_encoders(text, int(tokenizer.get("model_max_length", 512)),
                                               recipe.text_zero_padding).to(device)
