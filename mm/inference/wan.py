@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mm.accelerator import destroy_distributed
 from mm.arguments import ConfigError
+from mm.ckpt import load_model
 from mm.data.video_writer import write_mp4
 from mm.diffusion.samplers import build_sampler
 from mm.inference.config import SamplingConfig, parse_sampling
@@ -44,14 +45,13 @@ from mm.models.ae import load_vae
 from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor import build_predictor, predictor_config
 from mm.models.predictor.opensoraplan.weights import load_reference_weights
+from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.predictor.wan import load_hf_weights, read_weights
 from mm.models.predictor.wan.conditioning import WanConditioning
 from mm.models.text_encoder import TextEncoder
 from mm.parallel import get_group, get_group_ranks
 from mm.parallel.fsdp import shard_parameters
 from mm.runtime import start
-from mm.training.checkpointing import load_checkpoint
-from mm.training.pretrain import params_dtype, transformer_config
 
 PROG = "inference.py"
 
@@ -318,7 +318,7 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     def build_dit(weights: str, from_checkpoint: bool):
         model = build_predictor(pred.model_id, arch, transformer_config(args, arch, acc.is_cpu)).to(home).eval()
         if from_checkpoint:
-            load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
+            load_model(weights, [model])
         elif osp:
             load_reference_weights(model, read_weights(weights), tp_size=tp, tp_rank=tp_rank)
         else:

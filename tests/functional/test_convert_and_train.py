@@ -28,7 +28,7 @@ def _mm_convert(cwd, *args):
 
 def _hf_dir_with_config(assets, tmp_path):
     """The fixture's DiT weights (diffusers names) with the config.json diffusers writes beside them."""
-    from checkpoint.wan import diffusers_config
+    from mm.models.predictor.wan.hf_config import diffusers_config
     from mm.models.predictor import predictor_config
 
     pred = json.loads((assets / "model.json").read_text())["predictor"]
