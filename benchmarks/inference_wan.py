@@ -64,7 +64,7 @@ def make_assets(root: Path, predictor_json: Path) -> None:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from checkpoint.wan import diffusers_config
+    from mm.models.predictor.wan.hf_config import diffusers_config
     from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
     from mm.families import predictor_config
     from mm.models.text_encoder.tiny import save_tiny_text_encoder

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from mm.models.predictor.pipeline import pipeline_rows, stage_span
+
 
 class ConvertError(ValueError):
     """Bad input to mm-convert: the message names the option or file, the value and what is valid."""
@@ -70,8 +72,7 @@ class Layout:
 
     def span(self, stage: int, chunk: int) -> tuple[int, int]:
         """(global index of the first layer, number of layers) of ``chunk`` on ``stage``."""
-        before = sum(sum(r) for r in self.rows[:chunk]) + sum(self.rows[chunk][:stage])
-        return before, self.rows[chunk][stage]
+        return stage_span([list(r) for r in self.rows], stage, chunk)
 
     def holds_embedders(self, stage: int, chunk: int) -> bool:
         return stage == 0 and chunk == 0
@@ -99,13 +100,10 @@ def layout_from(config: ParallelConfig, num_layers: int, num_heads: int, option:
                            f"valid: {divisors}")
     if not pp_layers:
         return Layout(tp, ((num_layers,),))
-    rows = [pp_layers] if not isinstance(pp_layers[0], (list, tuple)) else list(pp_layers)
-    shape_ok = all(isinstance(r, (list, tuple)) and r and len(r) == len(rows[0]) for r in rows)
-    counts_ok = shape_ok and all(isinstance(n, int) and n >= 1 for r in rows for n in r)
-    if not counts_ok:
-        raise ConvertError(f"{option}.pp_layers = {pp_layers}; valid: [] (no pipelining), a list of layers per stage "
-                           "such as [8, 8, 8, 8], or one such list per virtual chunk such as [[4, 4], [4, 4]], every "
-                           "count >= 1")
+    try:
+        rows = pipeline_rows(pp_layers, least=1)
+    except ValueError as e:
+        raise ConvertError(f"{option}.pp_layers = {pp_layers}: {e}; or [] for no pipelining") from None
     if len(rows) > 1 and len(rows[0]) < 2:
         raise ConvertError(f"{option}.pp_layers = {pp_layers}: virtual pipeline chunks need at least 2 stages (a row "
                            "per chunk, a column per stage, e.g. [[1, 1], [1, 1]] for PP2 x VPP2)")

@@ -1,5 +1,6 @@
 """The verbs every DiT converter shares (hf_to_mm, mm_to_hf, resplit); a model's converter is this
-class with its ``ModelWeights`` and versions (``checkpoint/wan.py``, ``checkpoint/opensoraplan.py``)."""
+class with its family's ``NameTable`` (``mm/models/predictor/<family>/weights.py``) and versions
+(``checkpoint/wan.py``, ``checkpoint/opensoraplan.py``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from checkpoint.config import ConvertConfig, ConvertError, Layout, ParallelConfig, layout_from
-from checkpoint.families import ModelWeights
 from checkpoint.sources import HFSource, Source, TorchSource, open_mm_source
 from checkpoint.writers import return_freed_memory_to_the_system, staged_target, write_hf, write_mm
+from mm.ckpt import TRACKER
+from mm.models.predictor.name_table import NameTable
 
 
 def _check_source_layout(source: Source, given: ParallelConfig | None) -> None:
@@ -18,7 +20,7 @@ def _check_source_layout(source: Source, given: ParallelConfig | None) -> None:
     (a torch_dist checkpoint has no split to speak of)."""
     if given is None or not isinstance(source, TorchSource):
         return
-    recorded = (source.header.get("extra") or {}).get("pipeline_layers") or []
+    recorded = source.header.pipeline_layers or []
     if given.tp_size != source.tp or (given.pp_layers and recorded and given.pp_layers != recorded):
         raise ConvertError(f"--cfg.source_parallel_config = tp_size {given.tp_size}, pp_layers {given.pp_layers}; "
                            f"{source.origin} is tp_size {source.tp}, pp_layers {recorded or 'not recorded'}")
@@ -27,7 +29,7 @@ def _check_source_layout(source: Source, given: ParallelConfig | None) -> None:
 class DiTConverter:
     """A model family's DiT weights between its HuggingFace-side release and mm checkpoints."""
 
-    WEIGHTS: ClassVar[ModelWeights]
+    WEIGHTS: ClassVar[NameTable]
     VERSIONS: ClassVar[tuple[str, ...]]
 
     def __init__(self, version: str):
@@ -80,7 +82,7 @@ class DiTConverter:
         start = time.perf_counter()
         root = Path(cfg.source_path)
         if (root / "config.json").is_file() and any(root.glob("*.safetensors")) and \
-                not (root / "latest_checkpointed_iteration.txt").exists():
+                not (root / TRACKER).exists():
             source = HFSource(cfg.source_path, self.WEIGHTS)
         else:
             source = open_mm_source(cfg.source_path, self.WEIGHTS)

@@ -1,7 +1,7 @@
 """Where mm-convert reads a DiT from, one tensor at a time.
 
-Every source answers the same questions in the vocabulary of its model's name table (a
-``ModelWeights``: the Wan DiT's, Open-Sora-Plan's ...): which global mm keys it holds
+Every source answers the same questions in the vocabulary of its model family's ``NameTable`` (the
+Wan DiT's, Open-Sora-Plan's ...): which global mm keys it holds
 (``blocks.{global i}.…``), and for one key the full, unsplit tensors of its parts (one part, or
 q/k/v of a fused row, in the table's order). Nothing is read before it is asked for: safetensors
 files are read tensor by tensor with positioned reads, torch files are opened with ``mmap=True``,
@@ -18,9 +18,24 @@ from typing import Any, Iterator
 import torch
 
 from checkpoint.config import ConvertError
-from checkpoint.families import ModelWeights
-from mm.models.predictor.wan.weights import WeightMappingError, global_name, tp_shard
-from mm.training.chunks import chunk_keys
+from mm.ckpt import (
+    MODEL_FILE,
+    TRACKER,
+    CheckpointError,
+    CheckpointHeader,
+    chunk_keys,
+    find_checkpoint,
+    rank_dir,
+    read_header,
+)
+from mm.models.predictor.name_table import (
+    NameTable,
+    ReleaseConfigError,
+    WeightMappingError,
+    global_name,
+    tp_merge,
+    tp_split,
+)
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -33,7 +48,7 @@ class Source:
     """The interface; ``weights``: the model family; ``arch``: its predictor config keys (what
     checkpoint headers record as ``extra.predictor``); ``origin``: a phrase for messages."""
 
-    weights: ModelWeights
+    weights: NameTable
     arch: dict[str, Any]
     origin: str
 
@@ -50,15 +65,10 @@ class Source:
     def local(self, key: str, tp: int, rank: int) -> torch.Tensor:
         """TP rank ``rank``'s tensor of ``key`` (fused rows: the rank's slice of each part, concatenated)."""
         rule, _ = self.weights.rule_for(key)
-        pieces = [_split(p, rule.split, tp, rank, key) for p in self.parts(key)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-
-
-def _split(tensor: torch.Tensor, split: str | None, tp: int, rank: int, key: str) -> torch.Tensor:
-    try:
-        return tp_shard(tensor, split, tp, rank, key)
-    except WeightMappingError as e:
-        raise ConvertError(str(e)) from None
+        try:
+            return tp_split(self.parts(key), rule.split, tp, rank, key)
+        except WeightMappingError as e:
+            raise ConvertError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ class HFSource(Source):
     """``*.safetensors`` (diffusers' sharded files with their index, or a release's single file) and
     ``config.json`` in one directory, named as one of ``weights``' formats."""
 
-    def __init__(self, directory: str | Path, weights: ModelWeights, option: str = "--cfg.source_path"):
+    def __init__(self, directory: str | Path, weights: NameTable, option: str = "--cfg.source_path"):
         self.weights = weights
         self.directory = Path(directory)
         if not self.directory.is_dir():
@@ -121,7 +131,7 @@ class HFSource(Source):
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise ConvertError(f"{option} = {str(directory)!r}: no *.safetensors files there (expected the "
-                               f"{weights.name}'s release directory: config.json and *.safetensors)")
+                               f"{weights.model}'s release directory: config.json and *.safetensors)")
         self._file_of: dict[str, SafetensorsFile] = {}
         for f in files:
             try:
@@ -157,7 +167,10 @@ class HFSource(Source):
         def shape(name: str) -> list[int] | None:
             return self._shape(name) if name in self._file_of else None
 
-        return self.weights.read_arch(config, self.format, shape, str(config_file))
+        try:
+            return self.weights.read_arch(config, self.format, shape, str(config_file))
+        except ReleaseConfigError as e:
+            raise ConvertError(str(e)) from None
 
     def _map_keys(self) -> list[str]:
         """Every table row whose source tensors are all present (a row's parts all or none), and
@@ -165,7 +178,7 @@ class HFSource(Source):
         keys, used, partial = [], set(), []
         block = self.weights.source_layer_pattern(self.format)
         layers = sorted({int(m.group(1)) for k in self._file_of if (m := block.match(k))})
-        for rule in self.weights.table:
+        for rule in self.weights.rows:
             indices = layers if _is_block_rule(rule.mm) else [None]
             for i in indices:
                 values = {} if i is None else {"i": str(i)}
@@ -176,13 +189,13 @@ class HFSource(Source):
                     used.update(names)
                 elif present:
                     partial.append(f"{rule.mm.format(**values)} needs {names}, found only {present}")
-        ignored = self.weights.ignored_source_keys.get(self.format, ())
+        ignored = self.weights.ignored.get(self.format, ())
         unexpected = sorted(k for k in self._file_of if k not in used and not any(p.match(k) for p in ignored))
         problems = []
         if partial:
             problems.append(f"incomplete ({len(partial)}): {'; '.join(partial[:10])}")
         if unexpected:
-            problems.append(f"not in the {self.weights.name} name table ({len(unexpected)}): "
+            problems.append(f"not in the {self.weights.model} name table ({len(unexpected)}): "
                             f"{', '.join(unexpected[:20])}")
         if self.weights.expected_keys is not None:
             expected = self.weights.expected_keys(self.arch)
@@ -198,7 +211,7 @@ class HFSource(Source):
             problems.append(f"layers {layers[:3]}...{layers[-3:] if layers else []} ({len(layers)}) but config.json "
                             f"says num_layers = {self.arch['num_layers']}")
         if problems:
-            raise ConvertError(f"{self.origin} do not match the {self.weights.name}:\n  " + "\n  ".join(problems))
+            raise ConvertError(f"{self.origin} do not match the {self.weights.model}:\n  " + "\n  ".join(problems))
         return keys
 
     def keys(self) -> list[str]:
@@ -231,66 +244,53 @@ class HFSource(Source):
 
 
 def _checkpoint_path(root: Path, option: str) -> Path:
-    from mm.training.checkpointing import CheckpointError, checkpoint_dir, read_tracker
-
     try:
-        iteration = read_tracker(root, option)
+        path = find_checkpoint(root, option)
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
-    if iteration is None:
+    if path is None:
         hint = ("; it holds *.safetensors and config.json, a HuggingFace-side release: convert that with hf_to_mm"
                 if (root / "config.json").is_file() and any(root.glob("*.safetensors")) else "")
-        raise ConvertError(f"{option} = {str(root)!r}: no latest_checkpointed_iteration.txt (pass the directory "
-                           f"that --save wrote or mm-convert hf_to_mm made){hint}")
-    path = checkpoint_dir(root, iteration)
-    if not path.is_dir():
-        raise ConvertError(f"{option} = {str(root)!r}: the tracker names {path.name}, which does not exist")
+        raise ConvertError(f"{option} = {str(root)!r}: no {TRACKER} (pass the directory that --save wrote or "
+                           f"mm-convert hf_to_mm made){hint}")
     return path
 
 
-def open_mm_source(directory: str | Path, weights: ModelWeights, option: str = "--cfg.source_path") -> Source:
+def _header(path: Path, option: str) -> CheckpointHeader:
+    try:
+        header = read_header(path, option)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    if not header.predictor:
+        raise ConvertError(f"{option}: {path} does not record the model's predictor config (extra.predictor); it was "
+                           "written by an mm without it")
+    return header
+
+
+def open_mm_source(directory: str | Path, weights: NameTable, option: str = "--cfg.source_path") -> Source:
     """An mm checkpoint directory (the one with latest_checkpointed_iteration.txt), either format, of
     ``weights``' model."""
-    from mm.training import checkpoint_torch
-
     root = Path(directory)
     if not root.is_dir():
         raise ConvertError(f"{option} = {str(directory)!r}: not a directory")
     path = _checkpoint_path(root, option)
-    if checkpoint_torch.is_torch_checkpoint(path):
-        source = TorchSource(path, weights, option)
-    elif (path / "metadata.json").is_file():
-        source = TorchDistSource(path, weights, option)
-    else:
-        source = None
-    if source is not None:
-        _check_keys(source, option)
-        return source
-    raise ConvertError(f"{option}: {path} is neither a torch-format (checkpoint.json) nor a torch_dist "
-                       "(metadata.json) checkpoint")
-
-
-def _arch_of(header: dict, path: Path, option: str) -> dict[str, Any]:
-    arch = (header.get("extra") or {}).get("predictor")
-    if not arch:
-        raise ConvertError(f"{option}: {path} does not record the model's predictor config (extra.predictor); it was "
-                           "written by an mm without it")
-    return dict(arch)
+    header = _header(path, option)
+    source = (TorchSource if header.format == "torch" else TorchDistSource)(path, header, weights)
+    _check_keys(source, option)
+    return source
 
 
 class TorchSource(Source):
     """``mp_rank_XX[_YYY]/model_optim_rng.pt`` of any TP/PP/VPP, opened memory-mapped."""
 
-    def __init__(self, path: Path, weights: ModelWeights, option: str):
-        from mm.training import checkpoint_torch
-
+    def __init__(self, path: Path, header: CheckpointHeader, weights: NameTable):
         self.weights = weights
         self.path = path
-        self.header = checkpoint_torch.read_header(path)
-        self.arch = _arch_of(self.header, path, option)
-        parallel = self.header["parallel"]
-        self.tp, self.pp = parallel["tensor_model_parallel_size"], parallel["pipeline_model_parallel_size"]
-        chunks = parallel.get("virtual_pipeline_model_parallel_size") or 1
+        self.header = header
+        self.arch = dict(header.predictor)
+        parallel = header.parallel
+        self.tp, self.pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        chunks = parallel.virtual_pipeline_model_parallel_size or 1
         self.chunk_keys = chunk_keys(chunks)
         self.origin = f"the mm checkpoint {path} (TP{self.tp} PP{self.pp}{f' VPP{chunks}' if chunks > 1 else ''})"
         self._files: dict[tuple[int, int], dict] = {}
@@ -311,10 +311,8 @@ class TorchSource(Source):
                 offset += counts[(stage, ck)]
 
     def _file(self, tp_rank: int, stage: int) -> dict:
-        from mm.training import checkpoint_torch
-
         if (tp_rank, stage) not in self._files:
-            f = checkpoint_torch.rank_dir(self.path, tp_rank, stage, self.pp) / checkpoint_torch.MODEL_FILE
+            f = rank_dir(self.path, tp_rank, stage, self.pp) / MODEL_FILE
             if not f.is_file():
                 raise ConvertError(f"{self.origin}: {f} is missing")
             self._files[(tp_rank, stage)] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
@@ -329,30 +327,20 @@ class TorchSource(Source):
     def parts(self, key: str) -> list[torch.Tensor]:
         rule, _ = self.weights.rule_for(key)
         stage, ck, local = self._where[key]
-        n = rule.fused_parts
-        per_rank = [self._file(r, stage)[ck][local] for r in range(self.tp)]
-        pieces = [t.chunk(n, dim=0) if n > 1 else (t,) for t in per_rank]
-        out = []
-        for j in range(n):
-            if rule.split is None or self.tp == 1:
-                out.append(pieces[0][j])
-            else:
-                out.append(torch.cat([p[j] for p in pieces], dim=0 if rule.split == "column" else 1))
-        return out
+        return tp_merge([self._file(r, stage)[ck][local] for r in range(self.tp)], rule.split, rule.fused_parts)
 
 
 class TorchDistSource(Source):
     """A torch_dist checkpoint: tensors stored under global keys with un-split shapes (fused rows as
     ``[parts, ...]``), read one at a time without process groups."""
 
-    def __init__(self, path: Path, weights: ModelWeights, option: str):
-        from megatron.core import dist_checkpointing
+    def __init__(self, path: Path, header: CheckpointHeader, weights: NameTable):
         from torch.distributed.checkpoint import FileSystemReader
 
         self.weights = weights
         self.path = path
-        self.header = dist_checkpointing.load_common_state_dict(str(path))
-        self.arch = _arch_of(self.header, path, option)
+        self.header = header
+        self.arch = dict(header.predictor)
         self.origin = f"the mm checkpoint {path} (torch_dist)"
         self._reader = FileSystemReader(str(path))
         metadata = self._reader.read_metadata().state_dict_metadata
@@ -391,7 +379,7 @@ def _check_keys(source: Source, option: str) -> None:
         except WeightMappingError:
             unknown.append(key)
     if unknown or not source.keys():
-        raise ConvertError(f"{option}: {source.origin} is not a {source.weights.name} checkpoint: "
+        raise ConvertError(f"{option}: {source.origin} is not a {source.weights.model} checkpoint: "
                            f"{len(unknown)} tensors have no row in its name table: {', '.join(unknown[:10])}")
 
 

@@ -16,7 +16,19 @@ from tqdm import tqdm
 
 from checkpoint.config import ConvertError, Layout
 from checkpoint.sources import Source, iter_layer_keys
-from mm.training.chunks import chunk_keys
+from mm.ckpt import (
+    MEGATRON_CHECKPOINT_VERSION,
+    MODEL_FILE,
+    RELEASE,
+    CheckpointHeader,
+    Content,
+    ParallelLayout,
+    checkpoint_dir,
+    chunk_keys,
+    rank_dir,
+    write_header,
+    write_tracker,
+)
 
 
 @contextmanager
@@ -118,12 +130,10 @@ def _stage_keys(layout: Layout, source: Source, source_keys: list[str], stage: i
 
 def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, Any]) -> int:
     """An mm ``release`` checkpoint of ``source`` split by ``layout`` under ``directory``; one
-    (TP, PP) file at a time. Returns the bytes written."""
-    from mm.training import checkpoint_torch
-    from mm.training.checkpointing import CHECKPOINT_VERSION, TRACKER
-
+    (TP, PP) file at a time; ``extra``: the header's notes on where it came from. Returns the bytes
+    written."""
     keys = source.keys()
-    release = directory / "release"
+    release = checkpoint_dir(directory, RELEASE)
     release.mkdir()
     chunks = len(layout.rows)
     chunk_names = chunk_keys(chunks)
@@ -133,8 +143,7 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
     total = 0
     with tqdm(total=tensors, desc=extra.get("verb", "convert"), unit="tensor") as bar:
         for stage, rank in plan:
-            state: dict[str, Any] = {"checkpoint_version": checkpoint_torch.MEGATRON_CHECKPOINT_VERSION,
-                                     "iteration": 0}
+            state: dict[str, Any] = {"checkpoint_version": MEGATRON_CHECKPOINT_VERSION, "iteration": 0}
             for chunk, name in enumerate(chunk_names):
                 state[name] = {}
                 for gkey, local in _stage_keys(layout, source, keys, stage, chunk):
@@ -142,21 +151,18 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
                     state[name][local] = tensor
                     total += tensor.numel() * tensor.element_size()
                     bar.update()
-            out = checkpoint_torch.rank_dir(release, rank, stage, layout.pp)
+            out = rank_dir(release, rank, stage, layout.pp)
             out.mkdir()
-            with open(out / checkpoint_torch.MODEL_FILE, "wb") as f:
+            with open(out / MODEL_FILE, "wb") as f:
                 torch.save(state, f)
             del state
             source.release()
-    header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "consumed_samples": 0,
-              "parallel": {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp,
-                           "virtual_pipeline_model_parallel_size": layout.vpp, "context_parallel_size": 1,
-                           "data_parallel_size": 1, "world_size": layout.tp * layout.pp,
-                           "distributed_optimizer": False, "optimizer_sharding": None},
-              "content": {"optimizer": False, "rng": False, "ema": False},
-              "extra": dict(extra, predictor=source.arch, pipeline_layers=layout.as_pp_layers())}
-    checkpoint_torch.write_header(release, header)
-    (directory / TRACKER).write_text("release\n")
+    parallel = ParallelLayout(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+                              virtual_pipeline_model_parallel_size=layout.vpp, world_size=layout.tp * layout.pp)
+    write_header(release, CheckpointHeader(iteration=0, consumed_samples=0, parallel=parallel, content=Content(),
+                                           entry_point="mm-convert", predictor=source.arch,
+                                           pipeline_layers=layout.as_pp_layers(), extra=extra, format="torch"))
+    write_tracker(directory, RELEASE)
     return total
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.arguments.errors import ConfigError
+from mm.models.predictor.pipeline import pipeline_rows
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -133,15 +134,10 @@ def _pipeline_num_layers(reader: _Reader) -> list | None:
     value = reader.get("pipeline_num_layers", list)
     if value is None:
         return None
-    flat = value if not value or not isinstance(value[0], list) else [x for row in value for x in row]
-    ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in flat)
-    two_d = bool(value) and all(isinstance(row, list) for row in value)
-    one_d = all(not isinstance(row, list) for row in value)
-    if not value or not ok or not (one_d or two_d):
-        reader.problems.append(
-            f"{reader.key('pipeline_num_layers')} = {value!r}: expected a non-empty list of layer counts "
-            "(>= 0) per pipeline stage, e.g. [8, 8, 8, 8], or per virtual chunk and stage, e.g. [[4, 4], [4, 4]]"
-        )
+    try:
+        pipeline_rows(value)
+    except ValueError as e:
+        reader.problems.append(f"{reader.key('pipeline_num_layers')} = {value!r}: {e}")
         return None
     return value
 

@@ -11,6 +11,7 @@ import argparse
 from mm.accelerator.attention_kernels import kernels_for
 from mm.accelerator.device import BACKENDS, backend_accepted
 from mm.arguments.json_configs import DataConfig, ModelConfig
+from mm.models.predictor.pipeline import pipeline_layers_problems
 from mm.parallel.groups import ParallelSizes
 
 MODES = ("train", "inference")
@@ -199,41 +200,14 @@ def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[st
 def _check_pipeline_num_layers(args: argparse.Namespace, layout: list | None, num_layers: int | None,
                                problems: list[str]) -> None:
     pp = args.pipeline_model_parallel_size
-    vpp = virtual_pipeline_size(args)
-    key = "predictor.pipeline_num_layers"
     if layout is None:
         if pp > 1:
             problems.append(
-                f"--pipeline-model-parallel-size {pp} needs {key} in the model JSON: the DiT layers per stage, "
-                f"e.g. {[num_layers // pp] * pp if num_layers and num_layers % pp == 0 else [8] * pp}"
+                f"--pipeline-model-parallel-size {pp} needs predictor.pipeline_num_layers in the model JSON: the DiT "
+                f"layers per stage, e.g. {[num_layers // pp] * pp if num_layers and num_layers % pp == 0 else [8] * pp}"
             )
         return
-    two_d = isinstance(layout[0], list)
-    if two_d:
-        rows_ok = len(layout) == (vpp or 1) and all(len(row) == pp for row in layout)
-        if not rows_ok:
-            problems.append(
-                f"{key} = {layout}: a 2-D layout needs {vpp or 1} row(s) (--virtual-pipeline-model-parallel-size) "
-                f"of {pp} stage(s) each (--pipeline-model-parallel-size)"
-            )
-            return
-        total = sum(sum(row) for row in layout)
-    else:
-        if vpp is not None:
-            problems.append(
-                f"{key} = {layout} is 1-D but --virtual-pipeline-model-parallel-size is {vpp}; "
-                f"give {vpp} rows of {pp} stages, e.g. [[4, 4], [4, 4]]"
-            )
-            return
-        if len(layout) != pp:
-            problems.append(
-                f"{key} = {layout} has {len(layout)} stage(s) but --pipeline-model-parallel-size is {pp}; "
-                "the list needs one entry per pipeline stage"
-            )
-            return
-        total = sum(layout)
-    if num_layers is not None and total != num_layers:
-        problems.append(f"{key} = {layout} sums to {total} layers but predictor.num_layers = {num_layers}")
+    problems.extend(pipeline_layers_problems(layout, num_layers, pp, virtual_pipeline_size(args)))
 
 
 def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, world_size: int,

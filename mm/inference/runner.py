@@ -31,15 +31,15 @@ from tqdm import tqdm
 
 from mm.accelerator import destroy_distributed
 from mm.arguments import ConfigError
+from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
 from mm.families import Texts, family_for
 from mm.inference.config import SamplingConfig, parse_sampling
 from mm.models.predictor.wan import read_weights
 from mm.parallel import get_group, get_group_ranks
+from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.parallel.fsdp import shard_parameters
 from mm.runtime import start
-from mm.training.checkpointing import load_checkpoint
-from mm.training.pretrain import params_dtype, transformer_config
 
 PROG = "inference.py"
 
@@ -157,7 +157,7 @@ class Runner:
         self.dits = [self._build_dit(args.load or pred.from_pretrained, args.load is not None)]
         if sampling.low_noise_model is not None:  # an mm checkpoint has a tracker file, a release directory not
             low = sampling.low_noise_model
-            self.dits.append(self._build_dit(low, (Path(low) / "latest_checkpointed_iteration.txt").is_file()))
+            self.dits.append(self._build_dit(low, (Path(low) / TRACKER).is_file()))
         if sampling.dit_fsdp:  # over the ranks that run every DiT forward together
             for model in self.dits:
                 held = shard_parameters(model, mpu.get_context_parallel_group(), self.device.type)
@@ -184,7 +184,7 @@ class Runner:
         model = self.family.build_predictor(pred.model_id, self.arch,
                                             transformer_config(args, self.arch, self.acc.is_cpu)).to(self.home).eval()
         if from_checkpoint:
-            load_checkpoint(weights, [model], None, None, load_optim=False, load_rng=False)
+            load_model(weights, [model])
         else:
             self.family.load_weights(model, read_weights(weights), args.tensor_model_parallel_size,
                                      mpu.get_tensor_model_parallel_rank())

@@ -19,12 +19,12 @@ Each model-parallel rank keeps its own shard under its local parameter names, so
 loads only into the TP/PP/VPP layout that wrote it (``mm-convert resplit`` converts between
 layouts; ``--ckpt-format torch_dist`` loads anywhere). DP and CP may change when the optimizer
 is distributed (megatron's DP-rank-0 format is unpadded); RNG states need the same DP x CP size.
-Saving, atomicity and the tracker are those of ``checkpointing``.
+Saving, atomicity and the tracker are those of ``checkpointing``; the layout, the header and the
+model part of loading are ``mm.ckpt``'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,44 +33,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
-HEADER = "checkpoint.json"
-MODEL_FILE = "model_optim_rng.pt"
-OPTIM_FILE = "distrib_optim.pt"
-MEGATRON_CHECKPOINT_VERSION = 3.0
-
-
-def rank_dir(path: Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    """Megatron-LM's ``mp_rank_{tp:02d}`` (no PP) or ``mp_rank_{tp:02d}_{pp:03d}``."""
-    return path / (f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
-
-
-def is_torch_checkpoint(path: Path) -> bool:
-    return (path / HEADER).is_file()
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    return json.loads((path / HEADER).read_text())
-
-
-def write_header(path: Path, header: dict[str, Any]) -> None:
-    """``checkpoint.json`` (rank 0; also what mm-convert writes beside its shards)."""
-    with open(path / HEADER, "w") as f:
-        json.dump(header, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _my_dir(path: Path) -> Path:
-    return rank_dir(path, mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
-                    mpu.get_pipeline_model_parallel_world_size())
+from mm.ckpt import MEGATRON_CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, CheckpointHeader, write_header
+from mm.ckpt.load import my_rank_dir, read_model_file
 
 
 def _dp_cp_group():
     return mpu.get_data_parallel_group(with_context_parallel=True)
 
 
-def save(tmp: Path, header: dict[str, Any], chunk_keys: list[str], chunks: Sequence[torch.nn.Module], optimizer,
+def save(tmp: Path, header: CheckpointHeader, chunk_keys: list[str], chunks: Sequence[torch.nn.Module], optimizer,
          scheduler, rng_state: dict | None, distributed_parts: list, ema: list | None = None) -> None:
     """Every rank: write this (TP, PP) rank's files into ``tmp`` (DP x CP rank 0 writes; the others
     contribute their RNG states and optimizer shards)."""
@@ -86,13 +57,13 @@ def save(tmp: Path, header: dict[str, Any], chunk_keys: list[str], chunks: Seque
         write_header(tmp, header)
     if not writer:
         return
-    out = _my_dir(tmp)
+    out = my_rank_dir(tmp)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"checkpoint_version": MEGATRON_CHECKPOINT_VERSION, "iteration": header["iteration"],
-                             "consumed_samples": header["consumed_samples"]}
+    state: dict[str, Any] = {"checkpoint_version": MEGATRON_CHECKPOINT_VERSION, "iteration": header.iteration,
+                             "consumed_samples": header.consumed_samples}
     for key, chunk in zip(chunk_keys, chunks):
         state[key] = chunk.state_dict()
-    if header["content"]["optimizer"]:
+    if header.content.optimizer:
         state["optimizer"] = optimizer.state_dict()
         state["opt_param_scheduler"] = scheduler.state_dict()
     if rng_states is not None:
@@ -111,27 +82,15 @@ def _save_file(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def read(path: Path, chunk_keys: list[str], chunks: Sequence[torch.nn.Module], *, strict: bool,
+def read(path: Path, chunks: Sequence[torch.nn.Module], *, strict: bool,
          read_param_state: bool) -> tuple[dict, list | None]:
-    """This rank: read its (TP, PP) rank's file and load the model chunks from it (no collectives,
-    so a rank that fails here can tell the others before anyone waits). Returns the file's dict and,
-    on DP x CP rank 0 with ``read_param_state``, the distributed optimizer's parameter states."""
-    mine = _my_dir(path)
-    state = torch.load(mine / MODEL_FILE, map_location="cpu", weights_only=False)
-    missing = [k for k in chunk_keys if k not in state]
-    if missing:
-        raise KeyError(f"{mine / MODEL_FILE} has no {', '.join(missing)} (holds {sorted(state)})")
-    for key, chunk in zip(chunk_keys, chunks):
-        loaded = dict(state[key])
-        # megatron layers' _extra_state entries carry nothing for these layers; weights written by
-        # mm-convert leave them out
-        for name, value in chunk.state_dict().items():
-            if name.endswith("._extra_state") and name not in loaded:
-                loaded[name] = value
-        chunk.load_state_dict(loaded, strict=strict)
+    """This rank: read its (TP, PP) rank's file and load the model chunks from it (``mm.ckpt``'s
+    model part; no collectives). Returns the file's dict and, on DP x CP rank 0 with
+    ``read_param_state``, the distributed optimizer's parameter states."""
+    state = read_model_file(path, chunks, strict)
     param_states = None
     if read_param_state and dist.get_rank(_dp_cp_group()) == 0:
-        param_states = torch.load(mine / OPTIM_FILE, map_location="cpu", weights_only=False)
+        param_states = torch.load(my_rank_dir(path) / OPTIM_FILE, map_location="cpu", weights_only=False)
     return state, param_states
 
 

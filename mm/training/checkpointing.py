@@ -1,6 +1,6 @@
-"""Training checkpoints in megatron-core's distributed format (``torch_dist``).
-
-Layout, as Megatron-LM writes it::
+"""Saving and resuming training checkpoints: megatron-core's distributed format (``torch_dist``)
+or, asked for, Megatron-LM's per-rank files (``checkpoint_torch``). The directory layout, the
+header and the loading of the model weights are the checkpoint format's (``mm.ckpt``)::
 
     <dir>/latest_checkpointed_iteration.txt   the last complete iteration, e.g. "10"
     <dir>/iter_0000010/                       one torch.distributed.checkpoint directory
@@ -18,8 +18,9 @@ One checkpoint holds, under layout-independent keys (the model's global tensor n
   loads only into the same TP/PP/CP layout and bucket structure).
   megatron's ``fully_sharded_model_space`` is not offered: megatron-core 0.19 refuses the flattened
   ShardedTensors it builds.
-* ``opt_param_scheduler``, ``iteration``, ``consumed_samples``, ``checkpoint_version``,
-  ``parallel`` (the layout that wrote it: logged on load, checked against RNG states), ``extra``.
+* ``opt_param_scheduler``, and the header's entries (``mm.ckpt.CheckpointHeader``: version,
+  iteration, consumed samples, the layout that wrote it (logged on load, checked against RNG
+  states), what it holds, the predictor config and pipeline layers, ``extra``).
 * ``rng_state``: per rank (python, numpy, torch, the accelerator's generator, megatron's
   tensor-parallel RNG tracker), one ``ShardedObject`` shard per (PP, TP, CP, DP) coordinate, so it
   only fits the layout that wrote it; ``load_rng=False`` (``--no-load-rng``) skips it.
@@ -36,6 +37,7 @@ and NCCL. megatron-core's torch_dist writer imports ``psutil``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import random
@@ -51,74 +53,31 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import (
-    ShardedBase,
-    ShardedObject,
-    ShardedTensor,
-    ShardedTensorFactory,
-)
-from megatron.core.dist_checkpointing.serialization import (
-    load_sharded_metadata,
-    get_default_load_sharded_strategy,
-    get_default_save_sharded_strategy,
-)
-from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-    FullyParallelLoadStrategyWrapper,
-    FullyParallelSaveStrategyWrapper,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from mm.accelerator import get_accelerator, rank0_print
+from mm.ckpt import (
+    CKPT_FORMATS,
+    MODEL_PARALLEL,
+    RELEASE,
+    TRACKER,
+    CheckpointError,
+    CheckpointHeader,
+    Content,
+    ParallelLayout,
+    checkpoint_dir,
+    chunk_keys,
+    find_checkpoint,
+    unwrap,
+    write_tracker,
+)
+from mm.ckpt.load import agree, load_model_state, load_sharded, model_sharded_state, open_checkpoint
 from mm.training import checkpoint_torch
-from mm.training.chunks import chunk_keys, unwrap as _unwrap
 
-TRACKER = "latest_checkpointed_iteration.txt"
-RELEASE = -1  # the tracker's "release": weights from mm-convert, not a training iteration
-CKPT_FORMATS = ("torch_dist", "torch")
-CHECKPOINT_VERSION = 1  # mm's content layout; bump when keys change meaning
 OPTIMIZER_SHARDINGS = ("fully_reshardable", "dp_reshardable")
 _TMP = re.compile(r"^\.iter_\d{7}\.(tmp|old)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read into this run: the message says which and why."""
-
-
-def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """``<root>/iter_0000010``; ``<root>/release`` for converted weights (iteration ``RELEASE``)."""
-    return Path(root) / ("release" if iteration == RELEASE else f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str | os.PathLike, flag: str = "--load") -> int | None:
-    """The iteration in ``<root>/latest_checkpointed_iteration.txt``; None without the file."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return RELEASE
-    if not text.isdigit():
-        raise CheckpointError(f"{flag} {root}: {tracker} holds {text!r}; expected an iteration number or 'release'")
-    return int(text)
-
-
-def _chunk_keys(model_chunks: Sequence[torch.nn.Module]) -> list[str]:
-    return chunk_keys(len(model_chunks))
-
-
-def _layout() -> dict[str, Any]:
-    return {"tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
-            "virtual_pipeline_model_parallel_size": mpu.get_virtual_pipeline_model_parallel_world_size(),
-            "context_parallel_size": mpu.get_context_parallel_world_size(),
-            "data_parallel_size": mpu.get_data_parallel_world_size(),
-            "world_size": dist.get_world_size()}
-
-
-def _describe(layout: dict[str, Any]) -> str:
-    vpp = layout.get("virtual_pipeline_model_parallel_size")
-    return (f"TP{layout['tensor_model_parallel_size']} PP{layout['pipeline_model_parallel_size']}"
-            f"{f' VPP{vpp}' if vpp else ''} CP{layout['context_parallel_size']} DP{layout['data_parallel_size']}")
 
 
 def _distributed_parts(optimizer) -> list:
@@ -173,69 +132,6 @@ def _load_distributed_optimizer(optimizer, state: dict) -> None:
         _load_param_state(part, loader, param_state)
 
 
-def _entries(value) -> list:
-    """The ShardedTensors / ShardedObjects one state-dict value stands for in the checkpoint."""
-    if isinstance(value, ShardedTensorFactory):
-        return list(nested_values({"built": value.build()}))
-    return [value] if isinstance(value, ShardedBase) else []
-
-
-def _match_checkpoint(state: dict, chunk_keys: list[str], path: Path, where: str, strict: bool) -> None:
-    """Compare what every rank asks for with what ``path`` holds, before megatron-core reads it (its
-    own errors name neither the checkpoint nor the remedy, and a rank that fails alone leaves the
-    others waiting). Model tensors of the wrong global shape, and optimizer or RNG entries that are
-    not there, always fail; model tensors absent from the checkpoint (dropped from ``state``, so
-    they keep their values) or never read fail only when ``strict``."""
-    stored = {v.key: v for v in load_sharded_metadata(str(path)).values()}
-    absent, shapes, asked = set(), set(), set()
-    # the model keys one replica asks for: DP x CP rank 0 speaks for the others
-    speaks = mpu.get_data_parallel_rank(with_context_parallel=True) == 0
-    for section, value in _nested_items(state, chunk_keys):
-        for entry in _entries(value):
-            if speaks and section == "model":
-                asked.add(entry.key)
-            if entry.key not in stored:
-                absent.add((section, entry.key))
-            elif isinstance(entry, ShardedTensor) and tuple(stored[entry.key].global_shape) != entry.global_shape:
-                shapes.add(f"{entry.key}: checkpoint {tuple(stored[entry.key].global_shape)}, "
-                           f"this run {entry.global_shape}")
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (absent, shapes, asked))
-    absent = set().union(*(a for a, _, _ in everyone))
-    shapes = sorted(set().union(*(s for _, s, _ in everyone)))
-    asked = set().union(*(k for _, _, k in everyone))
-    absent_model = sorted(k for section, k in absent if section == "model")
-    absent_other = sorted(k for section, k in absent if section != "model")
-    unread = sorted(k for k in set(stored) - asked
-                    if not k.startswith(("optimizer.", "rng_state", "common_state", "ema.")))
-    lines = []
-    if shapes:
-        lines.append(f"  different global shapes ({len(shapes)}): {'; '.join(shapes[:20])}")
-    if strict and absent_model:
-        lines.append(f"  not in the checkpoint ({len(absent_model)}): {', '.join(absent_model[:20])}")
-    if strict and unread:
-        lines.append(f"  in the checkpoint but not in this model ({len(unread)}): {', '.join(unread[:20])}")
-    if absent_other:
-        lines.append(f"  optimizer/RNG/EMA state not in the checkpoint ({len(absent_other)}): "
-                     f"{', '.join(absent_other[:20])} (load with --no-load-optim / --no-load-rng)")
-    if lines:
-        raise CheckpointError("\n".join([f"{where} does not match this model:"] + lines))
-    if absent_model or unread:
-        rank0_print(f"WARNING: {where}: model tensors not in the checkpoint (kept as they are): {absent_model}; "
-                    f"checkpoint tensors this model does not have: {unread}")
-    for key in chunk_keys:
-        state[key] = {k: v for k, v in state[key].items()
-                      if not any(e.key in absent_model for e in _entries(v))}
-
-
-def _nested_items(state: dict, chunk_keys: list[str]):
-    """(``"model"`` or the top-level key, value) for every leaf of the state to load."""
-    for top, value in state.items():
-        section = "model" if top in chunk_keys else top
-        for leaf in nested_values({top: value}):
-            yield section, leaf
-
-
 def _rng_coordinates() -> tuple[tuple[int, ...], tuple[int, ...]]:
     shape = (mpu.get_pipeline_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size(),
              mpu.get_context_parallel_world_size(), mpu.get_data_parallel_world_size())
@@ -265,12 +161,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _sharded_state_dict(model_chunks, optimizer, with_optim: bool, with_rng: bool, optimizer_sharding: str,
                         is_loading: bool) -> dict[str, Any]:
     """What a checkpoint holds (sharded parts; the caller adds the common values when saving)."""
-    state: dict[str, Any] = {}
-    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
-        state[key] = _unwrap(chunk).sharded_state_dict()
+    state: dict[str, Any] = model_sharded_state(model_chunks)
     if with_optim:
         metadata = {"distrib_optim_sharding_type": optimizer_sharding, "chained_optim_avoid_prefix": True}
-        model_state = {k: state[k] for k in _chunk_keys(model_chunks)}
+        model_state = {k: state[k] for k in chunk_keys(len(model_chunks))}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     if with_rng:
         shape, offset = _rng_coordinates()
@@ -323,35 +217,25 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     else:
         tmp.rename(final)
     _fsync_dir(root)
-    tracker_tmp = root / f".{TRACKER}.tmp"
-    with open(tracker_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, root / TRACKER)
+    write_tracker(root, iteration)
     _fsync_dir(root)
-
-
-def _agree(error: str | None) -> None:
-    """Every rank raises the first rank's error if any rank has one (instead of the others waiting)."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CheckpointError(first)
 
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer, scheduler, consumed_samples: int, *, save_optim: bool = True, save_rng: bool = True,
-                    extra: dict[str, Any] | None = None, optimizer_sharding: str = "fully_reshardable",
-                    ckpt_format: str = "torch_dist", ema=None) -> Path:
+                    entry_point: str | None = None, predictor: dict[str, Any] | None = None,
+                    pipeline_layers: list | None = None, extra: dict[str, Any] | None = None,
+                    optimizer_sharding: str = "fully_reshardable", ckpt_format: str = "torch_dist",
+                    ema=None) -> Path:
     """Write ``<save_dir>/iter_{iteration:07d}`` and point the tracker at it; every rank calls this.
 
     ``model_chunks``: this rank's model chunks (megatron DDP-wrapped or bare), one per virtual
     pipeline chunk in order; ``optimizer`` / ``scheduler``: megatron-core's optimizer and
     ``OptimizerParamScheduler`` (both skipped with ``save_optim=False``; the optimizer may be None
-    then); ``consumed_samples``: global samples consumed by the end of ``iteration``; ``extra``: a
-    JSON-able dict kept in the checkpoint (e.g. the entry point); ``optimizer_sharding``: the
+    then); ``consumed_samples``: global samples consumed by the end of ``iteration``;
+    ``entry_point``, ``predictor`` (the predictor config's keys), ``pipeline_layers`` and
+    ``extra`` (a JSON-able dict): what the header records (``mm.ckpt.CheckpointHeader``);
+    ``optimizer_sharding``: the
     distributed optimizer's torch_dist format (see the module docstring); ``ckpt_format``:
     ``torch_dist`` (any layout loads it) or ``torch`` (megatron's per-rank files, see
     ``checkpoint_torch``); ``ema``: a ``ModelEMA`` whose averages the checkpoint keeps too.
@@ -368,31 +252,33 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     _on_rank0(f"--save {root}: cannot prepare {tmp}", _prepare, root, tmp)
     rank0_print(f"saving checkpoint at iteration {iteration:7d} to {root} ({ckpt_format})")
     distributed_optimizer = save_optim and _is_distributed_optimizer(optimizer)
-    common = dict(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
-                  parallel=dict(_layout(), distributed_optimizer=distributed_optimizer,
-                                optimizer_sharding=optimizer_sharding if distributed_optimizer else None),
-                  content={"optimizer": save_optim, "rng": save_rng, "ema": ema is not None}, extra=extra or {})
+    sharding = (("dp_zero" if ckpt_format == "torch" else optimizer_sharding) if distributed_optimizer else None)
+    header = CheckpointHeader(
+        iteration=iteration, consumed_samples=consumed_samples,
+        parallel=dataclasses.replace(ParallelLayout.current(), distributed_optimizer=distributed_optimizer,
+                                     optimizer_sharding=sharding),
+        content=Content(optimizer=save_optim, rng=save_rng, ema=ema is not None), entry_point=entry_point,
+        predictor=predictor, pipeline_layers=pipeline_layers, extra=dict(extra or {}), format=ckpt_format)
     failure = f"--save {root}: writing iteration {iteration} to {tmp} failed; {TRACKER} still names the previous " \
               "checkpoint"
     if ckpt_format == "torch":
-        common["parallel"]["optimizer_sharding"] = "dp_zero" if distributed_optimizer else None
         error = None
         try:
-            checkpoint_torch.save(tmp, common, _chunk_keys(model_chunks), [_unwrap(c) for c in model_chunks],
+            checkpoint_torch.save(tmp, header, chunk_keys(len(model_chunks)), [unwrap(c) for c in model_chunks],
                                   optimizer, scheduler, _rng_state() if save_rng else None,
                                   _distributed_parts(optimizer) if distributed_optimizer else [],
                                   ema=None if ema is None else ema.state_dict())
         except OSError as e:
             error = f"{failure}: {e}"
-        _agree(error)
+        agree(error)
     else:
         state = _sharded_state_dict(model_chunks, optimizer, save_optim, save_rng, optimizer_sharding,
                                     is_loading=False)
         if save_optim:
             state["opt_param_scheduler"] = scheduler.state_dict()
         if ema is not None:
-            state["ema"] = ema.sharded_state_dict(_chunk_keys(model_chunks))
-        state.update(common)
+            state["ema"] = ema.sharded_state_dict(chunk_keys(len(model_chunks)))
+        state.update(header.to_dict())
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                     mpu.get_data_parallel_group(with_context_parallel=True))
         try:
@@ -437,112 +323,89 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     (not with ``finetune``), else starts from the loaded weights. Every rank calls this.
     """
     root = Path(load_dir)
-    if ((root / "metadata.json").is_file() or checkpoint_torch.is_torch_checkpoint(root)) and \
-            not (root / TRACKER).is_file():
-        raise CheckpointError(f"--load {root} is one checkpoint's directory; pass its parent (the directory "
-                              f"holding {TRACKER})")
-    iteration = read_tracker(root)
-    if iteration is None:
+    path = find_checkpoint(root)
+    if path is None:
         rank0_print(f"no checkpoint to load: --load {root} has no {TRACKER}; training starts from scratch")
         return 0, 0
-    path = checkpoint_dir(root, iteration)
-    named = "release" if iteration == RELEASE else f"iteration {iteration}"
-    if checkpoint_torch.is_torch_checkpoint(path):
-        ckpt_format, common = "torch", checkpoint_torch.read_header(path)
-    elif (path / "metadata.json").is_file():
-        ckpt_format, common = "torch_dist", dist_checkpointing.load_common_state_dict(str(path))
-    else:
-        what = (f"is incomplete (neither metadata.json nor {checkpoint_torch.HEADER})" if path.is_dir()
-                else "does not exist")
-        raise CheckpointError(f"--load {root}: {TRACKER} names {named}, but {path} {what}")
-    if common.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"--load {root}: {path} has checkpoint_version {common.get('checkpoint_version')}; "
-                              f"this version of mm reads {CHECKPOINT_VERSION}")
-    saved, layout = common["parallel"], _layout()
-    rank0_print(f"loading {ckpt_format} checkpoint from {path} at {named} (written by {_describe(saved)}"
-                f"{', distributed optimizer' if saved['distributed_optimizer'] else ''}; this run: {_describe(layout)})")
-    model_parallel = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                      "virtual_pipeline_model_parallel_size")
-    if ckpt_format == "torch" and any(saved[k] != layout[k] for k in model_parallel):
-        raise CheckpointError(f"--load {root}: {path} is a torch-format checkpoint (one file per model-parallel rank) "
-                              f"of {_describe(saved)}; it loads only into the same TP/PP/VPP (this run: "
-                              f"{_describe(layout)}); resplit it with mm-convert or save with --ckpt-format torch_dist")
+    header = open_checkpoint(path)
     with_optim = load_optim and not finetune
     with_rng = load_rng and not finetune
-    if with_optim:
-        if not common["content"]["optimizer"]:
-            raise CheckpointError(f"--load {root}: {path} holds no optimizer state (saved with --no-save-optim or "
-                                  "converted weights); load with --no-load-optim or --finetune")
-        if saved["distributed_optimizer"] != _is_distributed_optimizer(optimizer):
-            raise CheckpointError(
-                f"--load {root}: {path} holds {'distributed' if saved['distributed_optimizer'] else 'plain'} optimizer "
-                f"state; this run uses the {'plain' if saved['distributed_optimizer'] else 'distributed'} optimizer "
-                "(--use-distributed-optimizer must match, or load with --no-load-optim)")
-        if saved["optimizer_sharding"] == "dp_reshardable" and any(
-                saved[k] != layout[k] for k in model_parallel + ("context_parallel_size",)):
-            raise CheckpointError(f"--load {root}: {path} holds dp_reshardable optimizer state written by "
-                                  f"{_describe(saved)}; it loads only into the same TP/PP/VPP/CP layout (this run: "
-                                  f"{_describe(layout)}); load with --no-load-optim")
-    if with_rng:
-        if not common["content"]["rng"]:
-            raise CheckpointError(f"--load {root}: {path} holds no RNG state (saved with --no-save-rng or converted "
-                                  "weights); load with --no-load-rng")
-        if any(saved[k] != layout[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                               "context_parallel_size", "data_parallel_size")):
-            raise CheckpointError(f"--load {root}: {path} holds per-rank RNG states of {_describe(saved)}; this run "
-                                  f"is {_describe(layout)}; load with --no-load-rng to keep this run's RNG states")
-    with_ema = ema is not None and not finetune and bool(common["content"].get("ema"))
+    _check_resumable(header, path, optimizer, with_optim=with_optim, with_rng=with_rng)
+    with_ema = ema is not None and not finetune and header.content.ema
     if with_optim:
         _allocate_optimizer_state(optimizer)
-    if ckpt_format == "torch":
-        distributed = _distributed_parts(optimizer) if with_optim else []
-        error = None
-        try:
-            state, param_states = checkpoint_torch.read(path, _chunk_keys(model_chunks),
-                                                        [_unwrap(c) for c in model_chunks], strict=strict,
-                                                        read_param_state=bool(distributed))
-            if with_ema:
-                ema.load_state_dict(state["ema"])
-        except (OSError, KeyError, RuntimeError, ValueError) as e:
-            error = f"--load {root}: cannot read {path}: {type(e).__name__}: {e}"
-        _agree(error)
-        checkpoint_torch.restore(state, param_states, optimizer, scheduler, with_optim=with_optim, with_rng=with_rng,
-                                 distributed_parts=distributed,
-                                 load_param_state=lambda part, st: _load_param_state(
-                                     part, part.load_parameter_state_from_dp_zero, st),
-                                 set_rng=_set_rng_state)
-    else:
-        _load_torch_dist(path, root, model_chunks, optimizer, scheduler, saved, with_optim=with_optim,
-                         with_rng=with_rng, strict=strict, ema=ema if with_ema else None)
+    load = _load_torch if header.format == "torch" else _load_torch_dist
+    load(path, model_chunks, optimizer, scheduler, header, with_optim=with_optim, with_rng=with_rng, strict=strict,
+         ema=ema if with_ema else None)
     if ema is not None and not with_ema:
         ema.reset()
         rank0_print(f"  EMA starts from the loaded weights ({'--finetune' if finetune else 'no EMA in the checkpoint'})")
     dist.barrier()
-    if finetune or iteration == RELEASE:
+    if finetune or path == checkpoint_dir(root, RELEASE):
         rank0_print(f"  loaded model weights from {path} ({'--finetune' if finetune else 'release'}: iteration and "
                     "consumed samples start at 0)")
         return 0, 0
-    rank0_print(f"  loaded checkpoint from {path} at iteration {iteration}")
-    return iteration, int(common["consumed_samples"])
+    rank0_print(f"  loaded checkpoint from {path} at iteration {header.iteration}")
+    return header.iteration, header.consumed_samples
 
 
-def _load_torch_dist(path: Path, root: Path, model_chunks, optimizer, scheduler, saved: dict, *, with_optim: bool,
-                     with_rng: bool, strict: bool, ema=None) -> None:
-    state = _sharded_state_dict(model_chunks, optimizer, with_optim, with_rng, saved["optimizer_sharding"] or
-                                "fully_reshardable", is_loading=True)
-    if ema is not None:
-        state["ema"] = ema.sharded_state_dict(_chunk_keys(model_chunks))
-    _match_checkpoint(state, _chunk_keys(model_chunks), path, f"--load {root}: {path}", strict)
-    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)),
-                                                mpu.get_data_parallel_group(with_context_parallel=True))
-    try:
-        loaded = dist_checkpointing.load(state, str(path), strategy)
-    except (Exception, CheckpointException) as e:  # megatron's errors name tensors, not the checkpoint or flag
-        raise CheckpointError(f"--load {root}: cannot read {path}: {e}") from e
-    for key, chunk in zip(_chunk_keys(model_chunks), model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+def _check_resumable(header: CheckpointHeader, path: Path, optimizer, *, with_optim: bool, with_rng: bool) -> None:
+    """The optimizer and RNG states asked for are in the checkpoint and fit this run."""
+    saved, layout, root = header.parallel, ParallelLayout.current(), path.parent
     if with_optim:
-        if saved["distributed_optimizer"]:
+        if not header.content.optimizer:
+            raise CheckpointError(f"--load {root}: {path} holds no optimizer state (saved with --no-save-optim or "
+                                  "converted weights); load with --no-load-optim or --finetune")
+        if saved.distributed_optimizer != _is_distributed_optimizer(optimizer):
+            raise CheckpointError(
+                f"--load {root}: {path} holds {'distributed' if saved.distributed_optimizer else 'plain'} optimizer "
+                f"state; this run uses the {'plain' if saved.distributed_optimizer else 'distributed'} optimizer "
+                "(--use-distributed-optimizer must match, or load with --no-load-optim)")
+        if saved.optimizer_sharding == "dp_reshardable" and not saved.matches(
+                layout, MODEL_PARALLEL + ("context_parallel_size",)):
+            raise CheckpointError(f"--load {root}: {path} holds dp_reshardable optimizer state written by "
+                                  f"{saved.describe()}; it loads only into the same TP/PP/VPP/CP layout (this run: "
+                                  f"{layout.describe()}); load with --no-load-optim")
+    if with_rng:
+        if not header.content.rng:
+            raise CheckpointError(f"--load {root}: {path} holds no RNG state (saved with --no-save-rng or converted "
+                                  "weights); load with --no-load-rng")
+        if not saved.matches(layout, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                      "context_parallel_size", "data_parallel_size")):
+            raise CheckpointError(f"--load {root}: {path} holds per-rank RNG states of {saved.describe()}; this run "
+                                  f"is {layout.describe()}; load with --no-load-rng to keep this run's RNG states")
+
+
+def _load_torch(path: Path, model_chunks, optimizer, scheduler, header: CheckpointHeader, *, with_optim: bool,
+                with_rng: bool, strict: bool, ema=None) -> None:
+    distributed = _distributed_parts(optimizer) if with_optim else []
+    error = None
+    try:
+        state, param_states = checkpoint_torch.read(path, model_chunks, strict=strict,
+                                                    read_param_state=bool(distributed))
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        error = f"--load {path.parent}: cannot read {path}: {type(e).__name__}: {e}"
+    agree(error)
+    checkpoint_torch.restore(state, param_states, optimizer, scheduler, with_optim=with_optim, with_rng=with_rng,
+                             distributed_parts=distributed,
+                             load_param_state=lambda part, st: _load_param_state(
+                                 part, part.load_parameter_state_from_dp_zero, st),
+                             set_rng=_set_rng_state)
+
+
+def _load_torch_dist(path: Path, model_chunks, optimizer, scheduler, header: CheckpointHeader, *, with_optim: bool,
+                     with_rng: bool, strict: bool, ema=None) -> None:
+    keys = chunk_keys(len(model_chunks))
+    state = _sharded_state_dict(model_chunks, optimizer, with_optim, with_rng,
+                                header.parallel.optimizer_sharding or "fully_reshardable", is_loading=True)
+    if ema is not None:
+        state["ema"] = ema.sharded_state_dict(keys)
+    loaded = load_sharded(path, state, keys, strict)
+    load_model_state(model_chunks, loaded, strict)
+    if with_optim:
+        if header.parallel.distributed_optimizer:
             _load_distributed_optimizer(optimizer, loaded["optimizer"])
         else:
             optimizer.load_state_dict(loaded["optimizer"])
@@ -552,4 +415,4 @@ def _load_torch_dist(path: Path, root: Path, model_chunks, optimizer, scheduler,
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     if ema is not None:
-        ema.load_sharded(loaded["ema"], _chunk_keys(model_chunks))
+        ema.load_sharded(loaded["ema"], keys)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from mm.training.chunks import unwrap
+from mm.ckpt import unwrap
 
 PREFIX = "ema."
 

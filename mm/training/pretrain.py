@@ -24,49 +24,24 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from mm.accelerator import destroy_distributed
+from mm.ckpt import unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
 from mm.families import family_for
 from mm.families.spec import TRAINING_ENTRY_POINTS as TASKS
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
+from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.wan import read_weights
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
-from mm.training.chunks import unwrap
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
 from mm.training.optimizer_kernels import use_torch_kernels
 from mm.training.checks import check_task
-
-
-def params_dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def transformer_config(args, arch, on_cpu: bool, vpp: int | None = None) -> TransformerConfig:
-    """megatron-core's config for the DiT from the flags (parallel sizes, precision, recompute).
-
-    Pipeline stages exchange a StageMessage whose length depends on the resolution, so shapes always
-    travel with it (``variable_seq_lengths``); interleaved schedules overlap their p2p (megatron's
-    default), the plain 1F1B batches it."""
-    pp = args.pipeline_model_parallel_size
-    return TransformerConfig(
-        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-        variable_seq_lengths=pp > 1, overlap_p2p_comm=pp > 1 and vpp is not None,
-        batch_p2p_comm=not (pp > 1 and vpp is not None),
-        moe_token_dispatcher_type="alltoall",  # no MoE; megatron asks for it with variable_seq_lengths
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-        params_dtype=params_dtype(args), bf16=args.bf16, fp16=args.fp16, pipeline_dtype=params_dtype(args),
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules,
-        use_cpu_initialization=on_cpu,
-        gradient_accumulation_fusion=False)
 
 
 def rank_last_print(*args) -> None:
@@ -229,8 +204,8 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     def save(iteration):
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, iteration * gbs,
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-                        extra={"entry_point": TASKS[task], "predictor": dataclasses.asdict(arch),
-                               "pipeline_layers": pred.pipeline_num_layers},
+                        entry_point=TASKS[task], predictor=dataclasses.asdict(arch),
+                        pipeline_layers=pred.pipeline_num_layers,
                         ckpt_format=args.ckpt_format, ema=ema)
 
     losses = []

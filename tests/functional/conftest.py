@@ -32,7 +32,7 @@ def worker(rank, world):
     from mm.parallel import ParallelSizes, initialize_parallel, destroy_parallel
     from mm.families import build_predictor, predictor_config
     from mm.models.predictor.wan import mm_to_hf
-    from mm.training.pretrain import transformer_config
+    from mm.models.predictor.transformer_config import transformer_config
     import argparse
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
     pred = json.load(open('{root}/model.json'))['predictor']

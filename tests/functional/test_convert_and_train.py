@@ -28,8 +28,8 @@ def _mm_convert(cwd, *args):
 
 def _hf_dir_with_config(assets, tmp_path):
     """The fixture's DiT weights (diffusers names) with the config.json diffusers writes beside them."""
-    from checkpoint.wan import diffusers_config
     from mm.families import predictor_config
+    from mm.models.predictor.wan.hf_config import diffusers_config
 
     pred = json.loads((assets / "model.json").read_text())["predictor"]
     params = {k: v for k, v in pred.items() if k not in ("model_id", "dtype", "num_layers", "num_heads",

@@ -389,8 +389,9 @@ def test_load_explains_what_is_wrong(tmp_path, capfd):
 def _failing_save_worker(rank, world, root, failure):
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
+    from mm.ckpt import read_tracker
     from mm.training import checkpoint_torch, checkpointing
-    from mm.training.checkpointing import load_checkpoint, read_tracker, save_checkpoint
+    from mm.training.checkpointing import load_checkpoint, save_checkpoint
 
     ckpt_format = "torch" if failure.startswith("torch") else "torch_dist"
     run = Run(LAYOUTS["tp2"], layers=2)
@@ -485,7 +486,7 @@ def _reload_worker(rank, world, root):
 
 
 def test_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
-    from mm.training.checkpointing import read_tracker
+    from mm.ckpt import read_tracker
 
     root = tmp_path / "ckpt"
     repo = Path(__file__).resolve().parents[2]

@@ -30,17 +30,17 @@ def _tiny_assets(root, kwargs, vae: dict) -> None:
 
 
 def _mm_worker(rank, world, mm_dir, text_dir, kwargs, solver):
+    from mm.ckpt import load_model
     from mm.inference.config import SamplingConfig
     from mm.families.wan.sampler import denoise
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
-    from mm.training.checkpointing import load_checkpoint
     from tests.wan_helpers import megatron_config
 
     initialize_parallel(ParallelSizes(world_size=world), seed=0)
     dit = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
-    load_checkpoint(mm_dir, [dit], None, None, load_optim=False, load_rng=False)
+    load_model(mm_dir, [dit])
     text = TextEncoder("umt5", text_dir, "fp32", max_length=16)
     contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
     sampling = SamplingConfig(prompts=[PROMPT], negative_prompt=NEGATIVE, sample_steps=STEPS, sample_shift=SHIFT,
@@ -86,6 +86,7 @@ def test_latents_equal_diffusers_wan_pipeline(tmp_path, solver):
 
 
 def _mm_i2v_worker(rank, world, root, kwargs, task, height=HEIGHT, width=WIDTH):
+    from mm.ckpt import load_model
     from mm.inference.config import SamplingConfig
     from mm.data.images import load_condition_frames
     from mm.families.wan.sampler import denoise
@@ -95,13 +96,12 @@ def _mm_i2v_worker(rank, world, root, kwargs, task, height=HEIGHT, width=WIDTH):
     from mm.models.predictor.wan.conditioning import WanConditioning
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
-    from mm.training.checkpointing import load_checkpoint
     from tests.wan_helpers import megatron_config
 
     initialize_parallel(ParallelSizes(world_size=world), seed=0)
     wan = WanDiTConfig(**kwargs)
     dit = WanDiT(wan, megatron_config(kwargs)).eval()
-    load_checkpoint(f"{root}/mm", [dit], None, None, load_optim=False, load_rng=False)
+    load_model(f"{root}/mm", [dit])
     # 512 text tokens, Wan's length: diffusers' image cross-attention takes everything before the last
     # 512 context tokens to be the image's
     text = TextEncoder("umt5", f"{root}/umt5", "fp32", max_length=512)
@@ -172,19 +172,19 @@ def test_image_to_video_latents_equal_diffusers(tmp_path, task):
 
 
 def _mm_experts_worker(rank, world, root, kwargs, boundary, guidance_2):
+    from mm.ckpt import load_model
     from mm.inference.config import SamplingConfig
     from mm.families.wan.sampler import denoise
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
-    from mm.training.checkpointing import load_checkpoint
     from tests.wan_helpers import megatron_config
 
     initialize_parallel(ParallelSizes(world_size=world), seed=0)
     experts = []
     for name in ("high", "low"):
         dit = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
-        load_checkpoint(f"{root}/{name}", [dit], None, None, load_optim=False, load_rng=False)
+        load_model(f"{root}/{name}", [dit])
         experts.append(dit)
     text = TextEncoder("umt5", f"{root}/umt5", "fp32", max_length=16)
     contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
@@ -269,6 +269,7 @@ def test_ti2v_latents_equal_diffusers_expand_timesteps(tmp_path, task):
 
 
 def _mm_phantom_worker(rank, world, root, kwargs, paths, scales):
+    from mm.ckpt import load_model
     from mm.inference.config import SamplingConfig
     from mm.families.wan.subject import load_reference_images, reference_latents
     from mm.families.wan.sampler import denoise
@@ -276,12 +277,11 @@ def _mm_phantom_worker(rank, world, root, kwargs, paths, scales):
     from mm.models.predictor.wan import WanDiT, WanDiTConfig
     from mm.models.text_encoder import TextEncoder
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
-    from mm.training.checkpointing import load_checkpoint
     from tests.wan_helpers import megatron_config
 
     initialize_parallel(ParallelSizes(world_size=world), seed=0)
     dit = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
-    load_checkpoint(f"{root}/mm", [dit], None, None, load_optim=False, load_rng=False)
+    load_model(f"{root}/mm", [dit])
     text = TextEncoder("umt5", f"{root}/umt5", "fp32", max_length=16)
     contexts = text.encode(*text.tokenize([PROMPT, NEGATIVE]))
     refs = reference_latents(load_wan_vae(f"{root}/vae"), load_reference_images(paths, HEIGHT, WIDTH))

@@ -29,3 +29,32 @@ def test_only_the_accelerator_layer_names_devices():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_layers_import_only_the_layers_below_them():
+    """mm-convert and inference never import the training loop; the checkpoint format imports
+    neither loop nor mm-convert; models import no loop."""
+    forbidden = {"checkpoint": ("mm.training",), "mm/inference": ("mm.training",),
+                 "mm/ckpt": ("mm.training", "mm.inference", "checkpoint"),
+                 "mm/models": ("mm.training", "mm.inference", "checkpoint")}
+    offenders = []
+    for folder, below in forbidden.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for name in sorted(_imported_modules(path)):
+                if any(name == b or name.startswith(f"{b}.") for b in below):
+                    offenders.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not offenders, "\n".join(offenders)

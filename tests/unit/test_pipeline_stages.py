@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm.models.predictor.pipeline import StageMessage, from_rows, layer_layout, stage_span, to_rows
+from mm.models.predictor.pipeline import (
+    StageMessage,
+    from_rows,
+    layer_layout,
+    pipeline_layers_problems,
+    pipeline_rows,
+    stage_span,
+    to_rows,
+)
 
 
 def test_layer_layout_even_and_given():
@@ -17,6 +25,22 @@ def test_layer_layout_even_and_given():
         layer_layout(6, 2, None, [1, 4])
     with pytest.raises(ValueError, match="pipeline_num_layers"):
         layer_layout(7, 2)
+
+
+def test_pipeline_layers_are_read_and_checked_in_one_place():
+    """The model JSON's predictor.pipeline_num_layers and mm-convert's pp_layers alike."""
+    assert pipeline_rows([1, 3]) == [[1, 3]] and pipeline_rows(((1, 1), (2, 0))) == [[1, 1], [2, 0]]
+    for bad in ([], [1, [2]], [[1, 1], [2]], [[]], [1, -1], [1, True], "8,8", None):
+        with pytest.raises(ValueError, match="expected a non-empty list of layer counts"):
+            pipeline_rows(bad)
+    with pytest.raises(ValueError, match=r"\(>= 1\)"):
+        pipeline_rows([4, 0], least=1)
+    assert pipeline_layers_problems([[1, 1], [1, 1]], 4, 2, 2) == []
+    assert pipeline_layers_problems([2, 2], None, 2, None) == []
+    assert "sums to 4 layers but predictor.num_layers = 6" in pipeline_layers_problems([2, 2], 6, 2, None)[0]
+    assert "has 2 stage(s) but --pipeline-model-parallel-size is 4" in pipeline_layers_problems([2, 2], 4, 4, None)[0]
+    assert "is 1-D but --virtual-pipeline-model-parallel-size is 2" in pipeline_layers_problems([2, 2], 4, 2, 2)[0]
+    assert "a 2-D layout needs 1 row(s)" in pipeline_layers_problems([[1, 1], [1, 1]], 4, 2, None)[0]
 
 
 def test_stage_span_follows_megatron_interleaving():

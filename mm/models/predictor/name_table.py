@@ -1,6 +1,9 @@
 """Name tables between a DiT's mm state-dict keys and a release's (diffusers, the original release,
 MindSpeed-MM, ...), with the tensor-parallel split of each tensor; the machinery every predictor's
-``weights.py`` shares (each declares only its rows, formats and how to tell its formats apart).
+``weights.py`` shares (each declares its rows, formats, how to tell its formats apart and how its
+release's config.json maps to its predictor config). A family's ``NameTable`` is the one
+description of its weights that loading release weights, distributed-checkpoint sharding
+(``wan/sharding.py``) and mm-convert (``checkpoint/``) all use.
 
 A row (``rule``) has ``mm`` (a key, ``{i}`` standing for a layer number), ``sources(fmt)`` (the
 release key(s) of format ``fmt``; several keys are fused: mm's TP rank r holds the concatenation of
@@ -12,9 +15,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+_SPLIT_DIM = {"column": 0, "row": 1}
+# a source tensor's shape, or None when the source does not hold it
+ShapeOf = Callable[[str], Optional[list[int]]]
 
 
 class WeightMappingError(KeyError):
@@ -29,14 +36,35 @@ def is_weight_key(key: str) -> bool:
     return not key.endswith("._extra_state")
 
 
+class ReleaseConfigError(ValueError):
+    """A release's config.json that is incomplete, or disagrees with the weights beside it."""
+
+
 def tp_shard(tensor: torch.Tensor, split: str | None, tp_size: int, tp_rank: int, key: str) -> torch.Tensor:
     """TP rank ``tp_rank``'s part of a full tensor under the table's ``split`` (a view)."""
     if split is None or tp_size == 1:
         return tensor
-    dim = 0 if split == "column" else 1
+    dim = _SPLIT_DIM[split]
     if tensor.shape[dim] % tp_size:
         raise WeightMappingError(f"{key}: dim {dim} of shape {tuple(tensor.shape)} is not divisible by TP {tp_size}")
     return tensor.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def tp_split(parts: Sequence[torch.Tensor], split: str | None, tp_size: int, tp_rank: int,
+             key: str) -> torch.Tensor:
+    """TP rank ``tp_rank``'s tensor of one row from the full tensors of its ``parts`` (a fused row:
+    the rank's slice of each part, concatenated along dim 0)."""
+    pieces = [tp_shard(p, split, tp_size, tp_rank, key) for p in parts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def tp_merge(shards: Sequence[torch.Tensor], split: str | None, parts: int) -> list[torch.Tensor]:
+    """The inverse of ``tp_split``: every TP rank's tensor of one row, in rank order -> the full
+    tensor of each of its ``parts``."""
+    pieces = [s.chunk(parts, dim=0) if parts > 1 else (s,) for s in shards]
+    if split is None or len(shards) == 1:
+        return list(pieces[0])
+    return [torch.cat([p[j] for p in pieces], dim=_SPLIT_DIM[split]) for j in range(parts)]
 
 
 def global_name(local_name: str, layer_offset: int) -> str:
@@ -54,17 +82,52 @@ def _pattern(template: str) -> re.Pattern:
 
 @dataclass
 class NameTable:
-    """One model family's table: ``rows``, its source ``formats`` (the first is ``mm_to_hf``'s
-    default), ``detect_format(keys)``, and per format the source keys to ignore (``ignored``)."""
+    """One model family's weights.
 
-    model: str  # in messages, e.g. "Wan"
+    Args:
+        model: the model in messages ("Wan DiT").
+        rows: the table: ``.mm`` (a template, ``{i}`` a layer number), ``.split`` ("column", "row"
+            or None), ``.fused_parts`` and ``.sources(fmt)`` (the release's templates).
+        formats: the release formats the rows know; the first is the one mm_to_hf writes.
+        detect_format: the release's key names -> their format; WeightMappingError when unknown.
+        ignored: format -> patterns of release tensors that have no counterpart in mm.
+        head_prefixes: mm keys (outside the layers) that the last pipeline stage holds; the other
+            non-layer keys sit on the first.
+        read_arch: (config.json, format, ShapeOf, config.json's path for messages) -> the
+            predictor config mm records in a checkpoint's header (the model JSON's predictor keys);
+            ReleaseConfigError when the config is incomplete or disagrees with the weights.
+        hf_config: a recorded predictor config -> the config.json mm_to_hf writes.
+        expected_keys: a predictor config -> every mm key of the whole model; when given, a
+            release must hold exactly these (else rows whose tensors are all absent are optional).
+    """
+
+    model: str
     rows: list
     formats: tuple[str, ...]
     detect_format: Callable[[Any], str]
     ignored: dict[str, tuple[re.Pattern, ...]] = field(default_factory=dict)
+    head_prefixes: tuple[str, ...] = ()
+    read_arch: Optional[Callable[[dict, str, ShapeOf, str], dict[str, Any]]] = None
+    hf_config: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
+    expected_keys: Optional[Callable[[dict[str, Any]], list[str]]] = None
 
     def __post_init__(self) -> None:
         self._patterns = [(_pattern(rule.mm), rule) for rule in self.rows]
+
+    @property
+    def hf_format(self) -> str:
+        """The format mm_to_hf writes."""
+        return self.formats[0]
+
+    def is_head(self, mm_key: str) -> bool:
+        """Whether the last pipeline stage holds ``mm_key`` (else a non-layer key sits on the first)."""
+        return not mm_key.startswith("blocks.") and mm_key.startswith(self.head_prefixes)
+
+    def source_layer_pattern(self, fmt: str) -> re.Pattern:
+        """Matches a release's layer tensor of ``fmt`` and captures its layer number (the prefixes
+        before ``{i}`` in the layer rows: ``blocks.``, ``transformer_blocks.`` ...)."""
+        prefixes = sorted({s.split("{i}")[0] for rule in self.rows if "{i}" in rule.mm for s in rule.sources(fmt)})
+        return re.compile("^(?:" + "|".join(map(re.escape, prefixes)) + r")(\d+)\.")
 
     def rule_for(self, mm_key: str):
         """The row of an mm key and its placeholder values."""
@@ -91,8 +154,7 @@ class NameTable:
             if absent:
                 missing.extend(absent)
                 continue
-            parts = [tp_shard(source[n], rule.split, tp_size, tp_rank, n) for n in names]
-            out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            out[key] = tp_split([source[n] for n in names], rule.split, tp_size, tp_rank, key)
         ignored = self.ignored.get(fmt, ())
         unexpected = sorted(k for k in source if k not in used and not any(p.match(k) for p in ignored)) \
             if check_unexpected else []
@@ -109,17 +171,10 @@ class NameTable:
         """Merge the (global-named) state dicts of all TP ranks, in rank order, into full source tensors."""
         fmt = fmt or self.formats[0]
         out = {}
-        tp = len(shards)
         for key in filter(is_weight_key, shards[0]):
             rule, values = self.rule_for(key)
             names = [s.format(**values) for s in rule.sources(fmt)]
-            pieces = [shard[key].chunk(len(names), dim=0) if len(names) > 1 else (shard[key],) for shard in shards]
-            for j, name in enumerate(names):
-                per_rank = [p[j] for p in pieces]
-                if rule.split is None or tp == 1:
-                    out[name] = per_rank[0]
-                else:
-                    out[name] = torch.cat(per_rank, dim=0 if rule.split == "column" else 1)
+            out.update(zip(names, tp_merge([shard[key] for shard in shards], rule.split, len(names))))
         return out
 
     def load(self, model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int, tp_rank: int,

@@ -14,10 +14,12 @@ reference names with its renaming (``transformer_blocks`` -> ``videodit_sparse_b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mm.models.predictor.name_table import NameTable, WeightMappingError
+from mm.models.predictor.opensoraplan.hf_config import config_of, osp_hf_config, read_osp_arch
 
 FORMATS = ("opensoraplan", "mindspeed")
 
@@ -95,7 +97,30 @@ def detect_format(keys) -> str:
                              "nor MindSpeed-MM (videodit_sparse_blocks.N.*) keys")
 
 
-OSP_WEIGHTS = NameTable("Open-Sora-Plan", OSP_NAME_TABLE, FORMATS, detect_format)
+_I2V_PREFIXES = ("masked_video_embedding.", "mask_embedding.")
+
+
+def osp_expected_keys(arch: dict[str, Any]) -> list[str]:
+    """Every mm key of the whole DiT ``arch`` describes (the model's state dict, without building it)."""
+    osp = config_of(arch)
+    keys = []
+    for rule in OSP_NAME_TABLE:
+        template = rule.mm
+        if template.startswith(_I2V_PREFIXES) and not osp.is_i2v:
+            continue
+        if template.startswith(("blocks.{i}.norm1.", "blocks.{i}.norm2.")) and not osp.norm_elementwise_affine:
+            continue
+        if template.endswith(("linear_qkv.bias", "cross_attention.linear_q.bias",
+                              "cross_attention.linear_kv.bias")) and not osp.attention_q_bias:
+            continue
+        layers = range(osp.num_layers) if "{i}" in template else [None]
+        keys.extend(template.format(i=i) if i is not None else template for i in layers)
+    return keys
+
+
+OSP_WEIGHTS = NameTable("Open-Sora-Plan v1.3 DiT", OSP_NAME_TABLE, FORMATS, detect_format,
+                        head_prefixes=("scale_shift_table", "proj_out."), read_arch=read_osp_arch,
+                        hf_config=osp_hf_config, expected_keys=osp_expected_keys)
 rule_for, hf_to_mm, mm_to_hf = OSP_WEIGHTS.rule_for, OSP_WEIGHTS.hf_to_mm, OSP_WEIGHTS.mm_to_hf
 
 

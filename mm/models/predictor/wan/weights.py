@@ -4,8 +4,9 @@ Wan release's, plus the tensor-parallel split of each tensor.
 Each row: mm key, diffusers key(s), original key(s), and how TP splits it ("column": dim 0 per
 rank, "row": dim 1 per rank, None: replicated). A row with several source keys fuses them: mm's
 TP rank r holds the concatenation of rank r's slice of each (so a fused q/k/v shard holds that
-rank's heads of q, k and v). ``{i}`` stands for a layer number. Used by ``load_hf_weights`` now
-and by mm-convert for sharding and merging.
+rank's heads of q, k and v). ``{i}`` stands for a layer number. ``WAN_WEIGHTS`` (the table with
+its formats and config.json mapping) is used by ``load_hf_weights``, the distributed-checkpoint
+sharding and mm-convert.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mm.models.predictor.name_table import (  # noqa: F401 (re-exported: the Wan
     is_weight_key,
     tp_shard,
 )
+from mm.models.predictor.wan.hf_config import diffusers_config, read_wan_arch
 
 FORMATS = ("diffusers", "original")
 
@@ -108,7 +110,8 @@ def detect_format(keys) -> str:
                              "blocks.N.attn1.*) nor original Wan (time_embedding.*, blocks.N.self_attn.*) keys")
 
 
-WAN_WEIGHTS = NameTable("Wan", WAN_NAME_TABLE, FORMATS, detect_format, IGNORED_SOURCE_KEYS)
+WAN_WEIGHTS = NameTable("Wan DiT", WAN_NAME_TABLE, FORMATS, detect_format, IGNORED_SOURCE_KEYS,
+                        head_prefixes=("head.",), read_arch=read_wan_arch, hf_config=diffusers_config)
 rule_for, hf_to_mm, mm_to_hf = WAN_WEIGHTS.rule_for, WAN_WEIGHTS.hf_to_mm, WAN_WEIGHTS.mm_to_hf
 
 

@@ -1,0 +1,210 @@
+"""Model weights from an mm checkpoint (either format) into this rank's model chunks: what
+inference loads, and the model part of the training loop's ``load_checkpoint`` (which adds the
+optimizer, scheduler, RNG and EMA around the same steps).
+
+- torch_dist: each chunk's ``sharded_state_dict()`` (global names, un-split shapes) checked
+  against the checkpoint's metadata on every rank, then megatron-core's fully parallel load; any
+  TP/PP/VPP/CP/DP layout reads any checkpoint.
+- torch: this rank's ``mp_rank_XX[_YYY]/model_optim_rng.pt`` (local names); only the TP/PP/VPP
+  layout that wrote it reads it.
+
+Every rank calls these; a rank that fails tells the others instead of leaving them waiting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as mpu
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy, load_sharded_metadata
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+from torch.distributed.checkpoint.api import CheckpointException
+
+from mm.accelerator import rank0_print
+from mm.ckpt.chunks import chunk_keys, unwrap
+from mm.ckpt.header import MODEL_PARALLEL, CheckpointHeader, ParallelLayout, read_header
+from mm.ckpt.layout import MODEL_FILE, TRACKER, CheckpointError, find_checkpoint, rank_dir
+
+# checkpoint keys outside the model (optimizer state, RNG, EMA, megatron's common entries)
+_NOT_MODEL = ("optimizer.", "rng_state", "common_state", "ema.")
+
+
+def agree(error: str | None) -> None:
+    """Every rank raises the first rank's error if any rank has one (instead of the others waiting)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+
+
+def open_checkpoint(path: Path, flag: str = "--load") -> CheckpointHeader:
+    """``path``'s header, announced on rank 0 with the layout that wrote it and this run's; a
+    torch-format checkpoint must be of this run's TP/PP/VPP."""
+    header, layout = read_header(path, flag), ParallelLayout.current()
+    saved, root = header.parallel, path.parent
+    named = "release" if path.name == "release" else f"iteration {header.iteration}"
+    rank0_print(f"loading {header.format} checkpoint from {path} at {named} (written by {saved.describe()}"
+                f"{', distributed optimizer' if saved.distributed_optimizer else ''}; this run: {layout.describe()})")
+    if header.format == "torch" and not saved.matches(layout, MODEL_PARALLEL):
+        raise CheckpointError(f"{flag} {root}: {path} is a torch-format checkpoint (one file per model-parallel rank) "
+                              f"of {saved.describe()}; it loads only into the same TP/PP/VPP (this run: "
+                              f"{layout.describe()}); resplit it with mm-convert or save with --ckpt-format torch_dist")
+    return header
+
+
+# ---------------------------------------------------------------------------------------------- torch_dist
+
+
+def model_sharded_state(model_chunks: Sequence[torch.nn.Module]) -> dict:
+    """``{chunk key: the chunk's sharded_state_dict()}``: the model part of a torch_dist checkpoint."""
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(chunk_keys(len(model_chunks)), model_chunks)}
+
+
+def _entries(value) -> list:
+    """The ShardedTensors / ShardedObjects one state-dict value stands for in the checkpoint."""
+    if isinstance(value, ShardedTensorFactory):
+        return list(nested_values({"built": value.build()}))
+    return [value] if isinstance(value, ShardedBase) else []
+
+
+def _nested_items(state: dict, model_keys: list[str]):
+    """(``"model"`` or the top-level key, value) for every leaf of the state to load."""
+    for top, value in state.items():
+        section = "model" if top in model_keys else top
+        for leaf in nested_values({top: value}):
+            yield section, leaf
+
+
+def match_checkpoint(state: dict, model_keys: list[str], path: Path, where: str, strict: bool) -> None:
+    """Compare what every rank asks for with what ``path`` holds, before megatron-core reads it (its
+    own errors name neither the checkpoint nor the remedy, and a rank that fails alone leaves the
+    others waiting). Model tensors of the wrong global shape, and optimizer or RNG entries that are
+    not there, always fail; model tensors absent from the checkpoint (dropped from ``state``, so
+    they keep their values) or never read fail only when ``strict``."""
+    stored = {v.key: v for v in load_sharded_metadata(str(path)).values()}
+    absent, shapes, asked = set(), set(), set()
+    # the model keys one replica asks for: DP x CP rank 0 speaks for the others
+    speaks = mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+    for section, value in _nested_items(state, model_keys):
+        for entry in _entries(value):
+            if speaks and section == "model":
+                asked.add(entry.key)
+            if entry.key not in stored:
+                absent.add((section, entry.key))
+            elif isinstance(entry, ShardedTensor) and tuple(stored[entry.key].global_shape) != entry.global_shape:
+                shapes.add(f"{entry.key}: checkpoint {tuple(stored[entry.key].global_shape)}, "
+                           f"this run {entry.global_shape}")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (absent, shapes, asked))
+    absent = set().union(*(a for a, _, _ in everyone))
+    shapes = sorted(set().union(*(s for _, s, _ in everyone)))
+    asked = set().union(*(k for _, _, k in everyone))
+    absent_model = sorted(k for section, k in absent if section == "model")
+    absent_other = sorted(k for section, k in absent if section != "model")
+    unread = sorted(k for k in set(stored) - asked if not k.startswith(_NOT_MODEL))
+    lines = []
+    if shapes:
+        lines.append(f"  different global shapes ({len(shapes)}): {'; '.join(shapes[:20])}")
+    if strict and absent_model:
+        lines.append(f"  not in the checkpoint ({len(absent_model)}): {', '.join(absent_model[:20])}")
+    if strict and unread:
+        lines.append(f"  in the checkpoint but not in this model ({len(unread)}): {', '.join(unread[:20])}")
+    if absent_other:
+        lines.append(f"  optimizer/RNG/EMA state not in the checkpoint ({len(absent_other)}): "
+                     f"{', '.join(absent_other[:20])} (load with --no-load-optim / --no-load-rng)")
+    if lines:
+        raise CheckpointError("\n".join([f"{where} does not match this model:"] + lines))
+    if absent_model or unread:
+        rank0_print(f"WARNING: {where}: model tensors not in the checkpoint (kept as they are): {absent_model}; "
+                    f"checkpoint tensors this model does not have: {unread}")
+    for key in model_keys:
+        state[key] = {k: v for k, v in state[key].items() if not any(e.key in absent_model for e in _entries(v))}
+
+
+def load_sharded(path: Path, state: dict, model_keys: list[str], strict: bool, flag: str = "--load") -> dict:
+    """``state`` (the model's sharded state under ``model_keys``, and whatever else the caller
+    asks for) read from the torch_dist checkpoint ``path``, after ``match_checkpoint``."""
+    match_checkpoint(state, model_keys, path, f"{flag} {path.parent}: {path}", strict)
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)),
+                                                mpu.get_data_parallel_group(with_context_parallel=True))
+    try:
+        return dist_checkpointing.load(state, str(path), strategy)
+    except (Exception, CheckpointException) as e:  # megatron's errors name tensors, not the checkpoint or flag
+        raise CheckpointError(f"{flag} {path.parent}: cannot read {path}: {e}") from e
+
+
+def load_model_state(model_chunks: Sequence[torch.nn.Module], loaded: dict, strict: bool) -> None:
+    """Each chunk's part of what ``load_sharded`` returned, into the chunk."""
+    for key, chunk in zip(chunk_keys(len(model_chunks)), model_chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+
+def my_rank_dir(path: Path) -> Path:
+    """This rank's ``mp_rank_XX[_YYY]`` under a torch-format checkpoint ``path``."""
+    return rank_dir(path, mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
+                    mpu.get_pipeline_model_parallel_world_size())
+
+
+def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict: bool) -> dict:
+    """This rank: read its (TP, PP) rank's file of the torch-format checkpoint ``path`` and load the
+    model chunks from it (no collectives, so a rank that fails here can tell the others before
+    anyone waits). Returns the file's dict (optimizer, scheduler, RNG, EMA for the caller)."""
+    mine = my_rank_dir(path) / MODEL_FILE
+    state = torch.load(mine, map_location="cpu", weights_only=False)
+    keys = chunk_keys(len(model_chunks))
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"{mine} has no {', '.join(missing)} (holds {sorted(state)})")
+    for key, chunk in zip(keys, model_chunks):
+        chunk = unwrap(chunk)
+        loaded = dict(state[key])
+        # megatron layers' _extra_state entries carry nothing for these layers; weights written by
+        # mm-convert leave them out
+        for name, value in chunk.state_dict().items():
+            if name.endswith("._extra_state") and name not in loaded:
+                loaded[name] = value
+        chunk.load_state_dict(loaded, strict=strict)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- both
+
+
+def load_model(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *, strict: bool = True,
+               flag: str = "--load") -> CheckpointHeader:
+    """The model weights of the checkpoint the tracker in ``load_dir`` names (either format; no
+    optimizer, RNG or EMA) into this rank's model chunks (megatron-wrapped or bare, one per virtual
+    pipeline chunk). Returns its header. ``strict``: every model tensor must be in the checkpoint
+    and every model tensor of the checkpoint read by some rank. CheckpointError when ``load_dir``
+    holds no checkpoint or it does not fit. Every rank calls this."""
+    root = Path(load_dir)
+    path = find_checkpoint(root, flag)
+    if path is None:
+        raise CheckpointError(f"{flag} {root}: no checkpoint there (no {TRACKER}); give mm-convert's output or a "
+                              "training run's --save directory")
+    header = open_checkpoint(path, flag)
+    if header.format == "torch":
+        error = None
+        try:
+            read_model_file(path, model_chunks, strict)
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            error = f"{flag} {root}: cannot read {path}: {type(e).__name__}: {e}"
+        agree(error)
+    else:
+        keys = chunk_keys(len(model_chunks))
+        loaded = load_sharded(path, model_sharded_state(model_chunks), keys, strict, flag)
+        load_model_state(model_chunks, loaded, strict)
+    dist.barrier()
+    rank0_print(f"  loaded model weights from {path}")
+    return header
