@@ -85,7 +85,7 @@ def main() -> None:
            "--cfg.target_parallel_config.pp_layers", args.pp_layers]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # the same interpreter with the converter's imports and nothing converted: the floor of the RSS
-    subprocess.run([sys.executable, "-c", "import checkpoint.cli, checkpoint.wan, torch"], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-c", "import checkpoint.cli, mm.families.wan.convert, torch"], cwd=REPO, env=env,
                    check=True, capture_output=True)
     baseline = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """The verbs every DiT converter shares (hf_to_mm, mm_to_hf, resplit); a model's converter is this
-class with its family's ``NameTable`` (``mm/models/predictor/<family>/weights.py``) and versions
-(``checkpoint/wan.py``, ``checkpoint/opensoraplan.py``)."""
+class with its family's ``NameTable`` (``mm/models/predictor/<family>/weights.py``) and versions, in
+its family folder (``mm/families/wan/convert.py``, ``mm/families/opensoraplan/convert.py``);
+``mm-convert`` finds them through the family registry (``FamilySpec.converter``)."""
 
 from __future__ import annotations
 

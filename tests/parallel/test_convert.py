@@ -33,7 +33,7 @@ def _original_dir(root: Path, kwargs: dict, diffusers_state: dict) -> None:
     from mm.models.predictor.wan.weights import hf_to_mm
 
     from checkpoint.sources import HFSource
-    from checkpoint.wan import WAN_WEIGHTS
+    from mm.models.predictor.wan.weights import WAN_WEIGHTS
 
     keys = HFSource(root.parent / "diffusers", WAN_WEIGHTS).keys()
     state = mm_to_hf([hf_to_mm(diffusers_state, keys)], fmt="original")
@@ -48,7 +48,7 @@ def _original_dir(root: Path, kwargs: dict, diffusers_state: dict) -> None:
 
 def _convert(verb: str, source, target, tp: int = 1, pp_layers=None, **extra) -> None:
     from checkpoint.config import ConvertConfig, ParallelConfig
-    from checkpoint.wan import WanConverter
+    from mm.families.wan.convert import WanConverter
 
     cfg = ConvertConfig(source_path=str(source), target_path=str(target),
                         target_parallel_config=ParallelConfig(tp_size=tp, pp_layers=pp_layers or []), **extra)
@@ -247,7 +247,7 @@ def test_command_line(tmp_path):
 
 def test_source_parallel_config_is_checked(tmp_path):
     from checkpoint.config import ConvertConfig, ConvertError, ParallelConfig
-    from checkpoint.wan import WanConverter
+    from mm.families.wan.convert import WanConverter
 
     _diffusers_dir(tmp_path / "hf", tiny_kwargs())
     _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm", tp=2, pp_layers=[1, 1])

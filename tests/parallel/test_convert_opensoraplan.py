@@ -49,7 +49,7 @@ def _release(root: Path, variant: str, names=lambda k: k) -> dict[str, torch.Ten
 
 def _convert(verb: str, source, target, tp: int | None = None, pp_layers=None, **extra) -> None:
     from checkpoint.config import ConvertConfig, ParallelConfig
-    from checkpoint.opensoraplan import OpenSoraPlanConverter
+    from mm.families.opensoraplan.convert import OpenSoraPlanConverter
 
     parallel = {} if tp is None and pp_layers is None else {
         "target_parallel_config": ParallelConfig(tp_size=tp or 1, pp_layers=pp_layers or [])}
@@ -251,7 +251,7 @@ def test_vae_convert_writes_what_ae_from_pretrained_reads(tmp_path, layout):
     assert all(torch.equal(written[k], v) for k, v in expected.items())
     if layout == "ema":  # --use_ema false: the model's weights (zeros here)
         from checkpoint.config import ConvertConfig
-        from checkpoint.opensoraplan import OpenSoraPlanConverter
+        from mm.families.opensoraplan.convert import OpenSoraPlanConverter
 
         OpenSoraPlanConverter("v1.3").vae_convert(
             ConvertConfig(str(tmp_path / "vae" / "merged.ckpt"), str(tmp_path / "model.pt")), use_ema=False)
@@ -297,7 +297,7 @@ def test_vae_convert_errors(tmp_path):
 
 def test_bad_input_fails_before_anything_is_written(tmp_path):
     from checkpoint.config import ConvertError
-    from checkpoint.opensoraplan import OpenSoraPlanConverter
+    from mm.families.opensoraplan.convert import OpenSoraPlanConverter
 
     _release(tmp_path / "hf", "t2v")
     target = tmp_path / "out"
@@ -344,7 +344,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
 
 def test_a_wan_checkpoint_is_refused(tmp_path):
     from checkpoint.config import ConvertConfig, ConvertError, ParallelConfig
-    from checkpoint.wan import WanConverter
+    from mm.families.wan.convert import WanConverter
     from tests.wan_helpers import diffusers_model, tiny_kwargs
 
     diffusers_model(tiny_kwargs(), seed=0).save_pretrained(str(tmp_path / "wan"), safe_serialization=True)

@@ -14,7 +14,7 @@ def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
 
 
 def _converter():
-    from checkpoint.opensoraplan import OpenSoraPlanConverter
+    from mm.families.opensoraplan.convert import OpenSoraPlanConverter
 
     return OpenSoraPlanConverter
 

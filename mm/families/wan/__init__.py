@@ -12,7 +12,7 @@ def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
 
 
 def _converter():
-    from checkpoint.wan import WanConverter
+    from mm.families.wan.convert import WanConverter
 
     return WanConverter
 
