@@ -14,7 +14,7 @@ from mm.accelerator.device import ACCELERATOR_CHOICES
 from mm.arguments.errors import ConfigError
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
-RECOMPUTE_MODULES = ("core_attn", "mlp")  # what a DiT layer can recompute (mm.models.predictor.wan.layers)
+RECOMPUTE_MODULES = ("core_attn", "mlp")  # what a DiT layer can recompute (mm.models.predictor.common)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 

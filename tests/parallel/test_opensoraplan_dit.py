@@ -545,3 +545,67 @@ def test_activation_recompute_gives_the_same_gradients():
         torch.testing.assert_close(context, ref_context, msg=name)
         for key in ref_grads:
             torch.testing.assert_close(grads[key], ref_grads[key], msg=f"{name}: {key}")
+
+
+def _selective_recompute_worker(rank, world, source):
+    from mm.models.predictor.opensoraplan import layers
+    from mm.models.predictor.opensoraplan.weights import load_reference_weights
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    masked_attention, key = layers._masked_attention, None
+
+    def counted_masked_attention(*args):  # the cross-attention and video-mask kernel, counted
+        calls[key]["core_attn"] += 1
+        return masked_attention(*args)
+
+    layers._masked_attention = counted_masked_attention
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    osp = _config(TINY)
+    settings = {"none": {}, "selective": dict(recompute_granularity="selective"),
+                "selective_mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+                "selective_both": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])}
+    results, calls = {}, {}
+    for video_mask in (False, True):  # the video mask takes the masked self-attention kernel
+        for name, extra in settings.items():
+            key = f"{name}{'_video_mask' if video_mask else ''}"
+            model = _model(osp, **extra).train()
+            load_reference_weights(model, source)
+            # how often the attention kernels and the FFN input projections run in one step: twice
+            # for what is recomputed
+            calls[key] = {"core_attn": 0, "mlp": 0}
+            for block in model.blocks:
+                for module, part in ((block.self_attention.core_attention, "core_attn"),
+                                     (block.mlp.linear_fc1, "mlp")):
+                    module.register_forward_hook(lambda *_, key=key, part=part: calls[key].__setitem__(
+                        part, calls[key][part] + 1))
+            out, x = _run(model, _inputs(osp, video_mask=video_mask))
+            results[key] = (out, {n: p.grad.clone() for n, p in model.named_parameters()}, x["context"].grad,
+                            x["latents"].grad)
+    try:
+        _model(osp, recompute_granularity="selective", recompute_modules=["layernorm"])
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    destroy_parallel()
+    return results, calls, refusal
+
+
+def test_selective_recompute_modules_give_the_same_gradients_and_recompute():
+    ((results, calls, refusal),) = run_distributed(1, _selective_recompute_worker, _source(False))
+    for suffix in ("", "_video_mask"):
+        base = calls["none" + suffix]
+        attn, mlp = base["core_attn"], base["mlp"]
+        assert mlp == TINY["num_layers"] and attn >= 2 * TINY["num_layers"], base  # self- and cross-attention
+        assert calls["selective" + suffix] == {"core_attn": 2 * attn, "mlp": mlp}, suffix
+        assert calls["selective_mlp" + suffix] == {"core_attn": attn, "mlp": 2 * mlp}, suffix
+        assert calls["selective_both" + suffix] == {"core_attn": 2 * attn, "mlp": 2 * mlp}, suffix
+        ref_out, ref_grads, ref_context, ref_latents = results["none" + suffix]
+        for name in ("selective", "selective_mlp", "selective_both"):
+            out, grads, context, latents = results[name + suffix]
+            torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12, msg=name + suffix)
+            torch.testing.assert_close(context, ref_context, rtol=1e-10, atol=1e-12, msg=name + suffix)
+            torch.testing.assert_close(latents, ref_latents, rtol=1e-10, atol=1e-12, msg=name + suffix)
+            for key in ref_grads:
+                torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-10, atol=1e-12,
+                                           msg=f"{name}{suffix}: {key}")
+    assert refusal == "--recompute-modules layernorm: the Open-Sora-Plan DiT recomputes core_attn and mlp only"

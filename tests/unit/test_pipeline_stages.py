@@ -87,3 +87,25 @@ def test_message_rejects_wrong_width():
     msg = StageMessage(("a", "b"))
     with pytest.raises(ValueError, match="'b'"):
         msg.pack({"a": torch.zeros(1, 1, 4), "b": torch.zeros(1, 1, 5)}, {}, torch.float32)
+
+
+def test_message_spec_round_trips_every_kind_of_field():
+    from mm.models.predictor.pipeline import Hidden, Ints, MessageSpec, PerSample
+
+    spec = MessageSpec({"x": Hidden(), "mod": Hidden((6,)), "img": Hidden(), "mask": PerSample(1),
+                        "carry": PerSample(4), "grid": Ints(3)})
+    values = {"x": torch.randn(5, 2, 8), "mod": torch.randn(3, 2, 6, 8), "img": None, "mask": torch.randn(2, 11),
+              "carry": torch.randn(2, 3, 4, 5, 6), "grid": (3, 4, 5), "ignored": "not in the spec"}
+    out = spec.unpack(spec.pack(values, 8, torch.float64))
+    assert set(out) == set(spec.fields) and out["img"] is None and out["grid"] == (3, 4, 5)
+    for name in ("x", "mod", "mask", "carry"):
+        torch.testing.assert_close(out[name], values[name].double(), msg=name)
+
+
+def test_message_spec_names_a_field_of_the_wrong_shape():
+    from mm.models.predictor.pipeline import Hidden, MessageSpec, PerSample
+
+    with pytest.raises(ValueError, match=r"'mod' has shape \(3, 2, 5, 8\); expected \[n, b, 6, 8\]"):
+        MessageSpec({"mod": Hidden((6,))}).pack({"mod": torch.zeros(3, 2, 5, 8)}, 8, torch.float32)
+    with pytest.raises(ValueError, match="'carry' has shape .*: at most 4 dims after the batch"):
+        MessageSpec({"carry": PerSample(4)}).pack({"carry": torch.zeros(1, 1, 1, 1, 1, 1)}, 8, torch.float32)

@@ -16,12 +16,18 @@ integers (row counts and sizes), then each tensor's rows. Integers are written a
 which every float dtype (bf16 included) holds exactly. ``N`` changes with the resolution, so the
 schedules run with ``variable_seq_lengths`` (shapes are exchanged before each message).
 Gradients flow back through the unpacking to every packed tensor that needs one.
+
+A DiT declares its message by field kind (``MessageSpec``): ``Hidden`` for ``[n, b, ..., h]``
+tensors (activations, the embedded context, adaLN vectors), ``PerSample`` for ``[b, ...]`` tensors
+of any size (masks, the training target: their shape travels in the header), ``Ints`` for integers
+(the video grid). ``PipelinedDiT`` (``dit.py``) packs and unpacks with it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -164,3 +170,85 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of ``to_rows``: ``[n, b, width]`` -> ``[b, *shape]``."""
     flat = rows.transpose(0, 1).reshape(rows.shape[1], -1)
     return flat[:, : math.prod(shape)].reshape(rows.shape[1], *shape)
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """A ``[n, b, *inner, h]`` tensor or None; travels as ``[n * prod(inner), b, h]`` rows."""
+
+    inner: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PerSample:
+    """A ``[b, *shape]`` tensor of at most ``max_dims`` dims after the batch, or None; travels as
+    ``to_rows`` rows, its shape as integers."""
+
+    max_dims: int
+
+
+@dataclass(frozen=True)
+class Ints:
+    """A tuple of ``count`` integers in ``[0, 2**32)``."""
+
+    count: int
+
+
+class MessageSpec:
+    """A stage message declared by name and kind, e.g. ``MessageSpec({"x": Hidden(), "time_mod":
+    Hidden((6,)), "text_mask": PerSample(1), "grid": Ints(3)})``: ``pack`` takes a dict with those
+    keys (others are ignored), ``unpack`` gives it back, tensors as views of the message."""
+
+    def __init__(self, fields: Mapping[str, Hidden | PerSample | Ints]):
+        self.fields = dict(fields)
+        tensors, ints = [], []
+        for name, kind in self.fields.items():
+            if isinstance(kind, Ints):
+                ints += [f"{name}.{i}" for i in range(kind.count)]
+                continue
+            tensors.append(name)
+            if isinstance(kind, PerSample):
+                ints += [f"{name}.dims"] + [f"{name}.{i}" for i in range(kind.max_dims)]
+        self.message = StageMessage(tensors, ints)
+
+    def pack(self, values: Mapping, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """``values[name]`` for every field -> one ``[N, b, width]`` tensor in ``dtype``."""
+        tensors, ints = {}, {}
+        for name, kind in self.fields.items():
+            v = values[name]
+            if isinstance(kind, Ints):
+                if len(v) != kind.count:
+                    raise ValueError(f"stage message integers {name!r} = {v}; expected {kind.count} of them")
+                ints.update((f"{name}.{i}", int(n)) for i, n in enumerate(v))
+            elif isinstance(kind, Hidden):
+                if v is not None and (v.dim() != 3 + len(kind.inner) or tuple(v.shape[2:-1]) != kind.inner):
+                    raise ValueError(f"stage message tensor {name!r} has shape {tuple(v.shape)}; expected "
+                                     f"[n, b, {', '.join(map(str, kind.inner + (width,)))}]")
+                tensors[name] = None if v is None else v.movedim(1, -2).reshape(-1, v.shape[1], width)
+            else:
+                shape = [] if v is None else list(v.shape[1:])
+                if len(shape) > kind.max_dims:
+                    raise ValueError(f"stage message tensor {name!r} has shape {tuple(v.shape)}: at most "
+                                     f"{kind.max_dims} dims after the batch")
+                ints[f"{name}.dims"] = len(shape)
+                ints.update((f"{name}.{i}", n) for i, n in enumerate(shape + [0] * (kind.max_dims - len(shape))))
+                tensors[name] = None if v is None else to_rows(v, width)
+        return self.message.pack(tensors, ints, dtype)
+
+    def unpack(self, packed: torch.Tensor) -> dict:
+        """Inverse of ``pack``: ``{name: tensor | None | tuple of ints}``."""
+        tensors, ints = self.message.unpack(packed)
+        b, width = packed.shape[1], packed.shape[2]
+        out = {}
+        for name, kind in self.fields.items():
+            if isinstance(kind, Ints):
+                out[name] = tuple(ints[f"{name}.{i}"] for i in range(kind.count))
+                continue
+            t = tensors[name]
+            if t is None:
+                out[name] = None
+            elif isinstance(kind, Hidden):
+                out[name] = t.reshape(-1, *kind.inner, b, width).movedim(-2, 1)
+            else:
+                out[name] = from_rows(t, [ints[f"{name}.{i}"] for i in range(ints[f"{name}.dims"])])
+        return out

@@ -1,7 +1,7 @@
 """Building blocks of the Open-Sora-Plan v1.3 DiT on megatron-core tensor-parallel layers, ``[s, b, h]``.
 
-The tensor-parallel linears, norms and sequence-parallel tagging are the Wan DiT's
-(``mm.models.predictor.wan.layers``); what differs is the attention:
+The tensor-parallel linears, norms and sequence-parallel tagging are every DiT's
+(``mm/models/predictor/common.py``); what differs is the attention:
 
 * 3-D RoPE with ``rotate_half`` pairs: the head channels split into three equal parts rotated by
   frame, row and column position (each part's first half paired with its second half).
@@ -20,32 +20,50 @@ the folded problem is again ``n * b`` ordinary sequences split contiguously over
 mm's Ulysses / ring / hybrid attention run on it unchanged. Padding is a suffix of every group's
 sequence, of a length that depends on the group; groups with equal real lengths are attended in
 one call.
+
+Selective recompute (``--recompute-modules``) as in the Wan layer: ``core_attn`` keeps only the
+inputs of the attention kernels (self-attention, video-mask attention and cross-attention) and runs
+them again in backward, ``mlp`` does so for the FFN with its adaLN-modulated input norm.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from mm.models.predictor import common
+from mm.models.predictor.common import (
+    FP32LayerNorm,
+    column_parallel_linear,
+    mark_sequence_parallel,
+    row_parallel_linear,
+    upcast,
+)
 from mm.models.predictor.opensoraplan.config import OpenSoraPlanDiTConfig
-from mm.models.predictor.wan.layers import FP32LayerNorm, _row, mark_sequence_parallel, upcast
 from mm.parallel.attention import CoreAttention
 
 MASKED_BIAS = -10000.0  # the reference's additive bias for a masked key
 PADDING_BIAS = -9980.0  # the reference's bias for keys of sparse-pattern padding
 
 
-def _column(config: TransformerConfig, in_size: int, out_size: int, gather_sequence: bool = True, bias: bool = True):
-    # the caption keys/values read the context every rank holds whole: no sequence all-gather
-    cfg = config if gather_sequence else dataclasses.replace(config, sequence_parallel=False)
-    return tensor_parallel.ColumnParallelLinear(in_size, out_size, config=cfg, init_method=config.init_method,
-                                                bias=bias, gather_output=False)
+OSP_RECOMPUTE_MODULES = common.RECOMPUTE_MODULES
+
+
+def selective_recompute_modules(config: TransformerConfig) -> set[str]:
+    """What ``--recompute-granularity selective`` recomputes in an Open-Sora-Plan layer (megatron's
+    ``recompute_modules``, default ``core_attn``)."""
+    return common.selective_recompute_modules(config, "the Open-Sora-Plan DiT", OSP_RECOMPUTE_MODULES)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[b, heads, s, d]`` attention with an additive key bias (or none)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
 
 
 def rope_tables(osp: OpenSoraPlanDiTConfig, frames: int, height: int, width: int,
@@ -105,7 +123,20 @@ def group_valid_counts(valid_tokens: int, padded_tokens: int, n: int, block: boo
     return tuple((index < valid_tokens).sum(dim=0).tolist())
 
 
-class OpenSoraPlanSelfAttention(MegatronModule):
+class _AttentionBase(MegatronModule):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
+
+    def _kernel(self, fn, *tensors: torch.Tensor | None) -> torch.Tensor:
+        """``fn(*tensors)``, an attention kernel; under selective ``core_attn`` recompute only its
+        inputs are kept and it runs again in backward (no randomness inside: dropout is 0)."""
+        if self.recompute_core_attention and self.training:
+            return tensor_parallel.checkpoint(fn, False, *tensors)
+        return fn(*tensors)
+
+
+class OpenSoraPlanSelfAttention(_AttentionBase):
     """Self-attention over video tokens: fused column-parallel q/k/v, 3-D RoPE, the layer's sparse
     pattern, context-parallel over CP ranks, row-parallel output."""
 
@@ -115,16 +146,12 @@ class OpenSoraPlanSelfAttention(MegatronModule):
         self.heads_per_rank = osp.num_heads // config.tensor_model_parallel_size
         self.head_dim = osp.head_dim
         self.sparse_n, self.block_groups = sparse_n, block_groups
-        self.linear_qkv = _column(config, h, 3 * h, bias=osp.attention_q_bias)
+        self.linear_qkv = column_parallel_linear(config, h, 3 * h, bias=osp.attention_q_bias)
         self.core_attention = CoreAttention(context_parallel=True)
-        self.linear_proj = _row(config, h, h)
-        self.recompute_core_attention = config.recompute_granularity == "selective"
+        self.linear_proj = row_parallel_linear(config, h, h)
 
     def _attend(self, q, k, v, valid_tokens):
-        if self.recompute_core_attention and self.training:
-            return tensor_parallel.checkpoint(lambda q_, k_, v_: self.core_attention(q_, k_, v_, valid_tokens),
-                                              False, q, k, v)
-        return self.core_attention(q, k, v, valid_tokens)
+        return self._kernel(lambda q_, k_, v_: self.core_attention(q_, k_, v_, valid_tokens), q, k, v)
 
     def _attend_groups(self, q, k, v, valid_tokens: int | None, padded_tokens: int) -> torch.Tensor:
         """Folded ``[s/n, n*b, heads, d]`` -> ``[s/n, n*b, heads*d]``, each group over its real keys."""
@@ -161,7 +188,7 @@ class OpenSoraPlanSelfAttention(MegatronModule):
             bias = key_bias.transpose(0, 1)
             bias = (sparse_fold(bias, n, block) if n > 1 else bias).transpose(0, 1)[:, None, None, :]
             qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.to(qb.dtype))
+            out = self._kernel(_masked_attention, qb, kb, vb, bias)
             out = out.permute(2, 0, 1, 3).flatten(-2)
         if n > 1:
             out = sparse_unfold(out, n, block)
@@ -169,7 +196,7 @@ class OpenSoraPlanSelfAttention(MegatronModule):
         return out
 
 
-class OpenSoraPlanCrossAttention(MegatronModule):
+class OpenSoraPlanCrossAttention(_AttentionBase):
     """Attention from video tokens to the projected caption, with the caption mask as a bias."""
 
     def __init__(self, osp: OpenSoraPlanDiTConfig, config: TransformerConfig):
@@ -177,9 +204,9 @@ class OpenSoraPlanCrossAttention(MegatronModule):
         h = osp.hidden_size
         self.heads_per_rank = osp.num_heads // config.tensor_model_parallel_size
         self.head_dim = osp.head_dim
-        self.linear_q = _column(config, h, h, bias=osp.attention_q_bias)
-        self.linear_kv = _column(config, h, 2 * h, gather_sequence=False, bias=osp.attention_k_bias)
-        self.linear_proj = _row(config, h, h)
+        self.linear_q = column_parallel_linear(config, h, h, bias=osp.attention_q_bias)
+        self.linear_kv = column_parallel_linear(config, h, 2 * h, gather_sequence=False, bias=osp.attention_k_bias)
+        self.linear_proj = row_parallel_linear(config, h, h)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, text_bias: torch.Tensor | None) -> torch.Tensor:
         """x: [s, b, h]; context: [L, b, h]; text_bias: [b, 1, 1, L] or None."""
@@ -187,7 +214,7 @@ class OpenSoraPlanCrossAttention(MegatronModule):
         kv, _ = self.linear_kv(context)
         k, v = kv.chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads_per_rank, self.head_dim)).permute(1, 2, 0, 3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if text_bias is None else text_bias.to(q.dtype))
+        out = self._kernel(_masked_attention, q, k, v, text_bias)
         out, _ = self.linear_proj(out.permute(2, 0, 1, 3).flatten(-2))
         return out
 
@@ -195,8 +222,8 @@ class OpenSoraPlanCrossAttention(MegatronModule):
 class OpenSoraPlanMLP(MegatronModule):
     def __init__(self, osp: OpenSoraPlanDiTConfig, config: TransformerConfig):
         super().__init__(config)
-        self.linear_fc1 = _column(config, osp.hidden_size, 4 * osp.hidden_size)
-        self.linear_fc2 = _row(config, 4 * osp.hidden_size, osp.hidden_size)
+        self.linear_fc1 = column_parallel_linear(config, osp.hidden_size, 4 * osp.hidden_size)
+        self.linear_fc2 = row_parallel_linear(config, 4 * osp.hidden_size, osp.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.linear_fc1(x)
@@ -223,6 +250,10 @@ class OpenSoraPlanLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=config.params_dtype) / h**0.5)
         for part in (self.scale_shift_table, self.norm1, self.norm2):
             mark_sequence_parallel(part, config.sequence_parallel)
+        self.recompute_mlp = "mlp" in selective_recompute_modules(config)
+
+    def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.mlp((upcast(self.norm2(x)) * (1 + scale) + shift).type_as(x))
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, text_bias: torch.Tensor | None,
                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, *, valid_tokens: int | None, padded_tokens: int,
@@ -236,5 +267,10 @@ class OpenSoraPlanLayer(MegatronModule):
         attn = self.self_attention(normed, rope, valid_tokens, padded_tokens, key_bias)
         x = (upcast(x) + upcast(attn) * gate_sa).type_as(x)
         x = x + self.cross_attention(x, context, text_bias)
-        normed = (upcast(self.norm2(x)) * (1 + scale_ff) + shift_ff).type_as(x)
-        return (upcast(x) + upcast(self.mlp(normed)) * gate_ff).type_as(x)
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            # the Wan layer's way: torch's non-reentrant checkpoint, no RNG state (nothing random)
+            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, shift_ff, scale_ff, use_reentrant=False,
+                                                   preserve_rng_state=False)
+        else:
+            ff = self._ffn(x, shift_ff, scale_ff)
+        return (upcast(x) + upcast(ff) * gate_ff).type_as(x)

@@ -1,21 +1,14 @@
 """Building blocks of the Wan DiT on megatron-core tensor-parallel layers, ``[s, b, h]`` layout.
 
-Tensor parallelism: q/k/v and FFN-up are column-parallel, the attention output and FFN-down are
-row-parallel; each TP rank holds ``num_heads / tp`` heads. Sequence parallelism: between the
-row-parallel outputs and the next column-parallel inputs activations are split along the
-sequence; the column-parallel layers all-gather it and the row-parallel ones reduce-scatter.
-Cross-attention keys/values read the text (and image) context, which every rank holds whole, so
-they use column-parallel layers without the sequence all-gather.
-
-Parameters applied to sequence shards but not split by TP (adaLN tables, the cross-attention
-norm, the time embedding) carry ``sequence_parallel = True`` so megatron-core's
-``finalize_model_grads`` sums their gradients over the TP group.
+The tensor-parallel linears, fp32 norms and sequence-parallel tagging are every DiT's
+(``mm/models/predictor/common.py``, which says how TP and SP split the work); each TP rank holds
+``num_heads / tp`` heads. Wan's own parts: q/k RMSNorm across all heads (``TPRMSNorm``), 3-D RoPE on
+interleaved channel pairs, adaLN with fp32 modulation and gated residuals, cross-attention to the
+text (and CLIP image) context. Parameters applied to sequence shards but not split by TP (adaLN
+tables, the cross-attention norm) are tagged ``sequence_parallel``.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -26,41 +19,16 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from mm.models.predictor import common
+from mm.models.predictor.common import (
+    FP32LayerNorm,
+    column_parallel_linear,
+    mark_sequence_parallel,
+    row_parallel_linear,
+    upcast,
+)
 from mm.models.predictor.wan.config import WanDiTConfig
 from mm.parallel.attention import CoreAttention
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32: Wan computes norms, modulation and RoPE in fp32; fp64 (tests) stays fp64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def mark_sequence_parallel(module_or_param, enabled: bool) -> None:
-    """Tag parameters whose gradients are partial sums over sequence shards under SP."""
-    params = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else module_or_param.parameters()
-    for p in params:
-        setattr(p, "sequence_parallel", enabled)
-
-
-def sinusoidal_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[n] -> [n, dim]: cos then sin of ``t * max_period^(-i / (dim/2))``, in fp32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
-    angles = timestep.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-class FP32LayerNorm(torch.nn.LayerNorm):
-    """LayerNorm computed in fp32, result in the input dtype (Wan keeps its norms in fp32)."""
-
-    def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised ``x`` in fp32 (fp64 stays fp64), not cast back: adaLN modulates it first."""
-        weight = upcast(self.weight) if self.weight is not None else None
-        bias = upcast(self.bias) if self.bias is not None else None
-        return F.layer_norm(upcast(x), self.normalized_shape, weight, bias, self.eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_fp32(x).type_as(x)
 
 
 def modulate(norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -131,43 +99,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-WAN_RECOMPUTE_MODULES = ("core_attn", "mlp")
+WAN_RECOMPUTE_MODULES = common.RECOMPUTE_MODULES
 
 
 def selective_recompute_modules(config: TransformerConfig) -> set[str]:
     """What ``--recompute-granularity selective`` recomputes in a Wan layer (megatron's
     ``recompute_modules``, default ``core_attn``): ``core_attn`` the attention kernels of self- and
     cross-attention, ``mlp`` the FFN with its adaLN-modulated input norm."""
-    if config.recompute_granularity != "selective":
-        return set()
-    modules = set(config.recompute_modules or ("core_attn",))
-    unknown = modules - set(WAN_RECOMPUTE_MODULES)
-    if unknown:
-        raise ValueError(f"--recompute-modules {' '.join(sorted(unknown))}: the Wan DiT recomputes "
-                         f"{' and '.join(WAN_RECOMPUTE_MODULES)} only")
-    return modules
-
-
-def _column(config: TransformerConfig, in_size: int, out_size: int, gather_sequence: bool = True):
-    # cross-attention keys/values read the context every rank holds whole: no sequence all-gather
-    cfg = config if gather_sequence else dataclasses.replace(config, sequence_parallel=False)
-    return tensor_parallel.ColumnParallelLinear(in_size, out_size, config=cfg, init_method=config.init_method,
-                                                bias=True, gather_output=False)
-
-
-class _RowParallelLinear(tensor_parallel.RowParallelLinear):
-    """megatron-core 0.19's RowParallelLinear hands ``tp_group=None`` to its matmul, which then
-    warns on every call; under torch.compile that warning is a graph break. Pass the layer's group."""
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        kwargs["tp_group"] = self.tp_group
-        return super()._forward_impl(input, weight, *args, **kwargs)
-
-
-def _row(config: TransformerConfig, in_size: int, out_size: int):
-    return _RowParallelLinear(in_size, out_size, config=config,
-                                             init_method=config.output_layer_init_method, bias=True,
-                                             input_is_parallel=True, skip_bias_add=False)
+    return common.selective_recompute_modules(config, "the Wan DiT", WAN_RECOMPUTE_MODULES)
 
 
 class _AttentionBase(MegatronModule):
@@ -180,7 +119,7 @@ class _AttentionBase(MegatronModule):
         self.q_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
         self.k_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
         self.core_attention = CoreAttention(context_parallel=context_parallel)
-        self.linear_proj = _row(config, h, h)
+        self.linear_proj = row_parallel_linear(config, h, h)
         self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +138,7 @@ class WanSelfAttention(_AttentionBase):
 
     def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
         super().__init__(wan, config, context_parallel=True)
-        self.linear_qkv = _column(config, wan.hidden_size, 3 * wan.hidden_size)
+        self.linear_qkv = column_parallel_linear(config, wan.hidden_size, 3 * wan.hidden_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 valid_tokens: int | None = None) -> torch.Tensor:
@@ -218,11 +157,11 @@ class WanCrossAttention(_AttentionBase):
     def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
         super().__init__(wan, config)
         h = wan.hidden_size
-        self.linear_q = _column(config, h, h)
-        self.linear_kv = _column(config, h, 2 * h, gather_sequence=False)
+        self.linear_q = column_parallel_linear(config, h, h)
+        self.linear_kv = column_parallel_linear(config, h, 2 * h, gather_sequence=False)
         self.has_image = wan.image_dim is not None
         if self.has_image:
-            self.linear_kv_img = _column(config, h, 2 * h, gather_sequence=False)
+            self.linear_kv_img = column_parallel_linear(config, h, 2 * h, gather_sequence=False)
             self.k_img_norm = TPRMSNorm(h, wan.eps, config.tensor_model_parallel_size, config.params_dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
@@ -242,8 +181,8 @@ class WanCrossAttention(_AttentionBase):
 class WanMLP(MegatronModule):
     def __init__(self, wan: WanDiTConfig, config: TransformerConfig):
         super().__init__(config)
-        self.linear_fc1 = _column(config, wan.hidden_size, wan.ffn_dim)
-        self.linear_fc2 = _row(config, wan.ffn_dim, wan.hidden_size)
+        self.linear_fc1 = column_parallel_linear(config, wan.hidden_size, wan.ffn_dim)
+        self.linear_fc2 = row_parallel_linear(config, wan.ffn_dim, wan.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.linear_fc1(x)
