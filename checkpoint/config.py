@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from mm.models.predictor.pipeline import pipeline_rows, stage_span
+from mm.arguments.pipeline_layout import pipeline_rows
+from mm.models.predictor.pipeline import stage_span
 
 
 class ConvertError(ValueError):

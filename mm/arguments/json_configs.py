@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.arguments.errors import ConfigError
-from mm.models.predictor.pipeline import pipeline_rows
+from mm.arguments.pipeline_layout import pipeline_rows
 
 DTYPES = ("fp32", "bf16", "fp16")
 

@@ -11,7 +11,7 @@ import argparse
 from mm.accelerator.attention_kernels import kernels_for
 from mm.accelerator.device import BACKENDS, backend_accepted
 from mm.arguments.json_configs import DataConfig, ModelConfig
-from mm.models.predictor.pipeline import pipeline_layers_problems
+from mm.arguments.pipeline_layout import pipeline_layers_problems
 from mm.parallel.groups import ParallelSizes
 
 MODES = ("train", "inference")

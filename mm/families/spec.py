@@ -180,7 +180,7 @@ class FamilySpec:
 
     def compiles(self, model_id: str) -> bool:
         """Whether the DiT compiles its layers (``--compile-dit-blocks``)."""
-        return callable(getattr(self.predictors[model_id][0], "compile_blocks", None))
+        return bool(getattr(self.predictors[model_id][0], "COMPILES_BLOCKS", False))
 
     def problems(self, config, arch) -> list[str]:
         """The checks every entry point makes of this family's model JSON."""

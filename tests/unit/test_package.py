@@ -43,18 +43,3 @@ def _imported_modules(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
-
-
-def test_layers_import_only_the_layers_below_them():
-    """mm-convert and inference never import the training loop; the checkpoint format imports
-    neither loop nor mm-convert; models import no loop."""
-    forbidden = {"checkpoint": ("mm.training",), "mm/inference": ("mm.training",),
-                 "mm/ckpt": ("mm.training", "mm.inference", "checkpoint"),
-                 "mm/models": ("mm.training", "mm.inference", "checkpoint")}
-    offenders = []
-    for folder, below in forbidden.items():
-        for path in sorted((REPO / folder).rglob("*.py")):
-            for name in sorted(_imported_modules(path)):
-                if any(name == b or name.startswith(f"{b}.") for b in below):
-                    offenders.append(f"{path.relative_to(REPO)} imports {name}")
-    assert not offenders, "\n".join(offenders)

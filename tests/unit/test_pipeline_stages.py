@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mm.arguments.pipeline_layout import pipeline_layers_problems, pipeline_rows
 from mm.models.predictor.pipeline import (
     StageMessage,
     from_rows,
     layer_layout,
-    pipeline_layers_problems,
-    pipeline_rows,
     stage_span,
     to_rows,
 )

@@ -79,6 +79,9 @@ class PipelinedDiT(MegatronModule):
     display_name = "this DiT"
     MESSAGE: dict[str, Hidden | PerSample | Ints] = {}
     RECOMPUTE_MODULES: tuple[str, ...] = RECOMPUTE_MODULES
+    # whether --compile-dit-blocks may compile the layers (a family turns it on once its layers are
+    # known to trace without graph breaks; the entry points refuse the flag otherwise)
+    COMPILES_BLOCKS = False
 
     def __init__(self, arch: Any, config: TransformerConfig, pre_process: bool = True, post_process: bool = True,
                  layer_offset: int = 0, num_layers: int | None = None):

@@ -4,9 +4,8 @@ passes between stages.
 Layers: ``predictor.pipeline_num_layers`` gives the layers per stage (``[8, 8, 8, 8]``) or, with
 virtual pipelining, per chunk and stage (``[[4, 4, 4, 4], [4, 4, 4, 4]]``). Layers are numbered as
 megatron-core interleaves them: chunk 0 of stages 0..P-1, then chunk 1 of stages 0..P-1, and so on.
-Without the key, layers are split evenly. ``pipeline_rows`` reads that value (the model JSON's key
-and mm-convert's ``pp_layers`` alike) and ``pipeline_layers_problems`` checks it against the
-parallel sizes and the layer count; the configuration, the model builder and mm-convert use both.
+Without the key, layers are split evenly. ``mm.arguments.pipeline_layout`` reads and checks that value
+(the model JSON's key and mm-convert's ``pp_layers`` alike).
 
 Message: megatron-core's schedules send one ``[s, b, h]`` tensor between stages, but a DiT stage
 needs more than the hidden states: the timestep embedding and its adaLN projection, the embedded
@@ -31,50 +30,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from mm.arguments.pipeline_layout import KEY, pipeline_layers_problems, pipeline_rows
+
 _DIGITS = 4  # base-256 digits per integer: values < 2**32
 _BASE = 256
-KEY = "predictor.pipeline_num_layers"
-
-
-def pipeline_rows(value: Any, least: int = 0) -> list[list[int]]:
-    """``predictor.pipeline_num_layers`` (or mm-convert's ``pp_layers``) as rows ``[chunk][stage]``:
-    a 1-D list (layers per stage) is one row, a 2-D list has one row per virtual chunk. ValueError,
-    saying what is valid (the caller names the key), unless it is a non-empty list of integer
-    counts >= ``least``, or a list of such lists of one length."""
-    lists = (list, tuple)
-    rows = None
-    if isinstance(value, lists) and value:
-        if all(isinstance(row, lists) for row in value):
-            rows = [list(row) for row in value]
-        elif not any(isinstance(row, lists) for row in value):
-            rows = [list(value)]
-    if rows is None or any(not row or len(row) != len(rows[0]) for row in rows) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= least for row in rows for n in row):
-        raise ValueError(f"expected a non-empty list of layer counts (>= {least}) per pipeline stage, e.g. "
-                         "[8, 8, 8, 8], or per virtual chunk and stage (rows of one length), e.g. [[4, 4], [4, 4]]")
-    return rows
-
-
-def pipeline_layers_problems(value: Sequence, num_layers: int | None, pp: int, vpp: int | None,
-                             key: str = KEY) -> list[str]:
-    """What keeps ``value`` (a valid ``pipeline_rows`` input) from describing ``pp`` pipeline stages
-    (--pipeline-model-parallel-size) x ``vpp`` virtual chunks (--virtual-pipeline-model-parallel-size,
-    None: no interleaving) of ``num_layers`` layers (None: not checked); empty when it fits."""
-    rows = pipeline_rows(value)
-    if isinstance(value[0], (list, tuple)):
-        if len(rows) != (vpp or 1) or len(rows[0]) != pp:
-            return [f"{key} = {value}: a 2-D layout needs {vpp or 1} row(s) (--virtual-pipeline-model-parallel-size) "
-                    f"of {pp} stage(s) each (--pipeline-model-parallel-size)"]
-    elif vpp is not None:
-        return [f"{key} = {value} is 1-D but --virtual-pipeline-model-parallel-size is {vpp}; give {vpp} rows of {pp} "
-                "stages, e.g. [[4, 4], [4, 4]]"]
-    elif len(value) != pp:
-        return [f"{key} = {value} has {len(value)} stage(s) but --pipeline-model-parallel-size is {pp}; the list needs "
-                "one entry per pipeline stage"]
-    total = sum(map(sum, rows))
-    if num_layers is not None and total != num_layers:
-        return [f"{key} = {value} sums to {total} layers but predictor.num_layers = {num_layers}"]
-    return []
 
 
 def layer_layout(num_layers: int, pp: int, vpp: int | None = None,

@@ -75,6 +75,7 @@ class WanDiT(PipelinedDiT):
     them between the layers. Stages, sharding and recompute: ``PipelinedDiT``.
     """
 
+    COMPILES_BLOCKS = True
     display_name = "the Wan DiT"
     RECOMPUTE_MODULES = WAN_RECOMPUTE_MODULES
     # what travels between stages besides x and the grid: the raw time embedding (the head's),
