@@ -103,7 +103,7 @@ def test_a_family_outside_mm_trains_and_samples_on_two_processes(toy, tmp_path):
 
 @pytest.mark.slow
 def test_two_text_encoders_reach_the_dit_and_encoder_dp_equals_one_process(toy, tmp_path):
-    ref, _ = _train(toy, "two", 1, tmp_path / "one")
+    ref, _ = _train(toy, "two", 1, tmp_path / "one", "--save", str(tmp_path / "ckpt"), "--ckpt-format", "torch")
     seen = _traces(tmp_path / "one")
     assert len(seen) == 3 and all(r["widths"] == list(WIDTHS) and r["lengths"] == list(MAX_LENGTHS) for r in seen)
     # each caption's tokens under both tokenizers (a caption fills fewer tokens of the shorter one, or as many)
@@ -114,7 +114,8 @@ def test_two_text_encoders_reach_the_dit_and_encoder_dp_equals_one_process(toy, 
     for a, b in zip(ref, par):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
     assert [r["tokens"] for r in _traces(tmp_path / "cp2") if r["cp_rank"] == 0] == [r["tokens"] for r in seen]
-    out = _run(toy, 1, "inference.py", tmp_path / "sample", "--mm-model", str(toy / "two_inference.json"))
+    out = _run(toy, 1, "inference.py", tmp_path / "sample", "--mm-model", str(toy / "two_inference.json"), "--load",
+               str(tmp_path / "ckpt"))
     assert len(list((toy / "samples_two").glob("*.mp4"))) == 1, out
     assert all(r["widths"] == list(WIDTHS) for r in _traces(tmp_path / "sample"))
 
