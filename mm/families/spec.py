@@ -84,10 +84,12 @@ class Recipe(Protocol):
     (lists, one per text encoder), ``condition`` and ``context_image`` from ``encode_condition``."""
 
     text_zero_padding: ClassVar[bool]  # text encoders zero the embeddings past each prompt
-    uses_image_encoder: bool  # the model JSON's image_encoder is built and handed to encode_condition
 
     @staticmethod
     def check(task: str, config, arch) -> list[str]: ...
+
+    def build_image_encoder(self, config) -> torch.nn.Module | None:
+        """The frozen image encoder ``encode_condition`` gets (on the host; the loop moves it), or None."""
 
     def encode_condition(self, vae, batch: dict, video: torch.Tensor, vae_cp, image_encoder, encode_dp,
                          dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...

@@ -31,17 +31,16 @@ from mm.families import family_for
 from mm.families.spec import TRAINING_ENTRY_POINTS as TASKS
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
-from mm.models.predictor.transformer_config import params_dtype, transformer_config
-from mm.models.image_encoder import ClipImageEncoder
 from mm.models.predictor.pipeline import layer_layout, stage_span
+from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.predictor.wan import read_weights
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
+from mm.training.checks import check_task
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
 from mm.training.optimizer_kernels import use_torch_kernels
-from mm.training.checks import check_task
 
 
 def rank_last_print(*args) -> None:
@@ -90,99 +89,127 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
     runtime = start(argv, mode="train", prog=TASKS[task],
                     check=lambda config: (check_task(task, config), check_load_dir(config.args)))
-    args, cfg = runtime.config.args, runtime.config
-    acc = runtime.accelerator
-    device, dtype = acc.device(), params_dtype(args)
-    pred = cfg.model.predictor
-    family = family_for(pred.model_id)
-    arch = family.arch(pred)
-    recipe = family.recipe(args, cfg, arch)
-    vpp = cfg.virtual_pipeline_size
-    tf_config = transformer_config(args, arch, acc.is_cpu, vpp)
-    chunks = build_model_chunks(family, pred, arch, tf_config, vpp)
-    if args.compile_dit_blocks:
-        for chunk in chunks:
-            chunk.compile_blocks()
-    if pred.from_pretrained:  # full release weights: this stage's layers, split for this TP rank
-        source = read_weights(pred.from_pretrained)
-        for chunk in chunks:
-            family.load_weights(chunk, source, args.tensor_model_parallel_size, mpu.get_tensor_model_parallel_rank())
-        del source
-    model, optimizer = wrap_for_training(chunks, tf_config, args, acc)
-    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
-    gbs = args.global_batch_size or args.micro_batch_size * dp
-    num_micro = gbs // (args.micro_batch_size * dp)
-    warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else int(args.lr_warmup_fraction * args.train_iters)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup * gbs,
-        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
-        wd_incr_style="constant")
-    tf_config.finalize_model_grads_func = finalize_model_grads
-    # --load: resume (model, optimizer, scheduler, RNG, iteration, consumed samples) or, with
-    # --finetune / --no-load-optim, start from the weights; a directory without a checkpoint yet
-    # (a first launch with --load = --save) starts from scratch, so relaunching resumes
-    ema = ModelEMA(model, args.ema_decay, args.ema_start_iter) if args.ema_decay is not None else None
-    start_iteration, consumed = 0, 0
-    if args.load is not None:
-        start_iteration, consumed = load_checkpoint(args.load, model, optimizer, scheduler,
-                                                    load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-                                                    finetune=args.finetune, ema=ema)
-    tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    if args.overlap_grad_reduce:
-        tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
+    losses = Trainer(runtime, task).run()
+    destroy_distributed()
+    return losses
 
-    first_stage = mpu.is_pipeline_first_stage(ignore_virtual=True)
-    last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
-    skips = SkipCounter()
-    batches = None
-    if first_stage:  # stage 0 holds the frozen encoders and reads the data (MindSpeed-MM's layout)
-        vae = family.build_vae(cfg.model.ae, dtype).to(device)
-        text_encoders = [family.text_encoders(text, int(tokenizer.get("model_max_length", 512)),
-                                              recipe.text_zero_padding).to(device)
+
+class Trainer:
+    """One training run: this rank's model chunks, optimizer, LR schedule and EMA; on stage 0 the
+    frozen encoders and the data; the iterations, logs and checkpoints."""
+
+    def __init__(self, runtime, task: str):
+        cfg, args, acc = runtime.config, runtime.config.args, runtime.accelerator
+        self.cfg, self.args, self.acc, self.task = cfg, args, acc, task
+        self.device, self.dtype = acc.device(), params_dtype(args)
+        pred = cfg.model.predictor
+        self.family = family_for(pred.model_id)
+        self.arch = self.family.arch(pred)
+        self.recipe = self.family.recipe(args, cfg, self.arch)
+        self.tf_config = transformer_config(args, self.arch, acc.is_cpu, cfg.virtual_pipeline_size)
+        self.model, self.optimizer = wrap_for_training(self._chunks(), self.tf_config, args, acc)
+        self.dp, self.dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+        self.gbs = args.global_batch_size or args.micro_batch_size * self.dp
+        self.num_micro = self.gbs // (args.micro_batch_size * self.dp)
+        self.scheduler = self._scheduler()
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.ema = ModelEMA(self.model, args.ema_decay, args.ema_start_iter) if args.ema_decay is not None else None
+        # --load: resume (model, optimizer, scheduler, RNG, iteration, consumed samples) or, with
+        # --finetune / --no-load-optim, start from the weights; a directory without a checkpoint yet
+        # (a first launch with --load = --save) starts from scratch, so relaunching resumes
+        self.start_iteration, consumed = 0, 0
+        if args.load is not None:
+            self.start_iteration, consumed = load_checkpoint(
+                args.load, self.model, self.optimizer, self.scheduler, load_optim=not args.no_load_optim,
+                load_rng=not args.no_load_rng, finetune=args.finetune, ema=self.ema)
+        model = self.model
+        self.tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        if args.overlap_grad_reduce:
+            self.tf_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else \
+                model[0].start_grad_sync
+        self.first_stage = mpu.is_pipeline_first_stage(ignore_virtual=True)
+        self.last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
+        self.skips = SkipCounter()
+        # stage 0 holds the frozen encoders and reads the data (MindSpeed-MM's layout)
+        self.batches = self._batches(consumed) if self.first_stage else None
+        # noise and noise level of each sample from a seed of (run seed, iteration, the sample's place
+        # in the global batch): the same on every TP/CP/PP rank of a replica, and the same under any DP
+        # size and micro-batch size that puts the same samples in an iteration (and after a resume)
+        self.noise_gen, self.level_gen = torch.Generator(device=self.device), torch.Generator()
+        self.iteration, self.micro = 0, 0
+        # model FLOPs of an iteration's micro-batches, counted once per DP replica (stage 0, TP/CP rank 0)
+        tp_cp_rank0 = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
+        self.counts_flops = self.first_stage and tp_cp_rank0
+        self.reads_data = self.counts_flops and self.dp_rank == 0
+        self.flops = 0.0
+
+    def _chunks(self) -> list[torch.nn.Module]:
+        args, pred = self.args, self.cfg.model.predictor
+        chunks = build_model_chunks(self.family, pred, self.arch, self.tf_config, self.cfg.virtual_pipeline_size)
+        if args.compile_dit_blocks:
+            for chunk in chunks:
+                chunk.compile_blocks()
+        if pred.from_pretrained:  # full release weights: this stage's layers, split for this TP rank
+            source = read_weights(pred.from_pretrained)
+            for chunk in chunks:
+                self.family.load_weights(chunk, source, args.tensor_model_parallel_size,
+                                         mpu.get_tensor_model_parallel_rank())
+        return chunks
+
+    def _scheduler(self) -> OptimizerParamScheduler:
+        args, gbs = self.args, self.gbs
+        warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else \
+            int(args.lr_warmup_fraction * args.train_iters)
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+            lr_warmup_steps=warmup * gbs, lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
+
+    def _batches(self, consumed: int):
+        """Stage 0's encoded micro-batches, resuming after ``consumed`` samples."""
+        cfg, args, device, recipe = self.cfg, self.args, self.device, self.recipe
+        vae = self.family.build_vae(cfg.model.ae, self.dtype).to(device)
+        text_encoders = [self.family.text_encoders(text, int(tokenizer.get("model_max_length", 512)),
+                                                   recipe.text_zero_padding).to(device)
                          for text, tokenizer in zip(cfg.model.text_encoder, cfg.data.tokenizers)]
-        image_encoder = None
-        if recipe.uses_image_encoder:
-            image = cfg.model.image_encoder
-            image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(device)
-        loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, dp_rank, dp, consumed_samples=consumed,
-                                           num_workers=args.num_workers, seed=args.seed,
-                                           pin_memory=not acc.is_cpu)
-        encode = _batch_encoder(cfg, recipe, vae, text_encoders, image_encoder, device, dtype, args.seed,
-                                first_batch=start_iteration * num_micro)
+        image_encoder = recipe.build_image_encoder(cfg)
+        image_encoder = None if image_encoder is None else image_encoder.to(device)
+        loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, self.dp_rank, self.dp,
+                                           consumed_samples=consumed, num_workers=args.num_workers, seed=args.seed,
+                                           pin_memory=not self.acc.is_cpu)
+        encode = BatchEncoder(cfg, recipe, vae, text_encoders, image_encoder, device, self.dtype, args.seed,
+                              first_batch=self.start_iteration * self.num_micro)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
         offload = InterleavedEncoderOffload([e for e in (vae, *text_encoders, image_encoder) if e is not None],
                                             cfg.model.encoder_offload_interval, device)
-        batches = offload.iterate(loader, encode)
-    # noise and timestep of each sample from a seed of (run seed, iteration, the sample's place in the
-    # global batch): the same on every TP/CP/PP rank of a replica, and the same under any DP size and
-    # micro-batch size that puts the same samples in an iteration (and after a resume)
-    rng = {"noise": torch.Generator(device=device), "sigmas": torch.Generator()}
-    step = {"iteration": 0, "micro": 0}
-    global_micro = args.micro_batch_size * dp
+        return offload.iterate(loader, encode)
 
-    def sample_noise(latents):
-        noise, levels = [], []
+    def _sample_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        args, noise, levels = self.args, [], []
         for i in range(latents.shape[0]):
-            place = step["micro"] * global_micro + dp_rank * args.micro_batch_size + i
-            seed = (args.seed * 1_000_003 + step["iteration"]) * 1_000_003 + place
-            for gen in rng.values():
-                gen.manual_seed(seed)
-            n, level = recipe.draw(latents.shape[1:], rng["noise"], rng["sigmas"], place, gbs, device)
+            place = self.micro * args.micro_batch_size * self.dp + self.dp_rank * args.micro_batch_size + i
+            seed = (args.seed * 1_000_003 + self.iteration) * 1_000_003 + place
+            self.noise_gen.manual_seed(seed)
+            self.level_gen.manual_seed(seed)
+            n, level = self.recipe.draw(latents.shape[1:], self.noise_gen, self.level_gen, place, self.gbs,
+                                        self.device)
             noise.append(n)
             levels.append(level)
-        step["micro"] += 1
-        return torch.stack(noise).to(dtype), torch.cat(levels)
+        self.micro += 1
+        return torch.stack(noise).to(self.dtype), torch.cat(levels)
 
-    def forward_step(data_iterator, chunk):
+    def forward_step(self, data_iterator, chunk):
+        """megatron-core's forward step: stage 0 reads and encodes a micro-batch and calls its chunk;
+        later stages read the previous stage's message; the loss is the recipe's."""
         dit = unwrap(chunk)
         if dit.pre_process:
-            batch = next(batches)
-            skips.update(batch)
-            noise, levels = sample_noise(batch["latents"])
-            inputs = recipe.step(batch, noise, levels)
-            if counts_flops:
-                flops["sum"] += inputs.flops
+            batch = next(self.batches)
+            self.skips.update(batch)
+            noise, levels = self._sample_noise(batch["latents"])
+            inputs = self.recipe.step(batch, noise, levels)
+            if self.counts_flops:
+                self.flops += inputs.flops
             carry = inputs.carry
             # later stages get the target through the pipeline, inside the stage message
             output = chunk(*inputs.args, carry=None if dit.post_process else carry)
@@ -191,119 +218,130 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
             carry = dit.carried
 
         def loss_func(out):
-            loss = recipe.loss(out, carry)
+            loss = self.recipe.loss(out, carry)
             return loss, {"loss": loss.detach().clone()}
 
         return output, loss_func
 
-    # model FLOPs of this iteration's micro-batches, counted once per DP replica (stage 0, TP/CP rank 0)
-    counts_flops = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
-    flops = {"sum": 0.0}
-    logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                            run_config=vars(args))
-    def save(iteration):
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, iteration * gbs,
-                        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-                        entry_point=TASKS[task], predictor=dataclasses.asdict(arch),
-                        pipeline_layers=pred.pipeline_num_layers,
-                        ckpt_format=args.ckpt_format, ema=ema)
-
-    losses = []
-    forward_backward = get_forward_backward_func()
-    if start_iteration >= args.train_iters:
-        rank_last_print(f"{TASKS[task]}: the checkpoint is at iteration {start_iteration}, --train-iters is "
-                        f"{args.train_iters}: nothing to train")
-    saved = reached = start_iteration  # the last iteration saved / trained
-    for iteration in range(start_iteration + 1, args.train_iters + 1):
-        step.update(iteration=iteration, micro=0)
-        flops["sum"] = 0.0
-        start_time = time.perf_counter()
+    def train_step(self, forward_backward) -> dict:
+        """One iteration: forward and backward of every micro-batch, then (unless a loss was NaN/Inf
+        anywhere) the optimizer, LR and EMA steps. Returns what the log needs."""
+        args, model = self.args, self.model
+        self.micro, self.flops = 0, 0.0
         for m in model:
             m.zero_grad_buffer()
-        optimizer.zero_grad()
-        step_losses = forward_backward(forward_step_func=forward_step, data_iterator=[None] * len(model), model=model,
-                                       num_microbatches=num_micro, seq_length=1, micro_batch_size=args.micro_batch_size,
-                                       forward_only=False)
+        self.optimizer.zero_grad()
+        step_losses = forward_backward(forward_step_func=self.forward_step, data_iterator=[None] * len(model),
+                                       model=model, num_microbatches=self.num_micro, seq_length=1,
+                                       micro_batch_size=args.micro_batch_size, forward_only=False)
         loss = None
-        if last_stage:
+        if self.last_stage:
             loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
             torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
-            loss = loss.item() / dp
-            losses.append(loss)
+            loss = loss.item() / self.dp
         # one all-reduce tells every rank the iteration's FLOPs and whether any loss was NaN/Inf
         # (then no rank steps: the optimizer step has collectives)
-        verdict = check_loss(loss, False, iteration)  # --exit-on-nan-loss: below, on every rank together
-        shared = torch.tensor([flops["sum"], float(verdict == SKIP)], dtype=torch.float64, device=device)
+        verdict = check_loss(loss, False, self.iteration)  # --exit-on-nan-loss: below, on every rank together
+        shared = torch.tensor([self.flops, float(verdict == SKIP)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(shared)
         skipped = shared[1].item() > 0
         if skipped and args.exit_on_nan_loss:
-            raise SystemExit(f"{TASKS[task]}: the loss is NaN/Inf at iteration {iteration}; stopping because of "
-                             "--exit-on-nan-loss")
+            raise SystemExit(f"{TASKS[self.task]}: the loss is NaN/Inf at iteration {self.iteration}; stopping "
+                             "because of --exit-on-nan-loss")
         grad_norm = None
         if not skipped:
-            ok, grad_norm, _ = optimizer.step()
+            ok, grad_norm, _ = self.optimizer.step()
             skipped = not ok  # fp16 loss-scale overflow
             if ok:
-                scheduler.step(increment=gbs)
-                if ema is not None:
-                    ema.update(iteration)
-        acc.synchronize()
-        elapsed = time.perf_counter() - start_time
-        reads_data = first_stage and mpu.get_tensor_model_parallel_rank() == 0 and \
-            mpu.get_context_parallel_rank() == 0 and dp_rank == 0
-        logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * gbs,
-                   global_batch_size=gbs, elapsed_s=elapsed, learning_rate=optimizer.param_groups[0]["lr"], loss=loss,
-                   grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
-                   flops=shared[0].item(), max_memory_bytes=acc.max_memory_allocated(),
-                   loss_scale=optimizer.get_loss_scale().item() if args.fp16 else None,
-                   bad_samples=skips.summary() if reads_data and sum(skips.counts.values()) else None)
-        reached = iteration
-        if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
-            save(iteration)
-            saved = iteration
-        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-            rank_last_print(f"{TASKS[task]}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
-            break
-    if args.save is not None and saved < reached:  # the end, or an --exit-interval stop
-        save(reached)
-    logger.close()
-    destroy_distributed()
-    return losses
+                self.scheduler.step(increment=self.gbs)
+                if self.ema is not None:
+                    self.ema.update(self.iteration)
+        return {"loss": loss, "skipped": skipped, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "flops": shared[0].item()}
+
+    def save(self, iteration: int) -> None:
+        args = self.args
+        save_checkpoint(args.save, iteration, self.model, self.optimizer, self.scheduler, iteration * self.gbs,
+                        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+                        entry_point=TASKS[self.task], predictor=dataclasses.asdict(self.arch),
+                        pipeline_layers=self.cfg.model.predictor.pipeline_num_layers,
+                        ckpt_format=args.ckpt_format, ema=self.ema)
+
+    def run(self) -> list[float]:
+        """Iterations ``start + 1 .. --train-iters`` (or to --exit-interval); the losses of the last stage."""
+        args, acc, prog = self.args, self.acc, TASKS[self.task]
+        logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(),
+                                torch.distributed.get_world_size(), run_config=vars(args))
+        losses = []
+        forward_backward = get_forward_backward_func()
+        if self.start_iteration >= args.train_iters:
+            rank_last_print(f"{prog}: the checkpoint is at iteration {self.start_iteration}, --train-iters is "
+                            f"{args.train_iters}: nothing to train")
+        saved = reached = self.start_iteration  # the last iteration saved / trained
+        for iteration in range(self.start_iteration + 1, args.train_iters + 1):
+            self.iteration = iteration
+            start_time = time.perf_counter()
+            step = self.train_step(forward_backward)
+            if step["loss"] is not None:
+                losses.append(step["loss"])
+            acc.synchronize()
+            elapsed = time.perf_counter() - start_time
+            logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * self.gbs,
+                       global_batch_size=self.gbs, elapsed_s=elapsed,
+                       learning_rate=self.optimizer.param_groups[0]["lr"], loss=step["loss"],
+                       grad_norm=step["grad_norm"], skipped=step["skipped"], flops=step["flops"],
+                       max_memory_bytes=acc.max_memory_allocated(),
+                       loss_scale=self.optimizer.get_loss_scale().item() if args.fp16 else None,
+                       bad_samples=self.skips.summary() if self.reads_data and sum(self.skips.counts.values())
+                       else None)
+            reached = iteration
+            if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
+                self.save(iteration)
+                saved = iteration
+            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+                rank_last_print(f"{prog}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                break
+        if args.save is not None and saved < reached:  # the end, or an --exit-interval stop
+            self.save(reached)
+        logger.close()
+        return losses
 
 
-def _batch_encoder(cfg, recipe, vae, text_encoders, image_encoder, device, dtype, seed: int, first_batch: int = 0):
-    """batch -> {latents, context, context_mask, condition, context_image, skipped}: the frozen encoders
-    (``context`` / ``context_mask``: one embedding and mask per text encoder, in order),
-    with VAE-CP (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for
+class BatchEncoder:
+    """batch -> {latents, context, context_mask, condition, context_image, skipped}: the frozen
+    encoders (``context`` / ``context_mask``: one embedding and mask per text encoder, in order), with
+    VAE-CP (``ae.vae_cp_size``) and encoder-DP (``enable_encoder_dp``) when the model JSON asks for
     them; the recipe encodes its condition. ``seeds`` (one per sample, from the run seed, the number of
     batches this rank encoded since the run began, resumes included, and the sample's file) drive random
     conditions such as Open-Sora-Plan's masks."""
-    vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
-    group = get_encoder_dp_group() if cfg.model.enable_encoder_dp else None
 
-    def encode_video(video):
-        return vae.normalize(vae.encode(video, vae_cp=vae_cp)[0])
+    def __init__(self, cfg, recipe, vae, text_encoders, image_encoder, device, dtype, seed: int,
+                 first_batch: int = 0):
+        self.recipe, self.vae, self.text_encoders, self.image_encoder = recipe, vae, text_encoders, image_encoder
+        self.device, self.dtype, self.seed, self.batches = device, dtype, seed, first_batch
+        self.vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
+        self.group = get_encoder_dp_group() if cfg.model.enable_encoder_dp else None
 
+    def encode_dp(self, fn, *tensors):
+        return encode_data_parallel(fn, *tensors, group=self.group)
 
-    def encode_dp(fn, *tensors):
-        return encode_data_parallel(fn, *tensors, group=group)
-
-    encoded = {"batches": first_batch}
+    def _encode_video(self, video):
+        return self.vae.normalize(self.vae.encode(video, vae_cp=self.vae_cp)[0])
 
     @torch.no_grad()
-    def encode(batch):
+    def __call__(self, batch: dict) -> dict:
+        device, dtype = self.device, self.dtype
         video = batch["video"].to(device, dtype, non_blocking=True)
         tokens = [(batch[ids_key].to(device, non_blocking=True), batch[mask_key].to(device, non_blocking=True))
-                  for ids_key, mask_key in token_keys(len(text_encoders))]
+                  for ids_key, mask_key in token_keys(len(self.text_encoders))]
         batch = dict(batch, seeds=torch.tensor(
-            [((seed * 1_000_003 + encoded["batches"]) * 1_000_003 + zlib.crc32(path.encode())) % (1 << 62)
+            [((self.seed * 1_000_003 + self.batches) * 1_000_003 + zlib.crc32(path.encode())) % (1 << 62)
              for path in batch["path"]], dtype=torch.int64))
-        encoded["batches"] += 1
-        condition, context_image = recipe.encode_condition(vae, batch, video, vae_cp, image_encoder, encode_dp, dtype)
-        contexts = [encode_dp(lambda i, m, enc=encoder: enc.encode(i, m).to(dtype), ids, mask)
-                    for encoder, (ids, mask) in zip(text_encoders, tokens)]
-        return {"latents": encode_dp(encode_video, video), "context": contexts,
+        self.batches += 1
+        condition, context_image = self.recipe.encode_condition(self.vae, batch, video, self.vae_cp,
+                                                                self.image_encoder, self.encode_dp, dtype)
+        contexts = [self.encode_dp(lambda i, m, enc=encoder: enc.encode(i, m).to(dtype), ids, mask)
+                    for encoder, (ids, mask) in zip(self.text_encoders, tokens)]
+        return {"latents": self.encode_dp(self._encode_video, video), "context": contexts,
                 "context_mask": [mask for _, mask in tokens], "skipped": batch["skipped"], "condition": condition,
                 "context_image": context_image}
-
-    return encode

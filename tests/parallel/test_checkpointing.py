@@ -111,7 +111,7 @@ class Run:
     def train(self, steps: int, first: int = 1) -> None:
         """Optimizer steps on gradients that depend only on the tensor, the step and the TP shard, so
         every DP/CP replica holds the same (already reduced) gradient."""
-        from mm.models.predictor.wan.sharding import global_name
+        from mm.models.predictor.name_table import global_name
 
         for step in range(first, first + steps):
             for m in self.model:
@@ -135,7 +135,7 @@ class Run:
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
-        from mm.models.predictor.wan.sharding import global_name
+        from mm.models.predictor.name_table import global_name
 
         model_sd = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(self.model)}
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=SHARDING)}

@@ -219,7 +219,7 @@ def _parallel_worker(rank, world, layouts, i2v, video_mask, source):
     from megatron.core import parallel_state as mpu
 
     from mm.models.predictor.opensoraplan.weights import load_reference_weights
-    from mm.models.predictor.wan.weights import global_name
+    from mm.models.predictor.name_table import global_name
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     osp = _config(dict(TINY, vae_scale_factor_t=4) if i2v else TINY, i2v)
@@ -328,7 +328,7 @@ def _stages_worker(rank, world, pipeline_num_layers, vpp, i2v, source):
     from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import load_reference_weights, mm_to_hf
     from mm.models.predictor.pipeline import layer_layout, stage_span
-    from mm.models.predictor.wan.weights import global_name
+    from mm.models.predictor.name_table import global_name
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
@@ -411,7 +411,7 @@ def _load_worker(rank, world, path):
 
     from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import mm_to_hf
-    from mm.models.predictor.wan.weights import global_name
+    from mm.models.predictor.name_table import global_name
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
@@ -460,7 +460,7 @@ def _schedule_worker(rank, world, pipeline_num_layers, vpp, source):
     from mm.families import build_predictor
     from mm.models.predictor.opensoraplan.weights import load_reference_weights, mm_to_hf
     from mm.models.predictor.pipeline import layer_layout, stage_span
-    from mm.models.predictor.wan.weights import global_name
+    from mm.models.predictor.name_table import global_name
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=world, pipeline_parallel=world), virtual_pipeline_parallel=vpp, seed=0)

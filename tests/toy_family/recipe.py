@@ -14,7 +14,8 @@ from mm.families.spec import StepInputs, Texts
 
 class ToyRecipe:
     text_zero_padding = True
-    uses_image_encoder = False
+    def build_image_encoder(self, config):
+        return None
 
     def __init__(self, args, config, arch):
         self.arch = arch

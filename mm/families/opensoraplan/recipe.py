@@ -78,7 +78,8 @@ class OpenSoraPlanRecipe:
                             "VAE-encoded masked video); remove the section")
         return problems
 
-    uses_image_encoder = False
+    def build_image_encoder(self, config):
+        return None
 
     def encode_condition(self, vae, batch: dict, video: torch.Tensor, vae_cp, image_encoder, encode_dp, dtype):
         if self.cond is None:

@@ -64,9 +64,14 @@ class WanRecipe:
             problems.append(str(e))
         return problems
 
-    @property
-    def uses_image_encoder(self) -> bool:
-        return self.cond.uses_clip
+    def build_image_encoder(self, config):
+        """The CLIP vision encoder of Wan2.1 I2V / FLF2V's image branch (None without one)."""
+        if not self.cond.uses_clip:
+            return None
+        from mm.models.image_encoder import ClipImageEncoder
+
+        image = config.model.image_encoder
+        return ClipImageEncoder(image.from_pretrained, image.dtype or "fp32")
 
     def encode_condition(self, vae, batch: dict, video: torch.Tensor, vae_cp, image_encoder, encode_dp, dtype):
         """(condition, context_image) of a batch on stage 0 (None, None for text-to-video)."""

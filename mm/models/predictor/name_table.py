@@ -3,7 +3,7 @@ MindSpeed-MM, ...), with the tensor-parallel split of each tensor; the machinery
 ``weights.py`` shares (each declares its rows, formats, how to tell its formats apart and how its
 release's config.json maps to its predictor config). A family's ``NameTable`` is the one
 description of its weights that loading release weights, distributed-checkpoint sharding
-(``wan/sharding.py``) and mm-convert (``checkpoint/``) all use.
+(``sharding.py``) and mm-convert (``checkpoint/``) all use.
 
 A row (``rule``) has ``mm`` (a key, ``{i}`` standing for a layer number), ``sources(fmt)`` (the
 release key(s) of format ``fmt``; several keys are fused: mm's TP rank r holds the concatenation of

@@ -16,13 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mm.models.predictor.name_table import (  # noqa: F401 (re-exported: the Wan weights API)
-    NameTable,
-    WeightMappingError,
-    global_name,
-    is_weight_key,
-    tp_shard,
-)
+from mm.models.predictor.name_table import NameTable, WeightMappingError
 from mm.models.predictor.wan.hf_config import diffusers_config, read_wan_arch
 
 FORMATS = ("diffusers", "original")
