@@ -65,6 +65,18 @@ def family_for(model_id: str) -> FamilySpec:
     raise ValueError(f"predictor.model_id = {model_id!r}; valid: {', '.join(model_ids())}")
 
 
+def resolve(predictor) -> tuple[FamilySpec, Any]:
+    """The family of the model JSON's ``predictor`` section and its typed architecture config;
+    ConfigError naming the key when either cannot be had."""
+    from mm.arguments import ConfigError
+
+    try:
+        family = family_for(predictor.model_id)
+        return family, family.arch(predictor)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | None, num_heads: int | None):
     """The typed architecture config of predictor ``model_id`` from its JSON keys."""
     config_cls = family_for(model_id).predictors[model_id][1]
@@ -78,4 +90,4 @@ def build_predictor(model_id: str, arch_config: Any, config, **stage):
 
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "Sampler", "StepInputs", "Texts", "build_predictor",
-           "families", "family_for", "model_ids", "predictor_config", "register"]
+           "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]

@@ -33,9 +33,9 @@ from mm.accelerator import destroy_distributed
 from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
-from mm.families import Texts, family_for
+from mm.families import Texts, family_for, resolve
 from mm.inference.config import SamplingConfig, parse_sampling
-from mm.models.predictor.wan import read_weights
+from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.parallel.fsdp import shard_parameters
@@ -48,11 +48,7 @@ def sampling_config(config) -> SamplingConfig:
     """The model JSON's ``inference`` section, checked with the family's rules (ConfigError naming
     every bad key)."""
     pred = config.model.predictor
-    try:
-        family = family_for(pred.model_id)
-        arch = family.arch(pred)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    family, arch = resolve(pred)
     problems = family.problems(config, arch)
     if config.args.pipeline_model_parallel_size != 1:
         problems.append(f"--pipeline-model-parallel-size {config.args.pipeline_model_parallel_size}: inference runs "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mm.arguments import ConfigError
 from mm.data.dataset import VideoDataConfig
-from mm.families import family_for
+from mm.families import resolve
 from mm.families.spec import TRAINING_ENTRY_POINTS
 
 
@@ -13,12 +13,7 @@ def check_task(task: str, config) -> None:
     """The model JSON, data JSON and entry point fit together (raises ConfigError listing every problem)."""
     from mm.training.logger import LogConfig, require_logging_packages
 
-    pred = config.model.predictor
-    try:
-        family = family_for(pred.model_id)
-        arch = family.arch(pred)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    family, arch = resolve(config.model.predictor)
     problems = family.problems(config, arch) + family.recipe.check(task, config, arch)
     encoders, tokenizers = len(config.model.text_encoder), len(config.data.tokenizers)
     if config.data.use_text_processer and tokenizers != encoders:

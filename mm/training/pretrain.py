@@ -33,7 +33,7 @@ from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
-from mm.models.predictor.wan import read_weights
+from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint

@@ -381,7 +381,7 @@ def test_phantom_subject_to_video_from_a_pth_state_dict(assets, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mm.models.predictor.wan import read_weights
+    from mm.models.predictor.name_table import read_weights
 
     model = json.loads((assets / "model.json").read_text())
     pth = tmp_path / "phantom.pth"

@@ -11,8 +11,9 @@ Rules (a module's package -> what it must not import):
 - ``mm/families``: no loop (a family is below the loops that consume it);
 - ``mm`` as a whole: no mm-convert code (``checkpoint``) outside a family's converter
   (``mm/families/<family>/convert.py``, which only mm-convert imports);
-- shared code (the loops, mm-convert, ``mm/arguments``): no family folder (``mm.families.<name>``),
-  only the registry (``mm.families``) and its spec.
+- shared code (the loops, mm-convert, ``mm/arguments``): no family folder (``mm.families.<name>``)
+  and no family's own model package (``mm.models.predictor.<name>``), only the registry
+  (``mm.families``) and its spec.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 FAMILY_FOLDERS = tuple(f"mm.families.{p.name}" for p in (REPO / "mm" / "families").iterdir() if p.is_dir()
                        and (p / "__init__.py").is_file())
+# each family's own model code (its DiT, weight table, VAE): shared code reaches it through the spec
+FAMILY_MODELS = FAMILY_FOLDERS + tuple(f"mm.models.predictor.{p.name}" for p in (REPO / "mm/models/predictor").iterdir()
+                                       if p.is_dir() and (p / "__init__.py").is_file())
 LOOPS = ("mm.training", "mm.inference")
 
 # (where, forbidden prefixes, why[, files under ``where`` the rule exempts, as a glob])
@@ -39,10 +43,10 @@ RULES = [
     ("mm/ckpt", LOOPS + ("checkpoint", "mm.families"), "the checkpoint format is below the loops and mm-convert"),
     ("mm/families", LOOPS, "families are below the loops that consume them"),
     ("mm", ("checkpoint",), "only a family's converter builds on mm-convert's code", "families/*/convert.py"),
-    ("mm/training", FAMILY_FOLDERS, "shared code asks the spec, never a family folder"),
-    ("mm/inference", FAMILY_FOLDERS, "shared code asks the spec, never a family folder"),
+    ("mm/training", FAMILY_MODELS, "shared code asks the spec, never a family's own modules"),
+    ("mm/inference", FAMILY_MODELS, "shared code asks the spec, never a family's own modules"),
     ("mm/arguments", FAMILY_FOLDERS + ("mm.models", "mm.families") + LOOPS, "configuration is below everything"),
-    ("checkpoint", FAMILY_FOLDERS, "mm-convert finds converters through the registry"),
+    ("checkpoint", FAMILY_MODELS, "mm-convert finds converters and weight tables through the registry"),
 ]
 
 
@@ -89,6 +93,7 @@ def test_the_code_keeps_the_layers():
     ("mm/diffusion/extra.py", "from mm.parallel import state"),
     ("mm/data/extra.py", "from mm.models.ae import load_vae"),
     ("mm/training/extra.py", "from mm.families.wan.recipe import WanRecipe"),
+    ("mm/inference/extra.py", "from mm.models.predictor.opensoraplan.weights import OSP_WEIGHTS"),
     ("mm/models/predictor/extra.py", "from ...training import pretrain"),
     ("mm/ckpt/extra.py", "from checkpoint.sources import HFSource"),
     ("mm/families/wan/extra.py", "from checkpoint.converter import DiTConverter"),

@@ -8,8 +8,6 @@ from mm.models.predictor.wan.weights import (
     hf_to_mm,
     load_hf_weights,
     mm_to_hf,
-    read_weights,
 )
 
-__all__ = ["WAN_NAME_TABLE", "WanDiT", "WanDiTConfig", "WeightMappingError", "hf_to_mm", "load_hf_weights", "mm_to_hf",
-           "read_weights"]
+__all__ = ["WAN_NAME_TABLE", "WanDiT", "WanDiTConfig", "WeightMappingError", "hf_to_mm", "load_hf_weights", "mm_to_hf"]

@@ -117,28 +117,3 @@ def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_
     whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True) and \
         len(getattr(model, "blocks", ())) == getattr(getattr(model, "wan", None), "num_layers", None)
     WAN_WEIGHTS.load(model, source, tp_size, tp_rank, fmt, whole)
-
-
-def read_weights(path: str, key: str = "predictor.from_pretrained") -> dict[str, torch.Tensor]:
-    """Every tensor of a DiT checkpoint: a directory of ``*.safetensors`` files (diffusers' sharded
-    layout, the original release's single file, Phantom-Wan-14B's shards), one ``.safetensors``
-    file, or a flat ``{name: tensor}`` state dict saved by ``torch.save`` (``.pth`` / ``.pt``, as
-    Phantom-Wan-1.3B.pth); read without running pickled code."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    source = Path(path)
-    if source.is_file() and source.suffix in (".pth", ".pt"):
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{key} = {path!r}: not a flat state dict of tensors ({{name: tensor}})")
-        return dict(state)
-    files = [source] if source.is_file() and source.suffix == ".safetensors" else sorted(source.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{key} = {path!r}: no *.safetensors files there; valid: a directory of "
-                                "*.safetensors files, a .safetensors file or a .pth/.pt state dict")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
