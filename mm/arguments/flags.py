@@ -134,7 +134,14 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--load-fallback", action="store_true",
+                   help="when the checkpoint --load's tracker names is damaged (missing or truncated files, an "
+                        "unreadable tracker), load the newest earlier checkpoint there that verifies instead of "
+                        "stopping")
     g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None, metavar="N",
+                   help="after each save, delete the older iter_* checkpoints of --save beyond the newest N (never "
+                        "the one this run loaded); default: keep all")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="stop after an iteration that is a multiple of this (saving a checkpoint first with --save)")
     g.add_argument("--no-save-optim", action="store_true")

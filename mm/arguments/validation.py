@@ -147,6 +147,11 @@ def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems:
             problems.append("--lr is required for training")
         if args.save_interval is not None and args.save is None:
             problems.append(f"--save-interval {args.save_interval} needs --save (a checkpoint directory)")
+        if args.keep_last_checkpoints is not None and args.save is None:
+            problems.append(f"--keep-last-checkpoints {args.keep_last_checkpoints} needs --save (the checkpoint "
+                            "directory it prunes)")
+        if args.load_fallback and args.load is None:
+            problems.append("--load-fallback needs --load (the checkpoint directory to fall back in)")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         problems.append(f"--ema-decay {args.ema_decay}; valid: 0 < decay < 1 (e.g. 0.9999)")
     lo, hi = args.min_timestep_boundary, args.max_timestep_boundary

@@ -1,8 +1,9 @@
 """mm's checkpoint format, below the training loop, inference and mm-convert alike: the directory
 layout (tracker, iteration and rank directories, ``layout.py``), the versioned header
-(``header.py``), the per-chunk keys (``chunks.py``) and loading model weights into model chunks
-(``load.py``). Saving with optimizer, RNG and EMA is the training loop's
-(``mm.training.checkpointing``); writing converted weights is mm-convert's (``checkpoint/``).
+(``header.py``), the per-chunk keys (``chunks.py``), the manifest and the checks before a load
+(``integrity.py``) and loading model weights into model chunks (``load.py``). Saving with
+optimizer, RNG and EMA is the training loop's (``mm.training.checkpointing``); writing converted
+weights is mm-convert's (``checkpoint/``).
 """
 
 from mm.ckpt.chunks import chunk_keys, unwrap
@@ -15,8 +16,10 @@ from mm.ckpt.header import (
     read_header,
     write_header,
 )
+from mm.ckpt.integrity import MANIFEST, load_torch_file, verify_checkpoint, write_manifest
 from mm.ckpt.layout import (
     CKPT_FORMATS,
+    DIST_INDEX,
     HEADER_FILE,
     MEGATRON_CHECKPOINT_VERSION,
     MODEL_FILE,
@@ -24,9 +27,12 @@ from mm.ckpt.layout import (
     RELEASE,
     TRACKER,
     CheckpointError,
+    DamagedCheckpointError,
     checkpoint_dir,
     checkpoint_format,
+    failure_reason,
     find_checkpoint,
+    list_checkpoints,
     rank_dir,
     read_tracker,
     write_tracker,
@@ -36,7 +42,9 @@ from mm.ckpt.load import load_model
 __all__ = [
     "CHECKPOINT_VERSION",
     "CKPT_FORMATS",
+    "DIST_INDEX",
     "HEADER_FILE",
+    "MANIFEST",
     "MEGATRON_CHECKPOINT_VERSION",
     "MODEL_FILE",
     "MODEL_PARALLEL",
@@ -46,16 +54,22 @@ __all__ = [
     "CheckpointError",
     "CheckpointHeader",
     "Content",
+    "DamagedCheckpointError",
     "ParallelLayout",
     "checkpoint_dir",
     "checkpoint_format",
     "chunk_keys",
+    "failure_reason",
     "find_checkpoint",
+    "list_checkpoints",
     "load_model",
+    "load_torch_file",
     "rank_dir",
     "read_header",
     "read_tracker",
     "unwrap",
+    "verify_checkpoint",
     "write_header",
+    "write_manifest",
     "write_tracker",
 ]

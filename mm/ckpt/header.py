@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mm.ckpt.layout import HEADER_FILE, CheckpointError, checkpoint_format
+from mm.ckpt.layout import (
+    DIST_INDEX,
+    DIST_METADATA,
+    HEADER_FILE,
+    CheckpointError,
+    DamagedCheckpointError,
+    checkpoint_format,
+    failure_reason,
+)
 
 CHECKPOINT_VERSION = 1
 MODEL_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -138,20 +146,31 @@ class CheckpointHeader:
 
 def read_header(path: Path, flag: str = "--load") -> CheckpointHeader:
     """The header of the checkpoint directory ``path`` (either format); ``flag`` names the option
-    that led to it in errors."""
+    that led to it in errors. A header that cannot be read is a DamagedCheckpointError naming the
+    file."""
     ckpt_format = checkpoint_format(path)
     where = f"{flag} {path.parent}: {path}"
     if ckpt_format == "torch":
         try:
             stored = json.loads((path / HEADER_FILE).read_text())
+        except OSError as e:
+            raise DamagedCheckpointError(f"{flag} {path.parent}: cannot read {path / HEADER_FILE}: "
+                                         f"{failure_reason(e)}") from None
         except ValueError as e:
-            raise CheckpointError(f"{where}: {HEADER_FILE} is not JSON: {e}") from None
+            raise DamagedCheckpointError(f"{where}: {HEADER_FILE} is not JSON: {e}") from None
     elif ckpt_format == "torch_dist":
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        stored = dist_checkpointing.load_common_state_dict(str(path))
+        try:
+            stored = dist_checkpointing.load_common_state_dict(str(path))
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            raise DamagedCheckpointError(f"{flag} {path.parent}: cannot read the header (common state) of {path} "
+                                         f"through {path / DIST_INDEX}: {failure_reason(e)}") from None
     else:
-        raise CheckpointError(f"{where} is not a checkpoint (neither {HEADER_FILE} nor torch_dist's metadata.json)")
+        raise CheckpointError(f"{where} is not a checkpoint (neither {HEADER_FILE} nor torch_dist's {DIST_METADATA})")
+    if not isinstance(stored, dict):
+        raise DamagedCheckpointError(f"{where}: its header is a {type(stored).__name__}, not a dict of entries")
     return CheckpointHeader.from_dict(stored, ckpt_format, where)
 
 

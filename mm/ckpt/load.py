@@ -8,6 +8,12 @@ optimizer, scheduler, RNG and EMA around the same steps).
 - torch: this rank's ``mp_rank_XX[_YYY]/model_optim_rng.pt`` (local names); only the TP/PP/VPP
   layout that wrote it reads it.
 
+Which checkpoint: the one the tracker names, verified first on rank 0 (``integrity.py``: the
+manifest, the format's own file list, the header) and the verdict broadcast, so every rank loads
+the same checkpoint or raises the same error; a damaged one is a DamagedCheckpointError naming
+the directory and the file, or, asked for (``--load-fallback``), the newest earlier checkpoint
+that verifies instead.
+
 Every rank calls these; a rank that fails tells the others instead of leaving them waiting.
 """
 
@@ -30,19 +36,117 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mm.accelerator import rank0_print
 from mm.ckpt.chunks import chunk_keys, unwrap
 from mm.ckpt.header import MODEL_PARALLEL, CheckpointHeader, ParallelLayout, read_header
-from mm.ckpt.layout import MODEL_FILE, TRACKER, CheckpointError, find_checkpoint, rank_dir
+from mm.ckpt.integrity import load_torch_file, verify_checkpoint
+from mm.ckpt.layout import (
+    DIST_INDEX,
+    MODEL_FILE,
+    RELEASE,
+    TRACKER,
+    CheckpointError,
+    DamagedCheckpointError,
+    failure_reason,
+    find_checkpoint,
+    list_checkpoints,
+    rank_dir,
+    read_tracker,
+)
 
 # checkpoint keys outside the model (optimizer state, RNG, EMA, megatron's common entries)
 _NOT_MODEL = ("optimizer.", "rng_state", "common_state", "ema.")
 
 
-def agree(error: str | None) -> None:
-    """Every rank raises the first rank's error if any rank has one (instead of the others waiting)."""
+def agree(error: str | CheckpointError | None) -> None:
+    """Every rank raises the first rank's error if any rank has one (instead of the others waiting);
+    a DamagedCheckpointError stays one."""
+    mine = None if error is None else (isinstance(error, DamagedCheckpointError), str(error))
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, mine)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
-        raise CheckpointError(first)
+        damaged, message = first
+        raise (DamagedCheckpointError if damaged else CheckpointError)(message)
+
+
+def _tracked_iteration(root: Path) -> int | None:
+    try:
+        return read_tracker(root)
+    except DamagedCheckpointError:
+        return None
+
+
+def select_checkpoint(root: str | os.PathLike, flag: str = "--load", fallback: bool = False,
+                      fallback_flag: str = "--load-fallback") -> tuple[Path | None, str | None]:
+    """The checkpoint directory of ``root`` to load, verified (``verify_checkpoint``), and a note
+    saying why it is not the one the tracker names (None when it is); ``(None, None)`` when
+    ``root`` holds no checkpoint (no tracker and no ``iter_*`` directory: a first launch).
+
+    The tracker's checkpoint when it verifies. When it does not, or the tracker cannot be read, or
+    it is gone while ``iter_*`` checkpoints remain: with ``fallback`` the newest ``iter_*``
+    checkpoint older than the tracker's iteration (any, when the tracker cannot be read) that
+    verifies; else, or when there is none, the DamagedCheckpointError (without ``fallback`` it
+    names ``fallback_flag`` when there are earlier checkpoints to fall back to). Reads files only
+    (no collectives): ``choose_checkpoint`` runs it on one rank for all."""
+    root = Path(root)
+    try:
+        path = find_checkpoint(root, flag)
+        if path is None:
+            left = list_checkpoints(root)
+            if not left:
+                return None, None
+            raise DamagedCheckpointError(f"{flag} {root}: no {TRACKER}, but {len(left)} checkpoint directories are "
+                                         f"there (newest {left[0][1]}): the tracker was lost")
+        verify_checkpoint(path, flag)
+        return path, None
+    except DamagedCheckpointError as error:
+        latest = _tracked_iteration(root)
+        earlier = [(iteration, candidate) for iteration, candidate in list_checkpoints(root)
+                   if latest is None or (latest != RELEASE and iteration < latest)]
+        if not fallback:
+            if fallback_flag and earlier:
+                raise DamagedCheckpointError(f"{error} ({fallback_flag} would load the newest earlier checkpoint "
+                                             f"that verifies instead: {len(earlier)} there)") from None
+            raise
+        rejected = []
+        for iteration, candidate in earlier:
+            try:
+                verify_checkpoint(candidate, flag)
+            except DamagedCheckpointError as e:
+                rejected.append(str(e))
+                continue
+            also = "".join(f"\n  also damaged: {r}" for r in rejected)
+            return candidate, (f"WARNING: {error}\n  {fallback_flag}: loading {candidate} (iteration {iteration}), "
+                               f"the newest earlier checkpoint that verifies{also}")
+        also = "".join(f"; also damaged: {r}" for r in rejected)
+        raise DamagedCheckpointError(f"{error}; {fallback_flag}: no earlier checkpoint in {root} verifies{also}") \
+            from None
+
+
+def choose_checkpoint(root: str | os.PathLike, flag: str = "--load", fallback: bool = False,
+                      fallback_flag: str | None = None) -> Path | None:
+    """``select_checkpoint`` on rank 0, its verdict broadcast: every rank returns the same directory
+    (None: no checkpoint) or raises the same error; rank 0 prints the fallback note.
+    ``fallback_flag``: the option that turns the fallback on, named in errors (None: the caller
+    has none). Every rank calls this."""
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            path, note = select_checkpoint(root, flag, fallback, fallback_flag or "")
+            verdict = [("ok", None if path is None else str(path), note)]
+        except DamagedCheckpointError as e:
+            verdict = [("damaged", str(e), None)]
+        except CheckpointError as e:
+            verdict = [("error", str(e), None)]
+        except Exception as e:  # noqa: BLE001 -- the other ranks must not wait for a verdict that never comes
+            verdict = [("error", f"{flag} {root}: cannot check its checkpoint: {failure_reason(e)}", None)]
+    dist.broadcast_object_list(verdict, src=0)
+    kind, value, note = verdict[0]
+    if kind == "damaged":
+        raise DamagedCheckpointError(value)
+    if kind == "error":
+        raise CheckpointError(value)
+    if note:
+        rank0_print(note)
+    return None if value is None else Path(value)
 
 
 def open_checkpoint(path: Path, flag: str = "--load") -> CheckpointHeader:
@@ -89,7 +193,10 @@ def match_checkpoint(state: dict, model_keys: list[str], path: Path, where: str,
     others waiting). Model tensors of the wrong global shape, and optimizer or RNG entries that are
     not there, always fail; model tensors absent from the checkpoint (dropped from ``state``, so
     they keep their values) or never read fail only when ``strict``."""
-    stored = {v.key: v for v in load_sharded_metadata(str(path)).values()}
+    try:
+        stored = {v.key: v for v in load_sharded_metadata(str(path)).values()}
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        raise DamagedCheckpointError(f"{where}: cannot read {path / DIST_INDEX}: {failure_reason(e)}") from None
     absent, shapes, asked = set(), set(), set()
     # the model keys one replica asks for: DP x CP rank 0 speaks for the others
     speaks = mpu.get_data_parallel_rank(with_context_parallel=True) == 0
@@ -138,7 +245,7 @@ def load_sharded(path: Path, state: dict, model_keys: list[str], strict: bool, f
     try:
         return dist_checkpointing.load(state, str(path), strategy)
     except (Exception, CheckpointException) as e:  # megatron's errors name tensors, not the checkpoint or flag
-        raise CheckpointError(f"{flag} {path.parent}: cannot read {path}: {e}") from e
+        raise DamagedCheckpointError(f"{flag} {path.parent}: cannot read {path}: {failure_reason(e)}") from e
 
 
 def load_model_state(model_chunks: Sequence[torch.nn.Module], loaded: dict, strict: bool) -> None:
@@ -156,12 +263,13 @@ def my_rank_dir(path: Path) -> Path:
                     mpu.get_pipeline_model_parallel_world_size())
 
 
-def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict: bool) -> dict:
+def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict: bool, flag: str = "--load") -> dict:
     """This rank: read its (TP, PP) rank's file of the torch-format checkpoint ``path`` and load the
     model chunks from it (no collectives, so a rank that fails here can tell the others before
-    anyone waits). Returns the file's dict (optimizer, scheduler, RNG, EMA for the caller)."""
+    anyone waits). Returns the file's dict (optimizer, scheduler, RNG, EMA for the caller); a file
+    that cannot be read is a DamagedCheckpointError naming it."""
     mine = my_rank_dir(path) / MODEL_FILE
-    state = torch.load(mine, map_location="cpu", weights_only=False)
+    state = load_torch_file(mine, f"{flag} {path.parent}", weights_only=False)
     keys = chunk_keys(len(model_chunks))
     missing = [k for k in keys if k not in state]
     if missing:
@@ -189,7 +297,7 @@ def load_model(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Modu
     and every model tensor of the checkpoint read by some rank. CheckpointError when ``load_dir``
     holds no checkpoint or it does not fit. Every rank calls this."""
     root = Path(load_dir)
-    path = find_checkpoint(root, flag)
+    path = choose_checkpoint(root, flag)
     if path is None:
         raise CheckpointError(f"{flag} {root}: no checkpoint there (no {TRACKER}); give mm-convert's output or a "
                               "training run's --save directory")
@@ -197,9 +305,11 @@ def load_model(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Modu
     if header.format == "torch":
         error = None
         try:
-            read_model_file(path, model_chunks, strict)
+            read_model_file(path, model_chunks, strict, flag)
+        except CheckpointError as e:
+            error = e
         except (OSError, KeyError, RuntimeError, ValueError) as e:
-            error = f"{flag} {root}: cannot read {path}: {type(e).__name__}: {e}"
+            error = f"{flag} {root}: cannot load {path}: {type(e).__name__}: {e}"
         agree(error)
     else:
         keys = chunk_keys(len(model_chunks))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from mm.ckpt import MEGATRON_CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, CheckpointHeader, write_header
+from mm.ckpt.integrity import load_torch_file
 from mm.ckpt.load import my_rank_dir, read_model_file
 
 
@@ -90,7 +91,7 @@ def read(path: Path, chunks: Sequence[torch.nn.Module], *, strict: bool,
     state = read_model_file(path, chunks, strict)
     param_states = None
     if read_param_state and dist.get_rank(_dp_cp_group()) == 0:
-        param_states = torch.load(my_rank_dir(path) / OPTIM_FILE, map_location="cpu", weights_only=False)
+        param_states = load_torch_file(my_rank_dir(path) / OPTIM_FILE, f"--load {path.parent}", weights_only=False)
     return state, param_states
 
 

@@ -26,9 +26,15 @@ One checkpoint holds, under layout-independent keys (the model's global tensor n
   only fits the layout that wrote it; ``load_rng=False`` (``--no-load-rng``) skips it.
 
 Saving is atomic: every rank writes into ``<dir>/.iter_0000010.tmp``; after all ranks finished
-(barrier) rank 0 renames it to ``iter_0000010`` and then replaces the tracker file (temp file +
-``os.replace``). A save that dies on the way leaves the previous checkpoint and tracker as they
-were; its temp directory is removed by the next save. All ranks must see one shared directory.
+(barrier) rank 0 records the manifest (``mm.ckpt.integrity``: every file's size, the metadata
+files' checksums), renames the directory to ``iter_0000010`` and then replaces the tracker file
+(temp file + ``os.replace``). A save that dies on the way leaves the previous checkpoint and
+tracker as they were; its temp directory is removed by the next save. All ranks must see one
+shared directory. With ``keep_last`` (``--keep-last-checkpoints``) rank 0 then deletes the older
+checkpoints beyond the newest ones (``prune_checkpoints``).
+
+Loading verifies the checkpoint first (``mm.ckpt.load.choose_checkpoint``); with ``fallback``
+(``--load-fallback``) a damaged latest checkpoint gives way to the newest earlier one that verifies.
 
 Synchronous saves only: megatron-core's asynchronous save needs its persistent writer process
 (and NVRx) around the training loop; nothing here starts one. The same code runs on gloo (CPU)
@@ -69,15 +75,39 @@ from mm.ckpt import (
     ParallelLayout,
     checkpoint_dir,
     chunk_keys,
-    find_checkpoint,
+    failure_reason,
+    list_checkpoints,
     unwrap,
+    write_manifest,
     write_tracker,
 )
-from mm.ckpt.load import agree, load_model_state, load_sharded, model_sharded_state, open_checkpoint
+from mm.ckpt.load import (
+    agree,
+    choose_checkpoint,
+    load_model_state,
+    load_sharded,
+    model_sharded_state,
+    open_checkpoint,
+)
 from mm.training import checkpoint_torch
 
 OPTIMIZER_SHARDINGS = ("fully_reshardable", "dp_reshardable")
-_TMP = re.compile(r"^\.iter_\d{7}\.(tmp|old)$")
+_TMP = re.compile(r"^\.iter_\d{7}\.(tmp|old|deleting)$")
+
+
+class Resumed(tuple):
+    """What ``load_checkpoint`` returns: the pair ``(iteration, consumed_samples)`` to resume from,
+    and ``path``, the checkpoint directory it loaded (None when it loaded none)."""
+
+    path: Path | None
+
+    def __new__(cls, iteration: int, consumed_samples: int, path: Path | None = None) -> Resumed:
+        resumed = super().__new__(cls, (iteration, consumed_samples))
+        resumed.path = path
+        return resumed
+
+    def __reduce__(self):
+        return Resumed, (self[0], self[1], self.path)
 
 
 def _distributed_parts(optimizer) -> list:
@@ -208,7 +238,9 @@ def _on_rank0(failure: str, fn, *args) -> None:
 
 
 def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
-    """Rank 0, after every rank wrote ``tmp``: rename it into place, then point the tracker at it."""
+    """Rank 0, after every rank wrote ``tmp``: record its manifest, rename it into place, then point
+    the tracker at it."""
+    write_manifest(tmp)
     if final.exists():  # a second save of the same iteration replaces the first
         old = root / f".{final.name}.old"
         final.rename(old)
@@ -221,12 +253,43 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     _fsync_dir(root)
 
 
+def prune_checkpoints(root: Path, keep: int, saved: Path, protect: Path | None = None) -> list[Path]:
+    """Rank 0, after the tracker names ``saved``: delete the ``iter_*`` checkpoints of ``root`` older
+    than ``saved`` beyond the newest ``keep`` (``saved`` counted), never ``saved`` itself nor
+    ``protect`` (the checkpoint this run loaded). Checkpoints newer than ``saved`` (of an earlier
+    run that went further) and ``release`` are left alone. Each is first renamed to
+    ``.iter_*.deleting`` (which no loader reads and the next save removes), so a crash part-way
+    leaves no half-deleted checkpoint under its own name. Returns the directories deleted; a
+    failure is reported on rank 0 and leaves the rest (training goes on)."""
+    newest = _iteration_of(saved)
+    older = [path for iteration, path in list_checkpoints(root) if iteration <= newest]
+    spared = {p.resolve() for p in older[:keep] + [saved] + ([protect] if protect is not None else [])}
+    deleted = []
+    for path in older:
+        if path.resolve() in spared:
+            continue
+        doomed = root / f".{path.name}.deleting"
+        try:
+            path.rename(doomed)
+            _fsync_dir(root)
+            shutil.rmtree(doomed)
+        except OSError as e:
+            print(f"WARNING: --keep-last-checkpoints {keep}: cannot delete {path}: {e}; it stays", flush=True)
+            continue
+        deleted.append(path)
+    return deleted
+
+
+def _iteration_of(path: Path) -> int:
+    return int(path.name[len("iter_"):])
+
+
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer, scheduler, consumed_samples: int, *, save_optim: bool = True, save_rng: bool = True,
                     entry_point: str | None = None, predictor: dict[str, Any] | None = None,
                     pipeline_layers: list | None = None, extra: dict[str, Any] | None = None,
                     optimizer_sharding: str = "fully_reshardable", ckpt_format: str = "torch_dist",
-                    ema=None) -> Path:
+                    ema=None, keep_last: int | None = None, protect: Path | None = None) -> Path:
     """Write ``<save_dir>/iter_{iteration:07d}`` and point the tracker at it; every rank calls this.
 
     ``model_chunks``: this rank's model chunks (megatron DDP-wrapped or bare), one per virtual
@@ -238,13 +301,17 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     ``optimizer_sharding``: the
     distributed optimizer's torch_dist format (see the module docstring); ``ckpt_format``:
     ``torch_dist`` (any layout loads it) or ``torch`` (megatron's per-rank files, see
-    ``checkpoint_torch``); ``ema``: a ``ModelEMA`` whose averages the checkpoint keeps too.
-    Returns the checkpoint directory.
+    ``checkpoint_torch``); ``ema``: a ``ModelEMA`` whose averages the checkpoint keeps too;
+    ``keep_last``: once the tracker names this checkpoint, rank 0 deletes older ones beyond the
+    newest ``keep_last`` (``prune_checkpoints``; None keeps all), never ``protect`` (the checkpoint
+    this run loaded). Returns the checkpoint directory.
     """
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ValueError(f"optimizer_sharding = {optimizer_sharding!r}; valid: {', '.join(OPTIMIZER_SHARDINGS)}")
     if ckpt_format not in CKPT_FORMATS:
         raise ValueError(f"ckpt_format = {ckpt_format!r}; valid: {', '.join(CKPT_FORMATS)}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last = {keep_last}; valid: an integer >= 1, or None to keep every checkpoint")
     if ckpt_format == "torch_dist" and importlib.util.find_spec("psutil") is None:
         raise CheckpointError("--save: megatron-core's torch_dist writer needs the psutil package (pip install psutil)")
     root = Path(save_dir)
@@ -284,11 +351,14 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
         try:
             dist_checkpointing.save(state, str(tmp), strategy)
         except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
-            raise CheckpointError(f"{failure}: {e}") from e
+            raise CheckpointError(f"{failure}: {failure_reason(e)}") from e
     dist.barrier()  # every rank's shards are on disk
     _on_rank0(f"--save {root}: iteration {iteration} was written to {tmp} but could not be put in place",
               _publish, root, tmp, final, iteration)
     rank0_print(f"  saved checkpoint at iteration {iteration:7d} to {final}")
+    if keep_last is not None and dist.get_rank() == 0:
+        for path in prune_checkpoints(root, keep_last, final, protect):
+            print(f"  deleted {path} (--keep-last-checkpoints {keep_last})", flush=True)
     return final
 
 
@@ -303,6 +373,8 @@ def check_load_dir(args) -> None:
     load = Path(args.load)
     if (load / TRACKER).is_file() or (args.save is not None and Path(args.save).resolve() == load.resolve()):
         return
+    if list_checkpoints(load):  # checkpoints without a tracker: the load says what to do about them
+        return
     where = str(load) if load.is_absolute() else f"{load} from {Path.cwd()}"
     raise ConfigError(f"--load {args.load}: no checkpoint there (no {TRACKER} in {where}); give mm-convert's output "
                       "or a training run's --save directory, the same directory as --save to start a resumable run, "
@@ -311,7 +383,7 @@ def check_load_dir(args) -> None:
 
 def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, *,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
-                    strict: bool = True, ema=None) -> tuple[int, int]:
+                    strict: bool = True, ema=None, fallback: bool = False) -> Resumed:
     """Load the checkpoint the tracker in ``load_dir`` names into this run's model chunks (and,
     unless ``finetune`` or ``load_optim=False``, optimizer and scheduler; unless ``finetune`` or
     ``load_rng=False``, RNG states). Either format (torch_dist or torch) is recognised from the
@@ -320,13 +392,17 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     tracker file (a first launch: training starts from scratch). ``strict``: every model tensor
     must be in the checkpoint and every model tensor of the checkpoint must be loaded by some rank.
     ``ema``: this run's ``ModelEMA``; it resumes from the checkpoint's averages when there are any
-    (not with ``finetune``), else starts from the loaded weights. Every rank calls this.
+    (not with ``finetune``), else starts from the loaded weights. The checkpoint is verified
+    before anything is read (``mm.ckpt.integrity``); a damaged one is a DamagedCheckpointError
+    naming the directory and the file, or with ``fallback`` (``--load-fallback``) gives way to the
+    newest earlier checkpoint that verifies (rank 0 says which and why). The result's ``path`` is
+    the directory loaded. Every rank calls this.
     """
     root = Path(load_dir)
-    path = find_checkpoint(root)
+    path = choose_checkpoint(root, "--load", fallback, "--load-fallback")
     if path is None:
         rank0_print(f"no checkpoint to load: --load {root} has no {TRACKER}; training starts from scratch")
-        return 0, 0
+        return Resumed(0, 0)
     header = open_checkpoint(path)
     with_optim = load_optim and not finetune
     with_rng = load_rng and not finetune
@@ -344,9 +420,9 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     if finetune or path == checkpoint_dir(root, RELEASE):
         rank0_print(f"  loaded model weights from {path} ({'--finetune' if finetune else 'release'}: iteration and "
                     "consumed samples start at 0)")
-        return 0, 0
+        return Resumed(0, 0, path)
     rank0_print(f"  loaded checkpoint from {path} at iteration {header.iteration}")
-    return header.iteration, header.consumed_samples
+    return Resumed(header.iteration, header.consumed_samples, path)
 
 
 def _check_resumable(header: CheckpointHeader, path: Path, optimizer, *, with_optim: bool, with_rng: bool) -> None:
@@ -385,8 +461,10 @@ def _load_torch(path: Path, model_chunks, optimizer, scheduler, header: Checkpoi
                                                     read_param_state=bool(distributed))
         if ema is not None:
             ema.load_state_dict(state["ema"])
+    except CheckpointError as e:
+        error = e
     except (OSError, KeyError, RuntimeError, ValueError) as e:
-        error = f"--load {path.parent}: cannot read {path}: {type(e).__name__}: {e}"
+        error = f"--load {path.parent}: cannot load {path}: {type(e).__name__}: {e}"
     agree(error)
     checkpoint_torch.restore(state, param_states, optimizer, scheduler, with_optim=with_optim, with_rng=with_rng,
                              distributed_parts=distributed,

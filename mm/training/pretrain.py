@@ -11,6 +11,7 @@ or Open-Sora-Plan v1.3's DDPM.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import zlib
 from typing import Sequence
@@ -24,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from mm.accelerator import destroy_distributed
-from mm.ckpt import unwrap
+from mm.ckpt import CheckpointError, unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
 from mm.families import family_for
@@ -89,9 +90,26 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
     runtime = start(argv, mode="train", prog=TASKS[task],
                     check=lambda config: (check_task(task, config), check_load_dir(config.args)))
-    losses = Trainer(runtime, task).run()
+    try:
+        losses = Trainer(runtime, task).run()
+    except CheckpointError as e:
+        _exit_on_checkpoint_error(TASKS[task], e)
     destroy_distributed()
     return losses
+
+
+def _exit_on_checkpoint_error(prog: str, error: CheckpointError) -> None:
+    """A checkpoint that cannot be loaded or saved ends the run with its one message (exit code 1)
+    instead of every rank's traceback. Load and save errors are raised on every rank alike (the
+    ranks agree on them), so rank 0 prints it; the barrier of ``destroy_distributed`` keeps the
+    others from exiting first (the launcher would stop rank 0 before it printed)."""
+    if torch.distributed.get_rank() == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    try:
+        destroy_distributed()
+    except Exception:  # noqa: BLE001 -- exiting anyway; a rank that is gone cannot join the barrier
+        pass
+    raise SystemExit(1)
 
 
 class Trainer:
@@ -117,11 +135,14 @@ class Trainer:
         # --load: resume (model, optimizer, scheduler, RNG, iteration, consumed samples) or, with
         # --finetune / --no-load-optim, start from the weights; a directory without a checkpoint yet
         # (a first launch with --load = --save) starts from scratch, so relaunching resumes
+        # (a damaged latest checkpoint is an error, or with --load-fallback gives way to an earlier one)
         self.start_iteration, consumed = 0, 0
+        self.loaded = None  # the checkpoint directory loaded: --keep-last-checkpoints never deletes it
         if args.load is not None:
-            self.start_iteration, consumed = load_checkpoint(
+            resumed = load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler, load_optim=not args.no_load_optim,
-                load_rng=not args.no_load_rng, finetune=args.finetune, ema=self.ema)
+                load_rng=not args.no_load_rng, finetune=args.finetune, ema=self.ema, fallback=args.load_fallback)
+            (self.start_iteration, consumed), self.loaded = resumed, resumed.path
         model = self.model
         self.tf_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         if args.overlap_grad_reduce:
@@ -265,7 +286,8 @@ class Trainer:
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
                         entry_point=TASKS[self.task], predictor=dataclasses.asdict(self.arch),
                         pipeline_layers=self.cfg.model.predictor.pipeline_num_layers,
-                        ckpt_format=args.ckpt_format, ema=self.ema)
+                        ckpt_format=args.ckpt_format, ema=self.ema, keep_last=args.keep_last_checkpoints,
+                        protect=self.loaded)
 
     def run(self) -> list[float]:
         """Iterations ``start + 1 .. --train-iters`` (or to --exit-interval); the losses of the last stage."""

@@ -539,3 +539,63 @@ def test_ema_absent_from_the_checkpoint_starts_from_the_weights(tmp_path):
     (out,) = run_distributed(1, _ema_mismatch_worker, str(tmp_path))
     assert out["no_ema"] == (2, 16) and out["reset_to_weights"]
     assert out["ignored"] == (4, 32)
+
+
+def _damaged_worker(rank, world, root):
+    from mm.ckpt import MANIFEST, DamagedCheckpointError
+    from mm.training.checkpointing import load_checkpoint, save_checkpoint
+
+    root = Path(root)
+    out = {}
+    run = Run(LAYOUTS["tp2"], layers=2)
+    for step in (1, 2):
+        run.train(1, first=step)
+        save_checkpoint(root, step, run.model, run.optimizer, run.scheduler, consumed_samples=8 * step)
+        if step == 1:
+            at_one = run.snapshot()
+    out["manifest"] = sorted(json_files(root / "iter_0000002" / MANIFEST))
+    run.close()
+    if rank == 0:  # the newest checkpoint loses the end of one data file
+        data = root / "iter_0000002" / "__1_0.distcp"
+        data.write_bytes(data.read_bytes()[:1000])
+    torch.distributed.barrier()
+    again = Run(LAYOUTS["tp2"], layers=2, seed=7)
+    try:
+        load_checkpoint(root, again.model, again.optimizer, again.scheduler)
+    except DamagedCheckpointError as e:
+        out["error"] = str(e)
+    resumed = load_checkpoint(root, again.model, again.optimizer, again.scheduler, fallback=True)
+    out["resumed"], out["path"] = tuple(resumed), resumed.path
+    out["same"] = _pieces_equal(again.snapshot(), at_one)
+    # iteration 2 again, keeping one checkpoint: the damaged one is replaced, the loaded one stays
+    again.train(1, first=2)
+    save_checkpoint(root, 2, again.model, again.optimizer, again.scheduler, consumed_samples=16, keep_last=1,
+                    protect=resumed.path)
+    again.train(1, first=3)
+    save_checkpoint(root, 3, again.model, again.optimizer, again.scheduler, consumed_samples=24, keep_last=1,
+                    protect=resumed.path)
+    torch.distributed.barrier()  # rank 0 deletes after the save, without holding the others
+    out["left"] = sorted(p.name for p in root.iterdir())
+    again.close()
+    return out
+
+
+def json_files(manifest: Path) -> dict:
+    import json
+
+    return json.loads(manifest.read_text())["files"]
+
+
+def test_damaged_checkpoint_is_found_before_loading_and_fallback_loads_the_one_before(tmp_path):
+    """Saves record a manifest; a truncated data file of the latest checkpoint is a
+    DamagedCheckpointError naming it on every rank, or with fallback the previous checkpoint loads
+    with its exact state; keep_last prunes older checkpoints but never the one loaded."""
+    results = run_distributed(2, _damaged_worker, str(tmp_path))
+    data = tmp_path / "iter_0000002" / "__1_0.distcp"
+    for out in results:
+        assert out["manifest"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "metadata.json"]
+        assert out["error"].startswith(f"--load {tmp_path}: {tmp_path}/iter_0000002 is damaged: {data} has 1000 "
+                                       "bytes, the manifest records")
+        assert "--load-fallback would load the newest earlier checkpoint" in out["error"]
+        assert out["resumed"] == (1, 8) and out["path"] == tmp_path / "iter_0000001" and out["same"]
+        assert out["left"] == ["iter_0000001", "iter_0000003", "latest_checkpointed_iteration.txt"]

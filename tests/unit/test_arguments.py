@@ -314,6 +314,17 @@ def test_checkpoint_flags(tmp_path):
     args = _load(tmp_path, flags=["--save", "ckpt", "--load", "ckpt", "--save-interval", "5", "--exit-interval", "7",
                                   "--no-load-rng", "--finetune"]).args
     assert (args.save_interval, args.exit_interval, args.no_load_rng, args.finetune) == (5, 7, True, True)
+    assert (args.load_fallback, args.keep_last_checkpoints) == (False, None)  # off, keep all
+
+
+def test_load_fallback_and_keep_last_checkpoints(tmp_path):
+    assert "--load-fallback needs --load" in _problems(tmp_path, flags=["--load-fallback"])
+    assert "--keep-last-checkpoints 3 needs --save" in _problems(tmp_path, flags=["--keep-last-checkpoints", "3"])
+    assert "--keep-last-checkpoints: must be an integer >= 1, got 0" in _problems(
+        tmp_path, flags=["--save", "ckpt", "--keep-last-checkpoints", "0"])
+    args = _load(tmp_path, flags=["--save", "ckpt", "--load", "ckpt", "--load-fallback", "--keep-last-checkpoints",
+                                  "2"]).args
+    assert (args.load_fallback, args.keep_last_checkpoints) == (True, 2)
 
 
 def test_all_problems_reported_at_once(tmp_path):

@@ -200,13 +200,17 @@ def read_weights(path: str, key: str = "predictor.from_pretrained") -> dict[str,
     layout, the original release's single file, Phantom-Wan-14B's shards), one ``.safetensors``
     file, or a flat ``{name: tensor}`` state dict saved by ``torch.save`` (``.pth`` / ``.pt``, as
     Phantom-Wan-1.3B.pth); read without running pickled code."""
+    import pickle
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     source = Path(path)
     if source.is_file() and source.suffix in (".pth", ".pt"):
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
+            raise ValueError(f"{key} = {path!r}: cannot be read: {type(e).__name__}: {e}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{key} = {path!r}: not a flat state dict of tensors ({{name: tensor}})")
         return dict(state)
@@ -216,5 +220,8 @@ def read_weights(path: str, key: str = "predictor.from_pretrained") -> dict[str,
                                 "*.safetensors files, a .safetensors file or a .pth/.pt state dict")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 -- safetensors' errors (truncated, corrupt) do not name the file
+            raise ValueError(f"{key} = {path!r}: {f} cannot be read: {type(e).__name__}: {e}") from None
     return state
