@@ -13,6 +13,11 @@ class ConvertError(ValueError):
     """Bad input to mm-convert: the message names the option or file, the value and what is valid."""
 
 
+class SourceDataError(RuntimeError):
+    """A source file that is not what its own header says (truncated, corrupt): the message names
+    the file and, where there is one, the tensor."""
+
+
 @dataclass
 class ParallelConfig:
     """How a DiT checkpoint is split.

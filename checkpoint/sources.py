@@ -6,27 +6,39 @@ Wan DiT's, Open-Sora-Plan's ...): which global mm keys it holds
 q/k/v of a fused row, in the table's order). Nothing is read before it is asked for: safetensors
 files are read tensor by tensor with positioned reads, torch files are opened with ``mmap=True``,
 torch_dist checkpoints load one tensor per request.
+
+Nothing is trusted that a file's own header does not account for: a safetensors header whose
+tensors lie past the file's end (a truncated download), or a read that returns fewer bytes than
+the header promises, is a SourceDataError naming the file and the tensor; an mm checkpoint is
+verified (``mm.ckpt.verify_checkpoint``: its manifest, its format's file list) before it is read,
+and a rank file or tensor that cannot be read is a DamagedCheckpointError naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from checkpoint.config import ConvertError
+from checkpoint.config import ConvertError, SourceDataError
 from mm.ckpt import (
+    DIST_INDEX,
     MODEL_FILE,
     TRACKER,
     CheckpointError,
     CheckpointHeader,
+    DamagedCheckpointError,
     chunk_keys,
+    failure_reason,
     find_checkpoint,
+    load_torch_file,
     rank_dir,
-    read_header,
+    verify_checkpoint,
 )
 from mm.models.predictor.name_table import (
     NameTable,
@@ -83,16 +95,55 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 
 class SafetensorsFile:
     """One ``.safetensors`` file read with plain positioned reads (no memory map): a tensor, or a
-    range of its rows, costs exactly its bytes of memory, and nothing stays mapped afterwards."""
+    range of its rows, costs exactly its bytes of memory, and nothing stays mapped afterwards.
+
+    Opening checks the header against the file: every tensor's byte range must hold its dtype and
+    shape and lie inside the file (SourceDataError naming the file and the tensor otherwise); every
+    read must return all the bytes asked for."""
 
     def __init__(self, path: Path):
         self.path = path
         with open(path, "rb") as f:
-            (length,) = __import__("struct").unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+            size = f.seek(0, 2)
+            f.seek(0)
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SourceDataError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+            (length,) = struct.unpack("<Q", prefix)
+            if 8 + length > size:
+                raise SourceDataError(f"{path}: its header says it is {length} bytes long, but the file has only "
+                                      f"{size} bytes (truncated, or not a safetensors file)")
+            raw = f.read(length)
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise SourceDataError(f"{path}: its header is not valid JSON ({e}); the file is corrupt") from None
+        if not isinstance(header, dict):
+            raise SourceDataError(f"{path}: its header is a JSON {type(header).__name__}, not an object of tensors")
         header.pop("__metadata__", None)
         self._base = 8 + length
         self.entries = header
+        for name in header:
+            self._check(name, size)
+
+    def _check(self, name: str, size: int) -> None:
+        """Tensor ``name``'s entry: a dtype mm-convert reads, a byte range of exactly its size that
+        lies inside the file."""
+        entry = self.entries[name]
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceDataError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype not in _DTYPES:
+            raise ConvertError(f"{self.path}: tensor {name!r} has dtype {dtype!r}; mm-convert reads "
+                               f"{', '.join(_DTYPES)}")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != nbytes:
+            raise SourceDataError(f"{self.path}: tensor {name!r}: data_offsets [{begin}, {end}) do not hold its "
+                                  f"{dtype} {shape} ({nbytes} bytes); the header is corrupt")
+        if self._base + end > size:
+            raise SourceDataError(f"{self.path}: tensor {name!r} lies at bytes [{self._base + begin}, "
+                                  f"{self._base + end}), past the file's end at {size} bytes (truncated)")
 
     def keys(self):
         return self.entries.keys()
@@ -111,9 +162,16 @@ class SafetensorsFile:
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape[0] = rows[1] - rows[0]
         buffer = bytearray(end - begin)
+        view, got = memoryview(buffer), 0
         with open(self.path, "rb") as f:
             f.seek(self._base + begin)
-            f.readinto(buffer)
+            while got < len(buffer):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise SourceDataError(f"{self.path}: tensor {name!r}: read {got} of its {len(buffer)} bytes at "
+                                          f"byte {self._base + begin}; the file ended early (truncated while being "
+                                          "read?)")
+                got += n
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -136,8 +194,8 @@ class HFSource(Source):
         for f in files:
             try:
                 handle = SafetensorsFile(f)
-            except (OSError, ValueError) as e:
-                raise ConvertError(f"{option}: {f} is not a readable safetensors file: {e}") from None
+            except OSError as e:
+                raise SourceDataError(f"{option}: cannot read {f}: {e}") from None
             for key in handle.keys():
                 if key in self._file_of:
                     raise ConvertError(f"{option}: tensor {key!r} is in more than one file ({f.name})")
@@ -257,8 +315,11 @@ def _checkpoint_path(root: Path, option: str) -> Path:
 
 
 def _header(path: Path, option: str) -> CheckpointHeader:
+    """The header of ``path``, verified first (a damaged checkpoint stays a DamagedCheckpointError)."""
     try:
-        header = read_header(path, option)
+        header = verify_checkpoint(path, option)
+    except DamagedCheckpointError:
+        raise
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     if not header.predictor:
@@ -315,7 +376,7 @@ class TorchSource(Source):
             f = rank_dir(self.path, tp_rank, stage, self.pp) / MODEL_FILE
             if not f.is_file():
                 raise ConvertError(f"{self.origin}: {f} is missing")
-            self._files[(tp_rank, stage)] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            self._files[(tp_rank, stage)] = load_torch_file(f, self.origin, mmap=True, weights_only=False)
         return self._files[(tp_rank, stage)]
 
     def release(self) -> None:
@@ -343,7 +404,11 @@ class TorchDistSource(Source):
         self.arch = dict(header.predictor)
         self.origin = f"the mm checkpoint {path} (torch_dist)"
         self._reader = FileSystemReader(str(path))
-        metadata = self._reader.read_metadata().state_dict_metadata
+        try:
+            metadata = self._reader.read_metadata().state_dict_metadata
+        except Exception as e:  # noqa: BLE001 -- a truncated or overwritten pickle
+            raise DamagedCheckpointError(f"{self.origin}: cannot read {path / DIST_INDEX}: {failure_reason(e)}") \
+                from None
         self._meta = {}
         self.unmatched: list[str] = []  # tensors of the checkpoint without a row in the name table
         for key, meta in metadata.items():
@@ -361,10 +426,14 @@ class TorchDistSource(Source):
 
     def parts(self, key: str) -> list[torch.Tensor]:
         from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self._meta[key]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        load({key: tensor}, storage_reader=self._reader, no_dist=True)
+        try:
+            load({key: tensor}, storage_reader=self._reader, no_dist=True)
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            raise DamagedCheckpointError(f"{self.origin}: cannot read tensor {key}: {failure_reason(e)}") from None
         rule, _ = self.weights.rule_for(key)
         return list(tensor.unbind(0)) if rule.fused_parts > 1 else [tensor]
 

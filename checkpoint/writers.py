@@ -1,6 +1,7 @@
-"""What mm-convert writes: mm checkpoints in the torch format (``release``), HuggingFace-style
-directories (config.json + safetensors) and single files; all into a temporary path beside the
-target, renamed into place at the end."""
+"""What mm-convert writes: mm checkpoints in the torch format (``release``, with the manifest of
+``mm.ckpt.integrity``), HuggingFace-style directories (config.json + safetensors) and single files;
+all into a temporary path beside the target, renamed into place at the end (a failure leaves no
+target). Every file gets the mode ``open()`` gives it (0666 less the umask)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mm.ckpt import (
     chunk_keys,
     rank_dir,
     write_header,
+    write_manifest,
     write_tracker,
 )
 
@@ -162,6 +164,7 @@ def write_mm(source: Source, layout: Layout, directory: Path, extra: dict[str, A
     write_header(release, CheckpointHeader(iteration=0, consumed_samples=0, parallel=parallel, content=Content(),
                                            entry_point="mm-convert", predictor=source.arch,
                                            pipeline_layers=layout.as_pp_layers(), extra=extra, format="torch"))
+    write_manifest(release)
     write_tracker(directory, RELEASE)
     return total
 
@@ -182,6 +185,7 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         if current:
             name = f"part-{len(files):05d}.safetensors"
             save_file(current, str(directory / name), metadata={"format": "pt"})
+            os.chmod(directory / name, 0o666 & ~_umask())  # safetensors creates its files 0600
             files.append((name, list(current)))
             current, size = {}, 0
             source.release()
@@ -211,6 +215,19 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(weights.hf_config(source.arch), indent=2) + "\n")
     return total
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_tree(directory: Path) -> None:

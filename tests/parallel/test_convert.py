@@ -262,3 +262,71 @@ def test_source_parallel_config_is_checked(tmp_path):
         _convert("mm_to_hf", tmp_path / "hf", tmp_path / "out2")
     with pytest.raises(ConvertError, match="--version 'wan3'; valid: wan2.1, wan2.2"):
         WanConverter("wan3")
+
+
+def test_damaged_safetensors_fail_naming_file_and_tensor_and_write_nothing(tmp_path):
+    """A truncated download, a corrupt header, and a file cut short while it is read: each a
+    SourceDataError naming the file and the tensor, no target (hf_to_mm used to write zeros)."""
+    from checkpoint.config import SourceDataError
+    from checkpoint.sources import HFSource
+    from mm.models.predictor.wan.weights import WAN_WEIGHTS
+
+    _diffusers_dir(tmp_path / "hf", tiny_kwargs())
+    good = (tmp_path / "hf" / "diffusion_pytorch_model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    target = tmp_path / "out"
+
+    def fails(data: bytes, pattern: str) -> None:
+        weights.write_bytes(data)
+        with pytest.raises(SourceDataError, match=pattern):
+            _convert("hf_to_mm", broken, target, tp=2)
+        assert not target.exists() and not (tmp_path / ".out.tmp").exists()
+
+    fails(good[:len(good) * 2 // 3], rf"{weights}: tensor '[^']+' lies at bytes \[\d+, \d+\), past the file's end "
+                                     rf"at {len(good) * 2 // 3} bytes \(truncated\)")
+    fails(good[:header_end - 10], f"{weights}: its header says it is {header_end - 8} bytes long, but the file has "
+                                  f"only {header_end - 10} bytes")
+    fails(good[:5], f"{weights}: 5 bytes, too short for a safetensors file")
+    fails(good[:8] + b"{" * (header_end - 8) + good[header_end:], f"{weights}: its header is not valid JSON")
+    shrunk = good[:header_end].replace(b'"shape":[24]', b'"shape":[12]', 1) + good[header_end:]
+    fails(shrunk, r"tensor '[^']+': data_offsets \[\d+, \d+\) do not hold its F32 \[12\] \(48 bytes\)")
+    # cut short after it was opened: the read itself comes up short
+    weights.write_bytes(good)
+    source = HFSource(broken, WAN_WEIGHTS)
+    weights.write_bytes(good[:header_end + 100])
+    with pytest.raises(SourceDataError, match=rf"{weights}: tensor '[^']+': read \d+ of its \d+ bytes at byte \d+; "
+                                              "the file ended early"):
+        for key in source.keys():
+            source.parts(key)
+
+
+def test_damaged_mm_checkpoint_fails_naming_the_file(tmp_path):
+    from mm.ckpt import DamagedCheckpointError
+
+    _diffusers_dir(tmp_path / "hf", tiny_kwargs())
+    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm", tp=2)
+    rank_file = tmp_path / "mm" / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:2000])
+    with pytest.raises(DamagedCheckpointError, match=f"{rank_file} has 2000 bytes, the manifest records"):
+        _convert("mm_to_hf", tmp_path / "mm", tmp_path / "out")
+    (tmp_path / "mm" / "release" / "manifest.json").unlink()  # as written before manifests: the read fails
+    with pytest.raises(DamagedCheckpointError, match=f"cannot read {rank_file}: RuntimeError"):
+        _convert("mm_to_hf", tmp_path / "mm", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_mm_to_hf_files_get_the_umask_mode(tmp_path, umask):
+    _diffusers_dir(tmp_path / "hf", tiny_kwargs())
+    _convert("hf_to_mm", tmp_path / "hf", tmp_path / "mm")
+    old = os.umask(umask)
+    try:
+        _convert("mm_to_hf", tmp_path / "mm", tmp_path / "out", max_shard_size_gb=20e-6)  # several shards
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.config import ConvertConfig, ConvertError
+from checkpoint.config import ConvertConfig, ConvertError, SourceDataError
 from checkpoint.converter import DiTConverter
 from checkpoint.writers import compact, staged_file
 from mm.models.predictor.opensoraplan.weights import OSP_WEIGHTS
@@ -28,8 +28,8 @@ def _read_training_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise ConvertError(f"--cfg.source_path = {str(path)!r} holds more than tensors and plain containers, and "
                            f"mm-convert does not run pickled code: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise ConvertError(f"--cfg.source_path = {str(path)!r} is not a readable torch checkpoint: {e}") from None
+    except (RuntimeError, OSError, EOFError) as e:  # truncated, corrupt or not a torch file
+        raise SourceDataError(f"--cfg.source_path = {str(path)!r} is not a readable torch checkpoint: {e}") from None
     if not isinstance(checkpoint, dict):
         raise ConvertError(f"--cfg.source_path = {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint
