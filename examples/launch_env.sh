@@ -24,7 +24,10 @@ if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(comman
 else
     # NVIDIA: megatron-core orders TP/SP communication behind compute on one connection
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-    # a watchdog blocked on a long collective is not killed before the collective itself times out
-    export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-$((DIST_TIMEOUT_MINUTES * 60))}
+    # seconds torch's monitor lets NCCL's watchdog thread go without a heartbeat (stuck in a CUDA/NCCL
+    # call, as behind a long VAE decode or while aborting a timed-out collective) before it kills the
+    # process: the collective timeout, and never below torch's own default of 480
+    heartbeat=$((DIST_TIMEOUT_MINUTES * 60 > 480 ? DIST_TIMEOUT_MINUTES * 60 : 480))
+    export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-$heartbeat}
 fi
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}

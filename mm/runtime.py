@@ -11,7 +11,16 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from mm.accelerator import Accelerator, LaunchEnv, init_distributed, rank0_print, read_launch_env, select_accelerator
+from mm.accelerator import (
+    Accelerator,
+    LaunchEnv,
+    die_with_launcher,
+    init_distributed,
+    naming_collective_failures,
+    rank0_print,
+    read_launch_env,
+    select_accelerator,
+)
 from mm.accelerator.device import AcceleratorError
 from mm.accelerator.distributed import LaunchError
 from mm.arguments import ConfigError, RunConfig, config_from_args, parse_flags
@@ -37,7 +46,9 @@ def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None) ->
 def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None,
           check: Callable[[RunConfig], None] | None = None) -> Runtime:
     """``configure`` (then the entry point's own ``check`` of the configuration, which raises
-    ConfigError), then the default process group, megatron-core's and mm's groups, and seeds."""
+    ConfigError), then the default process group, megatron-core's and mm's groups, and seeds. A
+    worker torchrun started dies with torchrun (``die_with_launcher``)."""
+    die_with_launcher()
     try:
         config, accelerator, launch = configure(argv, mode, prog)
         if check is not None:
@@ -47,10 +58,11 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         raise SystemExit(2) from None
     args = config.args
     init_distributed(accelerator, args.distributed_timeout_minutes, launch)
-    initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
-                        timeout_minutes=args.distributed_timeout_minutes, seed=args.seed,
-                        cp_algo=args.context_parallel_algo, cp_overlap=args.use_cp_send_recv_overlap,
-                        attention_kernel=args.attention_kernel)
+    with naming_collective_failures("start-up (creating the process groups)"):
+        initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
+                            timeout_minutes=args.distributed_timeout_minutes, seed=args.seed,
+                            cp_algo=args.context_parallel_algo, cp_overlap=args.use_cp_send_recv_overlap,
+                            attention_kernel=args.attention_kernel)
     rank0_print(
         f"mm: {launch.world_size} rank(s) on {accelerator.name} ({accelerator.backend}); "
         f"TP={config.sizes.tensor_parallel} PP={config.sizes.pipeline_parallel} "

@@ -11,9 +11,10 @@ cut a collective shorter than ``--distributed-timeout-minutes``):
 ==================================  =====  ==========================================================
 variable                            for    meaning
 ==================================  =====  ==========================================================
-TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC    nccl   seconds before torch's watchdog monitor kills a stuck
-                                           process; raise it for very long collectives (as for
-                                           Step-Video-T2V's parallel inference)
+TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC    nccl   seconds torch's monitor lets NCCL's watchdog thread go
+                                           without a heartbeat (stuck in a CUDA/NCCL call) before it
+                                           kills the process; raise it with long single-rank phases
+                                           (as for Step-Video-T2V's parallel inference)
 TORCH_NCCL_ENABLE_MONITORING        nccl   0 disables that monitor (last resort; Step-Video-T2V)
 TORCH_NCCL_ASYNC_ERROR_HANDLING     nccl   how a timed-out collective ends the process
 NCCL_DEBUG, NCCL_DEBUG_SUBSYS       nccl   NCCL logging (INFO / ALL when debugging hangs)
@@ -27,16 +28,29 @@ HCCL_EXEC_TIMEOUT                   hccl   seconds a device waits in a collectiv
                                            [68, 17340] (default 1800)
 HCCL_BUFFSIZE                       hccl   MB of buffer per communicator
 ==================================  =====  ==========================================================
+
+Every process group, the default one and each ``new_group`` of megatron-core and of mm, waits
+``--distributed-timeout-minutes`` for its peers (``group_timeout`` reads it back). A failed or
+timed-out collective inside ``naming_collective_failures`` is raised again as a ``CollectiveError``
+that names this rank, the phase of the run and the process group (its description and global
+ranks) the operation ran in. Under torchrun, ``die_with_launcher`` makes a worker die with its
+launcher, so a killed torchrun leaves no rank behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import re
+import signal
 import socket
+import sys
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch.distributed as dist
 
@@ -108,7 +122,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
                      _int_var(environ, "MASTER_PORT"))
 
 
-def check_comm_env(backend: str, timeout_minutes: int, environ: Mapping[str, str] | None = None) -> list[str]:
+def check_comm_env(backend: str, timeout_minutes: float, environ: Mapping[str, str] | None = None) -> list[str]:
     """Validate the communication knobs for ``backend``; returns warnings, raises on bad values."""
     environ = os.environ if environ is None else environ
     warnings: list[str] = []
@@ -138,7 +152,7 @@ def check_comm_env(backend: str, timeout_minutes: int, environ: Mapping[str, str
     return warnings
 
 
-def init_distributed(accelerator: Accelerator, timeout_minutes: int, launch: LaunchEnv | None = None) -> LaunchEnv:
+def init_distributed(accelerator: Accelerator, timeout_minutes: float, launch: LaunchEnv | None = None) -> LaunchEnv:
     """Start the default process group for ``accelerator`` (idempotent) and bind the local device."""
     launch = read_launch_env() if launch is None else launch
     for message in check_comm_env(accelerator.backend, timeout_minutes):
@@ -172,6 +186,136 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """In a worker torchrun started (``TORCHELASTIC_RUN_ID`` set), have Linux send this process
+    SIGKILL when its parent, the torchrun agent, dies (``PR_SET_PDEATHSIG``): a torchrun killed with
+    SIGKILL cannot stop its workers itself, and they would run on (or wait in a collective) without
+    it. True where that was set. A launcher that died before this call is not noticed."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ or not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """How long an operation of ``group`` (default: the default group) waits for its peers, as its
+    backend was created with."""
+    group = dist.group.WORLD if group is None else group
+    for device in group._device_types:
+        return group._get_backend(device).options._timeout
+    raise ValueError(f"process group {describe_group(group)} has no backend")
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """``0, 1, 2``; a long list shortened to its first 8 and last 4 ranks."""
+    if len(ranks) <= 16:
+        return ", ".join(map(str, ranks))
+    return f"{', '.join(map(str, ranks[:8]))}, ..., {', '.join(map(str, ranks[-4:]))} ({len(ranks)} ranks)"
+
+
+def describe_group(group: dist.ProcessGroup | None) -> str:
+    """``NAME (global ranks [...])`` of a process group (None: the default group)."""
+    group = dist.group.WORLD if group is None else group
+    ranks = dist.get_process_group_ranks(group)
+    return f"{getattr(group, 'group_desc', None) or 'group ' + group.group_name} (global ranks [{_ranks_text(ranks)}])"
+
+
+class CollectiveError(RuntimeError):
+    """A collective or point-to-point operation failed: a peer died, was stopped or took longer than
+    --distributed-timeout-minutes."""
+
+
+# a communication library's error; what one says when a peer's connection or the wait for it ends
+_COMM_LIBRARY = re.compile(r"gloo|nccl|hccl", re.IGNORECASE)
+_COMM_FAILURE = re.compile(r"connection (closed|reset|refused)|timed out|broken pipe", re.IGNORECASE)
+
+
+def _in_torch_distributed(frame) -> bool:
+    return "torch/distributed/" in frame.f_code.co_filename.replace("\\", "/")
+
+
+def _comm_failure(exc: BaseException) -> BaseException | None:
+    """``exc`` or the exception it was raised from that a process group's operation raised: torch's
+    DistError, a RuntimeError naming gloo/NCCL/HCCL, or one saying a connection ended or a wait timed
+    out raised inside torch.distributed (any other exception is not taken for one)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+        if isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and (
+                _COMM_LIBRARY.search(str(exc))
+                or (_COMM_FAILURE.search(str(exc)) and frames and _in_torch_distributed(frames[-1])))):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _groups_in_frames(exc: BaseException) -> list[dist.ProcessGroup | None]:
+    """The process groups the innermost frame of ``exc``'s traceback that holds any was working
+    with (a ProcessGroup among its locals, or the groups of point-to-point operations); None stands
+    for the default group of a torch.distributed call given no group."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    for frame in reversed(frames):
+        found: list[dist.ProcessGroup | None] = []
+        for value in frame.f_locals.values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                group = item.group if isinstance(item, dist.P2POp) else item
+                if isinstance(group, dist.ProcessGroup) and group not in found:
+                    found.append(group)
+                elif isinstance(item, dist.P2POp) and group is None and None not in found:
+                    found.append(None)
+        if not found and _in_torch_distributed(frame) and frame.f_locals.get("group", 0) is None:
+            found.append(None)
+        if found:
+            return found
+    return []
+
+
+def collective_error(exc: BaseException, during: str) -> CollectiveError | None:
+    """A ``CollectiveError`` naming this rank, ``during`` (the phase of the run) and the process
+    group(s) of the failed operation, when ``exc`` is a communication failure; else None."""
+    failure = _comm_failure(exc)
+    if failure is None or not dist.is_initialized():
+        return None
+    rank = dist.get_rank()
+    groups = _groups_in_frames(failure)
+    if groups:
+        where = []
+        for group in groups:
+            ranks = dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
+            peers = [r for r in ranks if r != rank]
+            waiting = f", waiting on rank {peers[0]}" if len(peers) == 1 else \
+                f", waiting on ranks {_ranks_text(peers)}" if peers else ""
+            where.append(f"{describe_group(group)}{waiting}, timeout {group_timeout(group)}")
+        place = "in process group " + "; ".join(where)
+    else:
+        place = "in a process group this rank could not tell (an asynchronous or point-to-point operation)"
+    first_line = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    return CollectiveError(
+        f"rank {rank}: a collective operation failed during {during}, {place}: {type(failure).__name__}: "
+        f"{first_line}. A peer rank died, was stopped, or did not reach the same operation within "
+        "--distributed-timeout-minutes; its own log (or the launcher's) tells which and why.")
+
+
+@contextmanager
+def naming_collective_failures(during: str) -> Iterator[None]:
+    """Raise a communication failure inside the block as a ``CollectiveError`` (see
+    ``collective_error``); anything else passes through unchanged."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except Exception as e:
+        error = collective_error(e, during)
+        if error is None:
+            raise
+        raise error from e
+
+
 def rank0_print(*args: object) -> None:
     """print() on global rank 0 only (every rank before the process group exists)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -179,12 +323,18 @@ def rank0_print(*args: object) -> None:
 
 
 __all__ = [
+    "CollectiveError",
     "LAUNCH_VARS",
     "LaunchEnv",
     "LaunchError",
     "check_comm_env",
+    "collective_error",
+    "describe_group",
     "destroy_distributed",
+    "die_with_launcher",
+    "group_timeout",
     "init_distributed",
+    "naming_collective_failures",
     "rank0_print",
     "read_launch_env",
 ]

@@ -30,6 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_minutes(text: str) -> int | float:
+    """Minutes > 0; whole minutes come back as an int, fractions (0.5 = 30 s) as a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of minutes > 0, got {text}")
+    return int(value) if value.is_integer() else value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -66,7 +77,9 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                    help="accepted for MindSpeed-MM scripts; mm applies the same code at every level")
     g.add_argument("--distributed-backend", choices=("nccl", "hccl", "gloo"), default=None,
                    help="default: the accelerator's (nccl on GPUs, hccl on NPUs, gloo on CPUs)")
-    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=_positive_minutes, default=10,
+                   help="how long any collective or point-to-point operation of any process group may wait for "
+                        "its peers before it fails (fractions allowed: 0.5 is 30 s)")
     g.add_argument("--accelerator", choices=ACCELERATOR_CHOICES, default=None,
                    help="default: MM_ACCELERATOR from the environment, else auto")
     g.add_argument("--local-rank", "--local_rank", type=int, default=None,

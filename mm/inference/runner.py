@@ -29,7 +29,7 @@ import torch
 from megatron.core import parallel_state as mpu
 from tqdm import tqdm
 
-from mm.accelerator import destroy_distributed
+from mm.accelerator import destroy_distributed, naming_collective_failures
 from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
@@ -198,7 +198,7 @@ class Runner:
         return Texts(embeddings, masks)
 
     def run(self) -> list[Path]:
-        args, sampling, acc, device = self.args, self.sampling, self.acc, self.device
+        args, sampling, device = self.args, self.sampling, self.device
         tp_rank = mpu.get_tensor_model_parallel_rank()
         rank0 = torch.distributed.get_rank() == 0
         # data-parallel replicas share the prompts; --cfg-parallel pairs of them share one prompt's branches
@@ -219,48 +219,60 @@ class Runner:
         spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
         shape = (self.arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
                  sampling.width // spatial)
-        steps, solver = self.sampler.steps, self.sampler.solver
         written = []
         mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
         for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
-            begin = time.perf_counter()
-            seed = sampling.seed + i
-            self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
-            texts = self.encode_prompts([prompt] + ([sampling.negative_prompt] if self.guided else []))
-            prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
-            frames = self.sampler.noise_frames(shape[1], prepared)
-            generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise
-            noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=generator,
-                                dtype=torch.float32)[:, :, :shape[1]]
-            self.stage(*self.dits)
-            acc.synchronize()
-            begin_denoise = time.perf_counter()
-            marks = []  # after each step; s/step is over steps 2..N, as diffusers' callbacks time it
-
-            def mark():
-                acc.synchronize()
-                marks.append(time.perf_counter())
-
-            latents = self.sampler.denoise(self.dits, texts, noise.to(device), generator, prepared, self.dtype,
-                                           show_progress=rank0, cfg_group=cfg_group, on_step=mark)
-            denoise_s = time.perf_counter() - begin_denoise
-            per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
-            if decoder:
-                self.stage(vae)
-                video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
-            if writer:
-                path = output_path(out_dir, prompt, seed)
-                write_mp4(path, to_frames(video[0]), sampling.fps)
-                if sampling.save_latents:
-                    torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
+            with naming_collective_failures(f"prompt {i}"):
+                path = self._sample(i, prompt, shape, out_dir, writer, decoder, cfg_group)
+            if path is not None:
                 written.append(path)
-                print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
-                      f"{steps} {solver} steps: {per_step:.3f} s/step (steps 2-{steps}; first "
-                      f"{marks[0] - begin_denoise:.3f} s); "
-                      f"{time.perf_counter() - begin:.1f} s in all"
-                      f"{'' if self.vae_cp is None else f'; decoded over {len(self.vae_cp[1])} VAE-CP ranks'}; "
-                      f"peak memory {acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
         return written
+
+    def _sample(self, i: int, prompt: str, shape: tuple, out_dir: Path, writer: bool, decoder: bool,
+                cfg_group) -> Path | None:
+        """Prompt ``i``: encode, denoise, and on the decoders decode; the writer writes the file and
+        returns its path."""
+        sampling, acc, device, vae = self.sampling, self.acc, self.device, self.vae
+        steps, solver = self.sampler.steps, self.sampler.solver
+        rank0 = torch.distributed.get_rank() == 0
+        begin = time.perf_counter()
+        seed = sampling.seed + i
+        self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
+        texts = self.encode_prompts([prompt] + ([sampling.negative_prompt] if self.guided else []))
+        prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
+        frames = self.sampler.noise_frames(shape[1], prepared)
+        generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise
+        noise = torch.randn((1, shape[0], frames, *shape[2:]), generator=generator,
+                            dtype=torch.float32)[:, :, :shape[1]]
+        self.stage(*self.dits)
+        acc.synchronize()
+        begin_denoise = time.perf_counter()
+        marks = []  # after each step; s/step is over steps 2..N, as diffusers' callbacks time it
+
+        def mark():
+            acc.synchronize()
+            marks.append(time.perf_counter())
+
+        latents = self.sampler.denoise(self.dits, texts, noise.to(device), generator, prepared, self.dtype,
+                                       show_progress=rank0, cfg_group=cfg_group, on_step=mark)
+        denoise_s = time.perf_counter() - begin_denoise
+        per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
+        if decoder:
+            self.stage(vae)
+            video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
+        if not writer:
+            return None
+        path = output_path(out_dir, prompt, seed)
+        write_mp4(path, to_frames(video[0]), sampling.fps)
+        if sampling.save_latents:
+            torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
+        print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
+              f"{steps} {solver} steps: {per_step:.3f} s/step (steps 2-{steps}; first "
+              f"{marks[0] - begin_denoise:.3f} s); "
+              f"{time.perf_counter() - begin:.1f} s in all"
+              f"{'' if self.vae_cp is None else f'; decoded over {len(self.vae_cp[1])} VAE-CP ranks'}; "
+              f"peak memory {acc.max_memory_allocated() / 2**30:.2f} GiB)", flush=True)
+        return path
 
 
 def inference(argv: Sequence[str] | None = None) -> list[Path]:
@@ -268,6 +280,9 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     checked = {}  # the inference section as start()'s check parsed it (before any process group)
     runtime = start(argv, mode="inference", prog=PROG,
                     check=lambda config: checked.update(sampling=sampling_config(config)))
-    written = Runner(runtime, checked["sampling"]).run()
-    destroy_distributed()
+    with naming_collective_failures("start-up (models, --load)"):
+        runner = Runner(runtime, checked["sampling"])
+    written = runner.run()
+    with naming_collective_failures("the end of the run (the writers' last decode and write)"):
+        destroy_distributed()
     return written

@@ -2,10 +2,15 @@
 
 ``initialize_parallel`` is called once, after the configuration was validated and the default
 process group exists (``mm.accelerator.init_distributed``). Every rank creates every group in the
-same order (torch.distributed.new_group is collective) and keeps the ones it belongs to.
+same order (torch.distributed.new_group is collective) and keeps the ones it belongs to. Every
+group, megatron-core's and mm's, is created with the run's timeout (--distributed-timeout-minutes);
+mm's are described as ``MM_<NAME>_GROUP`` (e.g. ``MM_ULYSSES_GROUP``), as megatron-core describes its
+own, so a communication error or an NCCL watchdog report names the group.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
@@ -22,7 +27,7 @@ _SIZES: ParallelSizes | None = None
 def initialize_parallel(
     sizes: ParallelSizes,
     virtual_pipeline_parallel: int | None = None,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
     seed: int | None = None,
     cp_algo: str = "ulysses_cp_algo",
     cp_overlap: bool = False,
@@ -46,18 +51,22 @@ def initialize_parallel(
         context_parallel_size=sizes.context_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
+    # megatron-core 0.19 creates a few groups without the timeout (EXPERT_DATA_PARALLEL_GROUP_GLOO, the
+    # hybrid DP x CP groups); its update_pg_timeout gives every group it created the run's
+    mpu.update_pg_timeout(timedelta(minutes=timeout_minutes))
     rank = dist.get_rank()
     for name, build in MM_GROUP_BUILDERS.items():
-        _create_groups(name, build(sizes), rank)
+        _create_groups(name, build(sizes), rank, timedelta(minutes=timeout_minutes))
     _SIZES = sizes
     _ATTENTION.update(algo=cp_algo, overlap=cp_overlap, kernel=attention_kernel)
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _create_groups(name: str, groups: RankGroups, rank: int) -> None:
+def _create_groups(name: str, groups: RankGroups, rank: int, timeout: timedelta) -> None:
     for ranks in groups:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        group = dist.new_group(ranks, timeout=timeout, group_desc=f"MM_{name.upper()}_GROUP") if len(ranks) > 1 \
+            else None
         if rank in ranks:
             _MM_GROUP_RANKS[name] = ranks
             if group is not None:

@@ -37,8 +37,9 @@ Loading verifies the checkpoint first (``mm.ckpt.load.choose_checkpoint``); with
 (``--load-fallback``) a damaged latest checkpoint gives way to the newest earlier one that verifies.
 
 Synchronous saves only: megatron-core's asynchronous save needs its persistent writer process
-(and NVRx) around the training loop; nothing here starts one. The same code runs on gloo (CPU)
-and NCCL. megatron-core's torch_dist writer imports ``psutil``.
+(and NVRx) around the training loop; nothing here starts one, and no save starts any process
+(``_in_process_write_results``). The same code runs on gloo (CPU) and NCCL. megatron-core's
+torch_dist writer imports ``psutil``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import queue
 import random
 import re
 import shutil
@@ -108,6 +110,17 @@ class Resumed(tuple):
 
     def __reduce__(self):
         return Resumed, (self[0], self[1], self.path)
+
+
+def _in_process_write_results() -> None:
+    """A fresh in-process queue for megatron-core's torch_dist writer to hand its write results
+    back through. Without one it creates, at the first save, a ``multiprocessing`` Manager queue:
+    a server process spawned from the trainer (a second interpreter that imports the training
+    script's modules, ~680 MB) and a resource-tracker process, neither of which dies when the
+    trainer is killed. A synchronous save writes in this process, so a plain queue is all it needs."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()
 
 
 def _distributed_parts(optimizer) -> list:
@@ -348,6 +361,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
         state.update(header.to_dict())
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                     mpu.get_data_parallel_group(with_context_parallel=True))
+        _in_process_write_results()
         try:
             dist_checkpointing.save(state, str(tmp), strategy)
         except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException

@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from mm.accelerator import destroy_distributed
+from mm.accelerator import destroy_distributed, naming_collective_failures
 from mm.ckpt import CheckpointError, unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
@@ -91,10 +91,13 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
     runtime = start(argv, mode="train", prog=TASKS[task],
                     check=lambda config: (check_task(task, config), check_load_dir(config.args)))
     try:
-        losses = Trainer(runtime, task).run()
+        with naming_collective_failures("start-up (models, optimizer, --load)"):
+            trainer = Trainer(runtime, task)
+        losses = trainer.run()
     except CheckpointError as e:
         _exit_on_checkpoint_error(TASKS[task], e)
-    destroy_distributed()
+    with naming_collective_failures("the end of the run"):
+        destroy_distributed()
     return losses
 
 
@@ -281,6 +284,10 @@ class Trainer:
                 "flops": shared[0].item()}
 
     def save(self, iteration: int) -> None:
+        with naming_collective_failures(f"the checkpoint save of iteration {iteration}"):
+            self._save(iteration)
+
+    def _save(self, iteration: int) -> None:
         args = self.args
         save_checkpoint(args.save, iteration, self.model, self.optimizer, self.scheduler, iteration * self.gbs,
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
@@ -303,19 +310,20 @@ class Trainer:
         for iteration in range(self.start_iteration + 1, args.train_iters + 1):
             self.iteration = iteration
             start_time = time.perf_counter()
-            step = self.train_step(forward_backward)
-            if step["loss"] is not None:
-                losses.append(step["loss"])
-            acc.synchronize()
-            elapsed = time.perf_counter() - start_time
-            logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * self.gbs,
-                       global_batch_size=self.gbs, elapsed_s=elapsed,
-                       learning_rate=self.optimizer.param_groups[0]["lr"], loss=step["loss"],
-                       grad_norm=step["grad_norm"], skipped=step["skipped"], flops=step["flops"],
-                       max_memory_bytes=acc.max_memory_allocated(),
-                       loss_scale=self.optimizer.get_loss_scale().item() if args.fp16 else None,
-                       bad_samples=self.skips.summary() if self.reads_data and sum(self.skips.counts.values())
-                       else None)
+            with naming_collective_failures(f"training iteration {iteration}"):
+                step = self.train_step(forward_backward)
+                if step["loss"] is not None:
+                    losses.append(step["loss"])
+                acc.synchronize()
+                elapsed = time.perf_counter() - start_time
+                logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * self.gbs,
+                           global_batch_size=self.gbs, elapsed_s=elapsed,
+                           learning_rate=self.optimizer.param_groups[0]["lr"], loss=step["loss"],
+                           grad_norm=step["grad_norm"], skipped=step["skipped"], flops=step["flops"],
+                           max_memory_bytes=acc.max_memory_allocated(),
+                           loss_scale=self.optimizer.get_loss_scale().item() if args.fp16 else None,
+                           bad_samples=self.skips.summary() if self.reads_data and sum(self.skips.counts.values())
+                           else None)
             reached = iteration
             if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
                 self.save(iteration)

@@ -12,6 +12,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +100,20 @@ def cpu_env(**extra: str) -> dict[str, str]:
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             script, *args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_node(nnodes: int, node_rank: int, port: int, script: str, *args: str) -> list[str]:
+    """One node of a multi-node launch on this machine: a torchrun of one worker that meets the
+    other nodes' torchruns at 127.0.0.1:``port``. Each node's agent watches only its own worker, so
+    a rank killed on one node is noticed by its peers through the process groups, as across hosts."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
 
 
 @dataclass

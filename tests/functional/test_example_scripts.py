@@ -122,7 +122,7 @@ def test_default_flags_pass_the_real_parser_and_validation(script, launcher, mon
     assert Path(config.model.predictor.from_pretrained).parts[0] == "weights"  # the placeholder users edit
     # no NPU here: the NVIDIA settings, not the Ascend ones
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == str(60 * config.args.distributed_timeout_minutes)
+    assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == str(max(60 * config.args.distributed_timeout_minutes, 480))
     assert "HCCL_EXEC_TIMEOUT" not in env and "NPUS_PER_NODE" not in env
     logs = list((tmp_path / "logs").glob("train_*.log"))
     assert len(logs) == 1 and logs[0].read_text() == "fake torchrun ran\n"
@@ -153,6 +153,20 @@ def test_environment_overrides_reach_torchrun_and_the_flags(script, launcher, mo
     config, _ = _validate(_split(argv)[2], world_size=8, monkeypatch=monkeypatch)
     assert (config.args.save, config.args.load) == (None, "converted")
     assert config.args.no_load_optim and config.args.no_load_rng
+
+
+@pytest.mark.parametrize("script", ["examples/wan2.1/1.3b/t2v/pretrain_t2v.sh",
+                                    "examples/wan2.1/1.3b/t2v/inference_t2v.sh"])
+def test_nccl_heartbeat_follows_the_collective_timeout_unless_set(script, launcher):
+    """NCCL's watchdog monitor (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC) gets the collective timeout, never less
+    than torch's default of 480 s; a value in the environment is kept."""
+    for minutes, expected in (("30", "1800"), ("5", "480")):
+        result, argv, env = launcher(script, DIST_TIMEOUT_MINUTES=minutes)
+        assert result.returncode == 0, result.stderr
+        assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == expected
+        assert argv[argv.index("--distributed-timeout-minutes") + 1] == minutes
+    result, _, env = launcher(script, TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC="7200")
+    assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == "7200"
 
 
 def test_ascend_settings_only_on_an_npu(launcher, tmp_path):

@@ -56,3 +56,39 @@ def _groups_worker(rank: int, world: int):
 def test_live_groups_match_layouts(world):
     results = run_distributed(world, _groups_worker)
     assert all(r == LAYOUTS[world] for r in results)
+
+
+# one layout per group mm creates with more than one rank: Ulysses and ring (hybrid CP), the
+# double ring's windows and VAE-CP, CFG pairs (DP = 2)
+TIMEOUT_LAYOUTS = [dict(context_parallel=4, ulysses_degree=2, vae_cp_size=2),
+                   dict(context_parallel=4, cp_window_size=2), dict(context_parallel=2)]
+
+
+def _timeouts_worker(rank: int, world: int):
+    from datetime import timedelta
+
+    from mm.accelerator import group_timeout
+    from mm.parallel import destroy_parallel, initialize_parallel
+
+    assert group_timeout(dist.group.WORLD) == timedelta(minutes=5)  # init_distributed's, in run_distributed
+    described = set()
+    for kwargs in TIMEOUT_LAYOUTS:
+        initialize_parallel(ParallelSizes(world_size=world, **kwargs), timeout_minutes=7.5)
+        # every process group this rank is in, whoever created it (megatron-core's, its gloo twins, mm's)
+        groups = list(dist.distributed_c10d._world.pg_map)
+        assert len(groups) > 10
+        for group in groups:
+            assert group_timeout(group) == timedelta(minutes=7.5), (kwargs, group.group_desc, group_timeout(group))
+            described.add(group.group_desc)
+        destroy_parallel()
+    return sorted(described)
+
+
+def test_every_group_waits_the_run_timeout():
+    """--distributed-timeout-minutes reaches the default group (init_distributed) and every group
+    initialize_parallel creates, megatron-core's (those it creates without a timeout included) and mm's."""
+    described = run_distributed(4, _timeouts_worker)
+    # each of mm's groups existed with more than one rank on some rank
+    for name in MM_GROUP_BUILDERS:
+        assert any(f"MM_{name.upper()}_GROUP" in d for d in described), name
+    assert any("EXPERT_DATA_PARALLEL_GROUP_GLOO" in d for d in described)

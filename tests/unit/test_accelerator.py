@@ -207,3 +207,40 @@ def test_auto_attention_kernel_fits_the_dtype(monkeypatch):
     assert ak.get_kernel("auto", torch.float32).name == "math"
     with pytest.raises(ValueError, match="--attention-kernel 'fast'; valid: auto, math, flash, cudnn"):
         ak.get_kernel("fast")
+
+
+def _collective_error_worker(rank: int, world: int):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from mm.accelerator import CollectiveError, naming_collective_failures
+
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=90), group_desc="MM_TEST_GROUP")
+
+    def all_reduce_in(group):  # a communication library's failure, raised where ``group`` is a local
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:538] Read error [127.0.0.1]:4242: Connection reset by peer")
+
+    with pytest.raises(ValueError, match="not a communication failure"):  # anything else passes unchanged
+        with naming_collective_failures("phase one"):
+            raise ValueError("not a communication failure")
+    with pytest.raises(RuntimeError, match="DataLoader timed out") as other:  # a timeout where no group is at work
+        with naming_collective_failures("phase one"):
+            raise RuntimeError("DataLoader timed out after 5 seconds")
+    assert not isinstance(other.value, CollectiveError)
+    with pytest.raises(CollectiveError) as info:
+        with naming_collective_failures("phase two"):
+            all_reduce_in(group)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    return str(info.value)
+
+
+def test_a_communication_failure_names_the_rank_phase_group_and_peers():
+    from tests.dist_helper import run_distributed
+
+    for rank, message in enumerate(run_distributed(2, _collective_error_worker)):
+        assert message.startswith(
+            f"rank {rank}: a collective operation failed during phase two, in process group MM_TEST_GROUP (global "
+            f"ranks [0, 1]), waiting on rank {1 - rank}, timeout 0:01:30: RuntimeError: "
+            "[gloo/transport/tcp/pair.cc:538] Read error [127.0.0.1]:4242: Connection reset by peer. "
+            "A peer rank died"), message

@@ -389,3 +389,13 @@ def test_vpp_needs_at_least_pp_micro_batches(tmp_path):
     assert ("interleaving needs at least --pipeline-model-parallel-size (2) micro-batches; "
             "valid: --global-batch-size >= 2") in msg
     _load(tmp_path, flags=[*flags, "--global-batch-size", "2"], model=model, world=2)
+
+
+def test_distributed_timeout_takes_fractions_of_a_minute():
+    assert parse_flags(["--mm-model", "m.json", "--distributed-timeout-minutes", "0.5"]).distributed_timeout_minutes \
+        == 0.5
+    minutes = parse_flags(["--mm-model", "m.json", "--distributed-timeout-minutes", "30"]).distributed_timeout_minutes
+    assert minutes == 30 and isinstance(minutes, int)
+    for bad in ("0", "-1", "nan", "inf", "ten"):
+        with pytest.raises(ConfigError, match="--distributed-timeout-minutes.*minutes > 0"):
+            parse_flags(["--mm-model", "m.json", "--distributed-timeout-minutes", bad])
