@@ -112,6 +112,10 @@ def _training(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each DiT layer (regional compilation: fused adaLN/norm/RoPE/GELU kernels)")
     g.add_argument("--exit-on-nan-loss", action="store_true",
                    help="stop at the first NaN/Inf loss; default: skip that step (no update) and count it")
+    g.add_argument("--max-consecutive-skipped-iterations", type=_non_negative_int, default=10,
+                   help="stop with an error (exit code 1) after this many iterations in a row skipped without an "
+                        "update (NaN/Inf loss; with --fp16 also overflows the loss scale can no longer absorb); "
+                        "0: never stop")
     g.add_argument("--min-timestep-boundary", type=float, default=None,
                    help="train on timesteps >= this fraction of the schedule (Wan2.2 A14B low/high-noise experts)")
     g.add_argument("--max-timestep-boundary", type=float, default=None,

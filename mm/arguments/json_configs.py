@@ -211,6 +211,9 @@ class DataConfig:
     dataloader: dict[str, Any] = field(default_factory=dict)
     use_text_processer: bool = True
     masks: dict[str, Any] = field(default_factory=dict)  # MASK_KEYS given in dataset_param
+    # (samples, entries left out) of data.txt, as mm.data.sources.read_data_txt returns them, when the
+    # entry point read them while checking the configuration; the data loader reads data.txt when None
+    sources: tuple[list, Any] | None = field(default=None, repr=False)
 
 
 def _tokenizers(ds: _Reader) -> list[dict[str, Any]]:

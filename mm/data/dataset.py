@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mm.data.decoding import READERS, BadSample, read_clip, resolve_reader
@@ -293,18 +294,33 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 class SkipCounter:
-    """Running count of skipped samples by reason, for the periodic rank-0 summary."""
+    """Running count of skipped samples by reason, for the periodic summary; ``ranks``: how many
+    data-parallel ranks' counts it sums (``gathered``)."""
 
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
+    def __init__(self, counts: Counter | None = None, ranks: int = 1) -> None:
+        self.counts: Counter = Counter() if counts is None else counts
+        self.ranks = ranks
 
     def update(self, batch: dict) -> None:
         for _, reason in batch.get("skipped", []):
             self.counts[reason] += 1
 
+    def gathered(self, group=None) -> "SkipCounter":
+        """The counts summed over the ranks of the process group ``group`` (default: all ranks); every
+        rank of the group must call this."""
+        if not dist.is_available() or not dist.is_initialized():
+            return SkipCounter(Counter(self.counts))
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, dict(self.counts), group=group)
+        total: Counter = Counter()
+        for counts in everyone:
+            total.update(counts)
+        return SkipCounter(total, ranks=len(everyone))
+
     def summary(self) -> str:
         total = sum(self.counts.values())
-        return f"skipped {total} bad samples" + (f" ({dict(self.counts)})" if total else "")
+        where = f" on {self.ranks} data-parallel ranks" if self.ranks > 1 else ""
+        return f"skipped {total} bad samples{where}" + (f" ({dict(sorted(self.counts.items()))})" if total else "")
 
 
 def collate(items: list[dict]) -> dict:

@@ -19,8 +19,9 @@ def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_paralle
                            seed: int = 1234,
                            pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
     """Batches of one bucket each, this DP rank's share, resuming after ``consumed_samples``;
-    ``pin_memory`` (GPU/NPU runs) makes the host-to-device copy of each batch asynchronous."""
-    samples, dropped = read_data_txt(data.data_path)
+    ``pin_memory`` (GPU/NPU runs) makes the host-to-device copy of each batch asynchronous. The
+    samples are ``data.sources`` when the configuration check read them already, else data.txt's."""
+    samples, dropped = data.sources if data.sources is not None else read_data_txt(data.data_path)
     if dropped and data_parallel_rank == 0:
         logger.warning("data: %d annotation entries left out at start-up (%s)", sum(dropped.values()), dict(dropped))
     tokenizers = []  # (tokenizer, max_length) of each text encoder

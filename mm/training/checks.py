@@ -1,10 +1,16 @@
 """What ``pretrain_t2v.py`` / ``pretrain_i2v.py`` check of a configuration before any process group
-starts: the family's rules (its spec and recipe) and what every family shares."""
+starts: the family's rules (its spec and recipe), what every family shares, the data files the data
+JSON names and the directories the run will write."""
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 from mm.arguments import ConfigError
 from mm.data.dataset import VideoDataConfig
+from mm.data.sources import read_data_txt
 from mm.families import resolve
 from mm.families.spec import TRAINING_ENTRY_POINTS
 
@@ -31,5 +37,58 @@ def check_task(task: str, config) -> None:
         require_logging_packages(LogConfig.from_args(config.args))
     except SystemExit as e:
         problems.append(str(e))
+    problems += output_dir_problems(config.args)
+    problems += read_data_files(config.data)
     if problems:
         raise ConfigError(problems)
+
+
+# the flags naming a directory the run writes into
+OUTPUT_DIR_FLAGS = (("--save", "save"), ("--tensorboard-dir", "tensorboard_dir"),
+                    ("--wandb-save-dir", "wandb_save_dir"))
+
+
+def writable_dir_problem(flag: str, path: str) -> str | None:
+    """Create ``path`` (and its parents) and write and remove a probe file in it, as the run will;
+    None when that works, else a problem naming ``flag``, the path and the OS's reason."""
+    directory = Path(path)
+    where = path if directory.is_absolute() else f"{path} (from {Path.cwd()})"
+    probe = directory / f".mm_write_probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"mm")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as e:
+        failed = f" on {e.filename!r}" if e.filename else ""
+        return (f"{flag} {where}: cannot create and write this directory ({e.strerror or e}{failed}); valid: a "
+                "directory this user can create and write")
+    return None
+
+
+def output_dir_problems(args) -> list[str]:
+    """Every directory flag of ``OUTPUT_DIR_FLAGS`` that is set and cannot be created and written."""
+    found = (writable_dir_problem(flag, getattr(args, name)) for flag, name in OUTPUT_DIR_FLAGS
+             if getattr(args, name, None) is not None)
+    return [problem for problem in found if problem is not None]
+
+
+def read_data_files(data) -> list[str]:
+    """Read the data JSON's data.txt with its annotation files and dataset roots
+    (``mm.data.sources.read_data_txt``), keeping what was read in ``data.sources`` for the data
+    loader; the problems found (empty when it reads)."""
+    if data is None:
+        return []
+    try:
+        data.sources = read_data_txt(data.data_path)
+    except ValueError as e:
+        return [str(e)]
+    except OSError as e:
+        if e.filename is None:  # read_data_txt's own message
+            return [str(e)]
+        return [f"dataset_param.basic_parameters.data_path = {data.data_path!r}: cannot read {e.filename!r} "
+                f"({e.strerror})"]
+    return []

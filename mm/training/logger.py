@@ -5,7 +5,8 @@ The loop calls ``TrainingLogger.log`` once per iteration on every rank. The iter
 TensorBoard events and the W&B run belong to the last rank, as in Megatron-LM
 (``print_rank_last``): with pipeline parallelism the loss exists only on the last stage, and with
 one stage the last rank holds the same data-parallel-averaged loss as rank 0. The data loader's
-bad-sample summary is printed by whichever rank passes one (the rank that reads the data).
+bad-sample summary is printed by whichever rank passes one (the training loop passes it on the
+first data-parallel reader, summed over every data-parallel rank).
 
 Every ``--log-interval`` iterations (and at the last one) the line gives averages over the
 interval, as Megatron-LM does: time per iteration, TFLOP/s per device (``--log-throughput``), and

@@ -2,10 +2,10 @@
 
 TP, SP, CP (every algorithm), PP/VPP, DP with megatron-core's DDP and (optionally) distributed
 optimizer, recompute, bf16/fp16, the LR schedule, frozen VAE and text encoder on stage 0 (with
-VAE-CP, encoder-DP and interleaved offload from the model JSON), checkpoints, EMA and megatron-style
-iteration logs. What is family-specific (the DiT, its weights, its encoders, the objective,
-conditioning and FLOPs) is the family's spec (``mm.families``): its recipe, e.g. Wan's flow matching
-or Open-Sora-Plan v1.3's DDPM.
+VAE-CP, encoder-DP and interleaved offload from the model JSON), checkpoints, EMA, megatron-style
+iteration logs and the guards against divergence (``mm.training.divergence``). What is
+family-specific (the DiT, its weights, its encoders, the objective, conditioning and FLOPs) is the
+family's spec (``mm.families``): its recipe, e.g. Wan's flow matching or Open-Sora-Plan v1.3's DDPM.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from mm.accelerator import destroy_distributed, naming_collective_failures
+from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print
 from mm.ckpt import CheckpointError, unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
@@ -39,6 +39,7 @@ from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
 from mm.training.checks import check_task
+from mm.training.divergence import SkipStreak, TrainingStopped, skip_counts, weights_finite
 from mm.training.ema import ModelEMA
 from mm.training.logger import SKIP, LogConfig, TrainingLogger, check_loss
 from mm.training.optimizer_kernels import use_torch_kernels
@@ -96,6 +97,11 @@ def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float
         losses = trainer.run()
     except CheckpointError as e:
         _exit_on_checkpoint_error(TASKS[task], e)
+    except TrainingStopped as e:  # raised on every rank at the same iteration
+        if torch.distributed.get_rank() == 0:
+            print(f"{TASKS[task]}: error: {e}", file=sys.stderr, flush=True)
+        destroy_distributed()  # its barrier: no rank leaves before rank 0 has said why
+        raise SystemExit(1) from None
     with naming_collective_failures("the end of the run"):
         destroy_distributed()
     return losses
@@ -154,8 +160,12 @@ class Trainer:
         self.first_stage = mpu.is_pipeline_first_stage(ignore_virtual=True)
         self.last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
         self.skips = SkipCounter()
+        self.bad_samples_seen, self.bad_samples_summary = 0, None  # the job's count and summary, as last gathered
         # stage 0 holds the frozen encoders and reads the data (MindSpeed-MM's layout)
         self.batches = self._batches(consumed) if self.first_stage else None
+        cfg.data.sources = None  # what the configuration check read of data.txt: the loader holds it now
+        self.streak = SkipStreak(args.max_consecutive_skipped_iterations)
+        self.last_saved: int | None = None  # the last iteration this run saved
         # noise and noise level of each sample from a seed of (run seed, iteration, the sample's place
         # in the global batch): the same on every TP/CP/PP rank of a replica, and the same under any DP
         # size and micro-batch size that puts the same samples in an iteration (and after a resume)
@@ -263,12 +273,15 @@ class Trainer:
             loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
             torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
             loss = loss.item() / self.dp
-        # one all-reduce tells every rank the iteration's FLOPs and whether any loss was NaN/Inf
-        # (then no rank steps: the optimizer step has collectives)
+        # one all-reduce tells every rank the iteration's FLOPs, whether any loss was NaN/Inf (then no
+        # rank steps: the optimizer step has collectives) and the job's bad samples so far (each data-
+        # parallel replica's reader counts its own: stage 0, TP and CP rank 0)
         verdict = check_loss(loss, False, self.iteration)  # --exit-on-nan-loss: below, on every rank together
-        shared = torch.tensor([self.flops, float(verdict == SKIP)], dtype=torch.float64, device=self.device)
+        bad_samples = sum(self.skips.counts.values()) if self.counts_flops else 0
+        shared = torch.tensor([self.flops, float(verdict == SKIP), float(bad_samples)], dtype=torch.float64,
+                              device=self.device)
         torch.distributed.all_reduce(shared)
-        skipped = shared[1].item() > 0
+        nan_loss = skipped = shared[1].item() > 0
         if skipped and args.exit_on_nan_loss:
             raise SystemExit(f"{TASKS[self.task]}: the loss is NaN/Inf at iteration {self.iteration}; stopping "
                              "because of --exit-on-nan-loss")
@@ -280,24 +293,78 @@ class Trainer:
                 self.scheduler.step(increment=self.gbs)
                 if self.ema is not None:
                     self.ema.update(self.iteration)
-        return {"loss": loss, "skipped": skipped, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "flops": shared[0].item()}
+        return {"loss": loss, "skipped": skipped, "nan_loss": nan_loss, "overflow": skipped and not nan_loss,
+                "grad_norm": None if grad_norm is None else float(grad_norm), "flops": shared[0].item(),
+                "bad_samples": int(shared[2].item())}
+
+    def bad_samples(self, total: int) -> str | None:
+        """The bad-sample summary of the whole job (every data-parallel replica's reader), for the rank
+        that logs it (stage 0, TP/CP/DP rank 0); None elsewhere and while there is none. ``total``: the
+        job's count, the same on every rank; when it changed, the readers gather their counts by reason
+        over their data-parallel group."""
+        if total == 0:
+            return None
+        if total != self.bad_samples_seen:
+            self.bad_samples_seen = total
+            if self.counts_flops:
+                self.bad_samples_summary = self.skips.gathered(mpu.get_data_parallel_group()).summary()
+        return self.bad_samples_summary if self.reads_data else None
+
+    def counts_toward_stop(self, step: dict) -> bool:
+        """Whether this iteration's skip counts toward --max-consecutive-skipped-iterations
+        (``mm.training.divergence.skip_counts``)."""
+        args = self.args
+        scale = self.optimizer.get_loss_scale().item() if args.fp16 and step["overflow"] else None
+        return skip_counts(step["nan_loss"], step["overflow"], scale, OptimizerConfig.min_loss_scale,
+                           static_scale=args.loss_scale is not None)
+
+    def stop_message(self, iteration: int) -> str:
+        args, streak = self.args, self.streak
+        saved = ""
+        if args.save is not None:
+            saved = (f" --save {args.save}: this run saved no checkpoint" if self.last_saved is None else
+                     f" --save {args.save}: the last checkpoint this run saved is iteration {self.last_saved}") + \
+                "; none is saved while the loss is NaN/Inf."
+        why = "a NaN/Inf loss" + (", or an fp16 overflow at the lowest loss scale" if args.fp16 else "")
+        # the weights of the iteration before the streak are those its losses came from
+        resume = f" from a checkpoint of an iteration before {streak.first - 1}" if streak.first > 1 else ""
+        return (f"stopping at iteration {iteration}: {streak.length} iterations in a row ({streak.first} to "
+                f"{iteration}) were skipped without an update ({why}), the limit of "
+                f"--max-consecutive-skipped-iterations {streak.limit} (0: never stop). The model diverged or the "
+                f"data holds bad values: lower --lr or lengthen the warm-up (--lr-warmup-iters), check the data, "
+                f"and resume{resume}.{saved}")
 
     def save(self, iteration: int) -> None:
+        """Save iteration ``iteration``, unless a weight (or EMA average) on any rank is NaN/Inf: then
+        TrainingStopped, with the --save directory untouched."""
         with naming_collective_failures(f"the checkpoint save of iteration {iteration}"):
             self._save(iteration)
 
     def _save(self, iteration: int) -> None:
         args = self.args
+        if not weights_finite(self.model, None if self.ema is None else self.ema.averages):
+            kept = "this run saved no checkpoint" if self.last_saved is None else \
+                f"the last checkpoint this run saved is iteration {self.last_saved}"
+            raise TrainingStopped(
+                f"iteration {iteration}: the model weights hold NaN/Inf values; refusing to save them. --save "
+                f"{args.save} is left as it was ({kept}). An update diverged: lower --lr or lengthen the warm-up "
+                f"(--lr-warmup-iters), clip the gradients (--clip-grad), and resume from a checkpoint with finite "
+                f"weights.")
         save_checkpoint(args.save, iteration, self.model, self.optimizer, self.scheduler, iteration * self.gbs,
                         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
                         entry_point=TASKS[self.task], predictor=dataclasses.asdict(self.arch),
                         pipeline_layers=self.cfg.model.predictor.pipeline_num_layers,
                         ckpt_format=args.ckpt_format, ema=self.ema, keep_last=args.keep_last_checkpoints,
                         protect=self.loaded)
+        self.last_saved = iteration
 
     def run(self) -> list[float]:
-        """Iterations ``start + 1 .. --train-iters`` (or to --exit-interval); the losses of the last stage."""
+        """Iterations ``start + 1 .. --train-iters`` (or to --exit-interval); the losses of the last stage.
+
+        A save that falls on an iteration whose loss was NaN/Inf waits for the next iteration that
+        updates the model (those weights may have diverged); TrainingStopped after
+        --max-consecutive-skipped-iterations skipped iterations in a row, or at a save of non-finite
+        weights."""
         args, acc, prog = self.args, self.acc, TASKS[self.task]
         logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(),
                                 torch.distributed.get_world_size(), run_config=vars(args))
@@ -307,33 +374,50 @@ class Trainer:
             rank_last_print(f"{prog}: the checkpoint is at iteration {self.start_iteration}, --train-iters is "
                             f"{args.train_iters}: nothing to train")
         saved = reached = self.start_iteration  # the last iteration saved / trained
-        for iteration in range(self.start_iteration + 1, args.train_iters + 1):
-            self.iteration = iteration
-            start_time = time.perf_counter()
-            with naming_collective_failures(f"training iteration {iteration}"):
-                step = self.train_step(forward_backward)
-                if step["loss"] is not None:
-                    losses.append(step["loss"])
-                acc.synchronize()
-                elapsed = time.perf_counter() - start_time
-                logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * self.gbs,
-                           global_batch_size=self.gbs, elapsed_s=elapsed,
-                           learning_rate=self.optimizer.param_groups[0]["lr"], loss=step["loss"],
-                           grad_norm=step["grad_norm"], skipped=step["skipped"], flops=step["flops"],
-                           max_memory_bytes=acc.max_memory_allocated(),
-                           loss_scale=self.optimizer.get_loss_scale().item() if args.fp16 else None,
-                           bad_samples=self.skips.summary() if self.reads_data and sum(self.skips.counts.values())
-                           else None)
-            reached = iteration
-            if args.save is not None and args.save_interval and iteration % args.save_interval == 0:
-                self.save(iteration)
-                saved = iteration
-            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-                rank_last_print(f"{prog}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
-                break
-        if args.save is not None and saved < reached:  # the end, or an --exit-interval stop
-            self.save(reached)
-        logger.close()
+        waiting = nan_loss = False  # a save held back by a NaN/Inf loss; the last iteration's loss was NaN/Inf
+        try:
+            for iteration in range(self.start_iteration + 1, args.train_iters + 1):
+                self.iteration = iteration
+                start_time = time.perf_counter()
+                with naming_collective_failures(f"training iteration {iteration}"):
+                    step = self.train_step(forward_backward)
+                    if step["loss"] is not None:
+                        losses.append(step["loss"])
+                    acc.synchronize()
+                    elapsed = time.perf_counter() - start_time
+                    logger.log(iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * self.gbs,
+                               global_batch_size=self.gbs, elapsed_s=elapsed,
+                               learning_rate=self.optimizer.param_groups[0]["lr"], loss=step["loss"],
+                               grad_norm=step["grad_norm"], skipped=step["skipped"], flops=step["flops"],
+                               max_memory_bytes=acc.max_memory_allocated(),
+                               loss_scale=self.optimizer.get_loss_scale().item() if args.fp16 else None,
+                               bad_samples=self.bad_samples(step["bad_samples"]))
+                reached, nan_loss = iteration, step["nan_loss"]
+                self.streak.update(iteration, self.counts_toward_stop(step))
+                if self.streak.exceeded:
+                    raise TrainingStopped(self.stop_message(iteration))
+                if args.save is not None and (waiting or args.save_interval and iteration % args.save_interval == 0):
+                    if nan_loss:
+                        if not waiting:
+                            rank0_print(f"{prog}: not saving at iteration {iteration}: its loss is NaN/Inf, so the "
+                                        "weights may have diverged; the save waits for an iteration that updates "
+                                        "the model")
+                        waiting = True
+                    else:
+                        self.save(iteration)
+                        saved, waiting = iteration, False
+                if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+                    rank_last_print(f"{prog}: exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                    break
+            if args.save is not None and saved < reached:  # the end, or an --exit-interval stop
+                if nan_loss:
+                    rank0_print(f"{prog}: not saving iteration {reached}: its loss is NaN/Inf, so the weights may "
+                                "have diverged" + ("" if self.last_saved is None else
+                                                   f"; the last checkpoint is iteration {self.last_saved}"))
+                else:
+                    self.save(reached)
+        finally:
+            logger.close()
         return losses
 
 

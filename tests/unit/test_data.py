@@ -122,6 +122,20 @@ def test_missing_entries_are_counted_at_start_and_empty_is_an_error(tmp_path):
         read_data_txt(tmp_path / "absent.txt")
 
 
+def test_a_bad_annotation_or_root_names_the_data_txt_line_and_the_file(tmp_path):
+    (tmp_path / "annotation.json").write_text('[{"path": "a.mp4", "cap": "x"},\n {"path": "b.mp4" "cap": "y"}]')
+    (tmp_path / "data.txt").write_text(f"# comment\n{tmp_path},{tmp_path / 'annotation.json'}\n")
+    with pytest.raises(ValueError, match=r"data\.txt:2: annotation file '.*annotation\.json': not valid JSON "
+                                         r"\(Expecting ',' delimiter at line 2, column 19\)"):
+        read_data_txt(tmp_path / "data.txt")
+    (tmp_path / "annotation.json").write_text('["a.mp4"]')
+    with pytest.raises(ValueError, match=r"record 0: expected a JSON object with 'path' and 'cap', got 'a.mp4'"):
+        read_data_txt(tmp_path / "data.txt")
+    (tmp_path / "data.txt").write_text(f"{tmp_path / 'videos'},{tmp_path / 'annotation.json'}\n")
+    with pytest.raises(FileNotFoundError, match=r"data\.txt:1: dataset root '.*videos' is not a directory"):
+        read_data_txt(tmp_path / "data.txt")
+
+
 def test_metadata_csv_source(dataset_dir, tmp_path):
     (tmp_path / "metadata.csv").write_text("video,prompt\nvideos/clip_0000.mp4,a clip\n")
     (tmp_path / "data.txt").write_text(f"{dataset_dir},{tmp_path / 'metadata.csv'}\n")
