@@ -12,7 +12,9 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 - ``sample_steps`` (``num_inference_steps``), ``sample_shift`` (``flow_shift``), ``sample_solver``
   (unipc, dpm++, euler), ``guidance_scale`` (``sample_guide_scale``; 1 turns guidance off; a pair
   with ``low_noise_model``, below).
-- ``save_path``: the directory the videos go to.
+- ``save_path``: the directory the videos go to; made if missing and probed (a file written and
+  removed in it) on every rank before any model loads (``save_path_problem``), so a path that
+  cannot be written is a configuration error, not a sample lost after sampling.
 - ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
 - ``task``: t2v, i2v, flf2v or s2v (default: flf2v with ``last_image``, i2v with ``image``, s2v with
@@ -48,6 +50,8 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +134,10 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         prompts.extend(prompt)
     elif prompt is not None:
         problems.append(f"inference.prompt = {prompt!r}; valid: a string or a list of strings")
+    save_path = values.get("save_path", SamplingConfig.save_path)
+    if not isinstance(save_path, str) or not save_path:
+        problems.append(f"inference.save_path = {save_path!r}; valid: a directory path (a non-empty string)")
+        values["save_path"] = SamplingConfig.save_path
     prompt_file = values.pop("prompt_file", None)
     if prompt_file is not None:
         path = Path(prompt_file)
@@ -252,6 +260,60 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
         problems.append("inference.t5_cpu keeps the text encoder whole on the host; t5_fsdp shards it over the "
                         "devices: use one or the other")
     return config
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError as ``[Errno N] reason``, without the file name (messages name their path themselves)."""
+    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None and e.strerror else str(e)
+
+
+def save_path_problem(save_path: str, create: bool = True) -> str | None:
+    """What keeps this process from writing files into ``inference.save_path``, or None.
+
+    With ``create``, the directory is made if missing (its parents too) and a probe file is created
+    (exclusively, under a unique name: every rank probes) and removed in it: the check of the
+    writes to come, whatever the cause (permissions, a read-only file system, a full disk, a path
+    under a regular file). Without, nothing is made: the path, or its nearest existing ancestor, must
+    be a directory this process may write into (``os.access``); used while other problems already
+    refuse the configuration, so a refused configuration leaves no directory behind."""
+    path = Path(save_path)
+    valid = "valid: a directory this process can create files in (made if missing)"
+    existing = path
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:  # a component that cannot be looked up (no search permission)
+        return f"inference.save_path = {save_path!r}: cannot look up {existing}: {os_reason(e)}; {valid}"
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        return f"inference.save_path = {save_path!r}: not a directory{where}; {valid}"
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"inference.save_path = {save_path!r}: {existing} is not writable by this process; {valid}"
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return (f"inference.save_path = {save_path!r}: cannot make the directory "
+                f"{e.filename or path}: {os_reason(e)}; {valid}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".mm_write_probe_", dir=path)
+    except OSError as e:
+        return f"inference.save_path = {save_path!r}: cannot create a file in {path}: {os_reason(e)}; {valid}"
+    problem = None
+    try:
+        os.write(handle, b"probe")
+        os.fsync(handle)
+    except OSError as e:
+        problem = f"inference.save_path = {save_path!r}: cannot write a file in {path}: {os_reason(e)}; {valid}"
+    finally:
+        os.close(handle)
+    try:
+        os.unlink(probe)
+    except OSError as e:
+        problem = problem or (f"inference.save_path = {save_path!r}: cannot remove the probe file {probe}: "
+                              f"{os_reason(e)}; {valid}")
+    return problem
 
 
 def _wan22_guide_scale_pair(values: dict[str, Any], problems: list[str]) -> None:

@@ -12,6 +12,14 @@ the conditional branch and the second the unconditional one. For each prompt: en
 denoise loop, and the replica's first rank decodes and writes
 ``<save_path>/<prompt words>_seed<seed>.mp4`` (``_1``, ``_2``, ... if that exists).
 
+``save_path`` is made and probed before any model loads (a configuration error, exit status 2,
+where it cannot be written). A write that still fails after sampling (the directory removed or
+replaced, a full disk) loses no sample: its latents, prompt and seed are saved beside the intended
+video, else in a fallback directory under the system's temporary directory (``LatentKeeper``), the
+error naming the path and where the latents went; the run goes on with its other prompts and ends
+with exit status 1, listing every video not written. Where the latents cannot be saved anywhere
+either, it stops at once (exit status 1).
+
 The DiT's weights come from ``predictor.from_pretrained`` (the family's release layout, read by its
 weight table) or from ``--load`` (an mm checkpoint of either format: a training run's, or
 mm-convert's).
@@ -20,7 +28,10 @@ mm-convert's).
 from __future__ import annotations
 
 import re
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +45,7 @@ from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
 from mm.families import Texts, family_for, resolve
-from mm.inference.config import SamplingConfig, parse_sampling
+from mm.inference.config import SamplingConfig, os_reason, parse_sampling, save_path_problem
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
@@ -84,6 +95,10 @@ def sampling_config(config) -> SamplingConfig:
                         f"{1 + 2 * vae_cp * temporal}, or a smaller vae_cp_size")
     if config.args.cfg_parallel and not problems and not family.sampler.guided(config, sampling):
         problems.append("--cfg-parallel with guidance off (a guidance scale of 1): there is no second branch")
+    # last: made and probed only when nothing else refuses the configuration
+    problem = save_path_problem(sampling.save_path, create=not problems)
+    if problem:
+        problems.append(problem)
     if problems:
         raise ConfigError(problems)
     return sampling
@@ -96,20 +111,84 @@ def _vae_factors(family, config) -> tuple[int, int]:
         raise ConfigError(str(e)) from None
 
 
-def output_path(directory: Path, prompt: str, seed: int) -> Path:
-    """``<directory>/<first words of the prompt>_seed<seed>.mp4``; never an existing file."""
+def sample_stem(prompt: str, seed: int) -> str:
+    """``<first words of the prompt>_seed<seed>``: a sample's file name without its suffix."""
     words = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "prompt"
-    path = directory / f"{words}_seed{seed}.mp4"
-    n = 1
+    return f"{words}_seed{seed}"
+
+
+def free_path(directory: Path, stem: str, suffix: str) -> Path:
+    """``<directory>/<stem><suffix>``, or ``<stem>_1<suffix>``, ``_2``, ...: never an existing file."""
+    path, n = directory / f"{stem}{suffix}", 1
     while path.exists():
-        path = directory / f"{words}_seed{seed}_{n}.mp4"
+        path = directory / f"{stem}_{n}{suffix}"
         n += 1
     return path
+
+
+def output_path(directory: Path, prompt: str, seed: int) -> Path:
+    """``<directory>/<first words of the prompt>_seed<seed>.mp4``; never an existing file."""
+    return free_path(directory, sample_stem(prompt, seed), ".mp4")
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:
     """``[3, F, H, W]`` in [-1, 1] -> ``[F, H, W, 3]`` uint8."""
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+KEPT_SUFFIX = ".unwritten.pt"
+
+
+@dataclass
+class Unwritten:
+    """A sample whose files could not be written: the intended video, why, and where its latents are."""
+
+    video: Path
+    reason: str
+    kept: Path
+
+
+class LatentKeeper:
+    """Keeps the latents of a sample whose files could not be written, so that no sampling is lost:
+    ``{"latents": [1, C, T, H, W] (the tensor save_latents writes), "prompt", "seed", "video": the
+    intended path}`` saved with ``torch.save`` as ``<video name>.unwritten.pt`` beside the intended
+    video, or, where that cannot be written either, in a directory of the run's own under the
+    system's temporary directory (``mm_unwritten_*``, made on the first need)."""
+
+    def __init__(self):
+        self.fallback: Path | None = None
+
+    def keep(self, latents: torch.Tensor, prompt: str, seed: int, video: Path) -> tuple[Path | None, list[str]]:
+        """(where the record was saved, or None; why each place that refused it did)."""
+        record = {"latents": latents.detach().cpu(), "prompt": prompt, "seed": seed, "video": str(video)}
+        refused = []
+        for place in ("beside", "fallback"):
+            target = None
+            try:
+                if place == "fallback" and self.fallback is None:
+                    self.fallback = Path(tempfile.mkdtemp(prefix="mm_unwritten_"))
+                directory = video.parent if place == "beside" else self.fallback
+                target = free_path(directory, video.stem, KEPT_SUFFIX)
+                save_file(record, target)
+                return target, refused
+            except OSError as e:
+                refused.append(f"{e.filename or target or place}: {os_reason(e)}")
+        return None, refused
+
+
+def save_file(obj, path: Path) -> None:
+    """``torch.save`` through an open file, so a failed write raises OSError (with the path) and
+    leaves no partial file behind."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError:
+        try:
+            if path.is_file():
+                path.unlink()
+        except OSError:
+            pass
+        raise
 
 
 class ModelStager:
@@ -174,6 +253,7 @@ class Runner:
         movable = [*self.dits, self.sampler.image_encoder, self.vae] + ([] if sampling.t5_cpu else self.text_encoders)
         self.stage = ModelStager(acc, self.device, sampling.offload_model, [m for m in movable if m is not None])
         self.guided = self.family.sampler.guided(cfg, sampling)
+        self.keeper, self.unwritten = LatentKeeper(), []
 
     def _build_dit(self, weights: str, from_checkpoint: bool):
         args, pred = self.args, self.runtime.config.model.predictor
@@ -187,6 +267,32 @@ class Runner:
         if args.compile_dit_blocks:  # compiled on the first step (its time is left out of s/step)
             model.compile_blocks()
         return model
+
+    def _write(self, out_dir: Path, prompt: str, seed: int, video: torch.Tensor,
+               latents: torch.Tensor) -> Path | None:
+        """Write one sample's video (and its latents with save_latents): the video's path, or None
+        when a write failed. Then the latents are kept (``LatentKeeper``), the failure is reported at
+        once and recorded in ``self.unwritten``, and the run goes on with its other prompts; where the
+        latents cannot be kept anywhere either, the run stops (exit status 1)."""
+        path = out_dir / f"{sample_stem(prompt, seed)}.mp4"  # the name meant, for the messages
+        try:
+            path = output_path(out_dir, prompt, seed)
+            write_mp4(path, to_frames(video[0]), self.sampling.fps)
+            if self.sampling.save_latents:
+                save_file(latents.cpu(), path.with_suffix(".latents.pt"))
+            return path
+        except OSError as e:
+            failed = e.filename or path
+            reason = os_reason(e)
+        kept, refused = self.keeper.keep(latents, prompt, seed, path)
+        if kept is None:
+            tqdm.write(f"{PROG}: error: could not write {failed}: {reason}; its latents could not be saved either "
+                       f"({'; '.join(refused)}): stopping", file=sys.stderr)
+            raise SystemExit(1)
+        self.unwritten.append(Unwritten(Path(failed), reason, kept))
+        tqdm.write(f"{PROG}: error: could not write {failed}: {reason}; the sample's latents, prompt and seed are "
+                   f"saved in {kept} (torch.load); going on with the other prompts", file=sys.stderr)
+        return None
 
     def encode_prompts(self, prompts: list[str]) -> Texts:
         """Every text encoder's embeddings and masks of ``prompts``, on the device."""
@@ -211,10 +317,7 @@ class Runner:
             flag = torch.tensor([float(writer)], device=device)
             torch.distributed.all_reduce(flag, group=self.vae_cp[0])
             decoder = bool(flag.item())
-        out_dir = Path(sampling.save_path)
-        if rank0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        torch.distributed.barrier()
+        out_dir = Path(sampling.save_path)  # made and probed by sampling_config, on every rank
         vae = self.vae
         spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
         shape = (self.arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
@@ -262,10 +365,9 @@ class Runner:
             video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
         if not writer:
             return None
-        path = output_path(out_dir, prompt, seed)
-        write_mp4(path, to_frames(video[0]), sampling.fps)
-        if sampling.save_latents:
-            torch.save(latents.cpu(), path.with_suffix(".latents.pt"))
+        path = self._write(out_dir, prompt, seed, video, latents)
+        if path is None:  # kept, reported and recorded in self.unwritten
+            return None
         print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
               f"{steps} {solver} steps: {per_step:.3f} s/step (steps 2-{steps}; first "
               f"{marks[0] - begin_denoise:.3f} s); "
@@ -285,4 +387,10 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
     written = runner.run()
     with naming_collective_failures("the end of the run (the writers' last decode and write)"):
         destroy_distributed()
+    if runner.unwritten:
+        lines = "".join(f"\n  {u.video}: {u.reason}; latents in {u.kept}" for u in runner.unwritten)
+        print(f"{PROG}: error: {len(runner.unwritten)} of {len(written) + len(runner.unwritten)} samples of this "
+              f"rank could not be written (their latents, prompts and seeds are kept):{lines}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(1)
     return written

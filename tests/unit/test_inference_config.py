@@ -149,3 +149,61 @@ def test_prompt_and_condition_images_from_txt_files(tmp_path):
                    problems)
     assert any("inference.prompt = " in p and "missing.txt': no such file" in p for p in problems), problems
     assert any("inference.image = " in p and "none.txt': no such file" in p for p in problems), problems
+
+
+def _writes_despite_mode(directory) -> bool:
+    """Whether this process can create files in ``directory`` whatever its mode says (root, or
+    CAP_DAC_OVERRIDE): then a read-only mode blocks nothing."""
+    try:
+        (directory / "probe").write_text("x")
+    except OSError:
+        return False
+    (directory / "probe").unlink()
+    return True
+
+
+def test_save_path_under_a_file_is_refused_and_nothing_is_made(tmp_path):
+    from mm.inference.config import save_path_problem
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    wanted = blocker / "samples" / "t2v"
+    for create in (True, False):
+        problem = save_path_problem(str(wanted), create=create)
+        assert problem == (f"inference.save_path = {str(wanted)!r}: not a directory ({blocker} is a file); valid: "
+                           "a directory this process can create files in (made if missing)")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_save_path_read_only_is_refused(tmp_path):
+    from mm.inference.config import save_path_problem
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if _writes_despite_mode(read_only):
+            pytest.skip("this process writes into a 0o555 directory (root): a read-only mode blocks nothing here")
+        problem = save_path_problem(str(read_only))
+        assert problem.startswith(f"inference.save_path = {str(read_only)!r}: cannot create a file in {read_only}: "
+                                  "[Errno 13] Permission denied"), problem
+        # under it, the directory cannot be made
+        problem = save_path_problem(str(read_only / "samples"))
+        assert f"cannot make the directory {read_only / 'samples'}: [Errno 13] Permission denied" in problem
+        assert "is not writable by this process" in save_path_problem(str(read_only / "samples"), create=False)
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_save_path_is_made_and_the_probe_removed(tmp_path):
+    from mm.inference.config import save_path_problem
+
+    wanted = tmp_path / "a" / "b"
+    assert save_path_problem(str(wanted), create=False) is None and not (tmp_path / "a").exists()
+    assert save_path_problem(str(wanted)) is None
+    assert wanted.is_dir() and list(wanted.iterdir()) == []
+
+
+def test_save_path_must_be_a_string():
+    _, problems = _parse({"prompt": "x", "save_path": 5})
+    assert problems == ["inference.save_path = 5; valid: a directory path (a non-empty string)"]

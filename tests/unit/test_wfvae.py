@@ -29,16 +29,50 @@ def test_encode_decode_equal_the_reference(name):
 
 @pytest.mark.parametrize("t_chunk_enc,t_chunk_dec", [(8, 2), (4, 1), (4, 3), (12, 2)])
 def test_tiling_equals_the_reference(t_chunk_enc, t_chunk_dec):
-    """Temporal chunks (the reference's tiling; 8 and 2 are its sizes) give the reference's numbers: its
-    tiled encode (within 1.5e-6 of its whole-video one) and its decode (tiled and whole are equal there)."""
+    """Temporal chunks (the reference's tiling; 8 and 2 are its sizes) on the fixture's clip: the
+    encode gives the reference's tiled encode (within 1.5e-6 of its whole-video one), the decode the
+    reference's whole-video decode. The clip has 5 latent frames, an odd number, where the reference's
+    own tiled decode is its whole-video decode up to fp32 rounding (the fixture records how far: 0.0
+    where it was made, 3.4e-5 on another machine); for an even number of latent frames it is not, and
+    mm's chunked decode follows the whole-video decode (docs/opensoraplan.md,
+    test_chunked_decode_is_the_whole_video_decode)."""
     meta, _, ref = golden()
-    assert meta["tiled_equals_untiled"]["decode"] == 0.0
+    assert meta["tiled_equals_untiled"]["decode"] <= ATOL
     vae = tiny_wfvae(use_tiling=True, t_chunk_enc=t_chunk_enc, t_chunk_dec=t_chunk_dec)
     with torch.no_grad():
         mean, _ = vae.encode(ref["video"])
         decoded = vae.decode(ref["video_mean"])
     torch.testing.assert_close(mean, ref["video_mean_tiled"], atol=ATOL, rtol=0)
     torch.testing.assert_close(decoded, ref["video_decoded"], atol=ATOL, rtol=0)
+
+
+# latent frames 3, 4, 5, 6, 8 and 24 (the released 93-frame setting, with its chunk size): odd and even counts
+@pytest.mark.parametrize("frames,chunks", [(9, (1, 2, 3)), (13, (1, 2, 3)), (17, (1, 2, 3)), (21, (1, 2, 3)),
+                                           (29, (1, 2, 3)), (93, (2,))], ids=["t3", "t4", "t5", "t6", "t8", "t24"])
+def test_chunked_decode_is_the_whole_video_decode(frames, chunks):
+    """Chunked decoding (any chunk size) equals decoding the whole video at once, for an even number of
+    latent frames too (where the reference's tiled decode drops a chunk's look-ahead frame and differs
+    from its whole-video decode: docs/opensoraplan.md). Twins in float64: the tiny decoder turns fp32
+    rounding into up to 3e-3 at its output."""
+    latents = 1 + (frames - 1) // 4
+    z = torch.randn(1, 4, latents, 2, 2, generator=torch.Generator().manual_seed(frames), dtype=torch.float64)
+    with torch.no_grad():
+        whole = tiny_wfvae().double().decode(z)
+        assert whole.shape[2] == frames
+        for t_chunk_dec in chunks:
+            chunked = tiny_wfvae(use_tiling=True, t_chunk_dec=t_chunk_dec).double().decode(z)
+            torch.testing.assert_close(chunked, whole, atol=1e-10, rtol=0, msg=f"t_chunk_dec {t_chunk_dec}")
+
+
+@pytest.mark.parametrize("frames", [17, 29])
+def test_chunked_encode_is_the_whole_video_encode(frames):
+    video = torch.rand(1, 3, frames, 16, 16, generator=torch.Generator().manual_seed(frames), dtype=torch.float64)
+    with torch.no_grad():
+        mean, logvar = tiny_wfvae().double().encode(video * 2 - 1)
+        for t_chunk_enc in (4, 8, 12):
+            chunked = tiny_wfvae(use_tiling=True, t_chunk_enc=t_chunk_enc).double().encode(video * 2 - 1)
+            torch.testing.assert_close(chunked[0], mean, atol=1e-10, rtol=0, msg=f"t_chunk_enc {t_chunk_enc}")
+            torch.testing.assert_close(chunked[1], logvar, atol=1e-10, rtol=0, msg=f"t_chunk_enc {t_chunk_enc}")
 
 
 def test_latent_normalisation_and_sampling_equal_the_reference_pipeline():

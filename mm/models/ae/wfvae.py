@@ -13,7 +13,9 @@ or as slices over a VAE-CP group, through the ``CausalCache`` interface of ``wan
 chunk's last (look-ahead) frame with the next chunk, so the decoder runs one frame late from
 there on, and the side path joining after it is held back by one frame to match; the chunk that
 ends the video (``at_end``) flushes both, with the end frame clamped as ``F.interpolate`` does.
-Chunked, VAE-CP and whole-video results agree up to fp32 rounding (different conv shapes).
+Chunked, VAE-CP and whole-video results agree up to fp32 rounding (different conv shapes), for any
+number of latent frames; the reference's tiled decode does not for an even number, and mm follows its
+whole-video decode there (docs/opensoraplan.md).
 
 Parameter names are the reference's (``opensora/models/causalvideovae`` at 4b14d58), so its state
 dict loads after ``wfvae_checkpoint.wfvae_state_dict_from_reference`` drops the fixed Haar filters it stores.
