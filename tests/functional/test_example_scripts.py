@@ -77,7 +77,8 @@ def _validate(flags: list[str], world_size: int, monkeypatch):
     # the entry point's own check: its task fits the model and data (and the encoders are named)
     from mm.training.pretrain import check_task
 
-    check_task("i2v" if config.data.dataset_type in ("i2v", "flf2v") else "t2v", config)
+    # files=False: the scripts' data paths and output directories are placeholders users edit
+    check_task("i2v" if config.data.dataset_type in ("i2v", "flf2v") else "t2v", config, files=False)
     return config, arch
 
 
