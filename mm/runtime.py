@@ -20,6 +20,7 @@ from mm.accelerator import (
     rank0_print,
     read_launch_env,
     select_accelerator,
+    start_heartbeat,
 )
 from mm.accelerator.device import AcceleratorError
 from mm.accelerator.distributed import LaunchError
@@ -58,6 +59,7 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         raise SystemExit(2) from None
     args = config.args
     init_distributed(accelerator, args.distributed_timeout_minutes, launch)
+    start_heartbeat()  # what lets ranks wait for a slower peer without a collective (wait_for_peers)
     with naming_collective_failures("start-up (creating the process groups)"):
         initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
                             timeout_minutes=args.distributed_timeout_minutes, seed=args.seed,

@@ -27,6 +27,7 @@ from mm.accelerator.distributed import (
     rank0_print,
     read_launch_env,
 )
+from mm.accelerator.peers import PeerWaitError, start_heartbeat, stop_heartbeat, wait_for_peers
 
 __all__ = [
     "ACCELERATOR_CHOICES",
@@ -37,6 +38,7 @@ __all__ = [
     "CollectiveError",
     "LaunchEnv",
     "LaunchError",
+    "PeerWaitError",
     "backend_accepted",
     "check_comm_env",
     "describe_group",
@@ -49,4 +51,7 @@ __all__ = [
     "rank0_print",
     "read_launch_env",
     "select_accelerator",
+    "start_heartbeat",
+    "stop_heartbeat",
+    "wait_for_peers",
 ]

@@ -181,7 +181,14 @@ def init_distributed(accelerator: Accelerator, timeout_minutes: float, launch: L
 
 
 def destroy_distributed() -> None:
+    """The end of a run: wait for every rank without a pending collective (``wait_for_peers``: a
+    data-parallel replica with one prompt more to sample may take minutes longer), then a barrier
+    (no rank tears the store down while another still reads it) and the groups' end."""
+    from mm.accelerator.peers import stop_heartbeat, wait_for_peers
+
     if dist.is_initialized():
+        wait_for_peers("the end of the run")
+        stop_heartbeat()
         dist.barrier()
         dist.destroy_process_group()
 

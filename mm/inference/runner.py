@@ -40,7 +40,7 @@ import torch
 from megatron.core import parallel_state as mpu
 from tqdm import tqdm
 
-from mm.accelerator import destroy_distributed, naming_collective_failures
+from mm.accelerator import destroy_distributed, naming_collective_failures, wait_for_peers
 from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
@@ -247,8 +247,7 @@ class Runner:
             if sampling.t5_fsdp:  # every rank of a TP x CP group encodes the same prompts
                 held = shard_parameters(encoder.model, mpu.get_tensor_and_context_parallel_group(), self.device.type)
                 _report_sharded("t5_fsdp: the text encoder", held, mpu.get_tensor_and_context_parallel_world_size())
-        # VAE-CP: the ranks of a VAE-CP group share each encode (I2V/FLF2V condition) and the writer's
-        # group each decode
+        # VAE-CP: the ranks of a VAE-CP group share each encode (I2V/FLF2V condition) and each decode
         self.vae_cp = (get_group("vae_cp"), get_group_ranks("vae_cp")) if cfg.sizes.vae_cp_size > 1 else None
         movable = [*self.dits, self.sampler.image_encoder, self.vae] + ([] if sampling.t5_cpu else self.text_encoders)
         self.stage = ModelStager(acc, self.device, sampling.offload_model, [m for m in movable if m is not None])
@@ -312,11 +311,6 @@ class Runner:
         cfg_group = get_group("cfg") if args.cfg_parallel else None
         replicas, replica = (dp // 2, dp_rank // 2) if args.cfg_parallel else (dp, dp_rank)
         writer = tp_rank == 0 and mpu.get_context_parallel_rank() == 0 and (not args.cfg_parallel or dp_rank % 2 == 0)
-        decoder = writer
-        if self.vae_cp is not None:  # the writer's VAE-CP group decodes with it
-            flag = torch.tensor([float(writer)], device=device)
-            torch.distributed.all_reduce(flag, group=self.vae_cp[0])
-            decoder = bool(flag.item())
         out_dir = Path(sampling.save_path)  # made and probed by sampling_config, on every rank
         vae = self.vae
         spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
@@ -326,15 +320,18 @@ class Runner:
         mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
         for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
             with naming_collective_failures(f"prompt {i}"):
-                path = self._sample(i, prompt, shape, out_dir, writer, decoder, cfg_group)
+                path = self._sample(i, prompt, shape, out_dir, writer, cfg_group)
             if path is not None:
                 written.append(path)
         return written
 
-    def _sample(self, i: int, prompt: str, shape: tuple, out_dir: Path, writer: bool, decoder: bool,
-                cfg_group) -> Path | None:
-        """Prompt ``i``: encode, denoise, and on the decoders decode; the writer writes the file and
-        returns its path."""
+    def _sample(self, i: int, prompt: str, shape: tuple, out_dir: Path, writer: bool, cfg_group) -> Path | None:
+        """Prompt ``i``: encode, denoise and decode; the writer writes the file and returns its path.
+
+        Every rank decodes (each VAE-CP group its copy): the ranks that share the prompt hold the same
+        latents, and a rank that skipped the decode would wait in the next prompt's first collective
+        for as long as the writer's decode takes (minutes for long 720p videos), where the
+        communication library's timeout may end the run."""
         sampling, acc, device, vae = self.sampling, self.acc, self.device, self.vae
         steps, solver = self.sampler.steps, self.sampler.solver
         rank0 = torch.distributed.get_rank() == 0
@@ -360,9 +357,8 @@ class Runner:
                                        show_progress=rank0, cfg_group=cfg_group, on_step=mark)
         denoise_s = time.perf_counter() - begin_denoise
         per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else denoise_s
-        if decoder:
-            self.stage(vae)
-            video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
+        self.stage(vae)
+        video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
         if not writer:
             return None
         path = self._write(out_dir, prompt, seed, video, latents)
@@ -384,8 +380,9 @@ def inference(argv: Sequence[str] | None = None) -> list[Path]:
                     check=lambda config: checked.update(sampling=sampling_config(config)))
     with naming_collective_failures("start-up (models, --load)"):
         runner = Runner(runtime, checked["sampling"])
+    wait_for_peers("the first prompt (every rank's models loaded)")  # outside any collective
     written = runner.run()
-    with naming_collective_failures("the end of the run (the writers' last decode and write)"):
+    with naming_collective_failures("the end of the run"):
         destroy_distributed()
     if runner.unwritten:
         lines = "".join(f"\n  {u.video}: {u.reason}; latents in {u.kept}" for u in runner.unwritten)

@@ -65,7 +65,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from mm.accelerator import get_accelerator, rank0_print
+from mm.accelerator import get_accelerator, rank0_print, wait_for_peers
 from mm.ckpt import (
     CKPT_FORMATS,
     MODEL_PARALLEL,
@@ -244,6 +244,8 @@ def _on_rank0(failure: str, fn, *args) -> None:
             fn(*args)
         except OSError as e:
             error = f"{failure}: {e}"
+    # removing what a failed save left can take long on a slow file system: wait outside any collective
+    wait_for_peers("rank 0's checkpoint file-system step")
     message = [error]
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:

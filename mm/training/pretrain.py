@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print
+from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print, wait_for_peers
 from mm.ckpt import CheckpointError, unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.loader import build_video_dataloader
@@ -176,6 +176,9 @@ class Trainer:
         self.counts_flops = self.first_stage and tp_cp_rank0
         self.reads_data = self.counts_flops and self.dp_rank == 0
         self.flops = 0.0
+        # with PP > 1, stage 0 builds the frozen encoders (loading their weights can take minutes):
+        # the later stages wait for it here, outside any collective, not in their first receive
+        wait_for_peers("the first iteration (every stage's models, encoders and data ready)")
 
     def _chunks(self) -> list[torch.nn.Module]:
         args, pred = self.args, self.cfg.model.predictor
