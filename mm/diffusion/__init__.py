@@ -2,7 +2,10 @@
 
 from mm.diffusion.ddpm import DDPM, DDPMConfig, NoiseSchedule
 from mm.diffusion.ddpm_samplers import DDPMSamplerConfig, build_ddpm_sampler, classifier_free_guidance
+from mm.diffusion.flow_match_discrete import (FlowMatchDiscrete, FlowMatchDiscreteConfig, FlowMatchDiscreteSampler,
+                                              guidance_enabled, guided_velocity)
 from mm.diffusion.flow_matching import FlowMatching, FlowMatchingConfig, shift_sigma, unshift_sigma
 
-__all__ = ["DDPM", "DDPMConfig", "DDPMSamplerConfig", "FlowMatching", "FlowMatchingConfig", "NoiseSchedule",
-           "build_ddpm_sampler", "classifier_free_guidance", "shift_sigma", "unshift_sigma"]
+__all__ = ["DDPM", "DDPMConfig", "DDPMSamplerConfig", "FlowMatchDiscrete", "FlowMatchDiscreteConfig",
+           "FlowMatchDiscreteSampler", "FlowMatching", "FlowMatchingConfig", "NoiseSchedule", "build_ddpm_sampler",
+           "classifier_free_guidance", "guidance_enabled", "guided_velocity", "shift_sigma", "unshift_sigma"]
