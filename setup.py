@@ -21,6 +21,7 @@ setup(
         "av>=14",
         "psutil>=5.9",
         "docstring-parser>=0.16",
+        "sentencepiece>=0.2",
     ],
     entry_points={"console_scripts": ["mm-convert=checkpoint.cli:main"]},
     extras_require={
