@@ -93,11 +93,12 @@ class _RowParallelLinear(tensor_parallel.RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def row_parallel_linear(config: TransformerConfig, in_size: int, out_size: int) -> tensor_parallel.RowParallelLinear:
+def row_parallel_linear(config: TransformerConfig, in_size: int, out_size: int,
+                        bias: bool = True) -> tensor_parallel.RowParallelLinear:
     """Input features split over TP ranks (a column-parallel layer's output), the sum all-reduced
-    (SP: reduce-scattered along the sequence); the bias added once after it."""
+    (SP: reduce-scattered along the sequence); the bias (if any) added once after it."""
     return _RowParallelLinear(in_size, out_size, config=config, init_method=config.output_layer_init_method,
-                              bias=True, input_is_parallel=True, skip_bias_add=False)
+                              bias=bias, input_is_parallel=True, skip_bias_add=False)
 
 
 def selective_recompute_modules(config: TransformerConfig, model: str,
