@@ -20,6 +20,7 @@ from mm.arguments.errors import ConfigError
 from mm.arguments.pipeline_layout import pipeline_rows
 
 DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's names, as MindSpeed-MM's JSONs use
 
 
 def load_json(path: str, flag: str) -> dict[str, Any]:
@@ -125,8 +126,10 @@ def _component(reader: _Reader, cls: type[ComponentConfig], **typed: Any) -> Com
     model_id = reader.get("model_id", str, default="", required=True)
     from_pretrained = reader.get("from_pretrained", str)
     dtype = reader.get("dtype", str)
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype is not None and dtype not in DTYPES:
-        reader.problems.append(f"{reader.key('dtype')} = {dtype!r}; valid: {', '.join(DTYPES)}")
+        reader.problems.append(f"{reader.key('dtype')} = {dtype!r}; valid: {', '.join(DTYPES)} (or "
+                               f"{', '.join(DTYPE_ALIASES)})")
     return cls(model_id=model_id, from_pretrained=from_pretrained, dtype=dtype, params=reader.rest(), **typed)
 
 

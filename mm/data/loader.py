@@ -16,20 +16,28 @@ logger = logging.getLogger(__name__)
 
 def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_parallel_rank: int,
                            data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2,
-                           seed: int = 1234,
-                           pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
+                           seed: int = 1234, pin_memory: bool = False, tokenizer_factory=None,
+                           max_lengths: list[int] | None = None) -> tuple[torch.utils.data.DataLoader, VideoDataset]:
     """Batches of one bucket each, this DP rank's share, resuming after ``consumed_samples``;
     ``pin_memory`` (GPU/NPU runs) makes the host-to-device copy of each batch asynchronous. The
-    samples are ``data.sources`` when the configuration check read them already, else data.txt's."""
+    samples are ``data.sources`` when the configuration check read them already, else data.txt's.
+    ``tokenizer_factory``: a ``tokenizer_config`` entry -> its tokenizer (default: transformers'
+    AutoTokenizer of its ``from_pretrained``); ``max_lengths``: each tokenizer's length where its
+    entry has no ``model_max_length`` (default 512)."""
     samples, dropped = data.sources if data.sources is not None else read_data_txt(data.data_path)
     if dropped and data_parallel_rank == 0:
         logger.warning("data: %d annotation entries left out at start-up (%s)", sum(dropped.values()), dict(dropped))
     tokenizers = []  # (tokenizer, max_length) of each text encoder
     if data.use_text_processer:
-        from transformers import AutoTokenizer
+        if tokenizer_factory is None:
+            from transformers import AutoTokenizer
 
-        tokenizers = [(AutoTokenizer.from_pretrained(t["from_pretrained"]), int(t.get("model_max_length", 512)))
-                      for t in data.tokenizers if t.get("from_pretrained")]
+            def tokenizer_factory(entry: dict):
+                return AutoTokenizer.from_pretrained(entry["from_pretrained"])
+
+        lengths = list(max_lengths or [])
+        tokenizers = [(tokenizer_factory(t), int(t.get("model_max_length", lengths[i] if i < len(lengths) else 512)))
+                      for i, t in enumerate(data.tokenizers) if t.get("from_pretrained")]
     dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizers)
     if dataset.dropped and data_parallel_rank == 0:
         logger.warning("data: %s", dict(dataset.dropped))

@@ -12,9 +12,9 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from mm.families.spec import FamilySpec, Sampler, StepInputs, Texts
+from mm.families.spec import FamilySpec, FrameRule, Sampler, StepInputs, Texts
 
-BUILTIN = ("mm.families.wan", "mm.families.opensoraplan")
+BUILTIN = ("mm.families.wan", "mm.families.opensoraplan", "mm.families.stepvideo")
 ENTRY_POINT_GROUP = "mm.families"
 
 _registered: dict[str, FamilySpec] = {}
@@ -89,5 +89,5 @@ def build_predictor(model_id: str, arch_config: Any, config, **stage):
     return family_for(model_id).build_predictor(model_id, arch_config, config, **stage)
 
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "Sampler", "StepInputs", "Texts", "build_predictor",
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "FrameRule", "Sampler", "StepInputs", "Texts", "build_predictor",
            "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]

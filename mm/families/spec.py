@@ -77,6 +77,37 @@ def default_vae_factors(ae) -> tuple[int, int]:
     return vae_factors(ae)
 
 
+@dataclass(frozen=True)
+class FrameRule:
+    """How a video VAE turns frames into latent frames: causally (``temporal`` k + 1 frames -> k + 1
+    latent frames, the first frame alone: Wan's VAE, WFVAE) or in independent chunks (``chunk`` k
+    frames -> ``chunk_latents`` k latent frames: Step-Video's VAE, 17 -> 3)."""
+
+    temporal: int
+    chunk: int = 0  # 0: causal
+    chunk_latents: int = 0
+
+    def latent_frames(self, frames: int) -> int | None:
+        """The latent frames of a ``frames``-frame video; None when the VAE cannot take that count."""
+        if self.chunk:
+            return frames // self.chunk * self.chunk_latents if frames > 0 and frames % self.chunk == 0 else None
+        return (frames - 1) // self.temporal + 1 if frames > 0 and (frames - 1) % self.temporal == 0 else None
+
+    def valid(self) -> str:
+        """The frame counts the VAE takes, for error messages."""
+        if self.chunk:
+            c = self.chunk
+            return f"{c}k ({c}, {2 * c}, {3 * c}, ...), the VAE's chunks of {c} frames"
+        t = self.temporal
+        return f"{t}k + 1 (1, {t + 1}, {2 * t + 1}, ...), the VAE's temporal compression"
+
+    def vae_cp_frames(self, vae_cp: int) -> tuple[int, str]:
+        """(the fewest frames VAE-CP over ``vae_cp`` ranks takes, why)."""
+        if self.chunk:
+            return vae_cp * self.chunk, "VAE-CP gives each rank at least one chunk"
+        return 1 + 2 * vae_cp * self.temporal, "VAE-CP gives each rank at least 2 latent frames after the first"
+
+
 class Recipe(Protocol):
     """A family's training recipe (``pretrain_t2v.py`` / ``pretrain_i2v.py``).
 
@@ -118,7 +149,9 @@ class Sampler(Protocol):
     """A family's sampling (``inference.py``): built once per run on every rank.
 
     The runner owns the CLI, the process groups, building and staging the models, the prompts'
-    text encoding, the noise and the output; the sampler owns what the family adds."""
+    text encoding, the noise and the output; the sampler owns what the family adds. A sampler
+    class may set ``defaults``: the ``inference`` section's defaults for this family (``SamplingConfig``
+    field -> value, e.g. its video size and frame rate), over Wan's."""
 
     text_zero_padding: ClassVar[bool]
 
@@ -164,6 +197,13 @@ class FamilySpec:
     build_vae: Callable[[Any, torch.dtype], torch.nn.Module] = default_vae
     # the ``ae`` section -> (spatial, temporal) compression, before the VAE is built
     vae_factors: Callable[[Any], tuple[int, int]] = default_vae_factors
+    # the ``ae`` section -> how the VAE maps frames to latent frames (None: causal, by vae_factors)
+    frame_rule: Callable[[Any], FrameRule] | None = None
+    # a ``tokenizer_config`` entry of the data JSON -> the data loader's tokenizer, called as
+    # transformers' tokenizers are (None: transformers' AutoTokenizer of its from_pretrained)
+    tokenizer: Callable[[dict], Any] | None = None
+    # each text encoder's token length where the configuration gives none (default 512 each)
+    text_max_lengths: tuple[int, ...] = ()
     converter: Callable[[], type] | None = None
     description: str = ""
     # checks beyond the recipe's and sampler's, shared by training and inference: (config, arch) -> problems
@@ -179,6 +219,14 @@ class FamilySpec:
         """The DiT (or one pipeline stage of it: ``pre_process``, ``post_process``, ``layer_offset``,
         ``num_layers``) for this rank, with megatron's ``config``."""
         return self.predictors[model_id][0](arch, config, **stage)
+
+    def frames(self, ae) -> FrameRule:
+        """How the ``ae`` section's VAE maps frames to latent frames."""
+        return self.frame_rule(ae) if self.frame_rule is not None else FrameRule(self.vae_factors(ae)[1])
+
+    def text_max_length(self, index: int) -> int:
+        """Text encoder ``index``'s token length where the configuration gives none."""
+        return self.text_max_lengths[index] if index < len(self.text_max_lengths) else 512
 
     def compiles(self, model_id: str) -> bool:
         """Whether the DiT compiles its layers (``--compile-dit-blocks``)."""

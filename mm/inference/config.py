@@ -4,7 +4,10 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 
 - ``prompt`` (a string, a list, or, as MindSpeed-MM's JSONs give it, the path of a ``.txt`` file of
   one prompt per line) or ``prompt_file`` (one prompt per line): at least one prompt.
-- ``negative_prompt``: the unconditional branch of classifier-free guidance ("" by default).
+- ``negative_prompt``: the unconditional branch of classifier-free guidance ("" by default; the
+  family's fixed negative prompt where it has one, as Step-Video's).
+- ``prompt_suffix``: text appended to every prompt before it is encoded ("" by default; Step-Video's
+  release appends a fixed quality text, its default here).
 - ``seed`` (``base_seed``): the first prompt's noise; prompt i uses ``seed + i``.
 - ``num_frames`` (``frame_num``), ``height``, ``width``: the video; frames ``4k + 1``, sizes
   multiples of the VAE's spatial factor times the DiT's patch.
@@ -15,7 +18,9 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 - ``save_path``: the directory the videos go to; made if missing and probed (a file written and
   removed in it) on every rank before any model loads (``save_path_problem``), so a path that
   cannot be written is a configuration error, not a sample lost after sampling.
-- ``model_max_length``: the text encoder's token length (512, Wan's; the length it was trained with).
+- ``model_max_length``: the text encoders' token length: one integer for all, or a list (one per
+  text encoder); default the family's lengths (512 for Wan's UMT5, the length it was trained with;
+  320 and 77 for Step-Video's Step-LLM and CLIP).
 - ``save_latents``: also write the final latents beside each video (``<name>.latents.pt``).
 - ``task``: t2v, i2v, flf2v or s2v (default: flf2v with ``last_image``, i2v with ``image``, s2v with
   ``ref_images``, else t2v).
@@ -57,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.diffusion.samplers import SOLVERS
+from mm.families.spec import FrameRule
 
 ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
            "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale", "ref_image": "ref_images",
@@ -65,7 +71,7 @@ KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "heigh
         "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
         "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
-        "ref_images", "guidance_scale_img", "guidance_scale_text")
+        "ref_images", "guidance_scale_img", "guidance_scale_text", "prompt_suffix")
 TASKS = ("t2v", "i2v", "flf2v", "s2v")
 
 
@@ -73,6 +79,7 @@ TASKS = ("t2v", "i2v", "flf2v", "s2v")
 class SamplingConfig:
     prompts: list[str]
     negative_prompt: str = ""
+    prompt_suffix: str = ""  # appended to every prompt before encoding (Step-Video's quality text)
     seed: int = 42
     num_frames: int = 81
     height: int = 480
@@ -83,7 +90,8 @@ class SamplingConfig:
     sample_solver: str = "unipc"
     guidance_scale: float = 5.0
     save_path: str = "outputs/samples"
-    model_max_length: int = 512
+    # the text encoders' token length: one for all, one per encoder, or None (the family's lengths)
+    model_max_length: int | tuple[int, ...] | None = None
     save_latents: bool = False
     task: str = "t2v"
     images: list[str] | None = None  # one per prompt
@@ -101,11 +109,26 @@ class SamplingConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: tuple[int, int, int],
-                   problems: list[str]) -> SamplingConfig | None:
+def _max_length(value, problems: list[str]) -> int | tuple[int, ...] | None:
+    def ok(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if value is None or ok(value):
+        return value
+    if isinstance(value, list) and value and all(ok(v) for v in value):
+        return tuple(value)
+    problems.append(f"inference.model_max_length = {value!r}; valid: an integer >= 1 (every text encoder's token "
+                    "length) or a list of them (one per text encoder)")
+    return None
+
+
+def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameRule, patch: tuple[int, int, int],
+                   problems: list[str], defaults: dict[str, Any] | None = None) -> SamplingConfig | None:
     """The ``inference`` section as a SamplingConfig; every problem appended to ``problems`` as a
     message naming the key, its value and what is valid. ``spatial``/``temporal``: the VAE's
-    compression, ``patch``: the DiT's."""
+    compression (``temporal``: a causal VAE's factor, or the family's ``FrameRule``), ``patch``: the
+    DiT's; ``defaults``: the family sampler's defaults (``SamplingConfig`` fields) over Wan's."""
+    rule = temporal if isinstance(temporal, FrameRule) else FrameRule(temporal)
     values: dict[str, Any] = {}
     given_as: dict[str, str] = {}  # mm name -> the key the section used
     for key, value in section.items():
@@ -165,11 +188,10 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
             return False
         return value
 
-    defaults = SamplingConfig(prompts=[])
+    defaults = SamplingConfig(prompts=[], **(defaults or {}))
     frames = number("num_frames", int, 1, defaults.num_frames)
-    if (frames - 1) % temporal:
-        problems.append(f"inference.num_frames = {frames}; valid: {temporal}k + 1 (1, {temporal + 1}, "
-                        f"{2 * temporal + 1}, ...), the VAE's temporal compression")
+    if rule.latent_frames(frames) is None:
+        problems.append(f"inference.num_frames = {frames}; valid: {rule.valid()}")
     step = spatial * max(patch[1], patch[2])
     height, width = number("height", int, step, defaults.height), number("width", int, step, defaults.width)
     for key, size in (("height", height), ("width", width)):
@@ -179,7 +201,11 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
     solver = values.get("sample_solver", defaults.sample_solver)
     if solver not in SOLVERS:
         problems.append(f"inference.sample_solver = {solver!r}; valid: {', '.join(SOLVERS)}")
-    negative = values.get("negative_prompt", "")
+    negative = values.get("negative_prompt", defaults.negative_prompt)
+    suffix = values.get("prompt_suffix", defaults.prompt_suffix)
+    if not isinstance(suffix, str):
+        problems.append(f"inference.prompt_suffix = {suffix!r}; valid: a string (appended to every prompt)")
+        suffix = ""
     if not isinstance(negative, str):
         problems.append(f"inference.negative_prompt = {negative!r}; valid: a string")
     def per_prompt(key: str) -> list[str] | None:
@@ -238,13 +264,13 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int, patch: 
     if "guidance_scale_2" in values and low_noise is None:
         problems.append("inference.guidance_scale_2 is the low-noise expert's; it needs inference.low_noise_model")
     config = SamplingConfig(
-        prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "",
+        prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "", prompt_suffix=suffix,
         seed=number("seed", int, 0, defaults.seed), num_frames=frames, height=height, width=width,
         fps=number("fps", int, 1, defaults.fps), sample_steps=number("sample_steps", int, 1, defaults.sample_steps),
         sample_shift=number("sample_shift", float, 1e-6, defaults.sample_shift), sample_solver=solver,
         guidance_scale=number("guidance_scale", float, 0.0, defaults.guidance_scale),
         save_path=str(values.get("save_path", defaults.save_path)),
-        model_max_length=number("model_max_length", int, 1, defaults.model_max_length),
+        model_max_length=_max_length(values.get("model_max_length", defaults.model_max_length), problems),
         save_latents=flag("save_latents"), task=task if task in TASKS else "t2v", images=images,
         last_images=last_images, low_noise_model=low_noise if isinstance(low_noise, str) else None,
         boundary_ratio=float(boundary) if isinstance(boundary, (int, float)) and not isinstance(boundary, bool) else None,

@@ -44,7 +44,7 @@ from mm.accelerator import destroy_distributed, naming_collective_failures, wait
 from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
-from mm.families import Texts, family_for, resolve
+from mm.families import FrameRule, Texts, family_for, resolve
 from mm.inference.config import SamplingConfig, os_reason, parse_sampling, save_path_problem
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
@@ -76,11 +76,16 @@ def sampling_config(config) -> SamplingConfig:
         if text is None or not text.from_pretrained:
             where = "text_encoder" if len(config.model.text_encoder) < 2 else f"text_encoder[{i}]"
             problems.append(f"{where}.from_pretrained: needed to sample (a local directory)")
-    spatial, temporal = (8, 4) if problems else _vae_factors(family, config)
+    spatial, rule = (8, FrameRule(4)) if problems else _vae_factors(family, config)
     section = config.model.extra.get("inference", {})
     problems.extend(family.sampler.check(config, arch, section))
-    sampling = parse_sampling(section, spatial, temporal, tuple(arch.patch_size), problems)
-    problems.extend(family.sampler.check_sampling(config, arch, sampling, temporal))
+    sampling = parse_sampling(section, spatial, rule, tuple(arch.patch_size), problems,
+                              getattr(family.sampler, "defaults", None))
+    problems.extend(family.sampler.check_sampling(config, arch, sampling, rule.temporal))
+    lengths = sampling.model_max_length
+    if isinstance(lengths, tuple) and len(lengths) != len(config.model.text_encoder):
+        problems.append(f"inference.model_max_length = {list(lengths)}: {len(lengths)} lengths for "
+                        f"{len(config.model.text_encoder)} text encoder(s); valid: one integer, or one per text encoder")
     cp, tpcp = config.sizes.context_parallel, config.sizes.tensor_parallel * config.sizes.context_parallel
     if sampling.dit_fsdp and cp == 1:
         problems.append("inference.dit_fsdp shards the DiT over its context-parallel group, which is 1 rank here: "
@@ -89,10 +94,10 @@ def sampling_config(config) -> SamplingConfig:
         problems.append("inference.t5_fsdp shards the text encoder over the TP x CP group, which is 1 rank here: "
                         "set --tensor-model-parallel-size or --context-parallel-size > 1, or t5_fsdp false")
     vae_cp = config.sizes.vae_cp_size
-    if vae_cp > 1 and (sampling.num_frames - 1) // temporal < 2 * vae_cp:
-        problems.append(f"ae.vae_cp_size = {vae_cp} with inference.num_frames = {sampling.num_frames}: VAE-CP "
-                        f"gives each rank at least 2 latent frames after the first; valid: num_frames >= "
-                        f"{1 + 2 * vae_cp * temporal}, or a smaller vae_cp_size")
+    fewest, why = rule.vae_cp_frames(vae_cp)
+    if vae_cp > 1 and sampling.num_frames < fewest:
+        problems.append(f"ae.vae_cp_size = {vae_cp} with inference.num_frames = {sampling.num_frames}: {why}; "
+                        f"valid: num_frames >= {fewest}, or a smaller vae_cp_size")
     if config.args.cfg_parallel and not problems and not family.sampler.guided(config, sampling):
         problems.append("--cfg-parallel with guidance off (a guidance scale of 1): there is no second branch")
     # last: made and probed only when nothing else refuses the configuration
@@ -104,9 +109,10 @@ def sampling_config(config) -> SamplingConfig:
     return sampling
 
 
-def _vae_factors(family, config) -> tuple[int, int]:
+def _vae_factors(family, config) -> tuple[int, FrameRule]:
+    """(the VAE's spatial compression, how it maps frames to latent frames)."""
     try:
-        return family.vae_factors(config.model.ae)
+        return family.vae_factors(config.model.ae)[0], family.frames(config.model.ae)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
@@ -239,9 +245,10 @@ class Runner:
             _report_sharded("dit_fsdp: the DiT", held, args.context_parallel_size)
         self.sampler = self.family.sampler(cfg, self.arch, sampling, home)
         self.vae = self.family.build_vae(cfg.model.ae, self.dtype).to(home)
-        self.text_encoders = [self.family.text_encoders(text, sampling.model_max_length,
-                                                        self.family.sampler.text_zero_padding)
-                              for text in cfg.model.text_encoder]
+        lengths = sampling.model_max_length
+        self.text_encoders = [self.family.text_encoders(
+            text, lengths[i] if isinstance(lengths, tuple) else lengths or self.family.text_max_length(i),
+            self.family.sampler.text_zero_padding) for i, text in enumerate(cfg.model.text_encoder)]
         for encoder in self.text_encoders:
             encoder.to(torch.device("cpu") if sampling.t5_cpu else home)
             if sampling.t5_fsdp:  # every rank of a TP x CP group encodes the same prompts
@@ -312,10 +319,9 @@ class Runner:
         replicas, replica = (dp // 2, dp_rank // 2) if args.cfg_parallel else (dp, dp_rank)
         writer = tp_rank == 0 and mpu.get_context_parallel_rank() == 0 and (not args.cfg_parallel or dp_rank % 2 == 0)
         out_dir = Path(sampling.save_path)  # made and probed by sampling_config, on every rank
-        vae = self.vae
-        spatial, temporal = vae.cfg.scale_factor_spatial, vae.cfg.scale_factor_temporal
-        shape = (self.arch.out_dim, (sampling.num_frames - 1) // temporal + 1, sampling.height // spatial,
-                 sampling.width // spatial)
+        spatial = self.family.vae_factors(self.runtime.config.model.ae)[0]
+        shape = (self.arch.out_dim, self.family.frames(self.runtime.config.model.ae).latent_frames(sampling.num_frames),
+                 sampling.height // spatial, sampling.width // spatial)
         written = []
         mine = [(i, p) for i, p in enumerate(sampling.prompts) if i % replicas == replica]
         for i, prompt in tqdm(mine, desc="prompts", disable=not rank0):
@@ -338,7 +344,7 @@ class Runner:
         begin = time.perf_counter()
         seed = sampling.seed + i
         self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
-        texts = self.encode_prompts([prompt] + ([sampling.negative_prompt] if self.guided else []))
+        texts = self.encode_prompts([prompt + sampling.prompt_suffix] + ([sampling.negative_prompt] if self.guided else []))
         prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
         frames = self.sampler.noise_frames(shape[1], prepared)
         generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise

@@ -207,14 +207,16 @@ class Trainer:
         """Stage 0's encoded micro-batches, resuming after ``consumed`` samples."""
         cfg, args, device, recipe = self.cfg, self.args, self.device, self.recipe
         vae = self.family.build_vae(cfg.model.ae, self.dtype).to(device)
-        text_encoders = [self.family.text_encoders(text, int(tokenizer.get("model_max_length", 512)),
-                                                   recipe.text_zero_padding).to(device)
-                         for text, tokenizer in zip(cfg.model.text_encoder, cfg.data.tokenizers)]
+        lengths = [int(tokenizer.get("model_max_length", self.family.text_max_length(i)))
+                   for i, tokenizer in enumerate(cfg.data.tokenizers)]
+        text_encoders = [self.family.text_encoders(text, length, recipe.text_zero_padding).to(device)
+                         for text, length in zip(cfg.model.text_encoder, lengths)]
         image_encoder = recipe.build_image_encoder(cfg)
         image_encoder = None if image_encoder is None else image_encoder.to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, self.dp_rank, self.dp,
                                            consumed_samples=consumed, num_workers=args.num_workers, seed=args.seed,
-                                           pin_memory=not self.acc.is_cpu)
+                                           pin_memory=not self.acc.is_cpu, tokenizer_factory=self.family.tokenizer,
+                                           max_lengths=lengths)
         encode = BatchEncoder(cfg, recipe, vae, text_encoders, image_encoder, device, self.dtype, args.seed,
                               first_batch=self.start_iteration * self.num_micro)
         # encoder_offload_interval > 1: encoders on the device only while encoding the next N micro-batches
