@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--recompute", choices=("none", "full"), default="none")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmups", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="compile each DiT layer (compile_blocks)")
     parser.add_argument("--profile", default=None, help="also write torch.profiler's kernel table of one step here")
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the script itself (tiny --latent/--layers)")
@@ -73,7 +74,8 @@ def main() -> None:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 989.0)
     dev = acc.device()
     f, h, w = args.latent
-    result = {"mode": args.mode, "gpu": gpu, "latent": args.latent, "tokens": f * h * w, "kernel": args.kernel}
+    result = {"mode": args.mode, "gpu": gpu, "latent": args.latent, "tokens": f * h * w, "kernel": args.kernel,
+              "compiled": args.compile}
     if args.mode == "vae":
         from mm.families.stepvideo.vae import StepVideoVAE, StepVideoVAEConfig
 
@@ -96,6 +98,8 @@ def main() -> None:
     train = args.mode == "train"
     build_start = time.perf_counter()
     model = build_predictor("stepvideodit", arch, config).to(dev).train(train)
+    if args.compile:
+        model.compile_blocks()
     acc.synchronize()
     result["build_s"] = round(time.perf_counter() - build_start, 1)
     result["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
