@@ -168,12 +168,15 @@ def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[st
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     u = ulysses_degree(args)
     if pred.num_heads is not None and pred.num_heads % (tp * u) != 0:
+        heads = pred.num_heads
         problems.append(
-            f"predictor.num_heads = {pred.num_heads} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"predictor.num_heads = {heads} is not divisible by --tensor-model-parallel-size ({tp}) x "
             f"Ulysses degree ({u}, from --context-parallel-algo {args.context_parallel_algo}"
             + (" and --ulysses-degree-in-cp" if args.context_parallel_algo == "hybrid_cp_algo" else
                " and --context-parallel-size" if args.context_parallel_algo == "ulysses_cp_algo" else "")
-            + f") = {tp * u}"
+            + f") = {tp * u}; valid: TP x Ulysses degree among the divisors of {heads} "
+            f"({', '.join(str(d) for d in range(1, heads + 1) if heads % d == 0)}); ring attention "
+            "(--context-parallel-algo megatron_cp_algo) splits no heads"
         )
     _check_pipeline_num_layers(args, pred.pipeline_num_layers, pred.num_layers, problems)
     vae_cp = model.ae.vae_cp_size if model.ae is not None else 1
