@@ -76,7 +76,12 @@ def sampling_config(config) -> SamplingConfig:
         if text is None or not text.from_pretrained:
             where = "text_encoder" if len(config.model.text_encoder) < 2 else f"text_encoder[{i}]"
             problems.append(f"{where}.from_pretrained: needed to sample (a local directory)")
-    spatial, rule = (8, FrameRule(4)) if problems else _vae_factors(family, config)
+    try:  # the family's rules even where other problems were found (a missing file: stand-in factors)
+        spatial, rule = _vae_factors(family, config)
+    except ConfigError:
+        if not problems:
+            raise
+        spatial, rule = 8, FrameRule(4)
     section = config.model.extra.get("inference", {})
     problems.extend(family.sampler.check(config, arch, section))
     sampling = parse_sampling(section, spatial, rule, tuple(arch.patch_size), problems,

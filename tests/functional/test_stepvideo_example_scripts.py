@@ -303,9 +303,6 @@ def test_inference_refusals_name_the_layout_and_the_files(launcher, workdir, mon
     assert all(f"'{WEIGHTS}/" in p and "no such" in p for p in problems[:3]), problems
 
 
-@pytest.mark.xfail(strict=True, reason="mm.inference.runner.sampling_config parses the inference section with Wan's "
-                   "4k + 1 frame rule once an earlier problem was found, so a missing release file also reports "
-                   "inference.num_frames = 204 as invalid; the family's frame rule needs no file")
 def test_a_missing_release_does_not_misreport_the_frame_count(launcher, monkeypatch):
     from mm.inference.runner import sampling_config
 

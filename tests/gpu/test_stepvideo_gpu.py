@@ -89,7 +89,8 @@ def test_bf16_parity_and_compile_without_graph_breaks():
 
 
 def test_tiny_release_samples_and_trains_on_one_gpu(tmp_path):
-    pytest.importorskip("transformers")
+    for module in ("transformers", "sentencepiece", "av"):
+        pytest.importorskip(module)
     from tests.stepvideo_assets import make_assets
 
     assets = make_assets(tmp_path)
