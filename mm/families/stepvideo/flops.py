@@ -11,12 +11,10 @@ DiT cuts the context to the batch's longest prompt: at most 320) and the CLIP to
 
 from __future__ import annotations
 
+from mm.families.flops import training_flops
 from mm.families.stepvideo.config import StepVideoDiTConfig
 
-RECOMPUTE_CHOICES = ("full", "selective")
 TIMESTEP_CHANNELS = 256
-LAYER_PARTS = ("self_attention_linear", "self_attention_core", "cross_attention_linear", "cross_attention_core",
-               "ffn")
 
 
 def stepvideo_forward_flops(config: StepVideoDiTConfig, frames: int, height: int, width: int, llm_len: int,
@@ -74,17 +72,4 @@ def stepvideo_training_flops(config: StepVideoDiTConfig, frames: int, height: in
     ``recompute_layers`` layers (default all), "selective" the attention products of every layer.
     Leave it None for the logged throughput."""
     parts = stepvideo_forward_flops(config, frames, height, width, llm_len, clip_len, batch_size)
-    total = 3 * sum(parts.values())
-    if recompute is None:
-        return total
-    if recompute not in RECOMPUTE_CHOICES:
-        raise ValueError(f"recompute = {recompute!r}; valid: None, {', '.join(RECOMPUTE_CHOICES)}")
-    n = config.num_layers
-    if recompute == "selective":
-        if recompute_layers is not None:
-            raise ValueError("recompute_layers is for recompute='full'; selective recompute covers every layer")
-        return total + parts["self_attention_core"] + parts["cross_attention_core"]
-    layers = n if recompute_layers is None else recompute_layers
-    if not 0 <= layers <= n:
-        raise ValueError(f"recompute_layers = {layers}; valid: 0 to predictor.num_layers = {n}")
-    return total + sum(parts[p] for p in LAYER_PARTS) * layers // n
+    return training_flops(parts, config.num_layers, recompute, recompute_layers)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm.models.text_encoder.encoder import HFTextEncoder
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -480,7 +482,7 @@ def hunyuan_clip_dirs(path: str | Path, key: str = "text_encoder.from_pretrained
                             f"nor in {encoder.parent / 'tokenizer'}")
 
 
-class HunyuanCLIPEncoder(nn.Module):
+class HunyuanCLIPEncoder(HFTextEncoder):
     """HunyuanCLIP (``TextEncoderLike``): BertTokenizer to ``max_length`` ([CLS] ... [SEP], padded),
     ``encode`` gives BertModel's ``last_hidden_state [b, max_length, hidden]`` (the pooler is unused);
     with ``zero_padding`` the padded positions are zero."""
@@ -505,20 +507,6 @@ class HunyuanCLIPEncoder(nn.Module):
                              "max_position_embeddings)")
         self.model = model.eval().requires_grad_(False)
         self.max_length, self.zero_padding = max_length, zero_padding
-
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_attention_mask=True, return_tensors="pt")
-        return out.input_ids, out.attention_mask
-
-    @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.zero_padding:
-            hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden
 
 
 # --------------------------------------------------------------------------------------------

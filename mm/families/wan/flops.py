@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 
+from mm.families.flops import training_flops
 from mm.models.predictor.wan.config import WanDiTConfig
 
-RECOMPUTE_CHOICES = ("full", "selective")
 
 
 def _check_shape(config: WanDiTConfig, frames: int, height: int, width: int, text_len: int, image_len: int,
@@ -95,19 +95,4 @@ def wan_training_flops(config: WanDiTConfig, frames: int, height: int, width: in
     "selective" the attention products of every layer. Leave it None for the logged throughput.
     """
     parts = wan_forward_flops(config, frames, height, width, text_len, image_len, batch_size, per_token_timestep)
-    total = 3 * sum(parts.values())
-    n = config.num_layers
-    if recompute is None:
-        return total
-    if recompute not in RECOMPUTE_CHOICES:
-        raise ValueError(f"recompute = {recompute!r}; valid: None, {', '.join(RECOMPUTE_CHOICES)}")
-    if recompute == "selective":
-        if recompute_layers is not None:
-            raise ValueError("recompute_layers is for recompute='full'; selective recompute covers every layer")
-        return total + parts["self_attention_core"] + parts["cross_attention_core"]
-    layers = n if recompute_layers is None else recompute_layers
-    if not 0 <= layers <= n:
-        raise ValueError(f"recompute_layers = {layers}; valid: 0 to predictor.num_layers = {n}")
-    layer_parts = ("self_attention_linear", "self_attention_core", "cross_attention_linear", "cross_attention_core",
-                   "ffn")
-    return total + sum(parts[p] for p in layer_parts) * layers // n
+    return training_flops(parts, config.num_layers, recompute, recompute_layers)

@@ -39,7 +39,34 @@ def tokenizer_dir(encoder_dir: Path) -> Path:
                             f"({', '.join(TOKENIZER_FILES)}) nor in {sibling}")
 
 
-class TextEncoder(torch.nn.Module):
+class HFTextEncoder(torch.nn.Module):
+    """What every encoder over a transformers tokenizer and model shares (``TextEncoderLike``): a
+    subclass sets ``tokenizer``, ``model`` (its output has ``last_hidden_state``), ``max_length`` and
+    ``zero_padding``."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    max_length: int
+    zero_padding: bool
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``[b, max_length]``, padded and truncated to ``max_length``."""
+        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return out.input_ids, out.attention_mask
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[b, max_length, hidden]`` last hidden states; with ``zero_padding``, zero past each prompt."""
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.zero_padding:
+            hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden
+
+
+class TextEncoder(HFTextEncoder):
     def __init__(self, model_id: str, from_pretrained: str, dtype: str = "bf16", max_length: int = 512,
                  zero_padding: bool = True):
         super().__init__()
@@ -55,19 +82,3 @@ class TextEncoder(torch.nn.Module):
         model_cls = getattr(transformers, TEXT_ENCODERS[model_id])
         self.model = model_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
         self.max_length, self.zero_padding = max_length, zero_padding
-
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask ``[b, max_length]``, padded and truncated to ``max_length``."""
-        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        return out.input_ids, out.attention_mask
-
-    @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[b, max_length, hidden]`` last hidden states; zero past each prompt's length."""
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.zero_padding:
-            hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden
