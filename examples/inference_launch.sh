@@ -1,6 +1,7 @@
 # The launch part of every inference_*.sh script in examples/: each script sets the variables of its
 # first block (GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TP, CP, CP_ALGO, ULYSSES,
 # CFG_PARALLEL, DIST_TIMEOUT_MINUTES, MM_MODEL, LOAD_PATH) and sources this file from the repository root.
+# MM_EXTRA_ARGS (optional): further flags of inference.py (e.g. --compile-dit-blocks).
 #
 # Layout: every rank of a TP x CP group samples the same video (CP splits the sequence: Ulysses needs
 # the DiT's heads % (TP x Ulysses degree) == 0; CP_ALGO=megatron_cp_algo is ring attention,
@@ -29,7 +30,7 @@ fi
 if [[ "$CFG_PARALLEL" == 1 ]]; then
     PARALLEL_ARGS="$PARALLEL_ARGS --cfg-parallel"
 fi
-MM_ARGS="--mm-model $MM_MODEL"
+MM_ARGS="--mm-model $MM_MODEL ${MM_EXTRA_ARGS:-}"
 if [[ -n "$LOAD_PATH" ]]; then
     MM_ARGS="$MM_ARGS --load $LOAD_PATH"
 fi

@@ -86,6 +86,8 @@ class StepVideoDiT(PipelinedDiT):
 
     display_name = "the Step-Video DiT"
     RECOMPUTE_MODULES = STEPVIDEO_RECOMPUTE_MODULES
+    # its layers trace without graph breaks (tests/gpu/test_stepvideo_gpu.py); --compile-dit-blocks
+    COMPILES_BLOCKS = True
     # what travels between stages besides x and the grid: the embedded timestep (the head's), its
     # adaLN projection, the projected text context and its key mask
     MESSAGE = {"time_emb": Hidden(), "time_mod": Hidden((6,)), "context": Hidden(), "context_mask": PerSample(1)}
