@@ -128,6 +128,6 @@ def test_a_family_is_refused_with_the_registered_ids_named(toy):
             "try:\n    family_for('toy')\nexcept ValueError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "'toy_dit', 'toy_dit2', 'videoditsparse', 'videoditsparsei2v', 'wan_dit'" in done.stdout
-    assert "predictor.model_id = 'toy'; valid: toy_dit, toy_dit2, videoditsparse, videoditsparsei2v, wan_dit" \
-        in done.stdout
+    assert "'stepvideodit', 'toy_dit', 'toy_dit2', 'videoditsparse', 'videoditsparsei2v', 'wan_dit'" in done.stdout
+    assert ("predictor.model_id = 'toy'; valid: stepvideodit, toy_dit, toy_dit2, videoditsparse, videoditsparsei2v, "
+            "wan_dit") in done.stdout

@@ -134,11 +134,16 @@ TRAINING = {  # name -> (processes, flags, predictor changes)
     "pp2": (2, ["--pipeline-model-parallel-size", "2"], {"pipeline_num_layers": [1, 1]}),
     # each replica micro-batch 1: what one process reads with micro-batch 2
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"], None),
+    # 4 ranks (extended): Ulysses 2 inside a ring of 2; TP and PP together
+    "cp4_hybrid": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
+                       "--ulysses-degree-in-cp", "2", "--use-cp-send-recv-overlap"], None),
+    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size",
+                    "2"], {"pipeline_num_layers": [1, 1]}),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", sorted(TRAINING))
+@pytest.mark.parametrize("layout", marked_extended(sorted(TRAINING), {"cp4_hybrid", "tp2_pp2"}))
 def test_training_losses_equal_one_process(assets, layout):
     nproc, flags, predictor = TRAINING[layout]
     line = _layout(flags, nproc)

@@ -72,5 +72,5 @@ def test_unknown_predictor_key_is_an_error():
     with pytest.raises(ValueError, match=r"predictor keys \['hiden_size'\] are not Wan DiT parameters"):
         predictor_config("wan_dit", {"hiden_size": 8}, 2, 2)
     with pytest.raises(ValueError,
-                       match="predictor.model_id = 'wan'; valid: videoditsparse, videoditsparsei2v, wan_dit"):
+                       match="predictor.model_id = 'wan'; valid: stepvideodit, videoditsparse, videoditsparsei2v, wan_dit"):
         predictor_config("wan", {}, 2, 2)
