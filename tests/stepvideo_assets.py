@@ -34,10 +34,10 @@ class StepVideoAssets:
     transformer: Path
 
 
-def _dit_weights(seed: int) -> dict[str, torch.Tensor]:
+def _dit_weights(seed: int, num_layers: int) -> dict[str, torch.Tensor]:
     from tests.stepvideo_helpers import release_shapes
 
-    shapes = release_shapes(DIT["num_layers"], DIT["num_heads"], DIT["head_dim"], Z, Z, [LLM_HIDDEN, CLIP_HIDDEN])
+    shapes = release_shapes(num_layers, DIT["num_heads"], DIT["head_dim"], Z, Z, [LLM_HIDDEN, CLIP_HIDDEN])
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in sorted(shapes.items()):
@@ -51,20 +51,20 @@ def _dit_weights(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_tiny_transformer(path: Path, seed: int = 0) -> Path:
+def save_tiny_transformer(path: Path, seed: int = 0, num_layers: int = DIT["num_layers"]) -> Path:
     from safetensors.torch import save_file
 
     from mm.families.stepvideo.weights import stepvideo_release_config
 
     path.mkdir(parents=True, exist_ok=True)
-    arch = dict(DIT, caption_channels=[LLM_HIDDEN, CLIP_HIDDEN])
+    arch = dict(DIT, num_layers=num_layers, caption_channels=[LLM_HIDDEN, CLIP_HIDDEN])
     (path / "config.json").write_text(json.dumps(stepvideo_release_config(arch), indent=1))
-    save_file({k: v.contiguous() for k, v in _dit_weights(seed).items()},
+    save_file({k: v.contiguous() for k, v in _dit_weights(seed, num_layers).items()},
               str(path / "diffusion_pytorch_model.safetensors"))
     return path
 
 
-def make_assets(out: str | Path, num_videos: int = 8) -> StepVideoAssets:
+def make_assets(out: str | Path, num_videos: int = 8, num_layers: int = DIT["num_layers"]) -> StepVideoAssets:
     from mm.data import make_dataset
     from mm.families.stepvideo.text_encoder_tiny import save_tiny_hunyuan_clip, save_tiny_step_llm
     from mm.families.stepvideo.vae import StepVideoVAE, StepVideoVAEConfig, save_stepvideo_vae
@@ -75,8 +75,9 @@ def make_assets(out: str | Path, num_videos: int = 8) -> StepVideoAssets:
     save_stepvideo_vae(StepVideoVAE(StepVideoVAEConfig.from_json(VAE)), str(root / "vae"))
     save_tiny_step_llm(root / "step_llm", hidden_size=LLM_HIDDEN)
     save_tiny_hunyuan_clip(root / "hunyuan_clip", hidden_size=CLIP_HIDDEN)
-    transformer = save_tiny_transformer(root / "transformer")
-    predictor = {"model_id": "stepvideodit", "dtype": "fp32", **DIT, "caption_channels": [LLM_HIDDEN, CLIP_HIDDEN],
+    transformer = save_tiny_transformer(root / "transformer", num_layers=num_layers)
+    predictor = {"model_id": "stepvideodit", "dtype": "fp32", **DIT, "num_layers": num_layers,
+                 "caption_channels": [LLM_HIDDEN, CLIP_HIDDEN],
                  "from_pretrained": str(transformer)}
     model = {
         "predictor": predictor,

@@ -387,3 +387,19 @@ def test_weights_converted_for_pp2_train_as_one_process(assets, tmp_path, capsys
                       "--no-load-optim", "--no-load-rng")
     assert f"loaded model weights from {tmp_path / 'mm' / 'release'} (release" in out, out[-3000:]
     _assert_same_losses(_reference(assets, mbs=1), got, "converted_pp2")
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_interleaved_pipeline_equals_one_process(tmp_path_factory):
+    """PP2 x VPP2 on a 4-layer release (one layer per virtual stage): the losses of one process."""
+    deep = make_assets(tmp_path_factory.mktemp("stepvideo_4l"), num_layers=4)
+    ref, _ = _train(deep, 1, deep.model)
+    model = json.loads(deep.model.read_text())
+    model["predictor"]["pipeline_num_layers"] = [[1, 1], [1, 1]]
+    path = deep.root / "vpp_model.json"
+    path.write_text(json.dumps(model))
+    got, out = _train(deep, 2, path, "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size",
+                      "2")
+    assert "TP=1 PP=2 VPP=2 CP=1" in out, out[-3000:]
+    _assert_same_losses(ref, got, "pp2_vpp2")
