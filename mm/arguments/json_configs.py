@@ -2,7 +2,7 @@
 
 The layout follows MindSpeed-MM's files (OpenSoraPlan 1.3): a model JSON has a ``predictor`` section and
 optional ``ae``, ``text_encoder``, ``image_encoder`` and ``diffusion`` sections plus run-wide
-switches (``enable_encoder_dp``, ``encoder_offload_interval``, ...); a data JSON has
+switches (``enable_encoder_dp``, ``encoder_offload_interval``, ``text_encoder_fsdp``, ...); a data JSON has
 ``dataset_param`` (with ``basic_parameters.data_path`` pointing at a ``data.txt``) and
 ``dataloader_param``. The keys every run depends on are typed fields here; keys that only one
 component interprets stay in that component's ``params`` and are checked by the component.
@@ -114,6 +114,8 @@ class ModelConfig:
     load_text_features: bool = False
     enable_encoder_dp: bool = False
     encoder_offload_interval: int = 1
+    # training: shard each text encoder's parameters over the ranks of pipeline stage 0 (FSDP2)
+    text_encoder_fsdp: bool = False
     task: str | None = None  # MindSpeed-MM's "task" ("t2v" / "i2v"): which entry point trains this JSON
     # sections this issue does not type yet (sampling settings of inference JSONs, ...)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,7 +148,8 @@ def _pipeline_num_layers(reader: _Reader) -> list | None:
 
 
 _MODEL_KEYS = ["predictor", "ae", "text_encoder", "image_encoder", "diffusion", "load_video_features",
-               "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "inference", "task"]
+               "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "text_encoder_fsdp", "inference",
+               "task"]
 MODEL_TASKS = ("t2v", "i2v")
 
 
@@ -185,6 +188,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> 
         load_text_features=top.get("load_text_features", bool, default=False),
         enable_encoder_dp=top.get("enable_encoder_dp", bool, default=False),
         encoder_offload_interval=top.get("encoder_offload_interval", int, default=1),
+        text_encoder_fsdp=top.get("text_encoder_fsdp", bool, default=False),
         task=top.get("task", str),
         extra={"inference": top.get("inference", dict, default={})},
     )

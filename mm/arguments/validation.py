@@ -205,6 +205,36 @@ def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[st
         problems.append(f"encoder_offload_interval = {model.encoder_offload_interval}; valid: an integer >= 1")
 
 
+def _check_text_encoder_fsdp(args: argparse.Namespace, model: ModelConfig, world_size: int,
+                             problems: list[str]) -> None:
+    """``text_encoder_fsdp`` (training): every rank of pipeline stage 0 must call each text encoder's
+    forward the same number of times, since the sharded parameters are all-gathered over them."""
+    if not model.text_encoder_fsdp:
+        return
+    key = "text_encoder_fsdp = true"
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if not model.text_encoder:
+        problems.append(f"{key} shards the text encoders, but the model JSON has no text_encoder section; "
+                        "set text_encoder_fsdp to false")
+    stage0 = world_size // pp if world_size % pp == 0 else 0
+    if stage0 == 1:
+        problems.append(f"{key} shards the text encoders over the ranks of pipeline stage 0 (world size {world_size} / "
+                        f"--pipeline-model-parallel-size {pp} = 1 rank here): it needs 2 or more; valid: "
+                        "world size / PP > 1, or text_encoder_fsdp false")
+    if model.encoder_offload_interval > 1:
+        problems.append(f"{key} does not work with encoder_offload_interval = {model.encoder_offload_interval}: the "
+                        "offload moves each encoder whole between host and device, text_encoder_fsdp keeps a shard "
+                        "on every stage-0 rank; use one or the other (encoder_offload_interval 1, or "
+                        "text_encoder_fsdp false)")
+    mbs = args.micro_batch_size
+    if model.enable_encoder_dp and mbs < tp * cp:
+        problems.append(f"{key} with enable_encoder_dp = true needs --micro-batch-size ({mbs}) >= TP x CP "
+                        f"({tp * cp}): encoder-DP splits each micro-batch over the TP x CP ranks, and a rank left "
+                        "without a sample would skip the encoder call that its peers' sharded encoder waits on; "
+                        f"valid: --micro-batch-size >= {tp * cp}, enable_encoder_dp false, or text_encoder_fsdp "
+                        "false")
+
+
 def _check_pipeline_num_layers(args: argparse.Namespace, layout: list | None, num_layers: int | None,
                                problems: list[str]) -> None:
     pp = args.pipeline_model_parallel_size
@@ -229,6 +259,8 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_batch(args, world_size, mode, problems)
     if model is not None:
         _check_model(args, model, problems)
+        if mode == "train":  # inference shards the text encoder with inference.t5_fsdp
+            _check_text_encoder_fsdp(args, model, world_size, problems)
     if mode == "train" and data is None and (model is None or not model.load_video_features):
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":

@@ -1,6 +1,8 @@
 """Encoder interleaved offload (``encoder_offload_interval: N > 1``): the frozen encoders live in
 host memory; every N steps they are brought to the device, encode the next N steps' batches at
 once, and go back to (pinned) host memory, so they never sit on the device while the DiT trains.
+It moves each parameter's storage whole: the configuration check refuses it with ``text_encoder_fsdp``
+(FSDP2 keeps its own sharded storage, which this would bypass).
 """
 
 from __future__ import annotations

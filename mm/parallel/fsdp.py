@@ -1,7 +1,9 @@
-"""Parameter sharding for inference (Wan's and Phantom's ``t5_fsdp`` / ``dit_fsdp``), on torch's FSDP2.
+"""Parameter sharding, on torch's FSDP2: inference's (Wan's and Phantom's ``t5_fsdp`` / ``dit_fsdp``) and
+training's frozen text encoders (the model JSON's ``text_encoder_fsdp``, over pipeline stage 0's ranks).
 
-A model whose forwards a group of ranks runs together, on the same inputs in lockstep (the DiT
-over its context-parallel group, the text encoder over its TP x CP group), keeps only
+A model whose forwards every rank of a group runs the same number of times (in inference the DiT
+over its context-parallel group and the text encoder over its TP x CP group, on the same inputs; in
+training the text encoders over pipeline stage 0, each rank on its own samples), keeps only
 1/group-size of its parameters on each rank. Each block of the model's outermost ``ModuleList``s
 (the DiT's layers, T5's blocks) is one unit: its parameters are all-gathered right before it runs
 and freed right after, so the peak holds one block's full weights besides the shards. The

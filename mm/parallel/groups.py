@@ -13,6 +13,10 @@ TP ranks are contiguous, CP ranks are strided by TP, ...). mm adds groups inside
   sample, so they can share the work of encoding it).
 * CFG pairs (inference) are two consecutive ranks of a DP group: the conditional and the
   unconditional branch of classifier-free guidance of the same sample.
+* the first-stage group is every rank of pipeline stage 0 (its TP x CP x DP ranks; with PP = 1 the
+  whole world): the ranks that hold the frozen encoders in training and call them the same number
+  of times, over which ``text_encoder_fsdp`` shards the text encoders. A rank of a later stage is
+  in a group of its own (no process group is made for it).
 
 Nothing here touches torch.distributed; ``mm.parallel.state`` builds the groups from these lists.
 """
@@ -103,6 +107,13 @@ def cfg_groups(sizes: ParallelSizes) -> RankGroups:
             for g in (_split_contiguous(dp, 2) if len(dp) % 2 == 0 else [[r] for r in dp])]
 
 
+def first_stage_groups(sizes: ParallelSizes) -> RankGroups:
+    """The ranks of pipeline stage 0 (TP x CP x DP, in megatron's order), then every rank of a later
+    stage on its own."""
+    stage0 = next(g for g in megatron_groups(sizes, "tp-cp-dp") if 0 in g)
+    return [stage0] + [[r] for r in range(sizes.world_size) if r not in stage0]
+
+
 MM_GROUP_BUILDERS = {
     "ulysses": ulysses_groups,
     "ring": ring_groups,
@@ -110,6 +121,7 @@ MM_GROUP_BUILDERS = {
     "cp_outer_window": outer_window_groups,
     "vae_cp": vae_cp_groups,
     "cfg": cfg_groups,
+    "first_stage": first_stage_groups,
 }
 
 

@@ -2,7 +2,7 @@
 
 TP, SP, CP (every algorithm), PP/VPP, DP with megatron-core's DDP and (optionally) distributed
 optimizer, recompute, bf16/fp16, the LR schedule, frozen VAE and text encoder on stage 0 (with
-VAE-CP, encoder-DP and interleaved offload from the model JSON), checkpoints, EMA, megatron-style
+VAE-CP, encoder-DP, interleaved offload and text-encoder sharding from the model JSON), checkpoints, EMA, megatron-style
 iteration logs and the guards against divergence (``mm.training.divergence``). What is
 family-specific (the DiT, its weights, its encoders, the objective, conditioning and FLOPs) is the
 family's spec (``mm.families``): its recipe, e.g. Wan's flow matching or Open-Sora-Plan v1.3's DDPM.
@@ -36,6 +36,7 @@ from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
+from mm.parallel.fsdp import shard_parameters
 from mm.runtime import start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
 from mm.training.checks import check_task
@@ -83,6 +84,29 @@ def wrap_for_training(chunks: list[torch.nn.Module], tf_config: TransformerConfi
         use_distributed_optimizer=args.use_distributed_optimizer), model)
     use_torch_kernels(optimizer, acc.fused_adam)  # without transformer-engine / apex: torch's multi-tensor kernels
     return model, optimizer
+
+
+def shard_text_encoders(text_encoders: list[torch.nn.Module], device: torch.device, prog: str) -> None:
+    """``text_encoder_fsdp``: shard each text encoder's ``model`` over the ranks of pipeline stage 0
+    (``mm.parallel.fsdp.shard_parameters``), which all encode the same number of micro-batches. The
+    encoders come built on the host; sharding moves each unit (a block, then the rest) to ``device`` as
+    it shards it, so the device never holds a whole encoder. Rank 0 prints one line: each encoder's
+    parameter bytes, whole and per rank."""
+    group, ranks = get_group("first_stage"), len(get_group_ranks("first_stage"))
+    if group is None:  # the configuration check refuses a stage 0 of one rank
+        raise RuntimeError("text_encoder_fsdp: pipeline stage 0 has one rank, nothing to shard over")
+    sizes = []
+    for encoder in text_encoders:
+        whole = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+        held = shard_parameters(encoder.model, group, device.type)
+        sizes.append(f"{type(encoder).__name__} {whole} -> {held} bytes ({_mib(whole)} -> {_mib(held)} MiB) per rank")
+    if torch.distributed.get_rank() == 0:
+        print(f"{prog}: text_encoder_fsdp: text encoders' parameters sharded over the {ranks} ranks of pipeline "
+              f"stage 0: {'; '.join(sizes)}", flush=True)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f}"
 
 
 def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
@@ -209,8 +233,12 @@ class Trainer:
         vae = self.family.build_vae(cfg.model.ae, self.dtype).to(device)
         lengths = [int(tokenizer.get("model_max_length", self.family.text_max_length(i)))
                    for i, tokenizer in enumerate(cfg.data.tokenizers)]
-        text_encoders = [self.family.text_encoders(text, length, recipe.text_zero_padding).to(device)
+        text_encoders = [self.family.text_encoders(text, length, recipe.text_zero_padding)
                          for text, length in zip(cfg.model.text_encoder, lengths)]
+        if cfg.model.text_encoder_fsdp:
+            shard_text_encoders(text_encoders, device, TASKS[self.task])
+        else:
+            text_encoders = [encoder.to(device) for encoder in text_encoders]
         image_encoder = recipe.build_image_encoder(cfg)
         image_encoder = None if image_encoder is None else image_encoder.to(device)
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, self.dp_rank, self.dp,

@@ -59,7 +59,7 @@ def test_live_groups_match_layouts(world):
 
 
 # one layout per group mm creates with more than one rank: Ulysses and ring (hybrid CP), the
-# double ring's windows and VAE-CP, CFG pairs (DP = 2)
+# double ring's windows and VAE-CP, CFG pairs (DP = 2), the first stage (every layout: PP = 1)
 TIMEOUT_LAYOUTS = [dict(context_parallel=4, ulysses_degree=2, vae_cp_size=2),
                    dict(context_parallel=4, cp_window_size=2), dict(context_parallel=2)]
 

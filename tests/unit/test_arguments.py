@@ -399,3 +399,48 @@ def test_distributed_timeout_takes_fractions_of_a_minute():
     for bad in ("0", "-1", "nan", "inf", "ten"):
         with pytest.raises(ConfigError, match="--distributed-timeout-minutes.*minutes > 0"):
             parse_flags(["--mm-model", "m.json", "--distributed-timeout-minutes", bad])
+
+
+def test_text_encoder_fsdp_is_typed_and_off_by_default(tmp_path):
+    assert not _load(tmp_path).model.text_encoder_fsdp
+    cfg = _load(tmp_path, flags=["--tensor-model-parallel-size", "2"], model=dict(_model(), text_encoder_fsdp=True))
+    assert cfg.model.text_encoder_fsdp
+    msg = _problems(tmp_path, model=dict(_model(), text_encoder_fsdp="yes"))
+    assert "text_encoder_fsdp" in msg
+
+
+def test_text_encoder_fsdp_needs_two_stage0_ranks(tmp_path):
+    msg = _problems(tmp_path, world=1, model=dict(_model(), text_encoder_fsdp=True))
+    assert ("text_encoder_fsdp = true shards the text encoders over the ranks of pipeline stage 0 (world size 1 / "
+            "--pipeline-model-parallel-size 1 = 1 rank here)") in msg
+    # PP2 over 4 ranks: stage 0 has 2 ranks
+    _load(tmp_path, world=4, flags=["--pipeline-model-parallel-size", "2"],
+          model=dict(_model(pipeline_num_layers=[4, 4]), text_encoder_fsdp=True))
+
+
+def test_text_encoder_fsdp_not_with_encoder_offload(tmp_path):
+    msg = _problems(tmp_path, model=dict(_model(), text_encoder_fsdp=True, encoder_offload_interval=2))
+    assert "text_encoder_fsdp = true does not work with encoder_offload_interval = 2" in msg
+    assert "encoder_offload_interval 1, or text_encoder_fsdp false" in msg
+
+
+def test_text_encoder_fsdp_with_encoder_dp_needs_a_sample_per_tp_cp_rank(tmp_path):
+    model = dict(_model(), text_encoder_fsdp=True, enable_encoder_dp=True)
+    msg = _problems(tmp_path, model=model, flags=["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
+                                                  "--micro-batch-size", "2"])
+    assert ("text_encoder_fsdp = true with enable_encoder_dp = true needs --micro-batch-size (2) >= TP x CP (4)"
+            in msg) and "valid: --micro-batch-size >= 4" in msg
+    _load(tmp_path, model=model, flags=["--tensor-model-parallel-size", "2", "--micro-batch-size", "2"])
+
+
+def test_text_encoder_fsdp_needs_a_text_encoder(tmp_path):
+    model = dict(_model(), text_encoder_fsdp=True)
+    del model["text_encoder"]
+    msg = _problems(tmp_path, model=model)
+    assert "text_encoder_fsdp = true shards the text encoders, but the model JSON has no text_encoder section" in msg
+
+
+def test_text_encoder_fsdp_is_a_training_key(tmp_path):
+    # sampling shards the text encoder with inference.t5_fsdp: the key does not stop a shared model JSON
+    cfg = _load(tmp_path, world=1, mode="inference", model=dict(_model(), text_encoder_fsdp=True))
+    assert cfg.model.text_encoder_fsdp

@@ -79,6 +79,12 @@ def test_every_layout_partitions_the_world_consistently(sizes):
         inner, outer = set(group_of(layouts["cp_inner_window"], rank)), set(group_of(layouts["cp_outer_window"], rank))
         assert inner <= ring and outer <= ring and inner & outer == {rank}
         assert set(group_of(layouts["vae_cp"], rank)) <= set(group_of(layouts["tp_cp"], rank))
+        # the first-stage group: the ranks of pipeline stage 0, everyone else alone
+        first = group_of(layouts["first_stage"], rank)
+        on_stage0 = group_of(layouts["pp"], rank)[0] == rank
+        assert len(first) == (world // sizes.pipeline_parallel if on_stage0 else 1)
+        if on_stage0:
+            assert set(group_of(layouts["tp_cp"], rank)) | set(group_of(layouts["dp"], rank)) <= set(first)
 
 
 def test_megatron_groups_match_megatron_order():
@@ -104,3 +110,11 @@ def test_cfg_pairs_are_consecutive_data_parallel_ranks():
         assert len(pair) == 2 and pair[1] - pair[0] == 4
     odd = all_layouts(ParallelSizes(world_size=6, tensor_parallel=2))  # DP3: no pairs
     assert all(len(g) == 1 for g in odd["cfg"])
+
+
+def test_first_stage_group_is_pipeline_stage_0():
+    # TP2 x CP2 x PP2 x DP2 over 16 ranks: PP groups are strided by 8, so stage 0 is ranks 0-7
+    layouts = all_layouts(ParallelSizes(world_size=16, tensor_parallel=2, pipeline_parallel=2, context_parallel=2))
+    assert layouts["first_stage"] == [list(range(8))] + [[r] for r in range(8, 16)]
+    assert all_layouts(ParallelSizes(world_size=4, tensor_parallel=2))["first_stage"] == [[0, 1, 2, 3]]
+    assert "first_stage      [0, 1, 2, 3]" in describe_layout(ParallelSizes(world_size=4, tensor_parallel=2), 2)
