@@ -29,6 +29,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from mm.accelerator.distributed import _ranks_text, group_timeout
+
 _PREFIX = "mm/peers"
 BEAT_S = 2.0  # seconds between heartbeats
 REPORT_S = 300.0  # seconds between rank 0's notes on whom it waits for
@@ -92,17 +94,10 @@ def stop_heartbeat() -> None:
 
 
 def _group_timeout() -> float:
-    from mm.accelerator.distributed import group_timeout
-
     try:
         return group_timeout().total_seconds()
     except (ValueError, AttributeError, RuntimeError):
         return timedelta(minutes=10).total_seconds()
-
-
-def _ranks_text(ranks: list[int]) -> str:
-    shown = ranks if len(ranks) <= 12 else ranks[:8] + ["..."] + ranks[-4:]
-    return ", ".join(str(r) for r in shown)
 
 
 def wait_for_peers(phase: str, silence: float | None = None, poll: float = 0.05) -> None:
