@@ -24,7 +24,7 @@ from mm.accelerator import (
 )
 from mm.accelerator.device import AcceleratorError
 from mm.accelerator.distributed import LaunchError
-from mm.arguments import ConfigError, RunConfig, config_from_args, parse_flags
+from mm.arguments import ConfigError, Expand, RunConfig, config_from_args, parse_flags
 from mm.parallel import describe_layout, initialize_parallel
 
 
@@ -35,23 +35,24 @@ class Runtime:
     launch: LaunchEnv
 
 
-def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
+def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None,
+              expand: Expand | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
     """Parse and validate everything; select the accelerator. Starts no process group."""
     args = parse_flags(argv, prog=prog)
     accelerator = select_accelerator(args.accelerator)
     launch = read_launch_env()
-    config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name)
+    config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name, expand=expand)
     return config, accelerator, launch
 
 
 def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None,
-          check: Callable[[RunConfig], None] | None = None) -> Runtime:
+          check: Callable[[RunConfig], None] | None = None, expand: Expand | None = None) -> Runtime:
     """``configure`` (then the entry point's own ``check`` of the configuration, which raises
     ConfigError), then the default process group, megatron-core's and mm's groups, and seeds. A
     worker torchrun started dies with torchrun (``die_with_launcher``)."""
     die_with_launcher()
     try:
-        config, accelerator, launch = configure(argv, mode, prog)
+        config, accelerator, launch = configure(argv, mode, prog, expand)
         if check is not None:
             check(config)
     except (ConfigError, AcceleratorError, LaunchError) as e:
@@ -72,4 +73,6 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         f"({args.context_parallel_algo}) DP={config.sizes.data_parallel}\n"
         f"rank 0 groups:\n{describe_layout(config.sizes, 0)}"
     )
+    for note in config.notes:
+        rank0_print(f"{prog or 'mm'}: note: {note}")
     return Runtime(config=config, accelerator=accelerator, launch=launch)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import field
+from typing import Any, Callable, Sequence
 
 from mm.arguments.errors import ConfigError
 from mm.arguments.flags import build_parser, parse_flags
@@ -31,6 +32,7 @@ class RunConfig:
     data: DataConfig | None
     tool: dict[str, Any]
     sizes: ParallelSizes
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed by rank 0), not errors
 
     @property
     def virtual_pipeline_size(self) -> int | None:
@@ -74,11 +76,20 @@ def apply_sequence_parallel_aliases(args: argparse.Namespace, section: dict, pro
         args.context_parallel_algo, args.ulysses_degree_in_cp = "hybrid_cp_algo", ulysses
 
 
+# (the model JSON, problems, notes) -> the model JSON in mm's terms (``mm.families.expand_model_json``)
+Expand = Callable[[dict, list[str], list[str]], dict]
+
+
 def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "train",
-                     accelerator: str | None = None) -> RunConfig:
-    """``load_config`` for flags that are already parsed."""
+                     accelerator: str | None = None, expand: Expand | None = None) -> RunConfig:
+    """``load_config`` for flags that are already parsed; ``expand`` rewrites the model JSON first
+    (inference: a release's own generate configuration, ``mm.families.expand_model_json``)."""
     problems: list[str] = []
-    model = parse_model_config(load_json(args.mm_model, "--mm-model"), args.mm_model, problems)
+    notes: list[str] = []
+    data = load_json(args.mm_model, "--mm-model")
+    if expand is not None:
+        data = expand(data, problems, notes)
+    model = parse_model_config(data, args.mm_model, problems)
     data = None
     if args.mm_data is not None:
         data = parse_data_config(load_json(args.mm_data, "--mm-data"), args.mm_data, problems)
@@ -89,7 +100,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
         problems = validate(args, model, data, world_size, mode=mode, accelerator=accelerator)
     if problems:
         raise ConfigError(problems)
-    return RunConfig(args=args, model=model, data=data, tool=tool, sizes=parallel_sizes(args, model, world_size))
+    return RunConfig(args=args, model=model, data=data, tool=tool, sizes=parallel_sizes(args, model, world_size),
+                     notes=notes)
 
 
 __all__ = [
@@ -97,6 +109,7 @@ __all__ = [
     "ComponentConfig",
     "ConfigError",
     "DataConfig",
+    "Expand",
     "ModelConfig",
     "PredictorConfig",
     "RunConfig",

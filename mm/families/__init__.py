@@ -12,7 +12,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from mm.families.spec import FamilySpec, FrameRule, Sampler, StepInputs, Texts
+from mm.families.spec import FamilySpec, FrameRule, ReleaseConfig, Sampler, StepInputs, Texts
 
 BUILTIN = ("mm.families.wan", "mm.families.opensoraplan", "mm.families.stepvideo")
 ENTRY_POINT_GROUP = "mm.families"
@@ -83,11 +83,32 @@ def predictor_config(model_id: str, params: dict[str, Any], num_layers: int | No
     return config_cls.from_json(dict(params, num_layers=num_layers, num_heads=num_heads))
 
 
+def expand_model_json(data: dict[str, Any], problems: list[str], notes: list[str]) -> dict[str, Any]:
+    """The model JSON in mm's terms where its ``inference`` section names a family's release task
+    (``FamilySpec.release``: e.g. Wan's ``"task": "t2v-1.3B"`` with ``ckpt_dir``); as it is otherwise.
+    Problems name the user's keys; ``notes`` gets what the user should know that is not an error."""
+    section = data.get("inference")
+    if not isinstance(section, dict):
+        return data
+    task = section.get("task")
+    releases = [spec for spec in families() if spec.release is not None]
+    for spec in releases:
+        if task in spec.release.tasks:
+            return spec.release.expand(data, problems, notes)
+    stray = [key for key in ("ckpt_dir", "phantom_ckpt") if key in section]
+    if stray:
+        names = ", ".join(name for spec in releases for name in spec.release.tasks)
+        problems.append(f"inference.{stray[0]} is read with a release's task name in inference.task "
+                        f"(task is {task!r}); valid task names: {names}")
+        data = dict(data, inference={k: v for k, v in section.items() if k not in stray})
+    return data
+
+
 def build_predictor(model_id: str, arch_config: Any, config, **stage):
     """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``);
     ``stage``: ``pre_process``, ``post_process``, ``layer_offset``, ``num_layers`` of a pipeline stage."""
     return family_for(model_id).build_predictor(model_id, arch_config, config, **stage)
 
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "FrameRule", "Sampler", "StepInputs", "Texts", "build_predictor",
-           "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "FrameRule", "ReleaseConfig", "Sampler", "StepInputs", "Texts",
+           "build_predictor", "expand_model_json", "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]

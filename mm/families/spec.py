@@ -183,6 +183,17 @@ class Sampler(Protocol):
 
 
 @dataclass(frozen=True)
+class ReleaseConfig:
+    """How a family reads its users' own generate configuration: the model JSON's ``inference``
+    section naming one of ``tasks`` (the release's task names, e.g. Wan's ``t2v-1.3B``) is rewritten by
+    ``expand(model_json, problems, notes)`` into mm's terms (its sections built from a release
+    directory where the section names one) before anything is validated."""
+
+    tasks: tuple[str, ...]
+    expand: Callable[[dict, list[str], list[str]], dict]
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """One model family; see the module docstring."""
 
@@ -206,6 +217,8 @@ class FamilySpec:
     text_max_lengths: tuple[int, ...] = ()
     converter: Callable[[], type] | None = None
     description: str = ""
+    # the release's own generate configuration (task names, release directories), read by inference.py
+    release: ReleaseConfig | None = None
     # checks beyond the recipe's and sampler's, shared by training and inference: (config, arch) -> problems
     extra_checks: tuple[Callable[[Any, Any], list[str]], ...] = field(default_factory=tuple)
 

@@ -66,12 +66,17 @@ from mm.families.spec import FrameRule
 
 ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
            "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale", "ref_image": "ref_images",
-           "sample_guide_scale_img": "guidance_scale_img", "sample_guide_scale_text": "guidance_scale_text"}
-KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sample_steps",
-        "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
+           "sample_guide_scale_img": "guidance_scale_img", "sample_guide_scale_text": "guidance_scale_text",
+           "sample_fps": "fps", "first_frame": "image", "last_frame": "last_image"}
+KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "size", "fps",
+        "sample_steps", "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
         "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
-        "ref_images", "guidance_scale_img", "guidance_scale_text", "prompt_suffix")
+        "ref_images", "guidance_scale_img", "guidance_scale_text", "prompt_suffix", "use_prompt_extend",
+        "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang")
+# a null is "not given" (the default), as Wan's generate.py reads its None arguments
+NULLABLE = ("num_frames", "fps", "sample_steps", "sample_shift", "guidance_scale", "offload_model", "size",
+            "prompt_extend_model", "prompt_extend_method", "prompt_extend_target_lang", "use_prompt_extend")
 TASKS = ("t2v", "i2v", "flf2v", "s2v")
 
 
@@ -106,6 +111,9 @@ class SamplingConfig:
     ref_images: list[list[str]] | None = None  # s2v: the reference images of each prompt
     guidance_scale_img: float = 5.0
     guidance_scale_text: float = 7.5
+    # use_prompt_extend: (prompt_extend_method, prompt_extend_model, prompt_extend_target_lang)
+    prompt_extend: tuple[str, str | None, str] | None = None
+    extended_prompts: list[str] | None = None  # set by the run: the prompts as extended, encoded instead
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,15 +139,23 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
     rule = temporal if isinstance(temporal, FrameRule) else FrameRule(temporal)
     values: dict[str, Any] = {}
     given_as: dict[str, str] = {}  # mm name -> the key the section used
+    unknown = []
     for key, value in section.items():
         name = ALIASES.get(key, key)
         if name not in KEYS:
-            problems.append(f"inference.{key}: unknown key; valid: {', '.join(KEYS + tuple(ALIASES))}")
+            unknown.append(key)
+            continue
+        if value is None and name in NULLABLE:
             continue
         if name in values:
             problems.append(f"inference.{key}: given twice (also as {name} or its alias)")
         values[name] = value
         given_as[name] = key
+    if unknown:
+        problems.append(f"inference: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; valid: "
+                        f"{', '.join(KEYS + tuple(ALIASES))}")
+    if "size" in values:
+        _size(values, problems)
     if given_as.get("guidance_scale") == "sample_guide_scale" and isinstance(values["guidance_scale"], list):
         _wan22_guide_scale_pair(values, problems)
     prompts: list[str] = []
@@ -278,7 +294,8 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
         offload_model=flag("offload_model"), t5_cpu=flag("t5_cpu"), dit_fsdp=flag("dit_fsdp"),
         t5_fsdp=flag("t5_fsdp"), ref_images=references,
         guidance_scale_img=number("guidance_scale_img", float, 0.0, defaults.guidance_scale_img),
-        guidance_scale_text=number("guidance_scale_text", float, 0.0, defaults.guidance_scale_text))
+        guidance_scale_text=number("guidance_scale_text", float, 0.0, defaults.guidance_scale_text),
+        prompt_extend=_prompt_extend(values, flag("use_prompt_extend"), problems))
     if config.offload_model and (config.dit_fsdp or config.t5_fsdp):
         problems.append("inference.offload_model moves whole models between host and device; with dit_fsdp or "
                         "t5_fsdp each rank holds a shard: use one or the other")
@@ -359,6 +376,33 @@ def _wan22_guide_scale_pair(values: dict[str, Any], problems: list[str]) -> None
                         "or the other")
     else:
         values["guidance_scale_2"], values["guidance_scale"] = pair
+
+
+def _prompt_extend(values: dict[str, Any], used: bool, problems: list[str]) -> tuple[str, str | None, str] | None:
+    """``use_prompt_extend`` with its method, model and target language (Wan's keys and defaults),
+    checked before any model loads; None when prompts are not extended."""
+    if not used:
+        return None
+    from mm.inference.prompt_extend import check_prompt_extend
+
+    method = values.get("prompt_extend_method", "local_qwen")
+    model = values.get("prompt_extend_model")
+    lang = values.get("prompt_extend_target_lang", "zh")
+    found = check_prompt_extend(method, model, lang)
+    problems.extend(found)
+    return None if found else (method, model, lang)
+
+
+def _size(values: dict[str, Any], problems: list[str]) -> None:
+    """Wan's ``size = "W*H"`` onto ``width`` and ``height``."""
+    size = values.pop("size")
+    parts = size.replace(" ", "").split("*") if isinstance(size, str) else []
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        problems.append(f"inference.size = {size!r}; valid: \"W*H\" (width*height, e.g. \"832*480\")")
+    elif "width" in values or "height" in values:
+        problems.append(f"inference.size = {size!r} and inference.height/width: give one or the other")
+    else:
+        values["width"], values["height"] = int(parts[0]), int(parts[1])
 
 
 def _lines(path: Path) -> list[str]:

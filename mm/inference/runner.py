@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +44,7 @@ from mm.accelerator import destroy_distributed, naming_collective_failures, wait
 from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
-from mm.families import FrameRule, Texts, family_for, resolve
+from mm.families import FrameRule, Texts, expand_model_json, family_for, resolve
 from mm.inference.config import SamplingConfig, os_reason, parse_sampling, save_path_problem
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
@@ -280,7 +280,7 @@ class Runner:
         return model
 
     def _write(self, out_dir: Path, prompt: str, seed: int, video: torch.Tensor,
-               latents: torch.Tensor) -> Path | None:
+               latents: torch.Tensor, extended: str | None = None) -> Path | None:
         """Write one sample's video (and its latents with save_latents): the video's path, or None
         when a write failed. Then the latents are kept (``LatentKeeper``), the failure is reported at
         once and recorded in ``self.unwritten``, and the run goes on with its other prompts; where the
@@ -291,6 +291,8 @@ class Runner:
             write_mp4(path, to_frames(video[0]), self.sampling.fps)
             if self.sampling.save_latents:
                 save_file(latents.cpu(), path.with_suffix(".latents.pt"))
+            if extended is not None:  # the prompt the video was sampled with (use_prompt_extend)
+                path.with_suffix(".prompt.txt").write_text(f"{prompt}\n\nextended:\n{extended}\n", encoding="utf-8")
             return path
         except OSError as e:
             failed = e.filename or path
@@ -349,7 +351,8 @@ class Runner:
         begin = time.perf_counter()
         seed = sampling.seed + i
         self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
-        texts = self.encode_prompts([prompt + sampling.prompt_suffix] + ([sampling.negative_prompt] if self.guided else []))
+        text = prompt if sampling.extended_prompts is None else sampling.extended_prompts[i]
+        texts = self.encode_prompts([text + sampling.prompt_suffix] + ([sampling.negative_prompt] if self.guided else []))
         prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
         frames = self.sampler.noise_frames(shape[1], prepared)
         generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise
@@ -372,7 +375,8 @@ class Runner:
         video = vae.decode(vae.denormalize(latents.to(self.dtype)), vae_cp=self.vae_cp)
         if not writer:
             return None
-        path = self._write(out_dir, prompt, seed, video, latents)
+        path = self._write(out_dir, prompt, seed, video, latents,
+                           None if sampling.extended_prompts is None else sampling.extended_prompts[i])
         if path is None:  # kept, reported and recorded in self.unwritten
             return None
         print(f"{PROG}: wrote {path} ({sampling.num_frames} frames, {sampling.height}x{sampling.width}, "
@@ -384,13 +388,40 @@ class Runner:
         return path
 
 
+def extend_prompts_on_rank_0(runtime, sampling: SamplingConfig) -> SamplingConfig:
+    """``use_prompt_extend``: rank 0 extends every prompt (``mm.inference.prompt_extend``; prompt i with
+    seed + i) before any other model loads, while the other ranks wait outside any collective
+    (``wait_for_peers``: no timeout while rank 0 lives); the extended prompts are then broadcast.
+    A prompt whose extension failed keeps its text, with a warning (Wan's fallback)."""
+    from mm.inference.prompt_extend import extend_prompts
+
+    method, model, lang = sampling.prompt_extend
+    extended = [None]
+    if torch.distributed.get_rank() == 0:
+        acc = runtime.accelerator
+        results = extend_prompts(sampling.prompts, method, model, lang, sampling.seed, acc.device(),
+                                 torch.float32 if acc.is_cpu else torch.bfloat16)
+        for i, result in enumerate(results):
+            if not result.ok:
+                print(f"{PROG}: warning: prompt {i} not extended ({result.message}); sampled as given",
+                      file=sys.stderr, flush=True)
+        extended = [[r.extended if r.ok else r.prompt for r in results]]
+    wait_for_peers("prompt extension (rank 0)")
+    with naming_collective_failures("prompt extension (broadcast)"):
+        torch.distributed.broadcast_object_list(extended, src=0)
+    return replace(sampling, extended_prompts=extended[0])
+
+
 def inference(argv: Sequence[str] | None = None) -> list[Path]:
     """Sample every prompt of the model JSON; returns the .mp4 paths this rank wrote."""
     checked = {}  # the inference section as start()'s check parsed it (before any process group)
-    runtime = start(argv, mode="inference", prog=PROG,
+    runtime = start(argv, mode="inference", prog=PROG, expand=expand_model_json,
                     check=lambda config: checked.update(sampling=sampling_config(config)))
+    sampling = checked["sampling"]
+    if sampling.prompt_extend is not None:
+        sampling = extend_prompts_on_rank_0(runtime, sampling)
     with naming_collective_failures("start-up (models, --load)"):
-        runner = Runner(runtime, checked["sampling"])
+        runner = Runner(runtime, sampling)
     wait_for_peers("the first prompt (every rank's models loaded)")  # outside any collective
     written = runner.run()
     with naming_collective_failures("the end of the run"):

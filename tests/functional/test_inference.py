@@ -239,7 +239,7 @@ def test_bad_inference_section_is_refused_before_starting(assets, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     for expected in ("inference.num_frames = 8; valid: 4k + 1", "inference.height = 60; valid: a multiple of 16",
-                     "inference.sample_solver = 'ddim'; valid: unipc, dpm++, euler", "inference.colour: unknown key"):
+                     "inference.sample_solver = 'ddim'; valid: unipc, dpm++, euler", "inference: unknown key colour"):
         assert expected in done.stderr, done.stderr
     assert not (tmp_path / "bad").exists()
 

@@ -35,7 +35,7 @@ def test_every_problem_is_named():
                      "inference.height = 33; valid: a multiple of 16", "inference.width = 'wide'; valid: an integer",
                      "inference.sample_solver = 'ddim'; valid: unipc, dpm++, euler", "inference.seed = -1; valid: >= 0",
                      "inference.sample_steps = 0; valid: >= 1", "inference.save_latents = 'yes'; valid: true or false",
-                     "inference.colour: unknown key"):
+                     "inference: unknown key colour"):
         assert expected in text, (expected, text)
 
 

@@ -1,7 +1,8 @@
 """The Wan family: Wan2.1 / Wan2.2 DiTs (``wan_dit``: T2V, I2V, FLF2V, the A14B experts, TI2V-5B) and
 Phantom subject-to-video, on the Wan VAE and UMT5."""
 
-from mm.families.spec import FamilySpec
+from mm.families.spec import FamilySpec, ReleaseConfig
+from mm.families.wan import release
 from mm.families.wan.recipe import WanRecipe
 from mm.families.wan.sampler import WanSampler
 from mm.models.predictor.wan import WanDiT, WanDiTConfig, load_hf_weights
@@ -19,4 +20,5 @@ def _converter():
 
 SPEC = FamilySpec(name="wan", predictors={"wan_dit": (WanDiT, WanDiTConfig)}, recipe=WanRecipe, sampler=WanSampler,
                   load_weights=_load_weights, ae_model_ids=("wan_vae",), converter=_converter,
-                  description="Wan2.1 / Wan2.2 / Phantom")
+                  description="Wan2.1 / Wan2.2 / Phantom",
+                  release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand))
