@@ -295,3 +295,28 @@ def test_missing_release_files_are_named(tmp_path):
     _, problems, _ = _expand({"task": "ti2v-5B", "ckpt_dir": str(tmp_path / "nope"), "prompt": "x"})
     assert problems == [f"inference.ckpt_dir = {str(tmp_path / 'nope')!r}: not a directory (Wan's release directory "
                         "for task 'ti2v-5B', as downloaded)"]
+
+
+def test_an_image_shapes_image_to_video_within_the_size(tmp_path):
+    """Wan's I2V: size is the largest area, the image's aspect ratio shapes the video (worked by hand
+    from Wan2.1's image2video.py and Wan2.2's best_output_size)."""
+    from PIL import Image
+
+    wide, square = tmp_path / "wide.png", tmp_path / "square.png"
+    Image.new("RGB", (300, 200)).save(wide)
+    Image.new("RGB", (64, 64)).save(square)
+    out, problems, _ = _expand({"task": "i2v-14B", "size": "832*480", "prompt": "x", "image": str(wide)})
+    assert problems == [] and (out["inference"]["width"], out["inference"]["height"]) == (768, 512)
+    assert out["inference"]["sample_shift"] == 3.0  # Wan reads the 480p size itself for the shift
+    video = tmp_path / "ti2v.png"
+    Image.new("RGB", (1280, 720)).save(video)
+    out, problems, _ = _expand({"task": "ti2v-5B", "size": "1280*704", "prompt": "x", "image": str(video)})
+    assert problems == [] and (out["inference"]["width"], out["inference"]["height"]) == (1248, 704)
+    # height and width given in mm's keys are taken as they are
+    out, _, _ = _expand({"task": "i2v-14B", "height": 480, "width": 832, "prompt": "x", "image": str(wide)})
+    assert (out["inference"]["width"], out["inference"]["height"]) == (832, 480)
+    _, problems, _ = _expand({"task": "i2v-14B", "size": "832*480", "prompt": ["x", "y"],
+                              "image": [str(wide), str(square)]})
+    assert problems == [f"inference.image: Wan sizes each i2v-14B video by its image's aspect ratio within size = "
+                        f"832*480, and these images give different sizes ({wide}: 768*512, {square}: 624*624); mm "
+                        "samples one size per run: give images of one aspect ratio, or height and width"]

@@ -72,6 +72,9 @@ class WanTask:
     boundary_ratio: float | None = None  # A14B: where the low-noise expert takes over
     phantom: bool = False  # the DiT's weights come from phantom_ckpt
     image_task: str | None = None  # the sampling task when an image is given (Wan2.2 TI2V: i2v)
+    # with an image, ``size`` is the largest area and the image's aspect ratio shapes the video:
+    # "aspect" (Wan2.1 I2V/FLF2V, Wan2.2 I2V-A14B), "best" (Wan2.2 TI2V's best_output_size)
+    image_sizing: str | None = None
 
     @property
     def experts(self) -> bool:
@@ -90,16 +93,17 @@ WAN_TASKS: dict[str, WanTask] = {t.name: t for t in (
     WanTask("t2v-1.3B", "t2v", "Wan2.1", SIZES_480P, 50, 5.0, 5.0, SMALL),
     WanTask("t2v-14B", "t2v", "Wan2.1", SIZES_720P_480P, 50, 5.0, 5.0, LARGE),
     WanTask("i2v-14B", "i2v", "Wan2.1", SIZES_720P_480P, 40, 5.0, 5.0, LARGE, negative_prompt=I2V_NEGATIVE_PROMPT,
-            clip=True, shift_480p=3.0),
+            clip=True, shift_480p=3.0, image_sizing="aspect"),
     WanTask("flf2v-14B", "flf2v", "Wan2.1", SIZES_720P_480P, 50, 16.0, 5.0, LARGE,
-            negative_prompt=FLF2V_NEGATIVE_PROMPT, clip=True),
+            negative_prompt=FLF2V_NEGATIVE_PROMPT, clip=True, image_sizing="aspect"),
     WanTask("s2v-1.3B", "s2v", "Phantom", ("832*480",), 50, 5.0, 5.0, SMALL, phantom=True),
     WanTask("s2v-14B", "s2v", "Phantom", ("832*480", "1280*720"), 50, 5.0, 5.0, LARGE, phantom=True),
     WanTask("ti2v-5B", "t2v", "Wan2.2", ("704*1280", "1280*704"), 50, 5.0, 5.0,
             dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30), num_frames=121, fps=24, vae_file=VAE22_FILE,
-            image_task="i2v"),
+            image_task="i2v", image_sizing="best"),
     WanTask("t2v-A14B", "t2v", "Wan2.2", SIZES_720P_480P, 40, 12.0, (3.0, 4.0), LARGE, boundary_ratio=0.875),
-    WanTask("i2v-A14B", "i2v", "Wan2.2", SIZES_720P_480P, 40, 5.0, (3.5, 3.5), LARGE, boundary_ratio=0.9),
+    WanTask("i2v-A14B", "i2v", "Wan2.2", SIZES_720P_480P, 40, 5.0, (3.5, 3.5), LARGE, boundary_ratio=0.9,
+            image_sizing="aspect"),
 )}
 
 # the inference keys Wan's and Phantom's generate.py take that mm reads (beyond mm's own and their aliases)
@@ -164,6 +168,8 @@ def expand(data: dict[str, Any], problems: list[str], notes: list[str]) -> dict[
         section["width"], section["height"] = task_size(spec, size, problems)
     if size is None:  # given as height and width
         size = f"{section.get('width')}*{section.get('height')}"
+    elif spec.image_sizing and _given(section, *IMAGE_KEYS) and "width" in section:
+        _size_by_image(spec, section, problems)
     for key, value in task_defaults(spec, size if isinstance(size, str) else None).items():
         if not _given(section, *_DEFAULT_KEYS[key]):
             section[key] = value
@@ -184,6 +190,58 @@ def expand(data: dict[str, Any], problems: list[str], notes: list[str]) -> dict[
                         "directory: its config.json, VAE and text encoder) or the model JSON's predictor section")
     out["inference"] = section
     return out
+
+
+def image_size(spec: WanTask, width: int, height: int, image_w: int, image_h: int) -> tuple[int, int]:
+    """(width, height) of a video of at most ``width`` x ``height`` pixels shaped by an image, as Wan's
+    pipelines size it (``WanTask.image_sizing``): "aspect" (Wan2.1 I2V/FLF2V, Wan2.2 I2V-A14B) keeps the
+    image's aspect ratio in latent units of the VAE's stride x the DiT's 2x2 patch; "best" (Wan2.2
+    TI2V-5B) picks, of the two roundings to 32 pixels (width first, height first), the one whose
+    aspect ratio is nearer the image's."""
+    import math
+
+    area, stride = width * height, 16 if spec.vae_file == VAE22_FILE else 8
+    if spec.image_sizing == "aspect":
+        aspect = image_h / image_w
+        lat_h = round(math.sqrt(area * aspect) // stride // 2 * 2)
+        lat_w = round(math.sqrt(area / aspect) // stride // 2 * 2)
+        return lat_w * stride, lat_h * stride
+    step, ratio = 2 * stride, image_w / image_h
+    ow, oh = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    w1 = int(ow // step * step)
+    h1 = int(area / w1 // step * step)
+    h2 = int(oh // step * step)
+    w2 = int(area / h2 // step * step)
+    first, second = w1 / h1, w2 / h2
+    return (w1, h1) if max(ratio / first, first / ratio) < max(ratio / second, second / ratio) else (w2, h2)
+
+
+def _size_by_image(spec: WanTask, section: dict, problems: list[str]) -> None:
+    """``width``/``height`` from ``size`` as the largest area, shaped by the first image of every prompt
+    (mm samples one size per run: the images must give the same)."""
+    from PIL import Image
+
+    key = next(k for k in IMAGE_KEYS if _given(section, k))
+    value = section[key]
+    if isinstance(value, str) and value.endswith(".txt") and Path(value).is_file():
+        paths = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+    else:
+        paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = image_size(spec, section["width"], section["height"], *image.size)
+        except (OSError, TypeError, ValueError):
+            return  # named by the inference section's own check of the image paths
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p}: {w}*{h}" for p, (w, h) in sizes.items())
+        problems.append(f"inference.{key}: Wan sizes each {spec.name} video by its image's aspect ratio within "
+                        f"size = {section['width']}*{section['height']}, and these images give different sizes "
+                        f"({listed}); mm samples one size per run: give images of one aspect ratio, or "
+                        "height and width")
+    elif sizes:
+        section["width"], section["height"] = next(iter(sizes.values()))
 
 
 def _from_release(out: dict, section: dict, spec: WanTask, ckpt_dir: Any, phantom: Any, problems: list[str],
