@@ -419,3 +419,41 @@ def test_phantom_with_cfg_parallel_is_refused(assets, tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "Phantom's s2v guidance has three (text, image, neither): leave --cfg-parallel out" in done.stderr
+
+
+def test_prompt_extension_runs_on_rank_0_and_is_written_beside_the_video(assets, tmp_path):
+    """use_prompt_extend with local_qwen (a tiny random chat LM made here): rank 0 extends, the ranks
+    of a CP2 run sample the extended prompt; the same seed extends the same way again (one process:
+    the same latents); the prompt as
+    given and as extended lie beside the video; dashscope without its key is refused before start."""
+    from tests.chat_lm_helpers import make_tiny_chat_lm
+
+    lm = make_tiny_chat_lm(tmp_path / "lm")
+    texts, latents = {}, {}
+    for name, extend, nproc in (("first", True, 2), ("again", True, 1), ("plain", False, 1)):
+        out = tmp_path / name
+        model_json = _inference_json(assets, out, prompt="a red square", use_prompt_extend=extend,
+                                     prompt_extend_method="local_qwen", prompt_extend_model=lm,
+                                     prompt_extend_target_lang="en")
+        flags = ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"] if nproc == 2 else []
+        stdout = _run(nproc, model_json, *flags)
+        latents[name] = torch.load(next(out.glob("*.latents.pt")))
+        written = list(out.glob("*.prompt.txt"))
+        if extend:
+            assert "prompt extension 1/1 (seed 42)" in stdout
+            assert len(written) == 1 and written[0].name.startswith("a_red_square")
+            texts[name] = written[0].read_text(encoding="utf-8")
+        else:
+            assert written == []
+    given, extended = texts["first"].split("\n\nextended:\n")
+    assert given == "a red square" and extended.strip() and extended.strip() != given
+    assert texts["again"] == texts["first"]
+    torch.testing.assert_close(latents["again"], latents["first"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(latents["plain"], latents["first"], atol=1e-3)
+    model_json = _inference_json(assets, tmp_path / "dash", prompt="x", use_prompt_extend=True,
+                                 prompt_extend_method="dashscope")
+    env = {k: v for k, v in ENV.items() if k != "DASH_API_KEY"}
+    done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(model_json)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "DASH_API_KEY" in done.stderr, _failure(done)
+    assert "inference.prompt_extend_method = 'dashscope'" in done.stderr
