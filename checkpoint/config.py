@@ -38,13 +38,16 @@ class ConvertConfig:
 
     Args:
         source_path: the weights to read: a release's DiT directory (hf_to_mm: config.json and
-            *.safetensors, e.g. diffusers or original Wan), an mm checkpoint directory (resplit,
+            *.safetensors, e.g. diffusers or original Wan) or one weights file (a .safetensors, or a
+            .pth state dict such as Phantom-Wan-1.3B.pth), an mm checkpoint directory (resplit,
             mm_to_hf: the one holding latest_checkpointed_iteration.txt), or the released VAE
             checkpoint file (vae_convert).
         target_path: where to write (a directory; vae_convert: a file); it must not exist unless
             overwrite is true.
         target_parallel_config: the split to write (hf_to_mm, resplit).
         source_parallel_config: the split of an mm source; read from the checkpoint, checked when given.
+        source_config: hf_to_mm from one weights file: the release's config.json (default: the one
+            beside the file; for Phantom's .pth, the Wan2.1 base model's).
         overwrite: replace an existing target_path.
         max_shard_size_gb: mm_to_hf's size of one safetensors file.
     """
@@ -53,6 +56,7 @@ class ConvertConfig:
     target_path: str
     target_parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     source_parallel_config: Optional[ParallelConfig] = None
+    source_config: Optional[str] = None
     overwrite: bool = False
     max_shard_size_gb: float = 5.0
 

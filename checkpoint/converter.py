@@ -50,12 +50,12 @@ class DiTConverter:
                            "--cfg.target_parallel_config")
 
     def hf_to_mm(self, cfg: ConvertConfig) -> None:
-        """HuggingFace-side weights (the release's directory: config.json and *.safetensors) -> an
-        mm checkpoint split for TP/PP/VPP by --cfg.target_parallel_config (tp_size, pp_layers).
+        """HuggingFace-side weights (the release's directory: config.json and *.safetensors; or one
+        weights file, e.g. Phantom's .pth, with --cfg.source_config) -> an mm checkpoint split for TP/PP/VPP by --cfg.target_parallel_config (tp_size, pp_layers).
         pretrain_*.py --load reads the result directly (with --no-load-optim --no-load-rng, or
         --finetune)."""
         start = time.perf_counter()
-        source = HFSource(cfg.source_path, self.WEIGHTS)
+        source = HFSource(cfg.source_path, self.WEIGHTS, config=cfg.source_config)
         layout = self._layout(source, cfg)
         with staged_target(cfg.target_path, cfg.overwrite) as tmp:
             nbytes = write_mm(source, layout, tmp, {"verb": "hf_to_mm", "converted_from": str(cfg.source_path),

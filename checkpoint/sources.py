@@ -177,23 +177,60 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+class TorchStateFile:
+    """A torch state-dict file (``{name: tensor}`` saved by ``torch.save``, e.g. Phantom-Wan-1.3B.pth),
+    memory-mapped and read without running pickled code, behind SafetensorsFile's interface."""
+
+    def __init__(self, path: Path):
+        import pickle
+
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
+            raise SourceDataError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConvertError(f"{path}: not a flat state dict of tensors ({{name: tensor}})")
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.state[name].shape)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = self.state[name]
+        return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
+
+
 class HFSource(Source):
     """``*.safetensors`` (diffusers' sharded files with their index, or a release's single file) and
-    ``config.json`` in one directory, named as one of ``weights``' formats."""
+    ``config.json`` in one directory, named as one of ``weights``' formats; or one weights file (a
+    ``.safetensors``, or a ``.pth``/``.pt`` state dict such as Phantom's) with the config.json
+    ``config`` names (default: the one beside the file)."""
 
-    def __init__(self, directory: str | Path, weights: NameTable, option: str = "--cfg.source_path"):
+    def __init__(self, directory: str | Path, weights: NameTable, option: str = "--cfg.source_path",
+                 config: str | Path | None = None):
         self.weights = weights
         self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise ConvertError(f"{option} = {str(directory)!r}: not a directory")
-        files = sorted(self.directory.glob("*.safetensors"))
+        self.config_file = Path(config) if config is not None else None
+        if self.directory.is_file() and self.directory.suffix in (".safetensors", ".pth", ".pt"):
+            files = [self.directory]
+            if self.config_file is None:
+                self.config_file = self.directory.parent / "config.json"
+        elif not self.directory.is_dir():
+            raise ConvertError(f"{option} = {str(directory)!r}: not a directory, nor a .safetensors / .pth / .pt "
+                               "weights file")
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise ConvertError(f"{option} = {str(directory)!r}: no *.safetensors files there (expected the "
                                f"{weights.model}'s release directory: config.json and *.safetensors)")
-        self._file_of: dict[str, SafetensorsFile] = {}
+        self._file_of: dict[str, SafetensorsFile | TorchStateFile] = {}
         for f in files:
             try:
-                handle = SafetensorsFile(f)
+                handle = TorchStateFile(f) if f.suffix in (".pth", ".pt") else SafetensorsFile(f)
             except OSError as e:
                 raise SourceDataError(f"{option}: cannot read {f}: {e}") from None
             for key in handle.keys():
@@ -212,10 +249,13 @@ class HFSource(Source):
         return self._file_of[name].shape(name)
 
     def _read_arch(self, option: str) -> dict[str, Any]:
-        config_file = self.directory / "config.json"
+        config_file = self.config_file or self.directory / "config.json"
         if not config_file.is_file():
-            raise ConvertError(f"{option} = {str(self.directory)!r}: no config.json (it gives the number of attention "
-                               "heads, which the weights do not)")
+            where = f"--cfg.source_config = {str(config_file)!r}: not a file" if self.config_file is not None else \
+                f"{option} = {str(self.directory)!r}: no config.json"
+            raise ConvertError(f"{where} (the release's config.json gives the number of attention heads, which the "
+                               "weights do not; for a weights file such as Phantom's .pth, the base model's, e.g. "
+                               "--cfg.source_config ./Wan2.1-T2V-1.3B/config.json)")
         try:
             config = json.loads(config_file.read_text())
         except ValueError as e:

@@ -89,6 +89,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
     data = load_json(args.mm_model, "--mm-model")
     if expand is not None:
         data = expand(data, problems, notes)
+        if problems:  # the sections it would have built are missing: those are the problems to name
+            raise ConfigError(problems)
     model = parse_model_config(data, args.mm_model, problems)
     data = None
     if args.mm_data is not None:

@@ -265,3 +265,19 @@ def test_inference_script_flags_and_sampling_section_are_valid(script, launcher,
     config = load_config(_split(argv)[2], world_size=8, mode="inference")
     assert config.args.load == "ckpt" and not config.args.cfg_parallel
     assert config.args.context_parallel_algo == "megatron_cp_algo" and config.sizes.context_parallel == 8
+
+
+def test_phantoms_own_generate_config_runs_from_the_example_script(launcher, monkeypatch):
+    """The Phantom script with MM_MODEL = inference_s2v_release_model.json (Phantom's generate config as
+    it is): the flags pass, and the downloads the JSON names (./weights/...) are all that is missing."""
+    from mm.arguments import config_from_args
+    from mm.families import expand_model_json
+
+    result, argv, _ = launcher("examples/phantom/1.3b/s2v/inference_s2v.sh",
+                               MM_MODEL="examples/phantom/1.3b/s2v/inference_s2v_release_model.json")
+    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError) as error:
+        config_from_args(parse_flags(_split(argv)[2]), 8, mode="inference", expand=expand_model_json)
+    assert error.value.problems == ["inference.ckpt_dir = './weights/Wan2.1-T2V-1.3B': not a directory (Wan's release "
+                                    "directory for task 's2v-1.3B', as downloaded)"]

@@ -87,3 +87,35 @@ def test_phantoms_generate_config_verbatim_on_the_original_files(release, tmp_pa
     for got, want in zip(latents, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(latents[0], latents[1], atol=1e-3)
+
+
+def test_mm_convert_takes_phantoms_pth_with_the_base_models_config(release, tmp_path):
+    """hf_to_mm from Phantom's .pth (--cfg.source_config: the base model's config.json) writes the
+    checkpoint the same weights give from a release directory."""
+    from safetensors.torch import save_file
+
+    pth = release / "Phantom-Wan-1.3B" / "Phantom-Wan-1.3B.pth"
+    as_dir = tmp_path / "dir"
+    as_dir.mkdir()
+    save_file(torch.load(pth), str(as_dir / "diffusion_pytorch_model.safetensors"))
+    (as_dir / "config.json").write_text((release / "Wan2.1-T2V-1.3B" / "config.json").read_text())
+
+    def convert(*args):
+        return subprocess.run([sys.executable, "-m", "checkpoint", "WanConverter", "--version", "wan2.1", "hf_to_mm",
+                               *args, "--cfg.target_parallel_config.tp_size", "2"], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+
+    for name, args in (("pth", ["--cfg.source_path", str(pth), "--cfg.source_config",
+                                str(release / "Wan2.1-T2V-1.3B" / "config.json")]),
+                       ("dir", ["--cfg.source_path", str(as_dir)])):
+        done = convert(*args, "--cfg.target_path", str(tmp_path / f"out_{name}"))
+        assert done.returncode == 0, _failure(done)
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        got = torch.load(tmp_path / "out_pth" / "release" / rank / "model_optim_rng.pt", weights_only=False)["model"]
+        want = torch.load(tmp_path / "out_dir" / "release" / rank / "model_optim_rng.pt", weights_only=False)["model"]
+        assert got.keys() == want.keys()
+        for key in want:
+            if isinstance(want[key], torch.Tensor):
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    done = convert("--cfg.source_path", str(pth), "--cfg.target_path", str(tmp_path / "out_none"))
+    assert done.returncode != 0 and "the base model's, e.g. --cfg.source_config" in done.stderr, _failure(done)

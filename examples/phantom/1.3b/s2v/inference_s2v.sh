@@ -7,6 +7,10 @@
 # for the DiT; a diffusers Wan2.1-T2V-1.3B directory's vae/ and text_encoder/ + tokenizer/), or set
 # LOAD_PATH to an mm checkpoint (a training run's --save directory, or mm-convert's output) to take
 # the DiT's weights from there.
+# Or, with Wan's and Phantom's downloads as they are (no conversion):
+#   MM_MODEL=examples/phantom/1.3b/s2v/inference_s2v_release_model.json bash examples/phantom/1.3b/s2v/inference_s2v.sh
+# whose "inference" section is Phantom's generate config itself (task s2v-1.3B, size, ckpt_dir =
+# the Wan2.1-T2V-1.3B download, phantom_ckpt, nulls for Wan's defaults); see docs/inference.md.
 # The JSON holds Phantom's own generate settings: ulysses_size 4 x ring_size 2 (the CP flags below must
 # agree: CP=8, hybrid_cp_algo, ULYSSES=4), t5_fsdp and dit_fsdp (text encoder and DiT parameters
 # sharded over the ranks), and the image/text guidance scales. Phantom's three guidance branches run
