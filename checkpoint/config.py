@@ -40,8 +40,8 @@ class ConvertConfig:
         source_path: the weights to read: a release's DiT directory (hf_to_mm: config.json and
             *.safetensors, e.g. diffusers or original Wan) or one weights file (a .safetensors, or a
             .pth state dict such as Phantom-Wan-1.3B.pth), an mm checkpoint directory (resplit,
-            mm_to_hf: the one holding latest_checkpointed_iteration.txt), or the released VAE
-            checkpoint file (vae_convert).
+            mm_to_hf: the one holding latest_checkpointed_iteration.txt), a released VAE checkpoint
+            file (vae_convert), or one of Wan's release files (t5_convert, clip_convert).
         target_path: where to write (a directory; vae_convert: a file); it must not exist unless
             overwrite is true.
         target_parallel_config: the split to write (hf_to_mm, resplit).

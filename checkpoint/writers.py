@@ -230,6 +230,14 @@ def _umask() -> int:
     return mask
 
 
+def default_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode ``open()`` gives (0666 less the umask): libraries
+    that write them (safetensors) create theirs 0600."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~_umask())
+
+
 def fsync_tree(directory: Path) -> None:
     for root, _, names in os.walk(directory):
         for name in names:

@@ -42,9 +42,10 @@ def test_clip_encoder_gives_penultimate_hidden_states(tmp_path):
     images = torch.rand(2, 3, 40, 56) * 2 - 1
     out = enc.encode(images)
     assert out.shape == (2, 5, 16)  # class token + (28 / 14)^2 patches
-    # independent preprocessing: bicubic resize, [0, 1], OpenAI CLIP mean/std
+    # independent preprocessing, Wan's CLIPModel.visual: bicubic resize, x * 0.5 + 0.5 (no clamp), OpenAI CLIP
+    # mean/std (the golden test against Wan itself: tests/unit/test_wan_clip_original.py)
     x = torch.nn.functional.interpolate(images, size=(28, 28), mode="bicubic", align_corners=False)
-    x = ((x.clamp(-1, 1) + 1) / 2 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) \
+    x = (x * 0.5 + 0.5 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) \
         / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     ref = CLIPVisionModel.from_pretrained(path).eval()(pixel_values=x, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(out, ref)

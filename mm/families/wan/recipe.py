@@ -11,6 +11,7 @@ from mm.arguments import ConfigError
 from mm.diffusion import FlowMatching, FlowMatchingConfig
 from mm.families.spec import StepInputs
 from mm.families.wan.flops import wan_training_flops
+from mm.models.image_encoder.clip import check_num_heads
 from mm.models.predictor.wan.conditioning import WanConditioning
 
 
@@ -57,7 +58,10 @@ class WanRecipe:
         image = config.model.image_encoder
         if cond.uses_clip and (image is None or not image.from_pretrained):
             problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
-                            "image_encoder.from_pretrained (a CLIP vision model directory)")
+                            "image_encoder.from_pretrained (a CLIP vision model directory, or Wan's release "
+                            "file models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
+        if cond.uses_clip and image is not None:
+            problems += check_num_heads(image.params.get("num_heads"))
         try:
             flow_matching_config(config.args, config.model.diffusion)
         except (ConfigError, TypeError, ValueError) as e:
@@ -70,8 +74,7 @@ class WanRecipe:
             return None
         from mm.models.image_encoder import ClipImageEncoder
 
-        image = config.model.image_encoder
-        return ClipImageEncoder(image.from_pretrained, image.dtype or "fp32")
+        return ClipImageEncoder.from_section(config.model.image_encoder)
 
     def encode_condition(self, vae, batch: dict, video: torch.Tensor, vae_cp, image_encoder, encode_dp, dtype):
         """(condition, context_image) of a batch on stage 0 (None, None for text-to-video)."""

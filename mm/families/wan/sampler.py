@@ -13,6 +13,7 @@ from mm.data.images import load_condition_frames
 from mm.diffusion.samplers import build_sampler
 from mm.families.spec import Texts
 from mm.families.wan.subject import load_reference_images, reference_latents
+from mm.models.image_encoder.clip import check_num_heads
 from mm.models.predictor.wan.conditioning import WanConditioning
 
 
@@ -109,7 +110,10 @@ class WanSampler:
                             f"image, so at least {temporal + 1} frames are needed")
         if cond.uses_clip and not (config.model.image_encoder and config.model.image_encoder.from_pretrained):
             problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
-                            "image_encoder.from_pretrained (a CLIP vision model directory)")
+                            "image_encoder.from_pretrained (a CLIP vision model directory, or Wan's release "
+                            "file models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
+        if cond.uses_clip and config.model.image_encoder is not None:
+            problems += check_num_heads(config.model.image_encoder.params.get("num_heads"))
         if sampling.task == "s2v" and config.args.cfg_parallel:
             problems.append("--cfg-parallel splits two guidance branches over a pair of ranks; Phantom's s2v guidance "
                             "has three (text, image, neither): leave --cfg-parallel out")
@@ -130,8 +134,7 @@ class WanSampler:
         if self.cond.uses_clip:
             from mm.models.image_encoder import ClipImageEncoder
 
-            image = config.model.image_encoder
-            self.image_encoder = ClipImageEncoder(image.from_pretrained, image.dtype or "fp32").to(home)
+            self.image_encoder = ClipImageEncoder.from_section(config.model.image_encoder).to(home)
 
     def prepare(self, index: int, vae, vae_cp, device, dtype) -> dict:
         sampling, prepared = self.sampling, {"condition": None, "context_image": None, "references": None}
