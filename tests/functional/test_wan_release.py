@@ -75,7 +75,7 @@ def test_phantoms_generate_config_verbatim_on_the_original_files(release, tmp_pa
 
     mine = json.loads((release / "mm" / "predictor.json").read_text())
     own = {"predictor": mine, "ae": {"model_id": "wan_vae", "from_pretrained": str(release / "mm" / "vae")},
-           "text_encoder": {"model_id": "umt5", "from_pretrained": str(release / "mm" / "umt5")},
+           "text_encoder": {"model_id": "umt5", "from_pretrained": str(release / "mm" / "umt5"), "dtype": "bf16"},
            "inference": {"prompt": PROMPTS, "ref_images": [str(release / "ref1.png"), str(release / "ref2.png")],
                          "task": "s2v", "seed": 40, "num_frames": 81, "width": 832, "height": 480, "fps": 16,
                          "sample_steps": 50, "sample_shift": 5.0, "sample_solver": "unipc",

@@ -245,7 +245,7 @@ def test_ckpt_dir_builds_the_missing_sections(tmp_path):
         ("wan_dit", str(root), 32, 2, 1, 36, 16, [1, 4, 4], 16, 8)
     assert out["ae"] == {"model_id": "wan_vae", "from_pretrained": str(root / "Wan2.1_VAE.pth")}
     assert out["text_encoder"] == {"model_id": "umt5", "from_pretrained": str(root / "models_t5_umt5-xxl-enc-bf16.pth"),
-                                   "tokenizer": str(root / "google" / "umt5-xxl")}
+                                   "tokenizer": str(root / "google" / "umt5-xxl"), "dtype": "bf16"}
     assert out["image_encoder"]["from_pretrained"] == str(root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     assert "ckpt_dir" not in out["inference"] and out["inference"]["task"] == "i2v"
     assert notes == [f"the DiT of {root} is not i2v-14B's architecture (dim 32 (task: 5120), ffn_dim 64 (task: 13824), "

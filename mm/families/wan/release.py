@@ -288,11 +288,12 @@ def _from_release(out: dict, section: dict, spec: WanTask, ckpt_dir: Any, phanto
     if "text_encoder" not in out:
         t5, tokenizer = need(root / T5_FILE, "the UMT5 text encoder"), need(root / T5_TOKENIZER, "its tokenizer")
         if t5 is not None and tokenizer is not None:
-            out["text_encoder"] = {"model_id": "umt5", "from_pretrained": t5, "tokenizer": tokenizer}
+            # Wan's t5_dtype
+            out["text_encoder"] = {"model_id": "umt5", "from_pretrained": t5, "tokenizer": tokenizer, "dtype": "bf16"}
     if spec.clip and "image_encoder" not in out:
         clip = need(root / CLIP_FILE, "the CLIP image encoder")
         if clip is not None:
-            out["image_encoder"] = {"model_id": "clip", "from_pretrained": clip}
+            out["image_encoder"] = {"model_id": "clip", "from_pretrained": clip, "dtype": "fp16"}  # Wan's clip_dtype
 
 
 def _predictor(weights: str, config_path: Path, spec: WanTask, problems: list[str], notes: list[str]) -> dict | None:
