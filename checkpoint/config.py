@@ -39,8 +39,8 @@ class ConvertConfig:
     Args:
         source_path: the weights to read: a release's DiT directory (hf_to_mm: config.json and
             *.safetensors, e.g. diffusers or original Wan), an mm checkpoint directory (resplit,
-            mm_to_hf: the one holding latest_checkpointed_iteration.txt), or the released VAE
-            checkpoint file (vae_convert).
+            mm_to_hf: the one holding latest_checkpointed_iteration.txt), the released VAE
+            checkpoint file (vae_convert), or Wan's text encoder file (t5_convert).
         target_path: where to write (a directory; vae_convert: a file); it must not exist unless
             overwrite is true.
         target_parallel_config: the split to write (hf_to_mm, resplit).
