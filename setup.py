@@ -22,6 +22,8 @@ setup(
         "psutil>=5.9",
         "docstring-parser>=0.16",
         "sentencepiece>=0.2",
+        "ftfy>=6.1",
+        "regex>=2023.0",
     ],
     entry_points={"console_scripts": ["mm-convert=checkpoint.cli:main"]},
     extras_require={

@@ -27,8 +27,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         CLI(converters(), args=argv, prog="mm-convert", as_positional=False,
-            description="Convert DiT (and VAE) weights between HuggingFace-side releases and mm's TP/PP/VPP "
-                        "checkpoints.")
+            description="Convert DiT (and VAE, text encoder) weights between HuggingFace-side releases and mm's "
+                        "TP/PP/VPP checkpoints.")
     except ConvertError as e:  # options, or inputs that do not fit them: exit code 2, as for bad flags
         print(f"mm-convert: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

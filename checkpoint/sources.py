@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -497,3 +498,29 @@ def iter_layer_keys(keys: list[str], first: int, count: int) -> Iterator[str]:
         m = _BLOCK.match(key)
         if m and first <= int(m.group(1)) < first + count:
             yield key
+
+
+def read_torch_state(path: str | Path, option: str = "--cfg.source_path") -> dict:
+    """A release's torch file (a state dict or a training checkpoint: a dict), memory-mapped where the format
+    allows and unpickled without running code (tensors and plain containers). Pickled objects or not a dict:
+    ConvertError; truncated, corrupt or not a torch file: SourceDataError; both name ``option`` and the path."""
+    where = f"{option} = {str(path)!r}"
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a class, or bytes that are no pickle
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ConvertError(f"{where} holds more than tensors and plain containers ({found.group(1)}), and "
+                               "mm-convert does not run pickled code") from None
+        detail = " ".join(str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise SourceDataError(f"{where} is not a readable torch checkpoint: {detail}") from None
+    except (RuntimeError, OSError, EOFError) as e:  # truncated, corrupt or not a torch file
+        raise SourceDataError(f"{where} is not a readable torch checkpoint: {e}") from None
+    if not isinstance(checkpoint, dict):
+        raise ConvertError(f"{where} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint

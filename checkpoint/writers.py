@@ -185,7 +185,7 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         if current:
             name = f"part-{len(files):05d}.safetensors"
             save_file(current, str(directory / name), metadata={"format": "pt"})
-            os.chmod(directory / name, 0o666 & ~_umask())  # safetensors creates its files 0600
+            os.chmod(directory / name, open_mode())  # safetensors creates its files 0600
             files.append((name, list(current)))
             current, size = {}, 0
             source.release()
@@ -217,6 +217,11 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
     return total
 
 
+def open_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
     try:
@@ -235,7 +240,7 @@ def default_modes(directory: Path) -> None:
     that write them (safetensors) create theirs 0600."""
     for root, _, names in os.walk(directory):
         for name in names:
-            os.chmod(os.path.join(root, name), 0o666 & ~_umask())
+            os.chmod(os.path.join(root, name), open_mode())
 
 
 def fsync_tree(directory: Path) -> None:

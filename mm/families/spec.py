@@ -57,12 +57,16 @@ class TextEncoderLike(Protocol):
 TextEncoderFactory = Callable[[Any, int, bool], torch.nn.Module]
 
 
-def default_text_encoder(component, max_length: int, zero_padding: bool) -> torch.nn.Module:
-    """A T5-family encoder from ``component.from_pretrained`` (``mm.models.text_encoder``)."""
+def default_text_encoder(component, max_length: int, zero_padding: bool,
+                         clean: Callable[[str], str] | None = None) -> torch.nn.Module:
+    """A T5-family encoder from ``component.from_pretrained`` (``mm.models.text_encoder``), its tokenizer from
+    the section's ``tokenizer`` key where given; ``clean``: applied to every prompt before it is tokenized."""
     from mm.models.text_encoder import TextEncoder
 
+    params = getattr(component, "params", None) or {}
     return TextEncoder(component.model_id, component.from_pretrained, component.dtype or "fp32",
-                       max_length=max_length, zero_padding=zero_padding)
+                       max_length=max_length, zero_padding=zero_padding, tokenizer=params.get("tokenizer"),
+                       clean=clean)
 
 
 def default_vae(ae, dtype: torch.dtype) -> torch.nn.Module:

@@ -156,8 +156,7 @@ def test_image_to_video_latents_equal_diffusers(tmp_path, task):
         transformer=diffusers_model(kwargs, seed=5), vae=AutoencoderKLWan.from_pretrained(tmp_path / "vae"),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
                                           num_train_timesteps=1000))
-    # the text embeddings as well (this pipeline's prompt cleaning needs ftfy, not installed here; the
-    # text-to-video test above compares the prompt encoding itself)
+    # the text embeddings as well (the text-to-video test above compares the prompt encoding itself)
     # diffusers' own CLIP preprocessing (resize the short side, centre crop) is not the original Wan's
     # (bicubic resize of the whole frame), which mm follows; give it mm's tokens, in its layout
     # (FLF2V: the two images along the batch)

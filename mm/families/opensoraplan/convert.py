@@ -4,35 +4,16 @@
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint.config import ConvertConfig, ConvertError, SourceDataError
+from checkpoint.config import ConvertConfig, ConvertError
 from checkpoint.converter import DiTConverter
+from checkpoint.sources import read_torch_state
 from checkpoint.writers import compact, staged_file
 from mm.models.predictor.opensoraplan.weights import OSP_WEIGHTS
-
-
-def _read_training_checkpoint(path: Path) -> dict:
-    """The reference's torch checkpoint, unpickled without running code (tensors and plain containers)."""
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConvertError(f"--cfg.source_path = {str(path)!r} holds more than tensors and plain containers, and "
-                           f"mm-convert does not run pickled code: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, OSError, EOFError) as e:  # truncated, corrupt or not a torch file
-        raise SourceDataError(f"--cfg.source_path = {str(path)!r} is not a readable torch checkpoint: {e}") from None
-    if not isinstance(checkpoint, dict):
-        raise ConvertError(f"--cfg.source_path = {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
-    return checkpoint
 
 
 def _check_vae_state(state: dict, config_file: Path) -> str:
@@ -93,7 +74,7 @@ class OpenSoraPlanConverter(DiTConverter):
         if not source.is_file():
             raise ConvertError(f"--cfg.source_path = {cfg.source_path!r}: not a file (expected the released VAE "
                                "checkpoint, e.g. vae/merged.ckpt)")
-        checkpoint = _read_training_checkpoint(source)
+        checkpoint = read_torch_state(source)
         try:
             state = wfvae_state_dict_from_reference(checkpoint, use_ema=use_ema)
         except ValueError as e:
