@@ -40,9 +40,9 @@ class ConvertConfig:
         source_path: the weights to read: a release's DiT directory (hf_to_mm: config.json and
             *.safetensors, e.g. diffusers or original Wan), an mm checkpoint directory (resplit,
             mm_to_hf: the one holding latest_checkpointed_iteration.txt), or the released VAE
-            checkpoint file (vae_convert).
-        target_path: where to write (a directory; vae_convert: a file); it must not exist unless
-            overwrite is true.
+            checkpoint file (vae_convert: Wan2.1_VAE.pth, Wan2.2_VAE.pth, Open-Sora-Plan's merged.ckpt).
+        target_path: where to write (a directory; OpenSoraPlan's vae_convert: a file); it must not
+            exist unless overwrite is true.
         target_parallel_config: the split to write (hf_to_mm, resplit).
         source_parallel_config: the split of an mm source; read from the checkpoint, checked when given.
         overwrite: replace an existing target_path.

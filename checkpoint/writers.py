@@ -185,7 +185,7 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         if current:
             name = f"part-{len(files):05d}.safetensors"
             save_file(current, str(directory / name), metadata={"format": "pt"})
-            os.chmod(directory / name, 0o666 & ~_umask())  # safetensors creates its files 0600
+            default_mode(directory / name)
             files.append((name, list(current)))
             current, size = {}, 0
             source.release()
@@ -215,6 +215,12 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(weights.hf_config(source.arch), indent=2) + "\n")
     return total
+
+
+def default_mode(path: str | Path) -> None:
+    """Give ``path`` the mode ``open()`` gives a new file (0666 less the umask): the safetensors library creates its
+    files 0600."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
