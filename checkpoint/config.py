@@ -41,9 +41,10 @@ class ConvertConfig:
             *.safetensors, e.g. diffusers or original Wan) or one weights file (a .safetensors, or a
             .pth state dict such as Phantom-Wan-1.3B.pth), an mm checkpoint directory (resplit,
             mm_to_hf: the one holding latest_checkpointed_iteration.txt), a released VAE checkpoint
-            file (vae_convert), or one of Wan's release files (t5_convert, clip_convert).
-        target_path: where to write (a directory; vae_convert: a file); it must not exist unless
-            overwrite is true.
+            file (vae_convert: Wan2.1_VAE.pth, Wan2.2_VAE.pth, Open-Sora-Plan's merged.ckpt), or one
+            of Wan's encoder release files (t5_convert, clip_convert).
+        target_path: where to write (a directory; OpenSoraPlan's vae_convert: a file); it must not
+            exist unless overwrite is true.
         target_parallel_config: the split to write (hf_to_mm, resplit).
         source_parallel_config: the split of an mm source; read from the checkpoint, checked when given.
         source_config: hf_to_mm from one weights file: the release's config.json (default: the one

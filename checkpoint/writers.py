@@ -185,7 +185,7 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
         if current:
             name = f"part-{len(files):05d}.safetensors"
             save_file(current, str(directory / name), metadata={"format": "pt"})
-            os.chmod(directory / name, open_mode())  # safetensors creates its files 0600
+            default_mode(directory / name)
             files.append((name, list(current)))
             current, size = {}, 0
             source.release()
@@ -220,6 +220,11 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
 def open_mode() -> int:
     """The mode ``open()`` gives a new file: 0666 less the umask."""
     return 0o666 & ~_umask()
+
+
+def default_mode(path: str | Path) -> None:
+    """Give ``path`` the mode ``open()`` gives a new file: the safetensors library creates its files 0600."""
+    os.chmod(path, open_mode())
 
 
 def _umask() -> int:

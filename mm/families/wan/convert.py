@@ -1,5 +1,5 @@
 """WanConverter: Wan2.1 / Wan2.2 DiT weights between HuggingFace layouts and mm checkpoints, and Wan's
-text and image encoder release files to transformers directories."""
+VAE, text and image encoder release files to diffusers / transformers directories."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 from checkpoint.config import ConvertConfig, ConvertError, SourceDataError
 from checkpoint.converter import DiTConverter
 from checkpoint.sources import read_torch_state
-from checkpoint.writers import default_modes, staged_target
+from checkpoint.writers import default_mode, default_modes, staged_target
 from mm.models.predictor.wan.weights import WAN_WEIGHTS
 
 # what t5_convert copies from the tokenizer directory (Wan's google/umt5-xxl holds the first four)
@@ -31,12 +31,13 @@ def clip_preprocessor_config(size: int, mean, std) -> dict:
 
 
 class WanConverter(DiTConverter):
-    """Wan2.1 / Wan2.2 DiT weights, Wan's UMT5 text encoder and Wan2.1's CLIP image encoder.
+    """Wan2.1 / Wan2.2 DiT weights, Wan's VAE, UMT5 text encoder and Wan2.1's CLIP image encoder.
 
     Every variant (Wan2.1 T2V/I2V/FLF2V, Wan2.2 T2V/I2V-A14B experts, TI2V-5B) is read from the
     source: config.json and the tensors present. hf_to_mm reads a diffusers WanTransformer3DModel
     directory or the original Wan release; mm_to_hf writes what WanTransformer3DModel.from_pretrained
-    loads. t5_convert turns the release's models_t5_umt5-xxl-enc-bf16.pth into a UMT5EncoderModel
+    loads. vae_convert turns Wan's VAE release file (Wan2.1_VAE.pth, Wan2.2_VAE.pth) into a diffusers
+    AutoencoderKLWan directory (ae.from_pretrained), t5_convert the release's models_t5_umt5-xxl-enc-bf16.pth into a UMT5EncoderModel
     directory (text_encoder.from_pretrained), clip_convert its
     models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth into a CLIPVisionModel directory
     (image_encoder.from_pretrained).
@@ -128,3 +129,51 @@ class WanConverter(DiTConverter):
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._summary("t5_convert", f"{source} ({model.config.num_layers} blocks, {model.dtype}; tokenizer "
                       f"{', '.join(copied)} from {tokenizer})", cfg.target_path, None, nbytes, start)
+
+    def vae_convert(self, cfg: ConvertConfig, latents_mean: Optional[list[float]] = None,
+                    latents_std: Optional[list[float]] = None) -> None:
+        """Wan's original VAE release file -> a diffusers AutoencoderKLWan directory for ae.from_pretrained.
+
+        The source is Wan2.1_VAE.pth (Wan2.1; Wan2.2's A14B models use it too) or TI2V-5B's Wan2.2_VAE.pth;
+        the target holds config.json and diffusion_pytorch_model.safetensors under AutoencoderKLWan's names.
+        The structure is read from the tensors and their dtype is kept; the latent statistics are those of
+        Wan's wrappers (16 or 48 channels) unless given.
+
+        Args:
+            cfg: source_path (the .pth file), target_path (the directory to write), overwrite.
+            latents_mean: the latents' per-channel means (required for a z_dim other than 16 and 48).
+            latents_std: their per-channel standard deviations (likewise).
+        """
+        import torch
+
+        from mm.models.ae.wan_vae import WanVAE, save_wan_vae
+        from mm.models.ae.wan_vae_original import (UnreadableVAEFile, config_from_original, read_original_vae,
+                                                   state_from_original)
+
+        start = time.perf_counter()
+        source = Path(cfg.source_path)
+        if not source.is_file():
+            raise ConvertError(f"--cfg.source_path = {cfg.source_path!r}: not a file (expected Wan's VAE release "
+                               "file, e.g. Wan2.1_VAE.pth)")
+        try:
+            state = read_original_vae(source, option="--cfg.source_path")
+        except UnreadableVAEFile as e:
+            raise SourceDataError(str(e)) from None
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        given = {"latents_mean": latents_mean, "latents_std": latents_std}
+        try:
+            vae_cfg = config_from_original(state, {k: v for k, v in given.items() if v is not None}, prefix="--")
+            weights = state_from_original(state, vae_cfg)
+        except ValueError as e:
+            raise ConvertError(f"--cfg.source_path = {cfg.source_path!r}: {e}") from None
+        with torch.device("meta"):  # shapes only; the weights then take the file's tensors
+            vae = WanVAE(vae_cfg)
+        vae.load_state_dict(weights, strict=True, assign=True)
+        with staged_target(cfg.target_path, cfg.overwrite) as tmp:
+            save_wan_vae(vae, str(tmp))
+            default_mode(tmp / "diffusion_pytorch_model.safetensors")
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        kind = "Wan2.2, residual" if vae_cfg.is_residual else "Wan2.1"
+        self._summary("vae_convert", f"{source} ({len(weights)} tensors, {kind}, z_dim {vae_cfg.z_dim})",
+                      cfg.target_path, None, nbytes, start)

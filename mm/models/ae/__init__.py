@@ -21,19 +21,24 @@ def load_vae(ae, dtype: torch.dtype = torch.float32) -> WanVAE | WFVAE:
         raise ValueError(f"ae.from_pretrained is required for ae.model_id = {ae.model_id!r}")
     if ae.model_id == "wfvae":
         return load_wfvae(ae.from_pretrained, dtype, ae.params)
-    return load_wan_vae(ae.from_pretrained, dtype)
+    return load_wan_vae(ae.from_pretrained, dtype, ae.params)
 
 
 def vae_factors(ae) -> tuple[int, int]:
     """(spatial, temporal) compression of the ``ae`` section's VAE, known before it is built (Wan2.1:
-    8, 4; Wan2.2's: 16, 4, from its config.json; WFVAE: 8, 4)."""
+    8, 4; Wan2.2's: 16, 4, from its config.json or, for Wan's release file, the tensors' shapes; WFVAE: 8, 4)."""
     import json
     from pathlib import Path
+
+    from mm.models.ae.wan_vae_original import is_original_vae, original_config
 
     if ae.model_id not in AE_MODEL_IDS:
         raise ValueError(f"ae.model_id = {ae.model_id!r}; valid: {', '.join(AE_MODEL_IDS)}")
     if ae.model_id == "wfvae":
         return WFVAEConfig.scale_factor_spatial, WFVAEConfig.scale_factor_temporal
+    if is_original_vae(ae.from_pretrained):  # memory-mapped: only the shapes are read
+        vae = original_config(ae.from_pretrained, ae.params)[1]
+        return vae.scale_factor_spatial, vae.scale_factor_temporal
     path = Path(ae.from_pretrained) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"ae.from_pretrained = {ae.from_pretrained!r}: no config.json there")

@@ -30,6 +30,19 @@ WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+# Wan2.2's TI2V-5B VAE (48 channels), as Wan2.2's Wan2_2_VAE wrapper (wan/modules/vae2_2.py) sets them
+WAN22_LATENTS_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+                      -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+                      -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+                      -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+                      -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+                      0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+                     0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+                     0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+                     0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+                     0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
 
 
 @dataclass
@@ -414,8 +427,11 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg, cfg.out_channels)
-        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+        # on the CPU even when the model is built on the meta device (a loader that assigns the weights)
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, device="cpu").view(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std, device="cpu").view(1, -1, 1, 1, 1),
+                             persistent=False)
 
     def encode(self, video: torch.Tensor, vae_cp: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``vae_cp = (group, ranks)``: share the frames over a VAE-CP group (every rank passes the
@@ -492,11 +508,17 @@ class WanVAE(nn.Module):
         return latents * self.latents_std.to(latents) + self.latents_mean.to(latents)
 
 
-def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32) -> WanVAE:
-    """A Wan VAE from a diffusers-format directory (config.json + diffusion_pytorch_model*.safetensors);
-    missing or unexpected weights are an error that lists them."""
+def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32, params: dict | None = None) -> WanVAE:
+    """A Wan VAE from a diffusers-format directory (config.json + diffusion_pytorch_model*.safetensors) or from
+    Wan's original release file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``: ``mm.models.ae.wan_vae_original``, where
+    ``params``, the model JSON's ``ae`` keys, may give the latent statistics and mm's tiling keys; a directory's
+    config.json gives everything). Missing or unexpected weights are an error that lists them."""
     from safetensors.torch import load_file
 
+    from mm.models.ae.wan_vae_original import is_original_vae, load_original_vae
+
+    if is_original_vae(from_pretrained):
+        return load_original_vae(from_pretrained, dtype, params)
     path = Path(from_pretrained)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no config.json there")
