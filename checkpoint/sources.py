@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import struct
 from pathlib import Path
@@ -49,6 +48,7 @@ from mm.models.predictor.name_table import (
     tp_merge,
     tp_split,
 )
+from mm.models.release_file import UnreadableFile, read_state_dict, read_torch_file
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -182,17 +182,14 @@ class TorchStateFile:
     """A torch state-dict file (``{name: tensor}`` saved by ``torch.save``, e.g. Phantom-Wan-1.3B.pth),
     memory-mapped and read without running pickled code, behind SafetensorsFile's interface."""
 
-    def __init__(self, path: Path):
-        import pickle
-
+    def __init__(self, path: Path, option: str = "--cfg.source_path"):
         self.path = path
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
-            raise SourceDataError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ConvertError(f"{path}: not a flat state dict of tensors ({{name: tensor}})")
-        self.state = state
+            self.state = read_state_dict(path, option)
+        except UnreadableFile as e:
+            raise SourceDataError(str(e)) from None
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
 
     def keys(self):
         return self.state.keys()
@@ -502,25 +499,14 @@ def iter_layer_keys(keys: list[str], first: int, count: int) -> Iterator[str]:
 
 def read_torch_state(path: str | Path, option: str = "--cfg.source_path") -> dict:
     """A release's torch file (a state dict or a training checkpoint: a dict), memory-mapped where the format
-    allows and unpickled without running code (tensors and plain containers). Pickled objects or not a dict:
+    allows and unpickled without running code (``mm.models.release_file``). Pickled objects or not a dict:
     ConvertError; truncated, corrupt or not a torch file: SourceDataError; both name ``option`` and the path."""
-    where = f"{option} = {str(path)!r}"
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a class, or bytes that are no pickle
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise ConvertError(f"{where} holds more than tensors and plain containers ({found.group(1)}), and "
-                               "mm-convert does not run pickled code") from None
-        detail = " ".join(str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        raise SourceDataError(f"{where} is not a readable torch checkpoint: {detail}") from None
-    except (RuntimeError, OSError, EOFError) as e:  # truncated, corrupt or not a torch file
-        raise SourceDataError(f"{where} is not a readable torch checkpoint: {e}") from None
+        checkpoint = read_torch_file(path, option)
+    except UnreadableFile as e:
+        raise SourceDataError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ConvertError(str(e)) from None
     if not isinstance(checkpoint, dict):
-        raise ConvertError(f"{where} holds a {type(checkpoint).__name__}, not a state dict")
+        raise ConvertError(f"{option} = {str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint

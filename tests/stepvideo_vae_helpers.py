@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tests.module_stubs import modules_replaced
+
 FIXTURES = Path(__file__).parent / "fixtures" / "stepvideo"
 REF_ENV = "MM_STEP_VIDEO_REF"
 REF_COMMIT = "675e08c0dd08aaf60b4da1a2ce57e9bd0d8af31c"
@@ -96,18 +98,10 @@ def import_reference(root: str | os.PathLike):
     # the VAE's "from stepvideo.utils import with_empty_init", for the duration of its import only
     package = types.ModuleType("stepvideo")
     package.__path__ = [str(root / "stepvideo")]
-    saved = {k: sys.modules.get(k) for k in ("stepvideo", "stepvideo.utils")}
-    sys.modules.update({"stepvideo": package, "stepvideo.utils": utils})
-    try:
+    with modules_replaced({"stepvideo": package, "stepvideo.utils": utils}):
         spec = importlib.util.spec_from_file_location(name, source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
     sys.modules[name] = module
     return module
 

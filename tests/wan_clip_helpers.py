@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tests.module_stubs import modules_replaced
 from tests.stepvideo_vae_helpers import hashed_uniform
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wan_original"
@@ -101,22 +102,16 @@ def import_reference(root) -> types.ModuleType:
         import torchvision.transforms  # noqa: F401
     except ImportError:
         stubs.update(_torchvision_stub())
-    saved = {k: sys.modules.get(k) for k in stubs if k.startswith("torchvision")}
-    sys.modules.update(stubs)
-    try:
+    vision = {k: v for k, v in stubs.items() if k.startswith("torchvision")}  # only while importing
+    sys.modules.update({k: v for k, v in stubs.items() if k not in vision})
+    with modules_replaced(vision):
         for module_name in ("xlm_roberta", "clip"):
             spec = importlib.util.spec_from_file_location(f"_wan_ref.modules.{module_name}",
                                                           root / "wan" / "modules" / f"{module_name}.py")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    module.torchvision_stubbed = bool(saved)
+    module.torchvision_stubbed = bool(vision)
     return module
 
 

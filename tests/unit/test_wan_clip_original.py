@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mm.models.image_encoder import ClipImageEncoder
+from mm.models.release_file import UnreadableFile
 from mm.models.image_encoder.wan_clip import (
-    ReleaseFileError,
     check_release_state,
     clip_vision_config_from_original,
     clip_vision_state_to_original,
@@ -128,13 +128,14 @@ def test_bad_files_are_refused_naming_them(tmp_path, release):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     for bad in (truncated, text):
-        with pytest.raises(ReleaseFileError, match=f"{key} = '{bad}': not a readable torch state dict"):
+        with pytest.raises(UnreadableFile, match=f"{key} = '{bad}' is not a readable torch file"):
             load_wan_clip_vision(bad)
         with pytest.raises(ValueError, match=f"{key} = '{bad}'"):
             ClipImageEncoder(str(bad), "fp32")
     nested = tmp_path / "nested.pth"
-    torch.save({"model": {"visual.head": torch.zeros(2, 2)}}, nested)
-    with pytest.raises(ValueError, match=f"{key} = '{nested}': not a flat state dict of tensors"):
+    torch.save({"visual.head": torch.zeros(2, 2), "step": 3}, nested)
+    with pytest.raises(ValueError, match=f"{key} = '{nested}' is not a state dict .*: entries that are not "
+                                         "tensors: step"):
         load_wan_clip_vision(nested)
     with pytest.raises(FileNotFoundError, match=f"{key} = '{tmp_path / 'absent.pth'}': no such file or directory"):
         ClipImageEncoder(str(tmp_path / "absent.pth"), "fp32")
@@ -213,7 +214,7 @@ def test_clip_convert_errors(release, tmp_path):
     truncated.write_bytes(release.read_bytes()[:1000])
     target = tmp_path / "out"
     cases = [
-        (1, f"--cfg.source_path = '{truncated}': not a readable torch state dict",
+        (1, f"--cfg.source_path = '{truncated}' is not a readable torch file",
          "--cfg.source_path", str(truncated)),
         (2, "--num_heads = 3; valid: a divisor of the tower's width 160", "--cfg.source_path", str(release),
          "--num_heads", "3"),

@@ -17,6 +17,7 @@ import torch
 from mm.families import expand_model_json
 from mm.families.wan.release import WAN_NEGATIVE_PROMPT, WAN_TASKS
 from mm.inference.config import parse_sampling
+from tests.module_stubs import modules_replaced
 
 # Wan's configs and generate.py's rules, written out by hand (Wan2.1 9737cba: wan/configs/*.py and
 # generate.py's _validate_args; Phantom's generate.py and phantom_wan/configs; Wan2.2's wan/configs):
@@ -69,25 +70,16 @@ def _reference_configs(root: Path, package: str) -> dict:
             return EasyDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
 
     easydict.EasyDict = EasyDict
-    saved = {k: sys.modules.get(k) for k in ("easydict", package, f"{package}.configs")}
-    sys.modules["easydict"] = easydict
+    import importlib.util
+
     pkg = types.ModuleType(package)
     pkg.__path__ = [str(root / "wan")]
-    sys.modules[package] = pkg
-    try:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location(f"{package}.configs", root / "wan/configs/__init__.py",
-                                                      submodule_search_locations=[str(root / "wan/configs")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"{package}.configs"] = module
+    spec = importlib.util.spec_from_file_location(f"{package}.configs", root / "wan/configs/__init__.py",
+                                                  submodule_search_locations=[str(root / "wan/configs")])
+    module = importlib.util.module_from_spec(spec)
+    with modules_replaced({"easydict": easydict, package: pkg, f"{package}.configs": module}):
         spec.loader.exec_module(module)
         return {"configs": module.WAN_CONFIGS, "sizes": module.SUPPORTED_SIZES}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 def _generate_default(root: Path, ref: dict, task: str, key: str, size: str):

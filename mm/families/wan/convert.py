@@ -63,7 +63,8 @@ class WanConverter(DiTConverter):
                 head width of ViT-H/14 (16 heads for the release).
         """
         from mm.models.image_encoder.clip import CLIP_MEAN, CLIP_STD, check_num_heads
-        from mm.models.image_encoder.wan_clip import ReleaseFileError, load_wan_clip_vision
+        from mm.models.image_encoder.wan_clip import load_wan_clip_vision
+        from mm.models.release_file import UnreadableFile
 
         start = time.perf_counter()
         source = Path(cfg.source_path)
@@ -77,7 +78,7 @@ class WanConverter(DiTConverter):
             try:
                 model = load_wan_clip_vision(source, None, num_heads, key="--cfg.source_path",
                                              heads_key="--num_heads")
-            except ReleaseFileError as e:
+            except UnreadableFile as e:
                 raise SourceDataError(str(e)) from None
             except ValueError as e:
                 raise ConvertError(str(e)) from None
@@ -144,32 +145,24 @@ class WanConverter(DiTConverter):
             latents_mean: the latents' per-channel means (required for a z_dim other than 16 and 48).
             latents_std: their per-channel standard deviations (likewise).
         """
-        import torch
-
-        from mm.models.ae.wan_vae import WanVAE, save_wan_vae
-        from mm.models.ae.wan_vae_original import (UnreadableVAEFile, config_from_original, read_original_vae,
-                                                   state_from_original)
+        from mm.models.ae.wan_vae import save_wan_vae
+        from mm.models.ae.wan_vae_original import load_original_vae
+        from mm.models.release_file import UnreadableFile
 
         start = time.perf_counter()
         source = Path(cfg.source_path)
         if not source.is_file():
             raise ConvertError(f"--cfg.source_path = {cfg.source_path!r}: not a file (expected Wan's VAE release "
                                "file, e.g. Wan2.1_VAE.pth)")
+        given = {"latents_mean": latents_mean, "latents_std": latents_std}
         try:
-            state = read_original_vae(source, option="--cfg.source_path")
-        except UnreadableVAEFile as e:
+            vae = load_original_vae(source, None, {k: v for k, v in given.items() if v is not None},
+                                    option="--cfg.source_path", prefix="--")
+        except UnreadableFile as e:
             raise SourceDataError(str(e)) from None
         except ValueError as e:
             raise ConvertError(str(e)) from None
-        given = {"latents_mean": latents_mean, "latents_std": latents_std}
-        try:
-            vae_cfg = config_from_original(state, {k: v for k, v in given.items() if v is not None}, prefix="--")
-            weights = state_from_original(state, vae_cfg)
-        except ValueError as e:
-            raise ConvertError(f"--cfg.source_path = {cfg.source_path!r}: {e}") from None
-        with torch.device("meta"):  # shapes only; the weights then take the file's tensors
-            vae = WanVAE(vae_cfg)
-        vae.load_state_dict(weights, strict=True, assign=True)
+        vae_cfg, weights = vae.cfg, vae.state_dict()
         with staged_target(cfg.target_path, cfg.overwrite) as tmp:
             save_wan_vae(vae, str(tmp))
             default_mode(tmp / "diffusion_pytorch_model.safetensors")

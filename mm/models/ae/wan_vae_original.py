@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 from pathlib import Path
 
 import torch
 
+from mm.models.release_file import read_state_dict
 from mm.models.ae.wan_vae import (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD,
                                   WanVAE, WanVAEConfig)
 
@@ -54,10 +54,6 @@ _ENDS = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}
 _TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
 
 
-class UnreadableVAEFile(ValueError):
-    """A file that torch cannot read back (truncated, corrupt, not a torch file)."""
-
-
 def is_original_vae(path) -> bool:
     """Whether ``ae.from_pretrained`` names a release file (``.pth`` / ``.pt``) rather than a diffusers directory."""
     return bool(path) and Path(path).suffix in ORIGINAL_SUFFIXES and not Path(path).is_dir()
@@ -65,32 +61,11 @@ def is_original_vae(path) -> bool:
 
 def read_original_vae(path, option: str = "ae.from_pretrained") -> dict[str, torch.Tensor]:
     """The state dict in a release file, memory-mapped (nothing is read until used) and unpickled without running
-    code; ``option`` names the setting that gave ``path`` in errors."""
-    path = Path(path)
-    if not path.is_file():
+    code (``mm.models.release_file``); ``option`` names the setting that gave ``path`` in errors."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{option} = {str(path)!r}: no such file (expected Wan's VAE release file, "
                                 "e.g. Wan2.1_VAE.pth)")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{option} = {str(path)!r} holds more than tensors and plain containers, and mm does not "
-                         f"run pickled code: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UnreadableVAEFile(f"{option} = {str(path)!r} is not a readable torch file (truncated or corrupt?): "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{option} = {str(path)!r} holds a {type(state).__name__}, not a state dict "
-                         "({name: tensor}, as Wan's VAE release files do)")
-    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v))
-    if not_tensors:
-        raise ValueError(f"{option} = {str(path)!r} is not a state dict: entries that are not tensors: "
-                         f"{not_tensors[:10]}")
-    return state
+    return read_state_dict(path, option, "Wan's VAE release file")
 
 
 def _indices(state: dict, prefix: str) -> list[int]:
@@ -283,23 +258,26 @@ def state_to_original(state: dict, cfg: WanVAEConfig) -> dict[str, torch.Tensor]
     return {wan: state[mm] for mm, wan in name_table(cfg).items()}
 
 
-def original_config(path, params: dict | None = None) -> tuple[dict[str, torch.Tensor], WanVAEConfig]:
-    """The (memory-mapped) state dict of release file ``path`` (``ae.from_pretrained``) and its config."""
-    state = read_original_vae(path)
+def original_config(path, params: dict | None = None, option: str = "ae.from_pretrained",
+                    prefix: str = "ae.") -> tuple[dict[str, torch.Tensor], WanVAEConfig]:
+    """The (memory-mapped) state dict of release file ``path`` and its config; errors name ``option``
+    (the setting that gave the path) and the ``params`` keys under ``prefix``."""
+    state = read_original_vae(path, option)
     try:
-        return state, config_from_original(state, params)
+        return state, config_from_original(state, params, prefix=prefix)
     except ValueError as e:
-        raise ValueError(f"ae.from_pretrained = {str(path)!r}: {e}") from None
+        raise ValueError(f"{option} = {str(path)!r}: {e}") from None
 
 
-def load_original_vae(path, dtype: torch.dtype = torch.float32, params: dict | None = None) -> WanVAE:
-    """mm's WanVAE with the weights of Wan's release file ``path`` (``ae.from_pretrained``)."""
-    state, cfg = original_config(path, params)
+def load_original_vae(path, dtype: torch.dtype | None = torch.float32, params: dict | None = None,
+                      option: str = "ae.from_pretrained", prefix: str = "ae.") -> WanVAE:
+    """mm's WanVAE with the weights of Wan's release file ``path`` (``dtype`` None: the file's)."""
+    state, cfg = original_config(path, params, option, prefix)
     try:
         weights = state_from_original(state, cfg)
     except ValueError as e:
-        raise ValueError(f"ae.from_pretrained = {str(path)!r}: {e}") from None
+        raise ValueError(f"{option} = {str(path)!r}: {e}") from None
     with torch.device("meta"):  # shapes only; the weights then take the file's tensors
         vae = WanVAE(cfg)
     vae.load_state_dict(weights, strict=True, assign=True)
-    return vae.to(dtype).eval().requires_grad_(False)
+    return (vae if dtype is None else vae.to(dtype)).eval().requires_grad_(False)

@@ -28,12 +28,13 @@ LayerNorm eps 1e-5, and the head count, which no tensor holds: ``num_heads`` (th
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mm.models.release_file import UnreadableFile, read_state_dict
 
 PREFIX = "visual."
 SKIPPED_PREFIXES = ("textual.",)  # the text tower
@@ -44,10 +45,6 @@ HIDDEN_ACT = "gelu"  # clip_xlm_roberta_vit_h_14: activation='gelu' -> nn.GELU()
 PROJECTION = "visual_projection.weight"  # CLIPVisionModelWithProjection's name of visual.head (transposed)
 KEY = "image_encoder.from_pretrained"
 HEADS_KEY = "image_encoder.num_heads"
-
-
-class ReleaseFileError(ValueError):
-    """A file that cannot be read as a torch state dict (truncated, corrupt, not a torch file)."""
 
 
 @dataclass(frozen=True)
@@ -265,32 +262,17 @@ def check_release_state(state: dict, config, key: str = KEY, path: str = "") -> 
 
 
 def read_release_file(path: str | Path, key: str = KEY) -> dict[str, torch.Tensor]:
-    """The release file's flat state dict, memory-mapped, without running pickled code; an unreadable
-    file is a ``ReleaseFileError`` naming ``key`` and the path."""
-    source = Path(path)
-    if not source.is_file():
+    """The release file's flat state dict, memory-mapped, without running pickled code
+    (``mm.models.release_file``); an unreadable file is an ``UnreadableFile`` naming ``key`` and the path."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{key} = {str(path)!r}: no such file")
-    try:
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(source, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ReleaseFileError(f"{key} = {str(path)!r}: not a readable torch state dict (truncated, corrupt or "
-                               f"not a torch file): {type(e).__name__}: {first}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{key} = {str(path)!r}: not a flat state dict of tensors ({{name: tensor}}), as Wan's "
-                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth is")
-    return state
+    return read_state_dict(path, key, "Wan's models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
 
 
 def load_wan_clip_vision(path: str | Path, dtype: torch.dtype | None = torch.float32, num_heads: int | None = None,
                          key: str = KEY, heads_key: str = HEADS_KEY):
     """A ``CLIPVisionModel`` in ``dtype`` (None: the file's) holding the vision tower of Wan's release
-    file ``path`` (errors name ``key`` and ``heads_key``; an unreadable file is a ``ReleaseFileError``);
+    file ``path`` (errors name ``key`` and ``heads_key``; an unreadable file is a ``UnreadableFile``);
     its ``wan_clip_note`` attribute says what was skipped."""
     from transformers import CLIPVisionModel
 

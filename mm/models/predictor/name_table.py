@@ -198,22 +198,18 @@ class NameTable:
 def read_weights(path: str, key: str = "predictor.from_pretrained") -> dict[str, torch.Tensor]:
     """Every tensor of a DiT checkpoint: a directory of ``*.safetensors`` files (diffusers' sharded
     layout, the original release's single file, Phantom-Wan-14B's shards), one ``.safetensors``
-    file, or a flat ``{name: tensor}`` state dict saved by ``torch.save`` (``.pth`` / ``.pt``, as
-    Phantom-Wan-1.3B.pth); read without running pickled code."""
-    import pickle
+    file, or a ``{name: tensor}`` state dict saved by ``torch.save`` (``.pth`` / ``.pt``, as
+    Phantom-Wan-1.3B.pth; ``mm.models.release_file``: one wrapped is unwrapped); read without running
+    pickled code."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from mm.models.release_file import read_state_dict
+
     source = Path(path)
     if source.is_file() and source.suffix in (".pth", ".pt"):
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
-            raise ValueError(f"{key} = {path!r}: cannot be read: {type(e).__name__}: {e}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{key} = {path!r}: not a flat state dict of tensors ({{name: tensor}})")
-        return dict(state)
+        return read_state_dict(source, key, "Phantom-Wan-1.3B.pth")
     files = [source] if source.is_file() and source.suffix == ".safetensors" else sorted(source.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{key} = {path!r}: no *.safetensors files there; valid: a directory of "

@@ -10,11 +10,11 @@ the sizes are read from the tensors.
 
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 
 import torch
+
+from mm.models.release_file import read_state_dict
 
 # Wan T5Encoder key -> UMT5EncoderModel key, outside the blocks and inside block {i}
 ORIGINAL_TO_UMT5 = {
@@ -142,30 +142,9 @@ def umt5_from_original(state: dict, dtype: torch.dtype | None = None, key: str =
 
 
 def read_original_state(path: str | Path, key: str = "text_encoder.from_pretrained") -> dict[str, torch.Tensor]:
-    """The name -> tensor dict of a torch file, memory-mapped where the format allows, unpickled without running
-    code; a file that is unreadable, truncated or holds anything else is a ValueError naming ``key`` and the path."""
-    where = f"{key} = {str(path)!r}"
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a class, or bytes that are no pickle
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise ValueError(f"{where} holds more than tensors and plain containers ({found.group(1)}), and "
-                             "nothing pickled is run") from None
-        detail = " ".join(str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        raise ValueError(f"{where} is not a readable torch file: {detail}") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise ValueError(f"{where} is not a readable torch file (truncated or corrupt?): {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        what = type(state).__name__ if not isinstance(state, dict) else "a dict with values other than tensors"
-        raise ValueError(f"{where} holds {what}, not a state dict (Wan's models_t5_umt5-xxl-enc-bf16.pth is "
-                         "one: name -> tensor)")
-    return state
+    """The name -> tensor dict of a torch file (``mm.models.release_file``): unreadable, truncated or
+    holding anything else is a ValueError naming ``key`` and the path."""
+    return read_state_dict(path, key, "Wan's models_t5_umt5-xxl-enc-bf16.pth")
 
 
 def load_wan_t5(path: str | Path, dtype: torch.dtype | None = None, key: str = "text_encoder.from_pretrained"):
