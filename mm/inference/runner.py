@@ -71,8 +71,8 @@ def sampling_config(config) -> SamplingConfig:
         problems.append("the DiT's weights: give predictor.from_pretrained (the release's directory) or --load (an mm "
                         "checkpoint)")
     if not config.model.ae or not config.model.ae.from_pretrained:
-        problems.append("ae.from_pretrained: needed to sample (a local directory, or a release file such as Wan2.1_VAE.pth; "
-                        "or inference.ckpt_dir with a Wan task name)")
+        problems.append("ae.from_pretrained: needed to sample (a local directory or a release's VAE file; or "
+                        "inference.ckpt_dir with a release's task name)")
     for i, text in enumerate(config.model.text_encoder or [None]):
         if text is None or not text.from_pretrained:
             where = "text_encoder" if len(config.model.text_encoder) < 2 else f"text_encoder[{i}]"
