@@ -21,4 +21,4 @@ fi
 export FLASH_ATTENTION_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-8} NVCC_THREADS=${NVCC_THREADS:-2}
 cd "$src/hopper"
 python3 -m pip install --no-build-isolation --no-deps -v .
-python3 -c "from mm.accelerator.attention_kernels import FLASH3_INSTALLED; print('flash3 installed:', FLASH3_INSTALLED)" || true
+python3 -c "from mm.accelerator.attention_kernels import flash3_problem; print('flash3:', flash3_problem() or 'usable')" || true

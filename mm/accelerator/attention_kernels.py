@@ -15,6 +15,7 @@ torch_npu; import-guarded and not yet run on hardware here).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 
@@ -42,6 +43,11 @@ class MathAttention:
         out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(dt))
         return out.to(q.dtype), lse
 
+    @staticmethod
+    def attention(q, k, v, scale: float):
+        """The output alone, differentiable: torch's math SDPA and no other kernel."""
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.0, False, None, scale=scale)[0]
+
     def backward(self, dout, q, k, v, out, lse, scale: float):
         dt = compute_dtype(q)
         q_, k_, v_, do = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
@@ -65,6 +71,11 @@ class FlashAttention:
         out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
         return out, lse
 
+    @staticmethod
+    def attention(q, k, v, scale: float):
+        """The output alone, differentiable (aten's own backward): this kernel and no other."""
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[0]
+
     def backward(self, dout, q, k, v, out, lse, scale: float):
         sq, sk = q.shape[2], k.shape[2]
         no_cum_seq = None  # an undefined tensor: a dense batch, not variable-length sequences
@@ -86,6 +97,12 @@ class CudnnAttention:
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, False, False, scale=scale)
         return out, lse.reshape(q.shape[:3])
+
+    @staticmethod
+    def attention(q, k, v, scale: float):
+        """The output alone, differentiable (aten's own backward): this kernel and no other."""
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False,
+                                                                  scale=scale)[0]
 
     def backward(self, dout, q, k, v, out, lse, scale: float):
         sq, sk = q.shape[2], k.shape[2]
@@ -156,14 +173,55 @@ KERNELS = {k.name: k for k in (MathAttention, FlashAttention, CudnnAttention, Fl
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 
-# looked up once: kernels_for runs inside compiled regions, where an import-system call would break the graph
-FLASH3_INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn_3"))
+# flash-attention 3's compiled ops, by its version: what flash_attn_interface needs at the first call
+FLASH3_EXTENSIONS = ("flash_attn_3._C", "flash_attn_3_cuda")
+_flash3: list[str | None] = []  # looked up once (kernels_for runs inside compiled regions)
+
+
+def _find_flash3_problem() -> str | None:
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return "flash_attn_3 is not installed (scripts/build_flash_attn3.sh builds it)"
+    try:
+        importlib.import_module("flash_attn_interface")
+    except Exception as e:  # noqa: BLE001 -- whatever a broken install raises, it cannot run
+        return f"flash_attn_interface does not import: {type(e).__name__}: {e}"
+    failures = []
+    for name in FLASH3_EXTENSIONS:
+        try:
+            importlib.import_module(name)
+            break
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{type(e).__name__}: {e}")
+    else:
+        return f"its compiled extension does not load ({'; '.join(failures)})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return f"it runs on Hopper GPUs (sm_90); this GPU is sm_{major}{minor}"
+    return None
+
+
+def flash3_problem() -> str | None:
+    """Why flash-attention 3 cannot run in this process (not installed, its compiled extension does
+    not load, no Hopper GPU), or None; found once."""
+    if not _flash3:
+        _flash3.append(_find_flash3_problem())
+    return _flash3[0]
+
+
+def flash3_fallback_note() -> str | None:
+    """For the user, once: flash-attention 3 is installed but cannot run, so ``auto`` takes cuDNN's."""
+    problem = flash3_problem()
+    if problem is None or importlib.util.find_spec("flash_attn_interface") is None:
+        return None
+    return f"--attention-kernel auto: flash-attention 3 is installed but cannot run here ({problem}); using cudnn"
 
 
 def kernels_for(accelerator_name: str) -> list[str]:
-    """Kernels usable on an accelerator, fastest first."""
+    """Kernels usable on an accelerator, fastest first (flash3 only where it can run)."""
     if accelerator_name == "cuda":
-        return (["flash3"] if FLASH3_INSTALLED else []) + ["cudnn", "flash", "math"]
+        return (["flash3"] if flash3_problem() is None else []) + ["cudnn", "flash", "math"]
     if accelerator_name == "npu" and importlib.util.find_spec("torch_npu") is not None:
         return ["npu_fusion_attention", "math"]
     return ["math"]
@@ -185,7 +243,8 @@ def get_kernel(name: str = "auto", dtype: torch.dtype | None = None):
     if name not in KERNELS:
         raise ValueError(f"--attention-kernel {name!r}; valid: {', '.join(KERNEL_CHOICES)}")
     if name not in available_kernels():
-        raise ValueError(f"--attention-kernel {name!r} is not available on {get_accelerator().name}; "
+        why = f" ({flash3_problem()})" if name == "flash3" else ""
+        raise ValueError(f"--attention-kernel {name!r} is not available on {get_accelerator().name}{why}; "
                          f"available: {', '.join(available_kernels())}")
     return KERNELS[name]()
 

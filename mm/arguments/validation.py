@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mm.accelerator.attention_kernels import kernels_for
+from mm.accelerator.attention_kernels import flash3_problem, kernels_for
 from mm.accelerator.device import BACKENDS, backend_accepted
 from mm.arguments.json_configs import DataConfig, ModelConfig
 from mm.arguments.pipeline_layout import pipeline_layers_problems
@@ -265,8 +265,9 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":
         if args.attention_kernel not in kernels_for(accelerator):
-            problems.append(f"--attention-kernel {args.attention_kernel} is not available on {accelerator!r}; valid: "
-                            f"auto, {', '.join(kernels_for(accelerator))}")
+            why = f" ({flash3_problem()})" if args.attention_kernel == "flash3" else ""
+            problems.append(f"--attention-kernel {args.attention_kernel} is not available on {accelerator!r}{why}; "
+                            f"valid: auto, {', '.join(kernels_for(accelerator))}")
     backend = args.distributed_backend
     if backend is not None and accelerator is not None and not backend_accepted(accelerator, backend):
         problems.append(

@@ -4,7 +4,8 @@ plugs into.
 Layers call ``CoreAttention`` with ``[s, b, n, d]`` query/key/value (``n`` = heads on this TP rank)
 and get ``[s, b, n * d]`` back. Without context parallelism (or for cross-attention, whose keys
 are the whole text on every rank) it is one kernel call: torch's SDPA, which picks its fastest
-kernel, unless --attention-kernel names (or ``auto`` finds) one SDPA cannot reach (flash3). With
+kernel under ``auto``; a kernel --attention-kernel names is called itself (aten's flash / cuDNN / math
+SDPA op, with its own backward; flash3 through mm.parallel.context_parallel.local_attention). With
 ``context_parallel=True`` and CP > 1 the queries, keys and values are this rank's shard of the
 sequence, and the run's --context-parallel-algo decides how the other shards are reached
 (mm.parallel.context_parallel). ``valid_tokens`` is the unpadded global sequence length when the
@@ -74,10 +75,13 @@ class CoreAttention(torch.nn.Module):
         if self.context_parallel and (mpu.get_context_parallel_world_size() > 1 or valid_tokens is not None):
             out = context_parallel_attention(q, k, v, valid_tokens)
         else:  # one device's whole sequence
-            kernel = get_kernel(get_attention_options()["kernel"], q.dtype)
-            if kernel.torch_sdpa:  # torch picks its fastest fused kernel
-                out = fused_attention(q, k, v)
-            else:
+            name = get_attention_options()["kernel"]
+            kernel = get_kernel(name, q.dtype)
+            if not kernel.torch_sdpa:
                 out = cp.local_attention(q, k, v, kernel, default_scale(q.shape[-1]))
+            elif name != "auto" and hasattr(kernel, "attention"):  # the kernel named, and no other
+                out = kernel.attention(q, k, v, default_scale(q.shape[-1]))
+            else:  # torch picks its fastest fused kernel
+                out = fused_attention(q, k, v)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

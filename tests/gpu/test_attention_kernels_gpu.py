@@ -43,3 +43,32 @@ def test_gpu_kernel_matches_math(name):
     assert _rel(dq1.float() + dq2.float(), ref_full[0]) < 2e-2
     assert _rel(torch.cat([dk1, dk2], 2), ref_full[1]) < 2e-2
     assert _rel(torch.cat([dv1, dv2], 2), ref_full[2]) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["flash", "cudnn"])
+def test_a_named_kernel_is_the_one_that_runs(name, monkeypatch):
+    """--attention-kernel flash / cudnn without CP: that kernel (no other, as torch's SDPA would pick)
+    runs forward and backward, and gives SDPA's output and gradients."""
+    from mm.parallel import attention
+    from mm.parallel.attention import CoreAttention
+
+    monkeypatch.setattr(attention, "get_attention_options", lambda: {"kernel": name, "algo": None, "overlap": False})
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(300, 2, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = CoreAttention()(q, k, v)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+    kernels = [e.key.lower() for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cudnn = [k for k in kernels if "cudnn" in k]
+    assert cudnn if name == "cudnn" else not cudnn, kernels
+    if name == "flash":
+        assert any("flash" in k for k in kernels), kernels
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))
+    ref.permute(2, 0, 1, 3).reshape(300, 2, -1).float().square().sum().backward()
+    torch.testing.assert_close(out.float(), ref.permute(2, 0, 1, 3).reshape(300, 2, -1).float(), atol=2e-2, rtol=0)
+    for g, t in zip(grads, (q, k, v)):
+        assert _rel(g, t.grad) < 2e-2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -244,3 +246,91 @@ def test_a_communication_failure_names_the_rank_phase_group_and_peers():
             f"ranks [0, 1]), waiting on rank {1 - rank}, timeout 0:01:30: RuntimeError: "
             "[gloo/transport/tcp/pair.cc:538] Read error [127.0.0.1]:4242: Connection reset by peer. "
             "A peer rank died"), message
+
+
+@pytest.fixture
+def stand_in_flash3(tmp_path, monkeypatch):
+    """A flash_attn_interface that imports as a file, over a flash_attn_3 package without its compiled
+    extension (a broken build); ``make(with_extension)`` installs it on sys.path for this test."""
+    import sys
+
+    from mm.accelerator import attention_kernels
+
+    def make(with_extension: bool):
+        root = tmp_path / ("ok" if with_extension else "broken")
+        (root / "flash_attn_3").mkdir(parents=True)
+        (root / "flash_attn_3" / "__init__.py").write_text("")
+        if with_extension:
+            (root / "flash_attn_3" / "_C.py").write_text("")
+        (root / "flash_attn_interface.py").write_text("def _flash_attn_forward(*args, **kwargs):\n"
+                                                      "    import flash_attn_3._C\n")
+        for name in ("flash_attn_interface", "flash_attn_3", "flash_attn_3._C"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.syspath_prepend(str(root))
+        monkeypatch.setattr(attention_kernels, "_flash3", [])
+
+    yield make
+    for name in ("flash_attn_interface", "flash_attn_3", "flash_attn_3._C"):
+        sys.modules.pop(name, None)
+    attention_kernels._flash3.clear()
+
+
+def test_a_broken_flash3_install_is_never_picked(stand_in_flash3):
+    """flash_attn_interface imports but its compiled extension does not load: auto falls back to cudnn
+    and says why once; --attention-kernel flash3 is refused before start, with the reason."""
+    from mm.accelerator.attention_kernels import flash3_fallback_note, flash3_problem, kernels_for
+    from mm.arguments import ConfigError, config_from_args, parse_flags
+
+    stand_in_flash3(with_extension=False)
+    problem = flash3_problem()
+    assert problem.startswith("its compiled extension does not load (ModuleNotFoundError: No module named "
+                              "'flash_attn_3._C'"), problem
+    assert kernels_for("cuda") == ["cudnn", "flash", "math"]
+    assert flash3_fallback_note() == (f"--attention-kernel auto: flash-attention 3 is installed but cannot run here "
+                                      f"({problem}); using cudnn")
+    model = Path(__file__).resolve().parents[2] / "examples" / "wan2.1" / "1.3b" / "t2v" / "inference_t2v_model.json"
+    with pytest.raises(ConfigError) as error:
+        config_from_args(parse_flags(["--mm-model", str(model), "--attention-kernel", "flash3"]), 1,
+                         mode="inference", accelerator="cuda")
+    assert f"--attention-kernel flash3 is not available on 'cuda' ({problem}); valid: auto, cudnn, flash, math" in \
+        error.value.problems
+    config = config_from_args(parse_flags(["--mm-model", str(model)]), 1, mode="inference", accelerator="cuda")
+    assert config.notes == [flash3_fallback_note()]
+
+
+def test_a_loadable_flash3_still_needs_a_hopper_gpu(stand_in_flash3):
+    from mm.accelerator.attention_kernels import flash3_problem, kernels_for
+
+    stand_in_flash3(with_extension=True)
+    problem = flash3_problem()
+    if not torch.cuda.is_available():
+        assert problem == "no CUDA GPU is visible" and "flash3" not in kernels_for("cuda")
+    elif torch.cuda.get_device_capability()[0] != 9:
+        assert problem.startswith("it runs on Hopper GPUs (sm_90)")
+    else:
+        assert problem is None and kernels_for("cuda")[0] == "flash3"
+
+
+def test_a_named_math_kernel_is_the_one_that_runs(monkeypatch):
+    """--attention-kernel math without CP calls aten's math SDPA itself (output and gradients as SDPA's)."""
+    from mm.accelerator.attention_kernels import MathAttention
+    from mm.parallel import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "get_attention_options", lambda: {"kernel": "math", "algo": None, "overlap": False})
+    monkeypatch.setattr(MathAttention, "attention", staticmethod(
+        lambda q, k, v, scale, original=MathAttention.attention: calls.append(scale) or original(q, k, v, scale)))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(7, 2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attention.CoreAttention()(q, k, v)
+    out.square().sum().backward()
+    assert calls == [pytest.approx(8 ** -0.5)]
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))
+    ref = ref.permute(2, 0, 1, 3).reshape(7, 2, -1)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
