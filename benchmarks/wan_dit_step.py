@@ -20,7 +20,10 @@ gradients finalized as megatron's schedules do; diffusers with torch's fused Ada
 sampling step is two), peak GPU memory, model TFLOP/s from the per-layer formula of
 docs/benchmarks.md (x3 for forward+backward, recomputation not counted) and MFU = TFLOP/s over the
 GPU's dense bf16 peak (--peak-tflops; 989 for H100/H200). An implementation that runs out of memory
-is reported as OOM. ``--profile DIR`` also records one step of each variant with torch.profiler and
+is reported as OOM (also where the allocation failed inside a collective, e.g. NCCL's "Failed to CUDA
+calloc"). Each variant runs in a process of its own (this script again, with ``--in-process``), so
+one variant's OOM or crash leaves the next one a clean GPU; a variant whose process dies is reported
+with its exit status. ``--profile DIR`` also records one step of each variant with torch.profiler and
 writes its top GPU kernels (DIR/<variant>.txt) and a summary by kernel class.
 """
 
@@ -31,6 +34,9 @@ import collections
 import json
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -47,6 +53,51 @@ from mm.training.pretrain import wrap_for_training
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
 DEFAULT_TRAIN = ["mm:full", "mm+compile:none", "mm+compile:mlp", "diffusers:ckpt"]
 DEFAULT_INFER = ["mm:none", "mm+compile:none", "diffusers:none"]
+
+
+# how an out-of-memory reads where it is not torch.OutOfMemoryError: inside NCCL's collectives, cuBLAS
+OOM_MESSAGES = ("out of memory", "failed to cuda calloc", "failed to cuda malloc", "cublas_status_alloc_failed")
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory, whoever raised it."""
+    return isinstance(error, torch.OutOfMemoryError) or any(m in str(error).lower() for m in OOM_MESSAGES)
+
+
+def run_isolated(argv: list[str], variants: list[str]) -> tuple[list[tuple], list[str], str]:
+    """Each variant in a process of its own (this script with ``--in-process``): its table row and
+    profile text, or a row saying how its process ended; and the table's header."""
+    rows, profiles, header = [], [], "(no variant ran)"
+    for variant in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            cmd = [sys.executable, __file__, *argv, "--variants", variant, "--in-process", "--row-file", str(out)]
+            done = subprocess.run(cmd, text=True, stdout=sys.stdout, stderr=subprocess.PIPE)
+            sys.stderr.write(done.stderr)
+            if out.is_file():
+                result = json.loads(out.read_text())
+                rows.extend(tuple(r) for r in result["rows"])
+                profiles.extend(result["profiles"])
+                header = result["header"]
+            else:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                status = "OOM" if any(m in done.stderr.lower() for m in OOM_MESSAGES) else f"exit {done.returncode}"
+                rows.append((variant, status, "-", "-", "-"))
+                print(f"{variant}: its process ended with exit status {done.returncode}: {tail}", file=sys.stderr)
+    return rows, profiles, header
+
+
+def _argv_without_variants(argv: list[str]) -> list[str]:
+    out, skipping = [], False
+    for a in argv:
+        if a == "--variants":
+            skipping = True
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
 
 
 def model_flops(arch, tokens: int, text_len: int) -> float:
@@ -167,10 +218,17 @@ def main() -> None:
                         help="training: time the optimizer step too (mm: pretrain's DDP + megatron optimizer)")
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the script itself (tiny --latent/--layers; needs --peak-tflops)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the variants in this process (what each variant's own process is given)")
+    parser.add_argument("--row-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = args.variants or (DEFAULT_TRAIN if args.mode == "train" else DEFAULT_INFER)
     variants = [v for v in variants if args.only is None or v.split(":")[0].split("+")[0] == args.only]
     specs = [(v, *parse_variant(v)) for v in variants]
+    if not args.in_process:
+        rows, profiles, header = run_isolated(_argv_without_variants(sys.argv[1:]), variants)
+        _report(args, rows, profiles, header + " | each variant in its own process")
+        return
 
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer import TransformerConfig
@@ -264,22 +322,30 @@ def main() -> None:
             rows.append((name, f"{seconds:.3f}", f"{mem:.1f}", f"{tflops:.0f}", f"{100 * tflops / peak:.1f}%"))
             if args.profile is not None:
                 profiles.append(profile_step(step, f"{args.mode}-{name}", args.profile))
-        except torch.OutOfMemoryError:
-            rows.append((name, "OOM", "-", "-", "-"))
-        except Exception:  # noqa: BLE001 - one variant's failure (e.g. a kernel missing) does not end the run
-            traceback.print_exc()
-            rows.append((name, "error", "-", "-", "-"))
+        except Exception as e:  # noqa: BLE001 - one variant's failure (e.g. a kernel missing) does not end the run
+            if not is_oom(e):
+                traceback.print_exc()
+            rows.append((name, "OOM" if is_oom(e) else "error", "-", "-", "-"))
         finally:
             model = zero_grad = update = None
             torch.cuda.empty_cache()
 
+    header = (f"{gpu} | torch {torch.__version__} | {args.mode} | {arch.num_layers} layers, hidden "
+              f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, "
+              f"batch 1{' | optimizer step included' if train and args.optimizer else ''} | MFU vs {peak:.0f} TFLOP/s")
+    if args.row_file is not None:  # a variant's own process: its parent prints the table
+        args.row_file.write_text(json.dumps({"rows": rows, "profiles": profiles, "header": header}))
+        return
+    _report(args, rows, profiles, header)
+
+
+def _report(args, rows: list[tuple], profiles: list[str], header: str) -> None:
+    """The table (and the profiles' summaries) of every variant."""
     for text in profiles:
         print(text + "\n")
-    unit = "s/step" if train else "s/fwd"
-    print(f"\n{gpu} | torch {torch.__version__} | {args.mode} | {arch.num_layers} layers, hidden "
-          f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, "
-          f"batch 1{' | optimizer step included' if train and args.optimizer else ''} | MFU vs {peak:.0f} TFLOP/s")
-    print(f"{'variant':<32} {unit:>8} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>7}")
+    print(f"\n{header}")
+    print(f"{'variant':<32} {'s/step' if args.mode == 'train' else 's/fwd':>8} {'peak GiB':>9} {'TFLOP/s':>8} "
+          f"{'MFU':>7}")
     for row in rows:
         print(f"{row[0]:<32} {row[1]:>8} {row[2]:>9} {row[3]:>8} {row[4]:>7}")
 

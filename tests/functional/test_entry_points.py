@@ -49,3 +49,29 @@ def test_cp_scaling_benchmark_runs_on_cpu(tmp_path):
                            "megatron_cp_algo", "--use-cp-send-recv-overlap"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"algo": "megatron_cp_algo", "cp": 2' in result.stdout and '"tokens": 72' in result.stdout
+
+
+def test_the_dit_step_benchmark_runs_each_variant_in_its_own_process(tmp_path):
+    """benchmarks/wan_dit_step.py on the CPU (a smoke run): a variant that fails (a kernel the CPU has
+    not) is reported and the next one still runs, each in a process of its own; an out-of-memory inside
+    a collective (NCCL's "Failed to CUDA calloc") reads as OOM."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import wan_dit_step
+    finally:
+        sys.path.pop(0)
+    assert wan_dit_step.is_oom(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp: unhandled cuda error, NCCL "
+                                            "version 2.27.3: Failed to CUDA calloc 2097152 bytes"))
+    assert not wan_dit_step.is_oom(RuntimeError("No module named 'flash_attn_3._C'"))
+    model = tmp_path / "model.json"
+    model.write_text('{"predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 48, '
+                     '"ffn_dim": 64, "in_dim": 4, "out_dim": 4, "freq_dim": 16, "text_dim": 16}}')
+    cmd = [sys.executable, "benchmarks/wan_dit_step.py", "--accelerator", "cpu", "--model", str(model), "--latent",
+           "2", "4", "4", "--text-len", "8", "--repeats", "1", "--warmups", "0", "--peak-tflops", "1",
+           "--variants", "mm:none@flash", "mm:full"]
+    result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("mm:")}
+    assert rows["mm:none@flash"][0] == "error" and rows["mm:full"][0] not in ("error", "OOM"), result.stdout
+    assert "each variant in its own process" in result.stdout
