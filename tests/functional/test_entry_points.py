@@ -75,3 +75,24 @@ def test_the_dit_step_benchmark_runs_each_variant_in_its_own_process(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("mm:")}
     assert rows["mm:none@flash"][0] == "error" and rows["mm:full"][0] not in ("error", "OOM"), result.stdout
     assert "each variant in its own process" in result.stdout
+
+
+def test_saved_tensor_accounting_sees_what_recompute_drops(tmp_path):
+    """benchmarks/saved_tensors.py on the CPU: the FFN's saved activations are listed per module, and
+    gone with --recompute mlp (megatron's selective recompute of the FFN)."""
+    model = tmp_path / "model.json"
+    model.write_text('{"predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 48, '
+                     '"ffn_dim": 64, "in_dim": 4, "out_dim": 4, "freq_dim": 16, "text_dim": 16}}')
+    tables = {}
+    for recompute in ("none", "mlp"):
+        cmd = [sys.executable, "benchmarks/saved_tensors.py", "--accelerator", "cpu", "--model", str(model),
+               "--latent", "2", "4", "4", "--text-len", "8", "--recompute", recompute, "--json",
+               str(tmp_path / f"{recompute}.json")]
+        result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        tables[recompute] = json.loads((tmp_path / f"{recompute}.json").read_text())
+    ffn = [r for r in tables["none"] if r["module"].startswith("blocks.0.mlp")]
+    assert {"module": "blocks.0.mlp.linear_fc1", "dtype": "bfloat16", "shape": [8, 1, 48], "bytes": 8 * 48 * 2} in ffn
+    assert [r for r in tables["mlp"] if r["module"].startswith("blocks.0.mlp")] == []
+    assert sum(r["bytes"] for r in tables["mlp"]) < sum(r["bytes"] for r in tables["none"])
