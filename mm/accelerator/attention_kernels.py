@@ -210,6 +210,12 @@ def flash3_problem() -> str | None:
     return _flash3[0]
 
 
+def kernel_note(accelerator_name: str, kernel: str) -> str | None:
+    """What the user should know, once, of --attention-kernel ``kernel`` on ``accelerator_name``: that
+    ``auto`` takes cuDNN's kernel where flash-attention 3 is installed but cannot run; else None."""
+    return flash3_fallback_note() if accelerator_name == "cuda" and kernel == "auto" else None
+
+
 def flash3_fallback_note() -> str | None:
     """For the user, once: flash-attention 3 is installed but cannot run, so ``auto`` takes cuDNN's."""
     problem = flash3_problem()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any, Callable, Sequence
 
-from mm.accelerator.attention_kernels import flash3_fallback_note
+from mm.accelerator.attention_kernels import kernel_note
 from mm.arguments.errors import ConfigError
 from mm.arguments.flags import build_parser, parse_flags
 from mm.arguments.json_configs import (
@@ -103,8 +103,9 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
         problems = validate(args, model, data, world_size, mode=mode, accelerator=accelerator)
     if problems:
         raise ConfigError(problems)
-    if accelerator == "cuda" and args.attention_kernel == "auto" and flash3_fallback_note():
-        notes.append(flash3_fallback_note())
+    note = kernel_note(accelerator, args.attention_kernel) if accelerator is not None else None
+    if note:
+        notes.append(note)
     return RunConfig(args=args, model=model, data=data, tool=tool, sizes=parallel_sizes(args, model, world_size),
                      notes=notes)
 
