@@ -101,7 +101,9 @@ class CudnnAttention:
     @staticmethod
     def attention(q, k, v, scale: float):
         """The output alone, differentiable (aten's own backward): this kernel and no other."""
-        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False,
+        # the log-sum-exp is what its backward reads: computed whenever a gradient will be asked for
+        lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, False, False,
                                                                   scale=scale)[0]
 
     def backward(self, dout, q, k, v, out, lse, scale: float):
