@@ -9,6 +9,10 @@ Random weights and inputs, bf16, batch 1, one layer (the table is per layer; the
 head's savings are listed apart). On the CPU the attention kernel is the math one, which saves other
 tensors than the GPU's fused kernels (the table says which kernel ran); everything else saves what it
 saves on a GPU. ``--compile``: the compiled block's saved tensors, attributed to the block.
+
+Op-level recompute (``--recompute layernorm``) keeps its matmul and attention outputs in the
+checkpoint's own cache, which saved-tensor hooks do not see; on a GPU the script therefore also
+reports what the allocator holds after the forward, per layer ((held with 3 layers - with 1) / 2).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from mm.families import build_predictor, predictor_config
 from mm.parallel import ParallelSizes, initialize_parallel
 
 RECOMPUTE = {"none": {}, "mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
-             "core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"])}
+             "core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+             "layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+             "layernorm+mlp": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"])}
 
 
 class SavedTensors:
@@ -82,24 +88,40 @@ def main() -> None:
     pred = json.load(open(args.model))["predictor"]
     params = {k: v for k, v in pred.items() if k not in ("model_id", "from_pretrained", "dtype", "num_layers",
                                                          "num_heads", "pipeline_num_layers")}
-    arch = predictor_config("wan_dit", params, 1, pred["num_heads"])
-    config = TransformerConfig(num_layers=1, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
-                               params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=args.accelerator == "cpu",
-                               **RECOMPUTE[args.recompute])
     dev = acc.device()
-    model = build_predictor("wan_dit", arch, config).to(dev).train()
-    if args.compile:
-        model.compile_blocks()
     f, h, w = args.latent
-    latents = torch.randn(1, arch.in_dim, f, h, w, device=dev, dtype=torch.bfloat16)
-    context = torch.randn(1, args.text_len, arch.text_dim, device=dev, dtype=torch.bfloat16)
-    timestep = torch.tensor([500.0], device=dev)
-    if args.compile:  # compile outside the recorded step
-        model(latents, timestep, context).float().mean().backward()
-        model.zero_grad(set_to_none=True)
+
+    def build(layers: int):
+        arch = predictor_config("wan_dit", params, layers, pred["num_heads"])
+        config = TransformerConfig(num_layers=layers, hidden_size=arch.hidden_size,
+                                   num_attention_heads=arch.num_heads, params_dtype=torch.bfloat16, bf16=True,
+                                   use_cpu_initialization=args.accelerator == "cpu", **RECOMPUTE[args.recompute])
+        model = build_predictor("wan_dit", arch, config).to(dev).train()
+        if args.compile:
+            model.compile_blocks()
+        batch = (torch.randn(1, arch.in_dim, f, h, w, device=dev, dtype=torch.bfloat16), torch.tensor([500.0], device=dev),
+                 torch.randn(1, args.text_len, arch.text_dim, device=dev, dtype=torch.bfloat16))
+        if args.compile:  # compile outside the measured step
+            model(*batch).float().mean().backward()
+            model.zero_grad(set_to_none=True)
+        return arch, model, batch
+
+    held = {}
+    if acc.name == "cuda":  # what the allocator holds for the backward, per layer
+        for layers in (1, 3):
+            _, model, batch = build(layers)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            out = model(*batch)
+            torch.cuda.synchronize()
+            held[layers] = torch.cuda.memory_allocated() - before
+            out.float().mean().backward()
+            del model, batch, out
+            torch.cuda.empty_cache()
+    arch, model, batch = build(1)
     recorder = SavedTensors(model)
     with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-        out = model(latents, timestep, context)
+        out = model(*batch)
     out.float().mean().backward()
 
     kernel = get_kernel(args.attention_kernel, torch.bfloat16).name
@@ -115,12 +137,16 @@ def main() -> None:
     by_dtype = collections.Counter()
     for _, dtype, _, nbytes in layer:
         by_dtype[dtype] += nbytes
-    print(f"\nper layer: {sum(r[3] for r in layer) / 2**30:.3f} GiB in {len(layer)} tensors ("
+    print(f"\nsaved per layer: {sum(r[3] for r in layer) / 2**30:.3f} GiB in {len(layer)} tensors ("
           + ", ".join(f"{d} {b / 2**30:.3f} GiB" for d, b in by_dtype.most_common()) + "); outside the layers: "
           f"{sum(r[3] for r in rest) / 2**30:.3f} GiB in {len(rest)} tensors")
+    if held:
+        print(f"held by the allocator after the forward: {(held[3] - held[1]) / 2 / 2**30:.3f} GiB per layer "
+              f"(1 layer: {held[1] / 2**30:.3f} GiB, 3 layers: {held[3] / 2**30:.3f} GiB)")
     if args.json is not None:
-        args.json.write_text(json.dumps([dict(module=m, dtype=d, shape=list(s), bytes=b)
-                                         for m, d, s, b in recorder.rows], indent=1))
+        args.json.write_text(json.dumps(dict(
+            rows=[dict(module=m, dtype=d, shape=list(s), bytes=b) for m, d, s, b in recorder.rows],
+            held_per_layer=(held[3] - held[1]) / 2 if held else None), indent=1))
 
 
 if __name__ == "__main__":

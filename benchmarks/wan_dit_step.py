@@ -1,5 +1,6 @@
 """A Wan DiT at video scale, mm vs diffusers in the same process: one bf16 training step
-(forward+backward) or one inference forward (no grad).
+(forward+backward) or one inference forward (no grad). mm's variants also run the other families'
+DiTs (``--model`` an Open-Sora-Plan 1.3 model JSON; no diffusers baseline there).
 
     python benchmarks/wan_dit_step.py --model examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json \
         --latent 21 60 104 --text-len 512 --repeats 3 [--mode infer] [--variants mm+compile:mlp diffusers:ckpt]
@@ -9,8 +10,8 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``IMPL[+compile][:RECOMPUTE]``: IMPL ``mm`` or ``diffusers``; ``+compile`` compiles each DiT block
 (mm: ``WanDiT.compile_blocks``, what ``--compile-dit-blocks`` does; diffusers:
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
-(full recompute of the first N layers), ``core_attn``, ``mlp``, ``core_attn+mlp`` (selective,
-``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
+(full recompute of the first N layers), ``core_attn``, ``mlp``, ``layernorm`` or several joined
+by ``+`` (selective, ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
 block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer``
 makes each training step a whole one: mm's model in megatron-core's DDP
 (fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
@@ -117,10 +118,12 @@ def parse_variant(spec: str) -> tuple[str, bool, str, str]:
         raise SystemExit(f"variant {spec!r}: IMPL[+compile][:RECOMPUTE][@KERNEL] with IMPL mm or diffusers")
     if kernel not in KERNEL_CHOICES or (impl == "diffusers" and kernel != "auto"):
         raise SystemExit(f"variant {spec!r}: @{kernel}; valid for mm: {', '.join(KERNEL_CHOICES)} (diffusers: none)")
-    valid = (("none", "full", "core_attn", "mlp", "core_attn+mlp") if impl == "mm" else ("none", "ckpt"))
-    if recompute not in valid and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
+    modules = ("core_attn", "mlp", "layernorm")
+    valid = (("none", "full", *modules) if impl == "mm" else ("none", "ckpt"))
+    selective = impl == "mm" and recompute.split("+") and set(recompute.split("+")) <= set(modules)
+    if recompute not in valid and not selective and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
         raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
-                         + (", blockN" if impl == "mm" else ""))
+                         + (", blockN, several of core_attn/mlp/layernorm joined by +" if impl == "mm" else ""))
     return impl, bool(compiled), recompute, kernel
 
 
@@ -216,6 +219,10 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler kernel tables here")
     parser.add_argument("--optimizer", action="store_true",
                         help="training: time the optimizer step too (mm: pretrain's DDP + megatron optimizer)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="cap the caching allocator at this many GiB (torch's per-process memory fraction): "
+                             "on a larger card, what fits on a smaller one (78.5 for an 80 GB H100: its 79.2 GiB "
+                             "less the CUDA context)")
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the script itself (tiny --latent/--layers; needs --peak-tflops)")
     parser.add_argument("--in-process", action="store_true",
@@ -237,20 +244,34 @@ def main() -> None:
     init_distributed(acc, 10)
     initialize_parallel(ParallelSizes(world_size=1), seed=1234)
     gpu = torch.cuda.get_device_name() if args.accelerator == "cuda" else "cpu"
+    if args.memory_limit_gib is not None and args.accelerator == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total))
+        gpu += f" (allocator capped at {args.memory_limit_gib} GiB)"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     if peak is None:
         raise SystemExit(f"no dense bf16 peak known for {gpu!r}: pass --peak-tflops")
     pred = json.load(open(args.model))["predictor"]
+    model_id = pred["model_id"]
     params = {k: v for k, v in pred.items() if k not in ("model_id", "from_pretrained", "dtype", "num_layers",
                                                          "num_heads", "pipeline_num_layers")}
-    arch = predictor_config("wan_dit", params, args.layers or pred["num_layers"], pred["num_heads"])
+    arch = predictor_config(model_id, params, args.layers or pred["num_layers"], pred["num_heads"])
+    wan = model_id == "wan_dit"
+    if not wan and any(impl == "diffusers" for _, impl, *_ in specs):
+        raise SystemExit(f"diffusers variants are Wan's (predictor.model_id wan_dit); the model JSON has {model_id!r}")
     f, h, w = args.latent
     tokens = f * h * w // 4
     train = args.mode == "train"
-    flops = (3 if train else 1) * model_flops(arch, tokens, args.text_len)
+    if wan:
+        flops = (3 if train else 1) * model_flops(arch, tokens, args.text_len)
+    else:  # the family's count, what pretrain_t2v.py logs (Open-Sora-Plan: all matmuls, sparse attention)
+        from mm.families.opensoraplan.flops import opensoraplan_forward_flops
+
+        flops = (3 if train else 1) * sum(opensoraplan_forward_flops(arch, f, h, w, args.text_len).values())
     dev = acc.device()
-    latents = torch.randn(1, arch.in_dim, f, h, w, device=dev, dtype=torch.bfloat16)
-    context = torch.randn(1, args.text_len, arch.text_dim, device=dev, dtype=torch.bfloat16)
+    in_dim, text_dim = (arch.in_dim, arch.text_dim) if wan else (arch.input_channels, arch.caption_channels)
+    latents = torch.randn(1, in_dim, f, h, w, device=dev, dtype=torch.bfloat16)
+    context = torch.randn(1, args.text_len, text_dim, device=dev, dtype=torch.bfloat16)
     timestep = torch.tensor([500.0], device=dev)
     rows, profiles = [], []
 
@@ -259,7 +280,7 @@ def main() -> None:
                                    num_attention_heads=arch.num_heads, params_dtype=torch.bfloat16,
                                    bf16=True, **mm_recompute(recompute))
         # megatron's layers allocate on the GPU; the plain torch parts move like Megatron-LM's model.cuda()
-        model = build_predictor("wan_dit", arch, config).to(dev).train(train)
+        model = build_predictor(model_id, arch, config).to(dev).train(train)
         if compiled:
             model.compile_blocks()
         if not (train and args.optimizer):

@@ -4,7 +4,7 @@
 #   scripts/build_flash_attn3.sh /path/to/flash-attention [--all]
 #
 # The checkout needs its csrc/cutlass submodule (the CUTLASS headers). Without --all only what the
-# Wan and Open-Sora-Plan DiTs use is compiled: head dim 128, bf16, forward and backward, no paged /
+# DiTs use is compiled: head dims 96 (Open-Sora-Plan) and 128 (Wan, Step-Video), bf16, forward and backward, no paged /
 # split / varlen / softcap / fp8 / fp16 variants (a few minutes on 16 cores instead of hours).
 # The built package is installed into the current Python environment (pip install --no-build-isolation).
 set -euo pipefail
@@ -13,7 +13,7 @@ src=${1:?usage: $0 FLASH_ATTENTION_CHECKOUT [--all]}
 [ -d "$src/csrc/cutlass/include/cute" ] || {
   echo "$src/csrc/cutlass has no CUTLASS headers: git submodule update --init csrc/cutlass" >&2; exit 2; }
 if [ "${2:-}" != "--all" ]; then
-  for f in SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 FP8 VARLEN CLUSTER HDIM64 HDIM96 HDIM192 HDIM256 SM80 \
+  for f in SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 FP8 VARLEN CLUSTER HDIM64 HDIM192 HDIM256 SM80 \
            HDIMDIFF64 HDIMDIFF192; do
     export "FLASH_ATTENTION_DISABLE_$f=TRUE"
   done

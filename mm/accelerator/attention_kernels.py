@@ -41,7 +41,9 @@ class MathAttention:
         scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
         lse = torch.logsumexp(scores, dim=-1)
         out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(dt))
-        return out.to(q.dtype), lse
+        # no .to() that would return ``out`` itself: traced by torch.compile inside an autograd
+        # function (cp.local_attention), such a no-op cast left the inputs without gradients (torch 2.11)
+        return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
     @staticmethod
     def attention(q, k, v, scale: float):

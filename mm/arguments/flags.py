@@ -14,7 +14,7 @@ from mm.accelerator.device import ACCELERATOR_CHOICES
 from mm.arguments.errors import ConfigError
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
-RECOMPUTE_MODULES = ("core_attn", "mlp")  # what a DiT layer can recompute (mm.models.predictor.common)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # what DiT layers can recompute (mm.models.predictor.common)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
@@ -106,8 +106,9 @@ def _training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
                    help="with --recompute-granularity selective: what each DiT layer recomputes in the backward "
-                        "(core_attn: the attention kernels; mlp: the FFN with its adaLN input norm); "
-                        "default core_attn")
+                        "(core_attn: the attention kernels; mlp: the FFN with its adaLN input norm; layernorm: the "
+                        "norms with all else that is not a matmul or attention kernel (adaLN modulation, RoPE, GELU, "
+                        "residuals), from the saved matmul and attention outputs; Wan's layers only); default core_attn")
     g.add_argument("--compile-dit-blocks", action="store_true",
                    help="torch.compile each DiT layer (regional compilation: fused adaLN/norm/RoPE/GELU kernels)")
     g.add_argument("--exit-on-nan-loss", action="store_true",

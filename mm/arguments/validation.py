@@ -111,6 +111,10 @@ def _check_precision_and_recompute(args: argparse.Namespace, problems: list[str]
         if args.recompute_granularity != "selective":
             problems.append(f"--recompute-modules {' '.join(args.recompute_modules)} needs --recompute-granularity "
                             f"selective (got {args.recompute_granularity})")
+        if "layernorm" in args.recompute_modules and args.context_parallel_size > 1:
+            # the CP attention's sends, receives and all-to-alls would run again in the recompute
+            problems.append(f"--recompute-modules layernorm is for runs without context parallelism (got "
+                            f"--context-parallel-size {args.context_parallel_size}); use core_attn and/or mlp")
     if args.compile_dit_blocks and (args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1):
         # their collectives break a compiled layer's graph; a graph break inside a layer failed in the
         # backward on torch 2.11 (a parameter gradient of the wrong shape), so these are not offered yet

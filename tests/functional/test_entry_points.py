@@ -75,6 +75,21 @@ def test_the_dit_step_benchmark_runs_each_variant_in_its_own_process(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("mm:")}
     assert rows["mm:none@flash"][0] == "error" and rows["mm:full"][0] not in ("error", "OOM"), result.stdout
     assert "each variant in its own process" in result.stdout
+    # another family's DiT (Open-Sora-Plan), compiled and with op-level recompute; diffusers is Wan's only
+    osp = tmp_path / "osp.json"
+    osp.write_text('{"predictor": {"model_id": "videoditsparse", "num_layers": 4, "num_heads": 2, "head_dim": 12, '
+                   '"in_channels": 4, "out_channels": 4, "cross_attention_dim": 24, "caption_channels": 16, '
+                   '"sparse1d": true, "sparse_n": 2}}')
+    cmd[cmd.index("--model") + 1] = str(osp)
+    result = subprocess.run(cmd[:cmd.index("--variants")] + ["--optimizer", "--variants", "mm:layernorm+mlp"], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("mm:layernorm+mlp"))
+    assert float(row[1]) > 0 and "4 layers, hidden 24" in result.stdout, result.stdout
+    refused = subprocess.run(cmd[:cmd.index("--variants")] + ["--in-process", "--variants", "diffusers:ckpt"],
+                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode != 0 and "diffusers variants are Wan's" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_saved_tensor_accounting_sees_what_recompute_drops(tmp_path):
@@ -84,15 +99,21 @@ def test_saved_tensor_accounting_sees_what_recompute_drops(tmp_path):
     model.write_text('{"predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 48, '
                      '"ffn_dim": 64, "in_dim": 4, "out_dim": 4, "freq_dim": 16, "text_dim": 16}}')
     tables = {}
-    for recompute in ("none", "mlp"):
+    for recompute in ("none", "mlp", "layernorm"):
         cmd = [sys.executable, "benchmarks/saved_tensors.py", "--accelerator", "cpu", "--model", str(model),
                "--latent", "2", "4", "4", "--text-len", "8", "--recompute", recompute, "--json",
                str(tmp_path / f"{recompute}.json")]
         result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        tables[recompute] = json.loads((tmp_path / f"{recompute}.json").read_text())
+        tables[recompute] = json.loads((tmp_path / f"{recompute}.json").read_text())["rows"]
     ffn = [r for r in tables["none"] if r["module"].startswith("blocks.0.mlp")]
     assert {"module": "blocks.0.mlp.linear_fc1", "dtype": "bfloat16", "shape": [8, 1, 48], "bytes": 8 * 48 * 2} in ffn
     assert [r for r in tables["mlp"] if r["module"].startswith("blocks.0.mlp")] == []
     assert sum(r["bytes"] for r in tables["mlp"]) < sum(r["bytes"] for r in tables["none"])
+    # op-level recompute: autograd saves only the layer's inputs (the checkpoint keeps its matmul and
+    # attention outputs itself); without it the layer saves fp32 tensors of the hidden size
+    layer = {k: [r for r in rows if r["module"].startswith("blocks.0")] for k, rows in tables.items()}
+    assert {r["module"] for r in layer["layernorm"]} == {"blocks.0"}
+    assert any(r["dtype"] == "float32" and r["shape"] == [8, 1, 48] for r in layer["none"])
+    assert not any(r["dtype"] == "float32" and r["shape"] == [8, 1, 48] for r in layer["layernorm"])

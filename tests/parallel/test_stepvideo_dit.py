@@ -226,7 +226,7 @@ def _recompute_worker(rank, world):
 def test_activation_recompute_gives_the_same_gradients():
     ((results, fc1_calls, refusal),) = run_distributed(1, _recompute_worker)
     assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "selective": 3, "selective_both": 6}
-    assert refusal == "--recompute-modules layernorm: the Step-Video DiT recomputes core_attn and mlp only"
+    assert refusal == "--recompute-modules layernorm: the Step-Video DiT recomputes core_attn, mlp only"
     ref_out, _, ref_grads = results.pop("none")
     for name, (out, _, grads) in results.items():
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12, msg=name)

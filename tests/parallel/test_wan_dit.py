@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.dist_helper import run_distributed
 from tests.wan_helpers import diffusers_inputs, diffusers_model, inputs, megatron_config, tiny_kwargs
@@ -58,7 +59,7 @@ def test_matches_diffusers_outputs_and_gradients(variant):
     assert all(err <= 1e-5 for err in worst.values()), worst
 
 
-def _tp_worker(rank, world, sp, variant):
+def _tp_worker(rank, world, sp, variant, recompute=()):
     from megatron.core import parallel_state as mpu
 
     from mm.models.predictor.wan import load_hf_weights
@@ -67,7 +68,8 @@ def _tp_worker(rank, world, sp, variant):
     initialize_parallel(ParallelSizes(world_size=world, tensor_parallel=world), seed=0)
     kwargs = tiny_kwargs(image=variant == "i2v")
     source = {k: v.double() for k, v in diffusers_model(kwargs).state_dict().items()}
-    model = _build_mm(kwargs, tp=world, sp=sp, dtype=torch.float64)
+    extra = dict(recompute_granularity="selective", recompute_modules=list(recompute)) if recompute else {}
+    model = _build_mm(kwargs, tp=world, sp=sp, dtype=torch.float64, **extra).train()
     load_hf_weights(model, source, tp_size=world, tp_rank=rank)
     x = {k: (v.double() if k != "timestep" else v).requires_grad_(k != "timestep")
          for k, v in inputs(kwargs, 3, 4, 6, per_token=variant == "ti2v_per_token").items()}
@@ -85,13 +87,19 @@ def _tp_worker(rank, world, sp, variant):
     return out.detach(), grads, input_grads
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
-@pytest.mark.parametrize("variant", ["t2v", "i2v", "ti2v_per_token"])
-def test_tensor_parallel_matches_single_rank(sp, variant):
+@pytest.mark.parametrize("sp,variant,recompute", [
+    (False, "t2v", ()), (False, "i2v", ()), (False, "ti2v_per_token", ()), (True, "t2v", ()), (True, "i2v", ()),
+    (True, "ti2v_per_token", ()),
+    # op-level recompute under TP + SP: the sequence all-gathers and reduce-scatters run again in the
+    # recompute; the single rank computes without recompute
+    (True, "i2v", ("layernorm",)), (True, "t2v", ("layernorm", "mlp"))],
+    ids=["tp2-t2v", "tp2-i2v", "tp2-ti2v_per_token", "tp2_sp-t2v", "tp2_sp-i2v", "tp2_sp-ti2v_per_token",
+         "tp2_sp-i2v-layernorm", "tp2_sp-t2v-layernorm_mlp"])
+def test_tensor_parallel_matches_single_rank(sp, variant, recompute):
     from mm.models.predictor.wan import mm_to_hf
 
     (ref_out, ref_grads, ref_inputs), = run_distributed(1, _tp_worker, False, variant)
-    results = run_distributed(2, _tp_worker, sp, variant)
+    results = run_distributed(2, _tp_worker, sp, variant, recompute)
     full_ref = mm_to_hf([ref_grads])
     full_tp = mm_to_hf([r[1] for r in results])  # merge the TP shards of the gradients
     assert set(full_ref) == set(full_tp)
@@ -105,26 +113,48 @@ def test_tensor_parallel_matches_single_rank(sp, variant):
     assert any("norm_q" in n for n in full_ref)
 
 
+class _AttentionKernelRuns(TorchDispatchMode):
+    """Counts the attention kernels' forward calls that really run (an op a selective checkpoint
+    answers from its cache never reaches this mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        self.runs += "attention" in name and "backward" not in name
+        return func(*args, **(kwargs or {}))
+
+
 def _recompute_worker(rank, world):
+    from torch.utils.flop_counter import FlopCounterMode
+
     from mm.models.predictor.wan import load_hf_weights
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
     kwargs = tiny_kwargs(image=True, layers=3)
-    source = diffusers_model(kwargs).state_dict()
-    x = inputs(kwargs, 3, 4, 4)
+    source = {k: v.double() for k, v in diffusers_model(kwargs).state_dict().items()}
+    x = {k: v.double() if v.is_floating_point() and k != "timestep" else v for k, v in inputs(kwargs, 3, 4, 4).items()}
+
+    def selective(*modules):
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+
     results = {}
     settings = {"none": {}, "full_uniform": dict(recompute_granularity="full", recompute_method="uniform",
                                                  recompute_num_layers=2),
                 "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
                 "selective": dict(recompute_granularity="selective"),
-                "selective_mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
-                "selective_both": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+                "selective_mlp": selective("mlp"), "selective_both": selective("core_attn", "mlp"),
+                "selective_layernorm": selective("layernorm"), "selective_layernorm_mlp": selective("layernorm", "mlp"),
+                "selective_layernorm_core_attn": selective("layernorm", "core_attn"),
                 # --compile-dit-blocks (traced by dynamo + AOT autograd, run without inductor on the CPU)
-                "compiled": {}, "compiled_mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"])}
-    fc1_calls = {}
+                "compiled": {}, "compiled_mlp": selective("mlp"), "compiled_layernorm": selective("layernorm"),
+                "compiled_layernorm_mlp": selective("layernorm", "mlp")}
+    fc1_calls, flops = {}, {}
     for name, extra in settings.items():
-        model = _build_mm(kwargs, **extra)
+        model = _build_mm(kwargs, dtype=torch.float64, **extra)
         load_hf_weights(model, source)
         model.train()
         if name.startswith("compiled"):
@@ -132,27 +162,37 @@ def _recompute_worker(rank, world):
             model.compile_blocks(backend="aot_eager")
             assert all(block._compiled_call_impl is not None for block in model.blocks)
             assert list(model.state_dict()) == keys  # names unchanged: checkpoints and weight maps still fit
-        else:  # how often each FFN input projection runs: twice per step when the mlp is recomputed
-            fc1_calls[name] = 0
+        elif "layernorm" not in name:  # how often each FFN input projection runs: twice per step when the
+            fc1_calls[name] = 0        # mlp is recomputed (op-level recompute reruns modules, not their matmuls)
             for block in model.blocks:
                 block.mlp.linear_fc1.register_forward_hook(
                     lambda *_, name=name: fc1_calls.__setitem__(name, fc1_calls[name] + 1))
-        out = model(**x)
-        out.square().sum().backward()
+        counter, attention = FlopCounterMode(display=False), _AttentionKernelRuns()
+        with counter, attention:  # the matmuls and attention kernels that really ran (not cached results)
+            out = model(**x)
+            out.square().sum().backward()
+        flops[name] = (counter.get_total_flops(), attention.runs)
         results[name] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     destroy_parallel()
-    return results, fc1_calls
+    return results, fc1_calls, flops
 
 
 def test_activation_recompute_gives_the_same_gradients():
-    ((results, fc1_calls),) = run_distributed(1, _recompute_worker)
+    ((results, fc1_calls, flops),) = run_distributed(1, _recompute_worker)
     assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "selective": 3, "selective_mlp": 6,
                          "selective_both": 6}
+    # op-level recompute runs no matmul or attention kernel again; with mlp the FFN's input projection
+    # runs twice, as without it; with core_attn each attention kernel runs twice (3 layers x self,
+    # text and image attention)
+    assert flops["selective_layernorm"] == flops["none"] and flops["none"][1] == 9
+    assert flops["selective_layernorm_mlp"] == flops["selective_mlp"]
+    assert flops["selective_mlp"][0] > flops["none"][0] and flops["selective_mlp"][1] == 9
+    assert flops["selective_layernorm_core_attn"] == (flops["none"][0], 18) == (flops["none"][0], flops["selective"][1])
     ref_out, ref_grads = results.pop("none")
     for name, (out, grads) in results.items():
-        torch.testing.assert_close(out, ref_out, msg=name)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12, msg=name)
         for key in ref_grads:
-            torch.testing.assert_close(grads[key], ref_grads[key], msg=f"{name}: {key}")
+            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-12, atol=1e-12, msg=f"{name}: {key}")
 
 
 def _loader_errors_worker(rank, world):
@@ -275,5 +315,7 @@ def test_selective_recompute_modules_of_a_wan_layer():
     assert selective_recompute_modules(config(recompute_granularity="selective")) == {"core_attn"}
     both = config(recompute_granularity="selective", recompute_modules=["mlp", "core_attn"])
     assert selective_recompute_modules(both) == {"core_attn", "mlp"}
-    with pytest.raises(ValueError, match="--recompute-modules layernorm: the Wan DiT recomputes core_attn and mlp only"):
-        selective_recompute_modules(config(recompute_granularity="selective", recompute_modules=["layernorm"]))
+    assert selective_recompute_modules(config(recompute_granularity="selective",
+                                              recompute_modules=["layernorm", "mlp"])) == {"layernorm", "mlp"}
+    with pytest.raises(ValueError, match="--recompute-modules moe: the Wan DiT recomputes core_attn, mlp, layernorm only"):
+        selective_recompute_modules(config(recompute_granularity="selective", recompute_modules=["moe"]))

@@ -271,8 +271,12 @@ def test_recompute_modules_need_selective(tmp_path):
 
 
 def test_recompute_modules_choices(tmp_path):
-    with pytest.raises(ConfigError, match="--recompute-modules.*invalid choice: 'layernorm'"):
-        _load(tmp_path, flags=["--recompute-granularity", "selective", "--recompute-modules", "layernorm"])
+    with pytest.raises(ConfigError, match="--recompute-modules.*invalid choice: 'moe'"):
+        _load(tmp_path, flags=["--recompute-granularity", "selective", "--recompute-modules", "moe"])
+    layernorm = ["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp"]
+    assert _load(tmp_path, flags=layernorm).args.recompute_modules == ["layernorm", "mlp"]
+    msg = _problems(tmp_path, flags=layernorm + ["--context-parallel-size", "2"])
+    assert "--recompute-modules layernorm is for runs without context parallelism (got --context-parallel-size 2)" in msg
 
 
 def test_compile_dit_blocks_without_tp_or_cp(tmp_path):

@@ -69,3 +69,27 @@ def test_kernels_sdpa_reaches_leave_the_choice_to_sdpa():
     torch.testing.assert_close(out, ref_out)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def test_a_kernel_run_as_an_autograd_function_keeps_its_gradients_when_compiled():
+    """cp.local_attention (a kernel's forward/backward as an autograd function, what flash3 and
+    padded sequences use) traced by torch.compile gives the eager gradients (fp64, math kernel)."""
+    from mm.accelerator.attention_kernels import MathAttention
+    from mm.parallel.context_parallel import local_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 6, dtype=torch.float64, generator=g) for _ in range(3))
+    probe = torch.randn(2, 3, 12, 6, dtype=torch.float64, generator=g)
+
+    def attend(q, k, v):
+        return local_attention(q, k[:, :, :10], v[:, :, :10], MathAttention(), 0.4)  # 10 real keys of 12
+
+    grads = []
+    for fn in (attend, torch.compile(attend, backend="aot_eager")):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        (fn(*inputs) * probe).sum().backward()
+        grads.append([t.grad for t in inputs])
+    torch._dynamo.reset()
+    assert all(g.abs().max() > 0 for g in grads[0])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)

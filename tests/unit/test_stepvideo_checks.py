@@ -326,3 +326,11 @@ def test_training_checks_the_tokenizers_the_dit_and_the_encoder_order(run, asset
     # inference takes the DiT from --load when given: predictor.from_pretrained is not read then
     assert run("inference", model=no_dit, flags=["--load", str(tmp_path / "ckpt")]) == []
     assert run("inference", model=no_dit)[0].startswith(f"predictor.from_pretrained = '{gone / 'transformer'}'")
+
+
+def test_a_recompute_module_the_family_does_not_implement_is_refused(run):
+    flags = ["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp"]
+    problems = run("train", flags=flags)
+    assert any(p.startswith("--recompute-modules layernorm: predictor 'stepvideodit'") and
+               "recomputes core_attn, mlp; valid: those" in p for p in problems), problems
+    assert run("train", flags=flags[:-2] + ["mlp"]) == []

@@ -51,7 +51,7 @@ from mm.models.predictor.common import (
 )
 from mm.parallel.attention import CoreAttention
 
-STEPVIDEO_RECOMPUTE_MODULES = common.RECOMPUTE_MODULES
+STEPVIDEO_RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 def selective_recompute_modules(config: TransformerConfig) -> set[str]:

@@ -15,6 +15,7 @@ the TP group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -22,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # what ``--recompute-granularity selective --recompute-modules`` may name in a DiT layer:
 # ``core_attn`` the attention kernels (self- and cross-attention), ``mlp`` the FFN with its
-# adaLN-modulated input norm
-RECOMPUTE_MODULES = ("core_attn", "mlp")
+# adaLN-modulated input norm, ``layernorm`` the norms and everything else that is not a matmul or
+# an attention kernel (``op_level_checkpoint``); a family lists the ones its layers implement
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,38 @@ def selective_recompute_modules(config: TransformerConfig, model: str,
     modules = set(config.recompute_modules or ("core_attn",))
     unknown = modules - set(valid)
     if unknown:
-        can = (f"{' and '.join(valid)} only" if valid else
+        can = (f"{', '.join(valid)} only" if valid else
                "no module selectively (--recompute-granularity full recomputes whole layers)")
         raise ValueError(f"--recompute-modules {' '.join(sorted(unknown))}: {model} recomputes {can}")
     return modules
+
+
+# the matmuls whose outputs op-level recompute keeps (``linear``/``matmul`` reach one of these)
+_MATMUL_OPS = frozenset((torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                         torch.ops.aten.baddbmm.default))
+
+
+def is_attention_kernel(func) -> bool:
+    """An attention kernel of ``mm.accelerator.attention_kernels`` (aten's SDPA kernels, flash-attention
+    3's custom op, Ascend's fusion attention), by its operator name."""
+    name = getattr(func, "name", lambda: str(func))()
+    return "attention" in name or "flash_attn" in name
+
+
+def _op_level_policy(save_attention: bool, ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func in _MATMUL_OPS or (save_attention and is_attention_kernel(func)):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def op_level_checkpoint(function: Callable, *args, save_attention: bool = True):
+    """``function(*args)`` keeping, for its backward, only the outputs of its matmuls and (with
+    ``save_attention``) attention kernels: norms, adaLN modulation, RoPE, activations, residuals and
+    casts run again in the backward from those and the inputs (``--recompute-modules layernorm``,
+    torch's selective activation checkpointing). Nothing saved is fp32 or FFN-wide but the FFN's
+    input projection; in a compiled block the recomputation fuses into the backward's kernels. The
+    function must draw no random numbers (the recompute does not restore RNG state)."""
+    context_fn = functools.partial(create_selective_checkpoint_contexts,
+                                   functools.partial(_op_level_policy, save_attention))
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn,
+                                             preserve_rng_state=False)

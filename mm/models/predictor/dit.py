@@ -25,7 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mm.models.predictor.common import RECOMPUTE_MODULES, selective_recompute_modules
+from mm.models.predictor.common import selective_recompute_modules
 from mm.models.predictor.pipeline import Hidden, Ints, MessageSpec, PerSample
 from mm.parallel.context_parallel import gather_sequence
 
@@ -78,7 +78,7 @@ class PipelinedDiT(MegatronModule):
 
     display_name = "this DiT"
     MESSAGE: dict[str, Hidden | PerSample | Ints] = {}
-    RECOMPUTE_MODULES: tuple[str, ...] = RECOMPUTE_MODULES
+    RECOMPUTE_MODULES: tuple[str, ...] = ()  # a family names the ones its layers implement (common.RECOMPUTE_MODULES)
     # whether --compile-dit-blocks may compile the layers (a family turns it on once its layers are
     # known to trace without graph breaks; the entry points refuse the flag otherwise)
     COMPILES_BLOCKS = False
@@ -182,7 +182,10 @@ class PipelinedDiT(MegatronModule):
         """Regional compilation (``--compile-dit-blocks``): ``torch.compile`` each layer in place, so
         that its elementwise work fuses into few kernels. The layers share one compiled graph (same
         code, parameters as inputs); parameter names and the state dict are unchanged. Embeddings,
-        head and the full-recompute wrappers stay eager."""
+        head and the full-recompute wrappers stay eager. Layers whose Python attributes differ (e.g.
+        Open-Sora-Plan's sparse patterns) get a graph each, per mode and input kind: dynamo's
+        recompile limit is raised so that none of them silently falls back to eager."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             block.compile(**options)
 

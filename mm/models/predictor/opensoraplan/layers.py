@@ -23,12 +23,13 @@ one call.
 
 Selective recompute (``--recompute-modules``) as in the Wan layer: ``core_attn`` keeps only the
 inputs of the attention kernels (self-attention, video-mask attention and cross-attention) and runs
-them again in backward, ``mlp`` does so for the FFN with its adaLN-modulated input norm.
+them again in backward, ``mlp`` does so for the FFN with its adaLN-modulated input norm,
+``layernorm`` keeps only the matmul and attention outputs and recomputes the rest (norms,
+modulation, RoPE, the sparse fold, GELU, residuals; ``common.op_level_checkpoint``).
 """
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ MASKED_BIAS = -10000.0  # the reference's additive bias for a masked key
 PADDING_BIAS = -9980.0  # the reference's bias for keys of sparse-pattern padding
 
 
-OSP_RECOMPUTE_MODULES = common.RECOMPUTE_MODULES
+OSP_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 def selective_recompute_modules(config: TransformerConfig) -> set[str]:
@@ -89,7 +90,7 @@ def rope_tables(osp: OpenSoraPlanDiTConfig, frames: int, height: int, width: int
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``[s, b, n, d]`` by the tables: in each of the three parts, ``(x1, x2) -> (-x2, x1)``."""
     xf = upcast(x)
-    halves = xf.unflatten(-1, (3, 2, -1))
+    halves = xf.reshape(*xf.shape[:-1], 3, 2, -1)
     rotated = torch.stack([-halves[..., 1, :], halves[..., 0, :]], dim=-2).flatten(-3)
     return (xf * cos.to(xf.dtype) + rotated * sin.to(xf.dtype)).type_as(x)
 
@@ -99,9 +100,9 @@ def sparse_fold(x: torch.Tensor, n: int, block: bool) -> torch.Tensor:
     ``s`` must be a multiple of ``n**2`` (block groups) or ``n`` (strided)."""
     s, b = x.shape[0], x.shape[1]
     if not block:  # token i = p*n + g
-        return x.unflatten(0, (s // n, n)).flatten(1, 2)
+        return x.reshape(s // n, n * b, *x.shape[2:])
     # token i = a*n*n + g*n + k -> group g, position a*n + k
-    y = x.unflatten(0, (s // (n * n), n, n)).transpose(1, 2)  # [a, k, g, b, ...]
+    y = x.reshape(s // (n * n), n, n, *x.shape[1:]).transpose(1, 2)  # [a, k, g, b, ...]
     return y.reshape(s // n, n * b, *x.shape[2:])
 
 
@@ -110,17 +111,29 @@ def sparse_unfold(x: torch.Tensor, n: int, block: bool) -> torch.Tensor:
     p, nb = x.shape[0], x.shape[1]
     b = nb // n
     if not block:
-        return x.unflatten(1, (n, b)).flatten(0, 1)
-    y = x.unflatten(0, (p // n, n)).unflatten(2, (n, b)).transpose(1, 2)  # [a, g, k, b, ...]
+        return x.reshape(p * n, b, *x.shape[2:])
+    y = x.reshape(p // n, n, n, b, *x.shape[2:]).transpose(1, 2)  # [a, g, k, b, ...]
     return y.reshape(p * n, b, *x.shape[2:])
 
 
-@functools.lru_cache(maxsize=64)
 def group_valid_counts(valid_tokens: int, padded_tokens: int, n: int, block: bool) -> tuple[int, ...]:
     """Real tokens in each of the ``n`` groups of a ``padded_tokens``-long sequence whose first
-    ``valid_tokens`` are real; each group's real tokens are a prefix of it."""
-    index = sparse_fold(torch.arange(padded_tokens)[:, None], n, block)  # [s/n, n]: global index per slot
-    return tuple((index < valid_tokens).sum(dim=0).tolist())
+    ``valid_tokens`` are real; each group's real tokens are a prefix of it. Integer arithmetic only
+    (no tensors: a compiled layer traces it as constants)."""
+    counts = []
+    for g in range(n):
+        if not block:  # group g holds tokens p*n + g, p < padded/n
+            counts.append(min(max((valid_tokens - g + n - 1) // n, 0), padded_tokens // n))
+            continue
+        # group g holds tokens a*n*n + g*n + k (k < n) for a < padded/n**2: whole runs of n below
+        # the first run that reaches valid_tokens, part of that run, none after it
+        rest, runs = valid_tokens - g * n, padded_tokens // (n * n)
+        if rest <= 0:
+            counts.append(0)
+            continue
+        whole = rest // (n * n)
+        counts.append(n * min(whole, runs) + (min(rest % (n * n), n) if whole < runs else 0))
+    return tuple(counts)
 
 
 class _AttentionBase(MegatronModule):
@@ -177,7 +190,7 @@ class OpenSoraPlanSelfAttention(_AttentionBase):
         global length when ``padded_tokens`` include padding; ``key_bias``: ``[b, padded_tokens]``
         additive bias of the video keys (a video mask; one CP rank only)."""
         qkv, _ = self.linear_qkv(x)  # [s, b, 3h/tp]
-        q, k, v = (t.unflatten(-1, (self.heads_per_rank, self.head_dim)) for t in qkv.chunk(3, dim=-1))
+        q, k, v = (t.reshape(*t.shape[:-1], self.heads_per_rank, self.head_dim) for t in qkv.chunk(3, dim=-1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         n, block = self.sparse_n, self.block_groups
         if n > 1:
@@ -213,7 +226,7 @@ class OpenSoraPlanCrossAttention(_AttentionBase):
         q, _ = self.linear_q(x)
         kv, _ = self.linear_kv(context)
         k, v = kv.chunk(2, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads_per_rank, self.head_dim)).permute(1, 2, 0, 3) for t in (q, k, v))
+        q, k, v = (t.reshape(*t.shape[:-1], self.heads_per_rank, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
         out = self._kernel(_masked_attention, q, k, v, text_bias)
         out, _ = self.linear_proj(out.permute(2, 0, 1, 3).flatten(-2))
         return out
@@ -250,10 +263,34 @@ class OpenSoraPlanLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=config.params_dtype) / h**0.5)
         for part in (self.scale_shift_table, self.norm1, self.norm2):
             mark_sequence_parallel(part, config.sequence_parallel)
-        self.recompute_mlp = "mlp" in selective_recompute_modules(config)
+        recompute = selective_recompute_modules(config)
+        self.recompute_mlp = "mlp" in recompute
+        # layernorm: op-level recompute of the layer (common.op_level_checkpoint); with core_attn its
+        # attention kernels run again too, with mlp the FFN is recomputed whole as before
+        self.recompute_norms = "layernorm" in recompute
+        self.recompute_core_attention = "core_attn" in recompute
+        if self.recompute_norms:  # the regions recompute attention themselves (save_attention)
+            self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.mlp((upcast(self.norm2(x)) * (1 + scale) + shift).type_as(x))
+
+    def _attention_blocks(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
+                          text_bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                          valid_tokens: int | None, padded_tokens: int, key_bias: torch.Tensor | None) -> torch.Tensor:
+        shift_sa, scale_sa, gate_sa = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+        normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
+        attn = self.self_attention(normed, rope, valid_tokens, padded_tokens, key_bias)
+        x = (upcast(x) + upcast(attn) * gate_sa).type_as(x)
+        return x + self.cross_attention(x, context, text_bias)
+
+    def _ffn_block(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        ff = self._ffn(x, mod[:, :, 3], mod[:, :, 4])
+        return (upcast(x) + upcast(ff) * mod[:, :, 5]).type_as(x)
+
+    def _whole(self, x, mod, context, text_bias, rope, valid_tokens, padded_tokens, key_bias) -> torch.Tensor:
+        return self._ffn_block(self._attention_blocks(x, mod, context, text_bias, rope, valid_tokens, padded_tokens,
+                                                      key_bias), mod)
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, text_bias: torch.Tensor | None,
                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, *, valid_tokens: int | None, padded_tokens: int,
@@ -261,16 +298,22 @@ class OpenSoraPlanLayer(MegatronModule):
         """x: [s, b, h] (a sequence shard under SP/CP); time_mod: [1, b, 6, h]; context: [L, b, h];
         text_bias: [b, 1, 1, L]; rope tables of this CP shard's tokens."""
         rope = (rope_cos, rope_sin)
+        # shift/scale/gate of self-attention, then of the FFN, in fp32
         mod = upcast(self.scale_shift_table) + upcast(time_mod)  # [1, b, 6, h]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, :, i] for i in range(6))
-        normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
-        attn = self.self_attention(normed, rope, valid_tokens, padded_tokens, key_bias)
-        x = (upcast(x) + upcast(attn) * gate_sa).type_as(x)
-        x = x + self.cross_attention(x, context, text_bias)
-        if self.recompute_mlp and self.training and torch.is_grad_enabled():
-            # the Wan layer's way: torch's non-reentrant checkpoint, no RNG state (nothing random)
-            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, shift_ff, scale_ff, use_reentrant=False,
-                                                   preserve_rng_state=False)
+        attention_inputs = (x, mod, context, text_bias, rope, valid_tokens, padded_tokens, key_bias)
+        recompute = self.training and torch.is_grad_enabled()
+        if recompute and self.recompute_norms and not self.recompute_mlp:
+            # one region: only the layer's matmul and attention outputs are kept for the backward
+            return common.op_level_checkpoint(self._whole, *attention_inputs,
+                                              save_attention=not self.recompute_core_attention)
+        if recompute and self.recompute_norms:
+            x = common.op_level_checkpoint(self._attention_blocks, *attention_inputs,
+                                           save_attention=not self.recompute_core_attention)
         else:
-            ff = self._ffn(x, shift_ff, scale_ff)
-        return (upcast(x) + upcast(ff) * gate_ff).type_as(x)
+            x = self._attention_blocks(*attention_inputs)
+        if recompute and self.recompute_mlp:
+            # the Wan layer's way: torch's non-reentrant checkpoint, no RNG state (nothing random)
+            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, mod[:, :, 3], mod[:, :, 4], use_reentrant=False,
+                                                   preserve_rng_state=False)
+            return (upcast(x) + upcast(ff) * mod[:, :, 5]).type_as(x)
+        return self._ffn_block(x, mod)

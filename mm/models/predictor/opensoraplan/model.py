@@ -73,6 +73,9 @@ class OpenSoraPlanDiT(PipelinedDiT):
 
     display_name = "the Open-Sora-Plan DiT"
     RECOMPUTE_MODULES = OSP_RECOMPUTE_MODULES
+    # --compile-dit-blocks: a layer traces whole (its sparse pattern and lengths are Python ints,
+    # one graph per pattern)
+    COMPILES_BLOCKS = True
     # what travels between stages besides x and the grid: the raw time embedding (the head's), its
     # adaLN projection, the projected caption and the caption and video-token masks
     MESSAGE = {"time_emb": Hidden(), "time_mod": Hidden((6,)), "context": Hidden(), "text_mask": PerSample(1),

@@ -99,13 +99,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-WAN_RECOMPUTE_MODULES = common.RECOMPUTE_MODULES
+WAN_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 def selective_recompute_modules(config: TransformerConfig) -> set[str]:
     """What ``--recompute-granularity selective`` recomputes in a Wan layer (megatron's
     ``recompute_modules``, default ``core_attn``): ``core_attn`` the attention kernels of self- and
-    cross-attention, ``mlp`` the FFN with its adaLN-modulated input norm."""
+    cross-attention, ``mlp`` the FFN with its adaLN-modulated input norm, ``layernorm`` the norms and all
+    else but the matmuls and attention kernels (``common.op_level_checkpoint``)."""
     return common.selective_recompute_modules(config, "the Wan DiT", WAN_RECOMPUTE_MODULES)
 
 
@@ -211,10 +212,32 @@ class WanLayer(MegatronModule):
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=config.params_dtype) / h**0.5)
         mark_sequence_parallel(self.modulation, config.sequence_parallel)
         mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
-        self.recompute_mlp = "mlp" in selective_recompute_modules(config)
+        recompute = selective_recompute_modules(config)
+        self.recompute_mlp = "mlp" in recompute
+        # layernorm: op-level recompute of the layer (common.op_level_checkpoint); with core_attn
+        # its attention kernels run again too, with mlp the FFN is recomputed whole as before
+        self.recompute_norms = "layernorm" in recompute
+        self.recompute_core_attention = "core_attn" in recompute
+        if self.recompute_norms:  # the regions recompute attention themselves (save_attention)
+            self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.mlp(modulate(self.norm3, x, shift, scale))
+
+    def _attention_blocks(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
+                          context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                          valid_tokens: int | None) -> torch.Tensor:
+        shift_sa, scale_sa, gate_sa = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+        normed = modulate(self.norm1, x, shift_sa, scale_sa)
+        x = gated_residual(x, self.self_attention(normed, rope, valid_tokens), gate_sa)
+        return x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
+
+    def _ffn_block(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        return gated_residual(x, self._ffn(x, mod[:, :, 3], mod[:, :, 4]), mod[:, :, 5])
+
+    def _whole(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
+               rope: tuple[torch.Tensor, torch.Tensor], valid_tokens: int | None) -> torch.Tensor:
+        return self._ffn_block(self._attention_blocks(x, mod, context, context_img, rope, valid_tokens), mod)
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
@@ -222,16 +245,22 @@ class WanLayer(MegatronModule):
         """x: [s, b, h] (a sequence shard under SP); time_mod: [1, b, 6, h], or [s, b, 6, h] with
         per-token timesteps; context: [L, b, h]; valid_tokens: the unpadded video length when CP
         padded it."""
+        # shift/scale/gate of self-attention, then of the FFN, in fp32
         mod = upcast(self.modulation) + upcast(time_mod)  # [1|s, b, 6, h]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)
-        normed = modulate(self.norm1, x, shift_sa, scale_sa)
-        x = gated_residual(x, self.self_attention(normed, rope, valid_tokens), gate_sa)
-        x = x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
-        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+        recompute = self.training and torch.is_grad_enabled()
+        if recompute and self.recompute_norms and not self.recompute_mlp:
+            # one region: only the layer's matmul and attention outputs are kept for the backward
+            return common.op_level_checkpoint(self._whole, x, mod, context, context_img, rope, valid_tokens,
+                                              save_attention=not self.recompute_core_attention)
+        if recompute and self.recompute_norms:
+            x = common.op_level_checkpoint(self._attention_blocks, x, mod, context, context_img, rope, valid_tokens,
+                                           save_attention=not self.recompute_core_attention)
+        else:
+            x = self._attention_blocks(x, mod, context, context_img, rope, valid_tokens)
+        if recompute and self.recompute_mlp:
             # no randomness inside: the recompute needs no RNG state; torch's non-reentrant
             # checkpoint also works inside a torch.compile'd block
-            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, shift_ff, scale_ff, use_reentrant=False,
+            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, mod[:, :, 3], mod[:, :, 4], use_reentrant=False,
                                                    preserve_rng_state=False)
-        else:
-            ff = self._ffn(x, shift_ff, scale_ff)
-        return gated_residual(x, ff, gate_ff)
+            return gated_residual(x, ff, mod[:, :, 5])
+        return self._ffn_block(x, mod)
