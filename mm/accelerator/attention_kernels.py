@@ -228,13 +228,23 @@ def flash3_fallback_note() -> str | None:
     return f"--attention-kernel auto: flash-attention 3 is installed but cannot run here ({problem}); using cudnn"
 
 
+_KERNELS_FOR: dict[str, list[str]] = {}  # found once per accelerator
+
+
 def kernels_for(accelerator_name: str) -> list[str]:
-    """Kernels usable on an accelerator, fastest first (flash3 only where it can run)."""
-    if accelerator_name == "cuda":
-        return (["flash3"] if flash3_problem() is None else []) + ["cudnn", "flash", "math"]
-    if accelerator_name == "npu" and importlib.util.find_spec("torch_npu") is not None:
-        return ["npu_fusion_attention", "math"]
-    return ["math"]
+    """Kernels usable on an accelerator, fastest first (flash3 only where it can run). Found once per
+    process: compiled layers call this, and the lookups behind it (``importlib.util.find_spec``) would
+    break their graph, which inside a selectively checkpointed region runs the whole region eagerly.
+    ``mm.parallel.initialize_parallel`` looks it up before any layer runs."""
+    if accelerator_name not in _KERNELS_FOR:
+        if accelerator_name == "cuda":
+            found = (["flash3"] if flash3_problem() is None else []) + ["cudnn", "flash", "math"]
+        elif accelerator_name == "npu" and importlib.util.find_spec("torch_npu") is not None:
+            found = ["npu_fusion_attention", "math"]
+        else:
+            found = ["math"]
+        _KERNELS_FOR[accelerator_name] = found
+    return list(_KERNELS_FOR[accelerator_name])
 
 
 def available_kernels() -> list[str]:

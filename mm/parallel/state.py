@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
+from mm.accelerator.attention_kernels import available_kernels
 from mm.parallel.groups import MM_GROUP_BUILDERS, ParallelSizes, RankGroups
 
 _MM_GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -59,6 +60,7 @@ def initialize_parallel(
         _create_groups(name, build(sizes), rank, timedelta(minutes=timeout_minutes))
     _SIZES = sizes
     _ATTENTION.update(algo=cp_algo, overlap=cp_overlap, kernel=attention_kernel)
+    available_kernels()  # found now, outside any compiled layer (attention_kernels.kernels_for)
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -268,11 +268,13 @@ def stand_in_flash3(tmp_path, monkeypatch):
             monkeypatch.delitem(sys.modules, name, raising=False)
         monkeypatch.syspath_prepend(str(root))
         monkeypatch.setattr(attention_kernels, "_flash3", [])
+        monkeypatch.setattr(attention_kernels, "_KERNELS_FOR", {})
 
     yield make
     for name in ("flash_attn_interface", "flash_attn_3", "flash_attn_3._C"):
         sys.modules.pop(name, None)
     attention_kernels._flash3.clear()
+    attention_kernels._KERNELS_FOR.clear()
 
 
 def test_a_broken_flash3_install_is_never_picked(stand_in_flash3):

@@ -93,3 +93,40 @@ def test_a_kernel_run_as_an_autograd_function_keeps_its_gradients_when_compiled(
     assert all(g.abs().max() > 0 for g in grads[0])
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
+def _compiled_layernorm_worker(rank, world):
+    from tests.wan_helpers import inputs, megatron_config, tiny_kwargs
+
+    from mm.accelerator import attention_kernels
+    from mm.accelerator.device import get_accelerator
+    from mm.models.predictor.wan import WanDiT, WanDiTConfig
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    warmed = get_accelerator().name in attention_kernels._KERNELS_FOR
+    kwargs = tiny_kwargs(layers=2)
+    model = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs, recompute_granularity="selective",
+                                                           recompute_modules=["layernorm"])).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_blocks(backend="aot_eager")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = model(**inputs(kwargs, 1, 4, 4))
+    out.sum().backward()
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    destroy_parallel()
+    return warmed, breaks, saved
+
+
+def test_a_compiled_layer_with_op_level_recompute_stays_one_graph():
+    """A graph break inside the selectively checkpointed region would run the whole region eagerly
+    (what a kernel lookup inside the layer did on the GPU): the kernel list is found when the parallel
+    state starts, and a compiled Wan layer with --recompute-modules layernorm traces without a break,
+    saving the region's matmul outputs (compiled) rather than only the region's inputs (eager)."""
+    ((warmed, breaks, saved),) = run_distributed(1, _compiled_layernorm_worker)
+    assert warmed
+    assert breaks == 0
+    rows, ffn = 2 * (1 * 4 * 4 // 4), 40  # batch 2 x 4 tokens
+    assert (rows, ffn) in saved, saved  # the FFN input projection's output, kept by the compiled region
