@@ -108,7 +108,7 @@ def _training(p: argparse.ArgumentParser) -> None:
                    help="with --recompute-granularity selective: what each DiT layer recomputes in the backward "
                         "(core_attn: the attention kernels; mlp: the FFN with its adaLN input norm; layernorm: the "
                         "norms with all else that is not a matmul or attention kernel (adaLN modulation, RoPE, GELU, "
-                        "residuals), from the saved matmul and attention outputs; Wan's layers only); default core_attn")
+                        "residuals), from the saved matmul and attention outputs); default core_attn")
     g.add_argument("--compile-dit-blocks", action="store_true",
                    help="torch.compile each DiT layer (regional compilation: fused adaLN/norm/RoPE/GELU kernels)")
     g.add_argument("--exit-on-nan-loss", action="store_true",

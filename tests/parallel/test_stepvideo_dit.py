@@ -204,18 +204,27 @@ def _recompute_worker(rank, world):
                                                  recompute_num_layers=2),
                 "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
                 "selective": dict(recompute_granularity="selective"),
-                "selective_both": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])}
+                "selective_both": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+                # op-level recompute (its modules run again, its matmuls and attention kernels do not)
+                "selective_layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+                "selective_layernorm_mlp": dict(recompute_granularity="selective",
+                                                recompute_modules=["layernorm", "mlp"]),
+                "compiled_layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"])}
     results, fc1_calls = {}, {}
     for name, extra in settings.items():
         model = _model(arch, **extra).train()
         load_weights(model, source)
-        fc1_calls[name] = 0
-        for block in model.blocks:
-            block.ff.net[0].proj.register_forward_hook(
-                lambda *_, name=name: fc1_calls.__setitem__(name, fc1_calls[name] + 1))
+        if name.startswith("compiled"):
+            torch._dynamo.reset()
+            model.compile_blocks(backend="aot_eager")
+        elif "layernorm" not in name:
+            fc1_calls[name] = 0
+            for block in model.blocks:
+                block.ff.net[0].proj.register_forward_hook(
+                    lambda *_, name=name: fc1_calls.__setitem__(name, fc1_calls[name] + 1))
         results[name] = (*_step([model], GRIDS[0]), _grads([model]))
     try:
-        _model(arch, recompute_granularity="selective", recompute_modules=["layernorm"])
+        _model(arch, recompute_granularity="selective", recompute_modules=["moe"])
         refusal = None
     except ValueError as e:
         refusal = str(e)
@@ -226,7 +235,7 @@ def _recompute_worker(rank, world):
 def test_activation_recompute_gives_the_same_gradients():
     ((results, fc1_calls, refusal),) = run_distributed(1, _recompute_worker)
     assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "selective": 3, "selective_both": 6}
-    assert refusal == "--recompute-modules layernorm: the Step-Video DiT recomputes core_attn, mlp only"
+    assert refusal == "--recompute-modules moe: the Step-Video DiT recomputes core_attn, mlp, layernorm only"
     ref_out, _, ref_grads = results.pop("none")
     for name, (out, _, grads) in results.items():
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12, msg=name)

@@ -328,9 +328,12 @@ def test_training_checks_the_tokenizers_the_dit_and_the_encoder_order(run, asset
     assert run("inference", model=no_dit)[0].startswith(f"predictor.from_pretrained = '{gone / 'transformer'}'")
 
 
-def test_a_recompute_module_the_family_does_not_implement_is_refused(run):
+def test_a_recompute_module_the_family_does_not_implement_is_refused(run, monkeypatch):
+    from mm.families.stepvideo.model import StepVideoDiT
+
     flags = ["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp"]
+    assert run("train", flags=flags) == []
+    monkeypatch.setattr(StepVideoDiT, "RECOMPUTE_MODULES", ("core_attn", "mlp"))  # a family without layernorm
     problems = run("train", flags=flags)
     assert any(p.startswith("--recompute-modules layernorm: predictor 'stepvideodit'") and
                "recomputes core_attn, mlp; valid: those" in p for p in problems), problems
-    assert run("train", flags=flags[:-2] + ["mlp"]) == []

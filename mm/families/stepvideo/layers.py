@@ -26,7 +26,9 @@ The tensor-parallel linears, fp32 LayerNorm and sequence-parallel tagging are ev
   prompt); no RoPE.
 
 Selective recompute (``--recompute-modules``): ``core_attn`` keeps only the inputs of the attention
-kernels (self- and cross-attention), ``mlp`` the FFN with its adaLN-modulated input norm.
+kernels (self- and cross-attention), ``mlp`` the FFN with its adaLN-modulated input norm,
+``layernorm`` keeps only the matmul and attention outputs and recomputes the rest
+(``common.layer_with_recompute``).
 Parameters applied to sequence shards but not split by TP (adaLN tables, norm1/norm2) are tagged
 ``sequence_parallel``.
 """
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -51,7 +52,7 @@ from mm.models.predictor.common import (
 )
 from mm.parallel.attention import CoreAttention
 
-STEPVIDEO_RECOMPUTE_MODULES = ("core_attn", "mlp")
+STEPVIDEO_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 def selective_recompute_modules(config: TransformerConfig) -> set[str]:
@@ -235,10 +236,22 @@ class StepVideoLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=dtype) / h**0.5)
         for part in (self.norm1, self.norm2, self.scale_shift_table):
             mark_sequence_parallel(part, config.sequence_parallel)
-        self.recompute_mlp = "mlp" in selective_recompute_modules(config)
+        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
+        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
+        self.recompute = selective_recompute_modules(config)
+        if "layernorm" in self.recompute:
+            self.attn1.recompute_core_attention = self.attn2.recompute_core_attention = False
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.ff(modulate(self.norm2, x, shift, scale))
+
+    def _attention_blocks(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
+                          context_mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                          valid_tokens: int | None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+        attn = self.attn1(modulate(self.norm1, x, shift_msa, scale_msa), rope, valid_tokens)
+        x = gated_residual(x, attn, gate_msa)
+        return x + self.attn2(x, context, context_mask)
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
@@ -247,14 +260,6 @@ class StepVideoLayer(MegatronModule):
         context_mask: [b, 1, 1, L] bool or None; rope: this CP shard's tables; valid_tokens: the
         unpadded video length when the sequence was padded."""
         mod = upcast(self.scale_shift_table) + upcast(time_mod)  # [1, b, 6, h]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(2)
-        attn = self.attn1(modulate(self.norm1, x, shift_msa, scale_msa), rope, valid_tokens)
-        x = gated_residual(x, attn, gate_msa)
-        x = x + self.attn2(x, context, context_mask)
-        if self.recompute_mlp and self.training and torch.is_grad_enabled():
-            # nothing random inside: the recompute needs no RNG state
-            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, shift_mlp, scale_mlp, use_reentrant=False,
-                                                   preserve_rng_state=False)
-        else:
-            ff = self._ffn(x, shift_mlp, scale_mlp)
-        return gated_residual(x, ff, gate_mlp)
+        return common.layer_with_recompute(
+            self._attention_blocks, self._ffn, gated_residual, (x, mod, context, context_mask, rope, valid_tokens),
+            (mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]), self.recompute, self.training and torch.is_grad_enabled())

@@ -149,3 +149,36 @@ def op_level_checkpoint(function: Callable, *args, save_attention: bool = True):
                                    functools.partial(_op_level_policy, save_attention))
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn,
                                              preserve_rng_state=False)
+
+
+def layer_with_recompute(attention_part: Callable[..., torch.Tensor],
+                         ffn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                         residual: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                         attention_args: tuple, ffn_mod: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                         recompute: set[str], active: bool) -> torch.Tensor:
+    """A DiT layer ``residual(x, ffn(x, shift, scale), gate)`` with ``x = attention_part(*attention_args)``
+    (the adaLN-modulated attention blocks with their residuals), under the layer's selective
+    recompute (``recompute``: ``selective_recompute_modules``; ``active``: training with gradients).
+
+    ``layernorm`` puts the layer (with ``mlp``: its attention half) in one ``op_level_checkpoint``
+    region; ``mlp`` checkpoints the FFN with its modulated input norm (torch's non-reentrant
+    checkpoint, which also works inside a compiled layer; nothing random inside, so no RNG state);
+    ``core_attn`` with ``layernorm`` lets the region run the attention kernels again too (without
+    ``layernorm`` the attention modules checkpoint their kernels themselves)."""
+    shift, scale, gate = ffn_mod
+    norms, mlp = active and "layernorm" in recompute, active and "mlp" in recompute
+    save_attention = "core_attn" not in recompute
+    if norms and not mlp:  # one region: only the layer's matmul and attention outputs are kept
+        def whole(shift_, scale_, gate_, *args):
+            x_ = attention_part(*args)
+            return residual(x_, ffn(x_, shift_, scale_), gate_)
+        return op_level_checkpoint(whole, shift, scale, gate, *attention_args, save_attention=save_attention)
+    if norms:
+        x = op_level_checkpoint(attention_part, *attention_args, save_attention=save_attention)
+    else:
+        x = attention_part(*attention_args)
+    if mlp:
+        ff = torch.utils.checkpoint.checkpoint(ffn, x, shift, scale, use_reentrant=False, preserve_rng_state=False)
+    else:
+        ff = ffn(x, shift, scale)
+    return residual(x, ff, gate)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -263,57 +262,35 @@ class OpenSoraPlanLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=config.params_dtype) / h**0.5)
         for part in (self.scale_shift_table, self.norm1, self.norm2):
             mark_sequence_parallel(part, config.sequence_parallel)
-        recompute = selective_recompute_modules(config)
-        self.recompute_mlp = "mlp" in recompute
-        # layernorm: op-level recompute of the layer (common.op_level_checkpoint); with core_attn its
-        # attention kernels run again too, with mlp the FFN is recomputed whole as before
-        self.recompute_norms = "layernorm" in recompute
-        self.recompute_core_attention = "core_attn" in recompute
-        if self.recompute_norms:  # the regions recompute attention themselves (save_attention)
+        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
+        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
+        self.recompute = selective_recompute_modules(config)
+        if "layernorm" in self.recompute:
             self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.mlp((upcast(self.norm2(x)) * (1 + scale) + shift).type_as(x))
+
+    @staticmethod
+    def _residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (upcast(x) + upcast(y) * gate).type_as(x)
 
     def _attention_blocks(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
                           text_bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
                           valid_tokens: int | None, padded_tokens: int, key_bias: torch.Tensor | None) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
         normed = (upcast(self.norm1(x)) * (1 + scale_sa) + shift_sa).type_as(x)
-        attn = self.self_attention(normed, rope, valid_tokens, padded_tokens, key_bias)
-        x = (upcast(x) + upcast(attn) * gate_sa).type_as(x)
+        x = self._residual(x, self.self_attention(normed, rope, valid_tokens, padded_tokens, key_bias), gate_sa)
         return x + self.cross_attention(x, context, text_bias)
-
-    def _ffn_block(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        ff = self._ffn(x, mod[:, :, 3], mod[:, :, 4])
-        return (upcast(x) + upcast(ff) * mod[:, :, 5]).type_as(x)
-
-    def _whole(self, x, mod, context, text_bias, rope, valid_tokens, padded_tokens, key_bias) -> torch.Tensor:
-        return self._ffn_block(self._attention_blocks(x, mod, context, text_bias, rope, valid_tokens, padded_tokens,
-                                                      key_bias), mod)
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, text_bias: torch.Tensor | None,
                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, *, valid_tokens: int | None, padded_tokens: int,
                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [s, b, h] (a sequence shard under SP/CP); time_mod: [1, b, 6, h]; context: [L, b, h];
         text_bias: [b, 1, 1, L]; rope tables of this CP shard's tokens."""
-        rope = (rope_cos, rope_sin)
         # shift/scale/gate of self-attention, then of the FFN, in fp32
         mod = upcast(self.scale_shift_table) + upcast(time_mod)  # [1, b, 6, h]
-        attention_inputs = (x, mod, context, text_bias, rope, valid_tokens, padded_tokens, key_bias)
-        recompute = self.training and torch.is_grad_enabled()
-        if recompute and self.recompute_norms and not self.recompute_mlp:
-            # one region: only the layer's matmul and attention outputs are kept for the backward
-            return common.op_level_checkpoint(self._whole, *attention_inputs,
-                                              save_attention=not self.recompute_core_attention)
-        if recompute and self.recompute_norms:
-            x = common.op_level_checkpoint(self._attention_blocks, *attention_inputs,
-                                           save_attention=not self.recompute_core_attention)
-        else:
-            x = self._attention_blocks(*attention_inputs)
-        if recompute and self.recompute_mlp:
-            # the Wan layer's way: torch's non-reentrant checkpoint, no RNG state (nothing random)
-            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, mod[:, :, 3], mod[:, :, 4], use_reentrant=False,
-                                                   preserve_rng_state=False)
-            return (upcast(x) + upcast(ff) * mod[:, :, 5]).type_as(x)
-        return self._ffn_block(x, mod)
+        args = (x, mod, context, text_bias, (rope_cos, rope_sin), valid_tokens, padded_tokens, key_bias)
+        return common.layer_with_recompute(self._attention_blocks, self._ffn, self._residual, args,
+                                           (mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]), self.recompute,
+                                           self.training and torch.is_grad_enabled())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
@@ -212,13 +211,10 @@ class WanLayer(MegatronModule):
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=config.params_dtype) / h**0.5)
         mark_sequence_parallel(self.modulation, config.sequence_parallel)
         mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
-        recompute = selective_recompute_modules(config)
-        self.recompute_mlp = "mlp" in recompute
-        # layernorm: op-level recompute of the layer (common.op_level_checkpoint); with core_attn
-        # its attention kernels run again too, with mlp the FFN is recomputed whole as before
-        self.recompute_norms = "layernorm" in recompute
-        self.recompute_core_attention = "core_attn" in recompute
-        if self.recompute_norms:  # the regions recompute attention themselves (save_attention)
+        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
+        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
+        self.recompute = selective_recompute_modules(config)
+        if "layernorm" in self.recompute:
             self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -232,13 +228,6 @@ class WanLayer(MegatronModule):
         x = gated_residual(x, self.self_attention(normed, rope, valid_tokens), gate_sa)
         return x + self.cross_attention(self.cross_attn_norm(x), context, context_img)
 
-    def _ffn_block(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        return gated_residual(x, self._ffn(x, mod[:, :, 3], mod[:, :, 4]), mod[:, :, 5])
-
-    def _whole(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
-               rope: tuple[torch.Tensor, torch.Tensor], valid_tokens: int | None) -> torch.Tensor:
-        return self._ffn_block(self._attention_blocks(x, mod, context, context_img, rope, valid_tokens), mod)
-
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
                 valid_tokens: int | None = None) -> torch.Tensor:
@@ -247,20 +236,6 @@ class WanLayer(MegatronModule):
         padded it."""
         # shift/scale/gate of self-attention, then of the FFN, in fp32
         mod = upcast(self.modulation) + upcast(time_mod)  # [1|s, b, 6, h]
-        recompute = self.training and torch.is_grad_enabled()
-        if recompute and self.recompute_norms and not self.recompute_mlp:
-            # one region: only the layer's matmul and attention outputs are kept for the backward
-            return common.op_level_checkpoint(self._whole, x, mod, context, context_img, rope, valid_tokens,
-                                              save_attention=not self.recompute_core_attention)
-        if recompute and self.recompute_norms:
-            x = common.op_level_checkpoint(self._attention_blocks, x, mod, context, context_img, rope, valid_tokens,
-                                           save_attention=not self.recompute_core_attention)
-        else:
-            x = self._attention_blocks(x, mod, context, context_img, rope, valid_tokens)
-        if recompute and self.recompute_mlp:
-            # no randomness inside: the recompute needs no RNG state; torch's non-reentrant
-            # checkpoint also works inside a torch.compile'd block
-            ff = torch.utils.checkpoint.checkpoint(self._ffn, x, mod[:, :, 3], mod[:, :, 4], use_reentrant=False,
-                                                   preserve_rng_state=False)
-            return gated_residual(x, ff, mod[:, :, 5])
-        return self._ffn_block(x, mod)
+        return common.layer_with_recompute(
+            self._attention_blocks, self._ffn, gated_residual, (x, mod, context, context_img, rope, valid_tokens),
+            (mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]), self.recompute, self.training and torch.is_grad_enabled())
