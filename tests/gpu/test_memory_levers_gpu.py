@@ -6,15 +6,10 @@ tests/parallel/test_wan_dit.py and test_opensoraplan_dit.py."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from mm.accelerator.attention_kernels import kernels_for
+from tests.gpu import GPU_KERNELS, run_script
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.gpu
 
 _LEVERS = """
@@ -70,10 +65,6 @@ print('ok')
 """
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", pytest.param("flash3", marks=pytest.mark.skipif(
-    "flash3" not in kernels_for("cuda"), reason="flash-attention 3 is not installed"))])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_layernorm_recompute_matches_and_holds_less(kernel):
-    result = subprocess.run([sys.executable, "-c", _LEVERS, kernel], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+    run_script(_LEVERS, kernel)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from mm.accelerator.attention_kernels import kernels_for
+from tests.gpu import GPU_KERNELS, REPO, run_script
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.gpu
 
 _SMALL = """
@@ -55,14 +53,10 @@ print('ok')
 """
 
 
-@pytest.mark.parametrize("kernel", ["cudnn", pytest.param("flash3", marks=pytest.mark.skipif(
-    "flash3" not in kernels_for("cuda"), reason="flash-attention 3 is not installed"))])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_bf16_parity_and_compile_without_graph_breaks(kernel):
     """head dim 128 (256 / 2 heads); flash3 goes through mm's kernel interface, not torch's SDPA"""
-    result = subprocess.run([sys.executable, "-c", _SMALL, kernel], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+    run_script(_SMALL, kernel)
 
 
 def test_full_size_wan_1_3b_forward_backward():
