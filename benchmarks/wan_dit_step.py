@@ -120,7 +120,7 @@ def parse_variant(spec: str) -> tuple[str, bool, str, str]:
         raise SystemExit(f"variant {spec!r}: @{kernel}; valid for mm: {', '.join(KERNEL_CHOICES)} (diffusers: none)")
     modules = ("core_attn", "mlp", "layernorm")
     valid = (("none", "full", *modules) if impl == "mm" else ("none", "ckpt"))
-    selective = impl == "mm" and recompute.split("+") and set(recompute.split("+")) <= set(modules)
+    selective = impl == "mm" and set(recompute.split("+")) <= set(modules)
     if recompute not in valid and not selective and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
         raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
                          + (", blockN, several of core_attn/mlp/layernorm joined by +" if impl == "mm" else ""))

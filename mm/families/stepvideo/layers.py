@@ -130,7 +130,8 @@ class _Attention(MegatronModule):
         self.k_norm = HeadRMSNorm(arch.head_dim, arch.attention_norm_eps, tp, config.params_dtype)
         self.proj_out = row_parallel_linear(config, arch.hidden_size, arch.hidden_size, bias=False)
         self.core_attention = CoreAttention(context_parallel=context_parallel)
-        self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
+        # core_attn: the kernels are checkpointed here, unless the layer's layernorm region decides
+        self.recompute_core_attention = common.checkpoints_attention_kernels(selective_recompute_modules(config))
 
     def _kernel(self, fn, *tensors):
         if self.recompute_core_attention and self.training:
@@ -236,11 +237,7 @@ class StepVideoLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=dtype) / h**0.5)
         for part in (self.norm1, self.norm2, self.scale_shift_table):
             mark_sequence_parallel(part, config.sequence_parallel)
-        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
-        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
-        self.recompute = selective_recompute_modules(config)
-        if "layernorm" in self.recompute:
-            self.attn1.recompute_core_attention = self.attn2.recompute_core_attention = False
+        self.recompute = selective_recompute_modules(config)  # common.layer_with_recompute
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.ff(modulate(self.norm2, x, shift, scale))

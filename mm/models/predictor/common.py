@@ -120,6 +120,12 @@ def selective_recompute_modules(config: TransformerConfig, model: str,
     return modules
 
 
+def checkpoints_attention_kernels(recompute: set[str]) -> bool:
+    """Whether an attention module checkpoints its kernels itself: with ``core_attn``, unless the
+    layer's ``layernorm`` region (``layer_with_recompute``) already decides what attention keeps."""
+    return "core_attn" in recompute and "layernorm" not in recompute
+
+
 # the matmuls whose outputs op-level recompute keeps (``linear``/``matmul`` reach one of these)
 _MATMUL_OPS = frozenset((torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                          torch.ops.aten.baddbmm.default))

@@ -30,7 +30,6 @@ modulation, RoPE, the sparse fold, GELU, residuals; ``common.op_level_checkpoint
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -138,7 +137,8 @@ def group_valid_counts(valid_tokens: int, padded_tokens: int, n: int, block: boo
 class _AttentionBase(MegatronModule):
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
-        self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
+        # core_attn: the kernels are checkpointed here, unless the layer's layernorm region decides
+        self.recompute_core_attention = common.checkpoints_attention_kernels(selective_recompute_modules(config))
 
     def _kernel(self, fn, *tensors: torch.Tensor | None) -> torch.Tensor:
         """``fn(*tensors)``, an attention kernel; under selective ``core_attn`` recompute only its
@@ -262,11 +262,7 @@ class OpenSoraPlanLayer(MegatronModule):
         self.scale_shift_table = torch.nn.Parameter(torch.randn(6, h, dtype=config.params_dtype) / h**0.5)
         for part in (self.scale_shift_table, self.norm1, self.norm2):
             mark_sequence_parallel(part, config.sequence_parallel)
-        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
-        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
-        self.recompute = selective_recompute_modules(config)
-        if "layernorm" in self.recompute:
-            self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
+        self.recompute = selective_recompute_modules(config)  # common.layer_with_recompute
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.mlp((upcast(self.norm2(x)) * (1 + scale) + shift).type_as(x))

@@ -120,7 +120,8 @@ class _AttentionBase(MegatronModule):
         self.k_norm = TPRMSNorm(h, wan.eps, tp, config.params_dtype)
         self.core_attention = CoreAttention(context_parallel=context_parallel)
         self.linear_proj = row_parallel_linear(config, h, h)
-        self.recompute_core_attention = "core_attn" in selective_recompute_modules(config)
+        # core_attn: the kernels are checkpointed here, unless the layer's layernorm region decides
+        self.recompute_core_attention = common.checkpoints_attention_kernels(selective_recompute_modules(config))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
@@ -211,11 +212,7 @@ class WanLayer(MegatronModule):
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, h, dtype=config.params_dtype) / h**0.5)
         mark_sequence_parallel(self.modulation, config.sequence_parallel)
         mark_sequence_parallel(self.cross_attn_norm, config.sequence_parallel)
-        # selective recompute of the layer (common.layer_with_recompute); under layernorm the
-        # op-level region recomputes attention itself (with core_attn) or keeps its outputs
-        self.recompute = selective_recompute_modules(config)
-        if "layernorm" in self.recompute:
-            self.self_attention.recompute_core_attention = self.cross_attention.recompute_core_attention = False
+        self.recompute = selective_recompute_modules(config)  # common.layer_with_recompute
 
     def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.mlp(modulate(self.norm3, x, shift, scale))
