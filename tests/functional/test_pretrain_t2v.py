@@ -61,6 +61,19 @@ def test_tp2_sp_cp2_training_equals_one_process(assets):
 
 
 @pytest.mark.slow
+def test_op_level_recompute_training_equals_one_process_without(assets):
+    """--recompute-granularity selective --recompute-modules layernorm mlp through pretrain_t2v.py under
+    TP2 + SP: the losses of one process without recompute."""
+    ref, _ = _train(assets, 1)
+    rec, _ = _train(assets, 2, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                    "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp")
+    assert len(ref) == len(rec) == 4
+    for a, b in zip(ref, rec):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, rec)
+    assert ref[-1] != ref[0]
+
+
+@pytest.mark.slow
 def test_encoder_dp_and_offload_training_equals_one_process(assets):
     ref, _ = _train(assets, 1, iters=3)
     variant = _variant(assets, "encdp", {"enable_encoder_dp": True, "encoder_offload_interval": 2})
