@@ -10,8 +10,8 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``IMPL[+compile][:RECOMPUTE]``: IMPL ``mm`` or ``diffusers``; ``+compile`` compiles each DiT block
 (mm: ``WanDiT.compile_blocks``, what ``--compile-dit-blocks`` does; diffusers:
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
-(full recompute of the first N layers), ``core_attn``, ``mlp``, ``layernorm`` or several joined
-by ``+`` (selective, ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
+(full recompute of the first N layers; ``blockN+MODULES``: those modules selectively in the other
+layers), ``core_attn``, ``mlp``, ``layernorm`` or several joined by ``+`` (selective, ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
 block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer``
 makes each training step a whole one: mm's model in megatron-core's DDP
 (fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
@@ -120,10 +120,13 @@ def parse_variant(spec: str) -> tuple[str, bool, str, str]:
         raise SystemExit(f"variant {spec!r}: @{kernel}; valid for mm: {', '.join(KERNEL_CHOICES)} (diffusers: none)")
     modules = ("core_attn", "mlp", "layernorm")
     valid = (("none", "full", *modules) if impl == "mm" else ("none", "ckpt"))
-    selective = impl == "mm" and set(recompute.split("+")) <= set(modules)
-    if recompute not in valid and not selective and not (impl == "mm" and re.fullmatch(r"block\d+", recompute)):
+    parts = recompute.split("+")
+    block = re.fullmatch(r"block\d+", parts[0]) is not None
+    selective = impl == "mm" and set(parts[block:]) <= set(modules)
+    if recompute not in valid and not selective:
         raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
-                         + (", blockN, several of core_attn/mlp/layernorm joined by +" if impl == "mm" else ""))
+                         + (", blockN, several of core_attn/mlp/layernorm joined by + (after blockN: in the "
+                            "other layers)" if impl == "mm" else ""))
     return impl, bool(compiled), recompute, kernel
 
 
@@ -132,8 +135,10 @@ def mm_recompute(recompute: str) -> dict:
         return {}
     if recompute == "full":
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if recompute.startswith("block"):
-        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=int(recompute[5:]))
+    if recompute.startswith("block"):  # blockN[+modules]: the modules in the layers after the first N
+        block, *modules = recompute.split("+")
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=int(block[5:]),
+                    recompute_modules=modules)
     return dict(recompute_granularity="selective", recompute_modules=recompute.split("+"))
 
 

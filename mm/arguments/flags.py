@@ -105,7 +105,8 @@ def _training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
     g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
-                   help="with --recompute-granularity selective: what each DiT layer recomputes in the backward "
+                   help="with --recompute-granularity selective (or full with --recompute-method block: in the "
+                        "layers after the first --recompute-num-layers): what each DiT layer recomputes in the backward "
                         "(core_attn: the attention kernels; mlp: the FFN with its adaLN input norm; layernorm: the "
                         "norms with all else that is not a matmul or attention kernel (adaLN modulation, RoPE, GELU, "
                         "residuals), from the saved matmul and attention outputs); default core_attn")

@@ -108,9 +108,18 @@ def _check_precision_and_recompute(args: argparse.Namespace, problems: list[str]
             "--recompute-granularity full needs --recompute-method (uniform or block) and --recompute-num-layers"
         )
     if args.recompute_modules is not None:
-        if args.recompute_granularity != "selective":
+        if args.recompute_granularity != "selective" and not (args.recompute_granularity == "full"
+                                                               and args.recompute_method == "block"):
             problems.append(f"--recompute-modules {' '.join(args.recompute_modules)} needs --recompute-granularity "
-                            f"selective (got {args.recompute_granularity})")
+                            f"selective, or full with --recompute-method block (the modules are then recomputed in "
+                            f"the layers after the first --recompute-num-layers); got --recompute-granularity "
+                            f"{args.recompute_granularity} --recompute-method {args.recompute_method}")
+        elif args.recompute_granularity == "full" and args.recompute_modules == ["core_attn"]:
+            # megatron-core's default recompute_modules, which it ignores under full
+            problems.append("--recompute-modules core_attn with --recompute-granularity full --recompute-method block: "
+                            "core_attn alone is megatron-core's default, ignored under full; add mlp or layernorm "
+                            "for the layers after the first --recompute-num-layers, or use --recompute-granularity "
+                            "selective")
         if "layernorm" in args.recompute_modules and args.context_parallel_size > 1:
             # the CP attention's sends, receives and all-to-alls would run again in the recompute
             problems.append(f"--recompute-modules layernorm is for runs without context parallelism (got "

@@ -264,7 +264,8 @@ class FamilySpec:
         if config.args.compile_dit_blocks and not self.compiles(model_id):
             problems.append(f"--compile-dit-blocks: predictor {model_id!r} ({self.name}) does not compile its layers; "
                             "leave the flag out")
-        recompute = set(config.args.recompute_modules or ()) if config.args.recompute_granularity == "selective" else set()
+        recompute = set(config.args.recompute_modules or ()) if config.args.recompute_granularity in ("selective", "full") \
+            else set()
         can = tuple(getattr(self.predictors[model_id][0], "RECOMPUTE_MODULES", ()))
         if recompute - set(can):
             problems.append(f"--recompute-modules {' '.join(sorted(recompute - set(can)))}: predictor {model_id!r} "

@@ -539,6 +539,9 @@ def _recompute_worker(rank, world, source):
                 "compiled": {}, "compiled_layernorm": layernorm,
                 "compiled_full_block": dict(recompute_granularity="full", recompute_method="block",
                                             recompute_num_layers=2),
+                # the first layer recomputed whole, the others with op-level recompute
+                "compiled_block_layernorm": dict(recompute_granularity="full", recompute_method="block",
+                                                 recompute_num_layers=1, recompute_modules=["layernorm", "mlp"]),
                 "none_video_mask": {}, "compiled_video_mask": {}, "compiled_layernorm_video_mask": layernorm}
     results = {}
     for name, extra in settings.items():
@@ -546,6 +549,8 @@ def _recompute_worker(rank, world, source):
         load_reference_weights(model, source)
         if name.startswith("compiled"):
             model.compile_blocks(backend="aot_eager")
+        if name == "compiled_block_layernorm":
+            assert [b.recompute for b in model.blocks] == [set()] + [{"layernorm", "mlp"}] * (len(model.blocks) - 1)
         out, x = _run(model, _inputs(osp, video_mask=name.endswith("video_mask")))
         results[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()}, x["context"].grad)
     destroy_parallel()

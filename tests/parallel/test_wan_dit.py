@@ -141,17 +141,25 @@ def _recompute_worker(rank, world):
     def selective(*modules):
         return dict(recompute_granularity="selective", recompute_modules=list(modules))
 
+    def block(layers, *modules):  # without modules: megatron's default, ignored under full
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=layers,
+                    **(dict(recompute_modules=list(modules)) if modules else {}))
+
     results = {}
     settings = {"none": {}, "full_uniform": dict(recompute_granularity="full", recompute_method="uniform",
                                                  recompute_num_layers=2),
-                "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+                "full_block": block(2),
+                # block recompute of the first layers, the modules selectively in the others
+                "block_mlp": block(1, "mlp"), "block_layernorm": block(2, "layernorm"),
+                "block_layernorm_core_attn": block(2, "layernorm", "core_attn"),
                 "selective": dict(recompute_granularity="selective"),
                 "selective_mlp": selective("mlp"), "selective_both": selective("core_attn", "mlp"),
                 "selective_layernorm": selective("layernorm"), "selective_layernorm_mlp": selective("layernorm", "mlp"),
                 "selective_layernorm_core_attn": selective("layernorm", "core_attn"),
                 # --compile-dit-blocks (traced by dynamo + AOT autograd, run without inductor on the CPU)
                 "compiled": {}, "compiled_mlp": selective("mlp"), "compiled_layernorm": selective("layernorm"),
-                "compiled_layernorm_mlp": selective("layernorm", "mlp")}
+                "compiled_layernorm_mlp": selective("layernorm", "mlp"),
+                "compiled_block_layernorm": block(1, "layernorm")}
     fc1_calls, flops = {}, {}
     for name, extra in settings.items():
         model = _build_mm(kwargs, dtype=torch.float64, **extra)
@@ -167,6 +175,9 @@ def _recompute_worker(rank, world):
             for block in model.blocks:
                 block.mlp.linear_fc1.register_forward_hook(
                     lambda *_, name=name: fc1_calls.__setitem__(name, fc1_calls[name] + 1))
+        if name.startswith("block") or name.endswith("block_layernorm"):  # the first layers recomputed whole
+            first = extra["recompute_num_layers"]
+            assert [block.recompute for block in model.blocks] == [set()] * first + [set(extra["recompute_modules"])] * (3 - first)
         counter, attention = FlopCounterMode(display=False), _AttentionKernelRuns()
         with counter, attention:  # the matmuls and attention kernels that really ran (not cached results)
             out = model(**x)
@@ -179,8 +190,12 @@ def _recompute_worker(rank, world):
 
 def test_activation_recompute_gives_the_same_gradients():
     ((results, fc1_calls, flops),) = run_distributed(1, _recompute_worker)
-    assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "selective": 3, "selective_mlp": 6,
-                         "selective_both": 6}
+    assert fc1_calls == {"none": 3, "full_uniform": 6, "full_block": 5, "block_mlp": 6, "selective": 3,
+                         "selective_mlp": 6, "selective_both": 6}
+    # block 2 + layernorm in the third layer: the matmuls and attention kernels of the whole-layer
+    # recompute only (2 layers x 3 attentions again); with core_attn the third layer's kernels too
+    assert flops["block_layernorm"] == flops["full_block"] and flops["full_block"][1] == 9 + 6
+    assert flops["block_layernorm_core_attn"] == (flops["full_block"][0], 9 + 6 + 3)
     # op-level recompute runs no matmul or attention kernel again; with mlp the FFN's input projection
     # runs twice, as without it; with core_attn each attention kernel runs twice (3 layers x self,
     # text and image attention)

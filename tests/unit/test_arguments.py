@@ -265,9 +265,17 @@ def test_recompute_method_needs_full(tmp_path):
 
 def test_recompute_modules_need_selective(tmp_path):
     msg = _problems(tmp_path, flags=["--recompute-modules", "mlp"])
-    assert "--recompute-modules mlp needs --recompute-granularity selective (got None)" in msg
+    assert ("--recompute-modules mlp needs --recompute-granularity selective, or full with --recompute-method "
+            "block") in msg and "got --recompute-granularity None --recompute-method None" in msg
     cfg = _load(tmp_path, flags=["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"])
     assert cfg.args.recompute_modules == ["core_attn", "mlp"]
+    full = ["--recompute-granularity", "full", "--recompute-num-layers", "2", "--recompute-modules", "layernorm"]
+    msg = _problems(tmp_path, flags=full + ["--recompute-method", "uniform"])
+    assert "got --recompute-granularity full --recompute-method uniform" in msg
+    # block: the first 2 layers recomputed whole, layernorm in the others
+    assert _load(tmp_path, flags=full + ["--recompute-method", "block"]).args.recompute_modules == ["layernorm"]
+    msg = _problems(tmp_path, flags=full[:-1] + ["core_attn", "--recompute-method", "block"])
+    assert "core_attn alone is megatron-core's default, ignored under full" in msg
 
 
 def test_recompute_modules_choices(tmp_path):

@@ -109,7 +109,7 @@ class StepVideoDiT(PipelinedDiT):
                                                   dtype)
             if arch.clip_channels is not None:
                 self.clip_projection = torch.nn.Linear(arch.clip_channels, h, dtype=dtype)
-        self.blocks = torch.nn.ModuleList(StepVideoLayer(arch, config, i) for i in self.layer_numbers)
+        self.blocks = torch.nn.ModuleList(StepVideoLayer(arch, self.layer_config(i), i) for i in self.layer_numbers)
         if post_process:
             self.norm_out = FP32LayerNorm(h, eps=arch.norm_eps, elementwise_affine=False)
             self.scale_shift_table = torch.nn.Parameter(torch.randn(2, h, dtype=dtype) / h**0.5)

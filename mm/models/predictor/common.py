@@ -104,6 +104,10 @@ def row_parallel_linear(config: TransformerConfig, in_size: int, out_size: int,
                               bias=bias, input_is_parallel=True, skip_bias_add=False)
 
 
+# what megatron-core's TransformerConfig fills recompute_modules with when none is given
+MEGATRON_DEFAULT_MODULES = ["core_attn"]
+
+
 def selective_recompute_modules(config: TransformerConfig, model: str,
                                 valid: Sequence[str] = RECOMPUTE_MODULES) -> set[str]:
     """What ``--recompute-granularity selective`` recomputes in a layer of ``model`` (megatron's
@@ -157,6 +161,22 @@ def op_level_checkpoint(function: Callable, *args, save_attention: bool = True):
                                              preserve_rng_state=False)
 
 
+def _recompute_everything(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def module_checkpoint(function: Callable, *args):
+    """``function(*args)`` keeping only its inputs for the backward, which runs it again (``mlp``).
+    A plain checkpoint inside a compiled layer lets AOT autograd's partitioner keep the outputs of
+    matmuls anyway (it does not recompute compute-bound ops unless told to): the FFN input projection's
+    output stayed saved and only the activation ran again. Every op is therefore marked
+    ``MUST_RECOMPUTE``, which the partitioner obeys; eagerly this is a plain checkpoint. Nothing random
+    may run inside (the recompute does not restore RNG state)."""
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _recompute_everything)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn,
+                                             preserve_rng_state=False)
+
+
 def layer_with_recompute(attention_part: Callable[..., torch.Tensor],
                          ffn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                          residual: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -167,8 +187,8 @@ def layer_with_recompute(attention_part: Callable[..., torch.Tensor],
     recompute (``recompute``: ``selective_recompute_modules``; ``active``: training with gradients).
 
     ``layernorm`` puts the layer (with ``mlp``: its attention half) in one ``op_level_checkpoint``
-    region; ``mlp`` checkpoints the FFN with its modulated input norm (torch's non-reentrant
-    checkpoint, which also works inside a compiled layer; nothing random inside, so no RNG state);
+    region; ``mlp`` checkpoints the FFN with its modulated input norm (``module_checkpoint``, which also
+    recomputes the FFN's matmuls inside a compiled layer; nothing random inside, so no RNG state);
     ``core_attn`` with ``layernorm`` lets the region run the attention kernels again too (without
     ``layernorm`` the attention modules checkpoint their kernels themselves)."""
     shift, scale, gate = ffn_mod
@@ -184,7 +204,7 @@ def layer_with_recompute(attention_part: Callable[..., torch.Tensor],
     else:
         x = attention_part(*attention_args)
     if mlp:
-        ff = torch.utils.checkpoint.checkpoint(ffn, x, shift, scale, use_reentrant=False, preserve_rng_state=False)
+        ff = module_checkpoint(ffn, x, shift, scale)
     else:
         ff = ffn(x, shift, scale)
     return residual(x, ff, gate)

@@ -6,7 +6,8 @@ What the shell owns: the stage (``pre_process`` holds the embeddings, ``post_pro
 parallelism (the sequence padded to a multiple of CP x (SP: TP) x the family's own multiple, a
 contiguous CP shard, the TP slice between layers under SP), activation recompute of the layers
 (``--recompute-granularity full`` with megatron's ``uniform`` / ``block`` methods here; the family's
-layers honour ``selective``), the message between stages (``pipeline.MessageSpec``; the
+layers honour ``selective``, and under ``block`` the selective modules of the layers not recomputed
+whole: ``layer_config``), the message between stages (``pipeline.MessageSpec``; the
 ``carry`` rides to the last stage), and at the head the SP gather, the CP ``gather_sequence`` and
 unpatchify. Activations are ``[s, b, h]``; a video latent ``[b, c, f, h, w]`` becomes
 ``s = f/pt * h/ph * w/pw`` tokens in (frame, row, column) order.
@@ -14,6 +15,7 @@ unpatchify. Activations are ``[s, b, h]``; a video latent ``[b, c, f, h, w]`` be
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -25,7 +27,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mm.models.predictor.common import selective_recompute_modules
+from mm.models.predictor.common import MEGATRON_DEFAULT_MODULES, selective_recompute_modules
 from mm.models.predictor.pipeline import Hidden, Ints, MessageSpec, PerSample
 from mm.parallel.context_parallel import gather_sequence
 
@@ -53,7 +55,7 @@ class PipelinedDiT(MegatronModule):
                 super().__init__(arch, config, pre_process, post_process, layer_offset, num_layers)
                 if pre_process:                       # parameter names are the checkpoint's keys
                     self.patch_embedding = ...
-                self.blocks = torch.nn.ModuleList(MyLayer(arch, config, i) for i in self.layer_numbers)
+                self.blocks = torch.nn.ModuleList(MyLayer(arch, self.layer_config(i), i) for i in self.layer_numbers)
                 if post_process:
                     self.proj_out = ...
 
@@ -95,6 +97,7 @@ class PipelinedDiT(MegatronModule):
         count = arch.num_layers if num_layers is None else num_layers
         self.layer_numbers = range(layer_offset, layer_offset + count)  # global indices of this stage's layers
         self.recompute_modules = self._check_recompute(config)
+        self._layer_config = self._rest_config(config)
         self._message = MessageSpec({"x": Hidden(), **self.MESSAGE, "grid": Ints(3), "carry": PerSample(4)})
         # what megatron-core's schedules and finalize_model_grads ask of a model
         self.model_type = ModelType.encoder_or_decoder
@@ -176,7 +179,32 @@ class PipelinedDiT(MegatronModule):
             raise ValueError(f"--recompute-granularity full with --recompute-method {config.recompute_method} "
                              f"--recompute-num-layers {config.recompute_num_layers}: needs a method of "
                              f"{' or '.join(RECOMPUTE_METHODS)} and a number of layers >= 1")
-        return selective_recompute_modules(config, self.display_name, self.RECOMPUTE_MODULES)
+        return selective_recompute_modules(self._rest_config(config), self.display_name, self.RECOMPUTE_MODULES)
+
+    @staticmethod
+    def _rest_config(config: TransformerConfig) -> TransformerConfig:
+        """Under ``--recompute-granularity full --recompute-method block`` with ``--recompute-modules``:
+        the config of the layers after the first ``recompute_num_layers`` (selective, those modules);
+        otherwise ``config`` itself."""
+        if (config.recompute_granularity != "full" or config.recompute_method != "block"
+                or list(config.recompute_modules or ()) in ([], MEGATRON_DEFAULT_MODULES)):
+            return config
+        return dataclasses.replace(config, recompute_granularity="selective", recompute_method=None,
+                                   recompute_num_layers=None)
+
+    def layer_config(self, layer_number: int) -> TransformerConfig:
+        """The config this stage's layer ``layer_number`` (global index) is built with: the stage's,
+        except under ``--recompute-granularity full --recompute-method block`` with
+        ``--recompute-modules``, where the first ``recompute_num_layers`` layers of the stage are
+        recomputed whole (``_run_blocks``) and the others recompute those modules selectively, so that
+        a run fills the memory left by the whole-layer recompute with cheaper op-level recompute (as
+        MindSpeed combines its activation-function recompute with block recompute: no layer does
+        both). ``core_attn`` alone is megatron-core's default ``recompute_modules``, which it ignores
+        under ``full``: it stays ignored here (the flags refuse it with ``block``)."""
+        cfg = self.config
+        if cfg.recompute_granularity == "full" and layer_number - self.layer_offset < (cfg.recompute_num_layers or 0):
+            return cfg  # recomputed whole; its own selective recompute stays off
+        return self._layer_config
 
     def compile_blocks(self, **options) -> None:
         """Regional compilation (``--compile-dit-blocks``): ``torch.compile`` each layer in place, so

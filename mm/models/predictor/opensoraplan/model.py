@@ -98,7 +98,7 @@ class OpenSoraPlanDiT(PipelinedDiT):
             self.time_projection = torch.nn.Linear(h, 6 * h, dtype=dtype)
             self.caption_projection = TwoLayerMLP(osp.caption_channels, h, h,
                                                   lambda x: F.gelu(x, approximate="tanh"), dtype)
-        self.blocks = torch.nn.ModuleList(OpenSoraPlanLayer(osp, config, i) for i in self.layer_numbers)
+        self.blocks = torch.nn.ModuleList(OpenSoraPlanLayer(osp, self.layer_config(i), i) for i in self.layer_numbers)
         if post_process:
             self.norm_out = FP32LayerNorm(h, eps=1e-6, elementwise_affine=False)
             self.scale_shift_table = torch.nn.Parameter(torch.randn(2, h, dtype=dtype) / h**0.5)

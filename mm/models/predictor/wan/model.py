@@ -96,7 +96,7 @@ class WanDiT(PipelinedDiT):
             self.time_projection = torch.nn.Linear(h, 6 * h, dtype=dtype)
             self.text_embedder = TwoLayerMLP(wan.text_dim, h, h, lambda x: F.gelu(x, approximate="tanh"), dtype)
             self.image_embedder = WanImageEmbedder(wan, dtype) if wan.image_dim is not None else None
-        self.blocks = torch.nn.ModuleList(WanLayer(wan, config, i) for i in self.layer_numbers)
+        self.blocks = torch.nn.ModuleList(WanLayer(wan, self.layer_config(i), i) for i in self.layer_numbers)
         if post_process:
             self.head = WanHead(wan, dtype)
         # used on sequence shards under SP: their gradients are partial sums over TP ranks
