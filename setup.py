@@ -25,7 +25,7 @@ setup(
         "ftfy>=6.1",
         "regex>=2023.0",
     ],
-    entry_points={"console_scripts": ["mm-convert=checkpoint.cli:main"]},
+    entry_points={"console_scripts": ["mm-convert=checkpoint.cli:main", "mm-plan=mm.plan.cli:main"]},
     extras_require={
         "video": ["decord==0.6.0"],
         "npu": ["torch_npu"],

@@ -67,13 +67,19 @@ def build_model_chunks(family, pred, arch, tf_config: TransformerConfig, vpp: in
     return chunks
 
 
+def ddp_config_for(args) -> DistributedDataParallelConfig:
+    """megatron-core's DDP settings of a training run: fp32 gradient buffers, the flags' gradient-reduce
+    overlap and distributed optimizer (``mm.plan`` lays the buffers out with the same settings)."""
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                                         use_distributed_optimizer=args.use_distributed_optimizer)
+
+
 def wrap_for_training(chunks: list[torch.nn.Module], tf_config: TransformerConfig, args,
                       acc) -> tuple[list[DistributedDataParallel], object]:
     """megatron-core's DDP around each model chunk (fp32 gradient buffers) and megatron's optimizer
     over them, as the training flags (--optimizer, --lr, --clip-grad, --use-distributed-optimizer,
     --overlap-grad-reduce, ...) set them."""
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp_config = ddp_config_for(args)
     model = [DistributedDataParallel(tf_config, ddp_config, chunk.to(acc.device()), disable_bucketing=i > 0)
              for i, chunk in enumerate(chunks)]
     optimizer = get_megatron_optimizer(OptimizerConfig(

@@ -45,6 +45,7 @@ RULES = [
     ("mm", ("checkpoint",), "only a family's converter builds on mm-convert's code", "families/*/convert.py"),
     ("mm/training", FAMILY_MODELS, "shared code asks the spec, never a family's own modules"),
     ("mm/inference", FAMILY_MODELS, "shared code asks the spec, never a family's own modules"),
+    ("mm/plan", FAMILY_MODELS, "shared code asks the spec, never a family's own modules"),
     ("mm/arguments", FAMILY_FOLDERS + ("mm.models", "mm.families") + LOOPS, "configuration is below everything"),
     ("checkpoint", FAMILY_MODELS, "mm-convert finds converters and weight tables through the registry"),
 ]

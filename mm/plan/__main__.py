@@ -1,0 +1,3 @@
+from mm.plan.cli import main
+
+raise SystemExit(main())
