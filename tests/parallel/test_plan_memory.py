@@ -5,27 +5,17 @@ optimizer) after one optimizer step, on gloo ranks, for several layouts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.dist_helper import run_distributed
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.plan_assets import write_plan_assets
 
 
 @pytest.fixture(scope="module")
 def jsons(tmp_path_factory):
-    """The quickstart's model and data JSONs with a 4-layer DiT (room for PP2 x VPP2) whose widths make
-    megatron's padding show (64-element parameter starts, bucket ends on multiples of lcm(DP, 128))."""
-    root = tmp_path_factory.mktemp("plan")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
+    root = write_plan_assets(tmp_path_factory.mktemp("plan"))
     model = json.loads((root / "model.json").read_text())
-    model["predictor"].update(num_layers=4, hidden_size=96, ffn_dim=200, num_heads=4)
-    (root / "model.json").write_text(json.dumps(model))
     model["predictor"]["pipeline_num_layers"] = [[1, 1], [1, 1]]  # PP2 x VPP2
     (root / "model_pp.json").write_text(json.dumps(model))
     return str(root / "model.json"), str(root / "data.json")

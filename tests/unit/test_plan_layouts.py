@@ -5,26 +5,18 @@ with the launch environment of 4 ranks, then ``check_task`` with the data files 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.plan_assets import REPO, write_plan_assets
 
 
 @pytest.fixture(scope="module")
 def jsons(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plan")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
-    model = json.loads((root / "model.json").read_text())
-    model["predictor"].update(num_layers=4, num_heads=4, hidden_size=96, ffn_dim=200)
-    (root / "model.json").write_text(json.dumps(model))
-    return root
+    return write_plan_assets(tmp_path_factory.mktemp("plan"))
 
 
 def _base(root, gbs=8):
