@@ -264,8 +264,10 @@ class FamilySpec:
         if config.args.compile_dit_blocks and not self.compiles(model_id):
             problems.append(f"--compile-dit-blocks: predictor {model_id!r} ({self.name}) does not compile its layers; "
                             "leave the flag out")
-        recompute = set(config.args.recompute_modules or ()) if config.args.recompute_granularity in ("selective", "full") \
-            else set()
+        granularity, modules = config.args.recompute_granularity, config.args.recompute_modules
+        # selective without the flag recomputes megatron's default, core_attn; full + block the modules given
+        recompute = set(modules or ("core_attn",)) if granularity == "selective" else \
+            set(modules or ()) if granularity == "full" else set()
         can = tuple(getattr(self.predictors[model_id][0], "RECOMPUTE_MODULES", ()))
         if recompute - set(can):
             problems.append(f"--recompute-modules {' '.join(sorted(recompute - set(can)))}: predictor {model_id!r} "

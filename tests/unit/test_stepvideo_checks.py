@@ -337,3 +337,11 @@ def test_a_recompute_module_the_family_does_not_implement_is_refused(run, monkey
     problems = run("train", flags=flags)
     assert any(p.startswith("--recompute-modules layernorm: predictor 'stepvideodit'") and
                "recomputes core_attn, mlp; valid: those" in p for p in problems), problems
+    block = ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1",
+             "--recompute-modules", "layernorm"]  # the layers after the first: layernorm
+    assert any(p.startswith("--recompute-modules layernorm: predictor 'stepvideodit'") for p in run("train", flags=block))
+    # a family with no selective recompute: selective alone (megatron's default core_attn) is refused up front
+    monkeypatch.setattr(StepVideoDiT, "RECOMPUTE_MODULES", ())
+    problems = run("train", flags=["--recompute-granularity", "selective"])
+    assert any(p.startswith("--recompute-modules core_attn: predictor 'stepvideodit'") and
+               "recomputes no module selectively" in p for p in problems), problems
