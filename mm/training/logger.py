@@ -11,7 +11,9 @@ first data-parallel reader, summed over every data-parallel rank).
 Every ``--log-interval`` iterations (and at the last one) the line gives averages over the
 interval, as Megatron-LM does: time per iteration, TFLOP/s per device (``--log-throughput``), and
 the loss of the iterations that updated the model; the skipped and NaN counts are those of the
-interval. TensorBoard (``--tensorboard-dir``) and W&B (``--wandb-project``) get this iteration's
+interval. It adds the time the remaining iterations take at the interval's pace ("time to finish").
+A run on CPU processes (``on_cpu``) reports its throughput in GFLOP/s per process and no device
+memory (there is none to report). TensorBoard (``--tensorboard-dir``) and W&B (``--wandb-project``) get this iteration's
 values every ``--tensorboard-log-interval`` iterations, with Megatron-LM's scalar names.
 """
 
@@ -88,6 +90,14 @@ def require_logging_packages(config: LogConfig) -> None:
         raise SystemExit("pretrain: " + "; ".join(missing))
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` (days as ``Nd h:mm:ss``)."""
+    whole = max(0, round(seconds))
+    days, rest = divmod(whole, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 class _Interval:
     """Sums over the iterations since the last printed line."""
 
@@ -107,9 +117,10 @@ class TrainingLogger:
     ``run_config``: what the W&B run records as its config (e.g. ``vars(args)``).
     """
 
-    def __init__(self, config: LogConfig, rank: int, world_size: int, run_config: Mapping[str, Any] | None = None):
+    def __init__(self, config: LogConfig, rank: int, world_size: int, run_config: Mapping[str, Any] | None = None,
+                 on_cpu: bool = False):
         require_logging_packages(config)
-        self.config, self.rank, self.world_size = config, rank, world_size
+        self.config, self.rank, self.world_size, self.on_cpu = config, rank, world_size, on_cpu
         self.is_writer = rank == world_size - 1
         self._interval = _Interval()
         self.total_skipped = 0
@@ -170,11 +181,14 @@ class TrainingLogger:
     def _line(self, iteration, train_iters, consumed_samples, global_batch_size, learning_rate, grad_norm,
               max_memory_bytes, loss_scale) -> str:
         c = self._interval
+        per_iteration = c.seconds / c.iterations
         fields = [f"iteration {iteration:6d}/{train_iters}", f"consumed samples: {consumed_samples:12d}",
-                  f"elapsed time per iteration (ms): {c.seconds / c.iterations * 1000:.1f}"]
+                  f"elapsed time per iteration (ms): {per_iteration * 1000:.1f}",
+                  f"time to finish: {_clock(per_iteration * (train_iters - iteration))}"]
         if self.config.log_throughput and c.flops is not None and c.seconds > 0:
-            fields.append(f"throughput per GPU (TFLOP/s/GPU): "
-                          f"{tflops_per_device(c.flops, c.seconds, self.world_size):.1f}")
+            tflops = tflops_per_device(c.flops, c.seconds, self.world_size)
+            fields.append(f"throughput per CPU process (GFLOP/s): {tflops * 1000:.2f}" if self.on_cpu else
+                          f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
         fields += [f"learning rate: {learning_rate:.6e}", f"global batch size: {global_batch_size:5d}",
                    f"loss: {c.loss_sum / c.loss_count:.6e}" if c.loss_count else "loss: nan"]
         if loss_scale is not None:
@@ -182,7 +196,7 @@ class TrainingLogger:
         if grad_norm is not None:
             fields.append(f"grad norm: {float(grad_norm):.3f}")
         fields += [f"number of skipped iterations: {c.skipped:3d}", f"number of nan iterations: {c.nan:3d}"]
-        if max_memory_bytes is not None:
+        if max_memory_bytes is not None and not self.on_cpu:
             fields.append(f"max memory (GiB): {max_memory_bytes / 2**30:.1f}")
         return f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] " + " | ".join(fields) + " |"
 

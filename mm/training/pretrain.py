@@ -406,7 +406,7 @@ class Trainer:
         weights."""
         args, acc, prog = self.args, self.acc, TASKS[self.task]
         logger = TrainingLogger(LogConfig.from_args(args), torch.distributed.get_rank(),
-                                torch.distributed.get_world_size(), run_config=vars(args))
+                                torch.distributed.get_world_size(), run_config=vars(args), on_cpu=acc.is_cpu)
         losses = []
         forward_backward = get_forward_backward_func()
         if self.start_iteration >= args.train_iters:

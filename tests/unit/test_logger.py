@@ -31,7 +31,7 @@ def test_line_has_megatron_fields_and_interval_averages(capsys):
     line = _step(logger, 2, 3.0)
     assert capsys.readouterr().out.strip() == line.strip()
     assert re.search(r"\] iteration      2/10 \| consumed samples:           16 \| ", line)
-    assert "| elapsed time per iteration (ms): 750.0 |" in line  # (0.5 + 1.0) s / 2
+    assert "| elapsed time per iteration (ms): 750.0 | time to finish: 0:00:06 |" in line  # 8 left x 0.75 s
     assert "| throughput per GPU (TFLOP/s/GPU): 5.3 |" in line  # 8e12 FLOPs / 1.5 s / 1 rank
     assert "| learning rate: 2.000000e-04 | global batch size:     8 |" in line
     assert [float(x) for x in LOSS_RE.findall(line)] == [2.0]
@@ -167,3 +167,18 @@ def test_every_rank_gets_the_same_verdict():
     assert run_distributed(2, _agree_worker, False) == ["skip", "skip"]
     verdicts = run_distributed(2, _agree_worker, True)
     assert all(v.startswith("exit: pretrain: the loss is NaN/Inf at iteration 3") for v in verdicts)
+
+
+def test_time_to_finish_follows_the_interval_pace(capsys):
+    logger = TrainingLogger(LogConfig(log_interval=1), rank=0, world_size=1)
+    line = _step(logger, 1, 1.0, train_iters=10001, elapsed_s=90.0)  # the first iteration (start-up)
+    assert "| time to finish: 10d 10:00:00 |" in line  # 10,000 iterations x 90 s
+    assert "| time to finish: 0:00:24 |" in _step(logger, 2, 1.0, train_iters=14, elapsed_s=2.0)
+    assert "| time to finish: 0:00:00 |" in _step(logger, 14, 1.0, train_iters=14, elapsed_s=2.0)
+
+
+def test_cpu_runs_report_gflops_per_process_and_no_device_memory(capsys):
+    logger = TrainingLogger(LogConfig(log_interval=1, log_throughput=True), rank=1, world_size=2, on_cpu=True)
+    line = _step(logger, 1, 1.0, flops=3e9, elapsed_s=0.5, max_memory_bytes=0)
+    assert "| throughput per CPU process (GFLOP/s): 3.00 |" in line  # 3e9 FLOPs / 0.5 s / 2 processes
+    assert "TFLOP/s" not in line and "max memory" not in line
