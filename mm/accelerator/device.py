@@ -81,6 +81,15 @@ class Accelerator:
         """Peak bytes allocated on this device since the last reset (0 on the CPU)."""
         return 0 if self.is_cpu else self.module.max_memory_allocated()
 
+    def memory_allocated(self) -> int:
+        """Bytes allocated on this device now (0 on the CPU)."""
+        return 0 if self.is_cpu else self.module.memory_allocated()
+
+    def empty_cache(self) -> None:
+        """Hand the caching allocator's unused blocks back (nothing on the CPU)."""
+        if not self.is_cpu:
+            self.module.empty_cache()
+
     def reset_peak_memory_stats(self) -> None:
         if not self.is_cpu:
             self.module.reset_peak_memory_stats()

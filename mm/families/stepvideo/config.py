@@ -124,6 +124,10 @@ class StepVideoDiTConfig:
         """Channels of the prediction (``out_channels``, else ``in_channels``)."""
         return self.in_channels if self.out_channels is None else self.out_channels
 
+    def text_to_video_inputs(self) -> tuple[int, tuple[int, ...]]:
+        """(latent channels, width of each text context: Step-LLM, then CLIP) of a text-to-video batch."""
+        return self.in_channels, (self.llm_channels,) + (() if self.clip_channels is None else (self.clip_channels,))
+
     @property
     def patch_size(self) -> tuple[int, int, int]:
         """(t, h, w) patch: ``(1, p, p)``."""

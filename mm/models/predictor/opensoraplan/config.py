@@ -109,6 +109,10 @@ class OpenSoraPlanDiTConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def text_to_video_inputs(self) -> tuple[int, tuple[int, ...]]:
+        """(latent channels, width of each text context) of a text-to-video batch (``mm-plan calibrate``)."""
+        return self.in_channels, (self.caption_channels,)
+
     @property
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim

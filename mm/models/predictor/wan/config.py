@@ -48,6 +48,10 @@ class WanDiTConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def text_to_video_inputs(self) -> tuple[int, tuple[int, ...]]:
+        """(latent channels, width of each text context) of a text-to-video batch (``mm-plan calibrate``)."""
+        return self.in_dim, (self.text_dim,)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -1,0 +1,130 @@
+"""mm-plan's calibration: the fits recover per-layer and rest figures from 1- and 3-layer points; the
+in-flight micro-batches of a pipeline stage are megatron-core's own warm-up counts; ``mm-plan
+calibrate`` runs the training iteration of the real loop on the CPU, writes its file, and ``mm-plan
+--calibration`` predicts from it (and refuses a run with other settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from tests.plan_assets import REPO, write_plan_assets
+
+
+def _points(layer, rest, layer_mem, rest_mem, tokens):
+    ev = lambda coef, t: sum(c * t ** k for k, c in enumerate(coef))  # noqa: E731
+    return [dict(tokens=t, layers=n, seconds=n * ev(layer, t) + ev(rest, t),
+                 peak_bytes=n * ev(layer_mem, t) + ev(rest_mem, t), static_bytes=1)
+            for t in tokens for n in (1, 3)]
+
+
+def test_the_fits_recover_the_per_layer_and_the_rest_figures():
+    from mm.plan.calibrate import Calibration, fits_of
+
+    layer, rest, layer_mem, rest_mem = [0.01, 2e-5, 3e-10], [0.2, 1e-6], [1e6, 4.5e4], [3e8, 2e4]
+    fits = fits_of(_points(layer, rest, layer_mem, rest_mem, [7800, 20280, 32760]))
+    cal = Calibration(settings={}, device="test", micro_batch_size=1, points=[], **fits)
+    for tokens, layers in ((14040, 30), (26520, 40), (40000, 10)):  # none of them measured
+        seconds = layers * (0.01 + 2e-5 * tokens + 3e-10 * tokens ** 2) + 0.2 + 1e-6 * tokens
+        held = layers * (1e6 + 4.5e4 * tokens) + 3e8 + 2e4 * tokens
+        assert cal.step_seconds(layers, tokens) == pytest.approx(seconds, rel=1e-9)
+        assert cal.activation_bytes(layers, tokens) == pytest.approx(held, rel=1e-9)
+    # a CPU calibration has no memory: no activation figure, the time still fits
+    cpu = [dict(p, peak_bytes=None) for p in _points(layer, rest, layer_mem, rest_mem, [100, 200])]
+    assert fits_of(cpu)["layer_bytes"] is None
+
+
+@pytest.mark.parametrize("pp,vpp,micro", [(2, None, 1), (2, None, 8), (4, None, 3), (4, 2, 8), (2, 3, 4),
+                                          (4, 4, 2), (8, 2, 16)])
+def test_in_flight_micro_batches_are_megatrons_warm_up_counts(pp, vpp, micro):
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    from mm.plan.estimate import in_flight
+
+    for stage in range(pp):
+        group = SimpleNamespace(size=lambda: pp, rank=lambda s=stage: s)
+        comm = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp)
+        chunks = vpp or 1
+        total, _, warmup, _ = get_pp_rank_microbatches(micro, chunks, pp, p2p_communicator=comm)
+        # the chunk forwards whose activations are held at the first backward: the warm-up and the one in progress
+        assert in_flight(stage, pp, vpp, micro) * chunks == min(warmup + 1, total)
+
+
+@pytest.fixture(scope="module")
+def jsons(tmp_path_factory):
+    return write_plan_assets(tmp_path_factory.mktemp("plan"))
+
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, "-m", "mm.plan", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env), timeout=600)
+
+
+@pytest.mark.slow
+def test_calibrate_then_plan_with_it(jsons, tmp_path):
+    training = ["--mm-model", str(jsons / "model.json"), "--mm-data", str(jsons / "data.json"),
+                "--micro-batch-size", "1", "--lr", "1e-3"]
+    out = tmp_path / "calibration.json"
+    done = _run(["calibrate", "--videos", "9x64x64", "17x64x64", "--repeats", "1", "--warmups", "1",
+                 "--output", str(out), "--", *training])
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert sorted((p["layers"], p["tokens"]) for p in data["points"]) == [(1, 48), (1, 80), (3, 48), (3, 80)]
+    assert all(p["seconds"] > 0 and p["peak_bytes"] is None for p in data["points"])  # the CPU: time only
+    assert data["settings"]["recompute_granularity"] is None and data["fits"]["layer_bytes"] is None
+    assert not out.with_name(out.name + ".tmp").exists()
+
+    plan = _run(["--nodes", "1", "--gpus-per-node", "2", "--calibration", str(out), "--video", "17x64x64", "--",
+                 *training, "--global-batch-size", "4"])
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "at 80 tokens per sample" in plan.stdout and "s/it" in plan.stdout
+    rows = [line for line in plan.stdout.splitlines() if line.startswith("TP")]
+    assert rows and all(float(r[40:].split()[4]) > 0 for r in rows)  # the s/it column, after the layout
+
+
+def _refusal(capsys, args) -> str:
+    """mm-plan in this process (each case fails before any process group or model): its stderr."""
+    from mm.plan.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_calibration_input_is_refused_with_exit_2(jsons, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    training = ["--mm-model", str(jsons / "model.json"), "--mm-data", str(jsons / "data.json"),
+                "--micro-batch-size", "1", "--lr", "1e-3"]
+    out = tmp_path / "calibration.json"
+    points = _points([0.01, 1e-5], [0.1, 1e-6], [1e6, 1e4], [1e8, 1e3], [48, 80])
+    from mm.plan.calibrate import fits_of
+
+    settings = {k: None for k in ("recompute_granularity", "recompute_method", "recompute_num_layers",
+                                  "recompute_modules")}
+    settings.update(compile_dit_blocks=False, attention_kernel="auto", bf16=False, fp16=False)
+    out.write_text(json.dumps({"format": 1, "device": "test", "micro_batch_size": 1, "settings": settings,
+                               "points": points, "fits": fits_of(points)}))
+    # settings that change what a layer costs: refused with the flag named
+    err = _refusal(capsys, ["--calibration", str(out), "--video", "17x64x64", "--", *training,
+                            "--recompute-granularity", "full", "--recompute-method", "uniform",
+                            "--recompute-num-layers", "1"])
+    assert "--recompute-granularity 'full'" in err
+    assert "18 frames" in _refusal(capsys, ["--calibration", str(out), "--video", "18x64x64", "--", *training])
+    assert "--calibration and --video go together" in _refusal(capsys, ["--calibration", str(out), "--", *training])
+    (tmp_path / "broken.json").write_text("{")
+    assert "broken.json" in _refusal(capsys, ["--calibration", str(tmp_path / "broken.json"), "--video", "17x64x64",
+                                              "--", *training])
+    assert "--tensor-model-parallel-size" in _refusal(capsys, [
+        "calibrate", "--videos", "9x64x64", "--output", str(tmp_path / "c.json"), "--", *training,
+        "--tensor-model-parallel-size", "2"])
+    assert "FRAMESxHEIGHTxWIDTH" in _refusal(capsys, ["calibrate", "--videos", "9x64", "--output",
+                                                      str(tmp_path / "c.json"), "--", *training])
+    assert "--output" in _refusal(capsys, ["calibrate", "--videos", "9x64x64", "--", *training])
