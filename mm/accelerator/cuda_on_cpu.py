@@ -335,9 +335,10 @@ def install() -> None:
             _patch(torch.cuda.nvtx, "range_push", _distinct(_noop))
             _patch(torch.cuda.nvtx, "range_pop", _distinct(_noop))
             _rebind_imported_names(originals, replacement_of)
-            # torch's warning as raised inside the mode; _non_leaf_grad raises it again from the reader's line
-            warnings.filterwarnings("ignore", message=re.escape(NON_LEAF_GRAD), category=UserWarning,
-                                    module=re.escape(__name__) + r"\Z")
+        # torch's warning as raised inside the mode; _non_leaf_grad raises it again from the reader's line
+        # (added on every call: warnings.catch_warnings may have dropped it since; an identical filter is replaced)
+        warnings.filterwarnings("ignore", message=re.escape(NON_LEAF_GRAD), category=UserWarning,
+                                module=re.escape(__name__) + r"\Z")
         ensure_installed_on_this_thread()
 
 
