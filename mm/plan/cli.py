@@ -17,6 +17,10 @@ which the row names as the JSON edit to make.
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import shutil
 import sys
