@@ -26,13 +26,18 @@ def _module_name(notice) -> str:
 
 @pytest.fixture
 def clean():
-    """The module's state and the process's warning filters as they were."""
-    assert not notices.notices_silenced()
+    """No notice filters during the test (an earlier test of the session may have imported a CLI module that
+    installs them); afterwards the module's state and the process's warning filters as they were."""
+    was = notices.notices_silenced()
+    if was:
+        show_known_notices(environ={})
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         yield
         if notices.notices_silenced():
             show_known_notices(environ={})
+    if was:
+        quiet_known_notices(argv=[], environ={})
 
 
 def _shown(notice, module: str | None = None) -> bool:
