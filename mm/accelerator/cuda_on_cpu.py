@@ -57,11 +57,10 @@ def _non_leaf_grad(tensor: torch.Tensor, caller) -> Any:
     warning, raised from this module, is filtered by ``install``."""
     value = _GRAD.__get__(tensor)
     if value is None and not tensor.retains_grad:
-        full = ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad attribute "
-                "won't be populated during autograd.backward(). If you indeed want the .grad field to be populated "
-                "for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor. If you access the non-leaf Tensor "
-                "by mistake, make sure you access the leaf Tensor instead. See github.com/pytorch/pytorch/pull/30531 "
-                "for more information.")
+        full = (NON_LEAF_GRAD + " Its .grad attribute won't be populated during autograd.backward(). If you indeed "
+                "want the .grad field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor. "
+                "If you access the non-leaf Tensor by mistake, make sure you access the leaf Tensor instead. See "
+                "github.com/pytorch/pytorch/pull/30531 for more information.")
         warnings.warn_explicit(full, UserWarning, caller.f_code.co_filename, caller.f_lineno,
                                module=caller.f_globals.get("__name__", "<unknown>"),
                                registry=caller.f_globals.setdefault("__warningregistry__", {}))
