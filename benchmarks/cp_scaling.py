@@ -12,6 +12,10 @@ efficiency = (throughput per GPU at CP n) / (throughput per GPU at CP 1).
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import json
 import statistics

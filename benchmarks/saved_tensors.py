@@ -17,6 +17,10 @@ reports what the allocator holds after the forward, per layer ((held with 3 laye
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import collections
 import json

@@ -17,6 +17,10 @@ vae``: the release-size VAE (version 2) decoding the latents, seconds and peak m
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import json
 import statistics

@@ -30,6 +30,10 @@ writes its top GPU kernels (DIR/<variant>.txt) and a summary by kernel class.
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import collections
 import json

@@ -7,6 +7,10 @@ truncated or corrupt file, SourceDataError / mm.ckpt's CheckpointError) or a fai
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import sys
 from typing import Sequence
 

@@ -2,6 +2,7 @@
 # first block (GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TP, CP, CP_ALGO, ULYSSES,
 # CFG_PARALLEL, DIST_TIMEOUT_MINUTES, MM_MODEL, LOAD_PATH) and sources this file from the repository root.
 # MM_EXTRA_ARGS (optional): further flags of inference.py (e.g. --compile-dit-blocks).
+# Before torchrun, the pre-flight check of launch_env.sh (mm_preflight; MM_PREFLIGHT=0 skips it).
 #
 # Layout: every rank of a TP x CP group samples the same video (CP splits the sequence: Ulysses needs
 # the DiT's heads % (TP x Ulysses degree) == 0; CP_ALGO=megatron_cp_algo is ring attention,
@@ -35,4 +36,5 @@ if [[ -n "$LOAD_PATH" ]]; then
     MM_ARGS="$MM_ARGS --load $LOAD_PATH"
 fi
 
+mm_preflight $DISTRIBUTED_ARGS inference.py $PARALLEL_ARGS $MM_ARGS  # exit 2 on a bad configuration
 torchrun $DISTRIBUTED_ARGS inference.py $PARALLEL_ARGS $MM_ARGS

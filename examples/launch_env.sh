@@ -1,7 +1,27 @@
 # The device environment of every launch script in examples/ (sourced after it set GPUS_PER_NODE and
 # DIST_TIMEOUT_MINUTES): on an Ascend NPU (MM_ACCELERATOR=npu, or npu-smi on the PATH) CANN's set_env.sh
 # and the HCCL/runtime settings of MindSpeed-MM's scripts, elsewhere NVIDIA's. Values already in the
-# environment win.
+# environment win. It also defines mm_preflight, which the launch scripts run before torchrun.
+
+# The pre-flight check: `mm_preflight <torchrun's arguments>` validates the configuration torchrun is
+# about to start, once, in one process, with the checks every rank would run (python -m mm.preflight:
+# flags, model and data JSONs, the files they name, output directories), for GPUS_PER_NODE x NNODES
+# processes. A bad configuration prints each problem once and stops the script with exit code 2 before
+# torchrun starts. MM_PREFLIGHT=0 skips it; MM_PYTHON is the Python to run it with (default: the one
+# torchrun runs the entry point with, from its #! line, else python).
+mm_preflight() {
+    [[ "${MM_PREFLIGHT:-1}" != 0 ]] || return 0
+    local python="${MM_PYTHON:-}" launcher line
+    if [[ -z "$python" ]]; then
+        python=python
+        launcher="$(command -v torchrun || true)"
+        if [[ -n "$launcher" && -f "$launcher" ]] && IFS= read -r line < "$launcher" && [[ "$line" == '#!'*python* ]]; then
+            python="${line#\#!}"
+        fi
+    fi
+    $python -m mm.preflight "$@" || exit $?
+}
+
 if [[ "${MM_ACCELERATOR:-}" == npu || ( -z "${MM_ACCELERATOR:-}" && -n "$(command -v npu-smi)" ) ]]; then
     # Ascend NPU: the CANN environment and the HCCL/runtime settings of MindSpeed-MM's scripts
     for env_script in "${ASCEND_SET_ENV:-}" /usr/local/Ascend/cann/set_env.sh /usr/local/Ascend/ascend-toolkit/set_env.sh; do

@@ -1,7 +1,8 @@
 # The launch part of every pretrain_*.sh script in examples/: each script sets the variables of its first
 # blocks and sources this file from the repository root, which builds MindSpeed-MM's DISTRIBUTED_ARGS,
 # GPT_ARGS, MM_ARGS and OUTPUT_ARGS from them and runs torchrun on ENTRY_POINT, its output also written to
-# ${LOG_DIR}/train_${RUN_NAME}_<date>.log.
+# ${LOG_DIR}/train_${RUN_NAME}_<date>.log, after the pre-flight check of launch_env.sh (mm_preflight;
+# MM_PREFLIGHT=0 skips it).
 #
 # Variables every script sets:
 #   launch:     GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, DIST_TIMEOUT_MINUTES
@@ -86,5 +87,6 @@ if [[ -n "$LOAD_PATH" ]]; then
     OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
 fi
 
+mm_preflight $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS  # exit 2 on a bad configuration
 mkdir -p "$LOG_DIR"
 torchrun $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"

@@ -23,6 +23,7 @@ from mm.accelerator import (
     start_heartbeat,
 )
 from mm.accelerator.device import AcceleratorError
+from mm.accelerator.notices import show_known_notices
 from mm.accelerator.distributed import LaunchError
 from mm.arguments import ConfigError, Expand, RunConfig, config_from_args, parse_flags
 from mm.parallel import describe_layout, initialize_parallel
@@ -35,13 +36,40 @@ class Runtime:
     launch: LaunchEnv
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """What an entry point validates before any process group: its ``prog`` name, ``mode`` ("train" or
+    "inference"), its own ``check`` of the configuration (raises ConfigError) and the ``expand`` of its
+    model JSON. ``start`` runs it in every process; ``mm.preflight`` runs the same once, before torchrun."""
+
+    prog: str
+    mode: str
+    check: Callable[[RunConfig], object] | None = None
+    expand: Expand | None = None
+
+
 def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None,
-              expand: Expand | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
-    """Parse and validate everything; select the accelerator. Starts no process group."""
+              expand: Expand | None = None, world_size: int | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
+    """Parse and validate everything; select the accelerator. Starts no process group. The world size is
+    the launch environment's (torchrun's WORLD_SIZE) unless ``world_size`` is given (a pre-flight check)."""
     args = parse_flags(argv, prog=prog)
     accelerator = select_accelerator(args.accelerator)
-    launch = read_launch_env()
+    launch = read_launch_env() if world_size is None else LaunchEnv(0, world_size, 0, world_size, "127.0.0.1", 0)
     config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name, expand=expand)
+    return config, accelerator, launch
+
+
+def configure_or_exit(argv: Sequence[str] | None, entry: EntryPoint,
+                      world_size: int | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
+    """``configure`` and the entry point's ``check``; a bad configuration prints ``<prog>: error: ...``
+    (one line per problem) and exits with code 2."""
+    try:
+        config, accelerator, launch = configure(argv, entry.mode, entry.prog, entry.expand, world_size)
+        if entry.check is not None:
+            entry.check(config)
+    except (ConfigError, AcceleratorError, LaunchError) as e:
+        print(f"{entry.prog or sys.argv[0]}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return config, accelerator, launch
 
 
@@ -51,13 +79,9 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
     ConfigError), then the default process group, megatron-core's and mm's groups, and seeds. A
     worker torchrun started dies with torchrun (``die_with_launcher``)."""
     die_with_launcher()
-    try:
-        config, accelerator, launch = configure(argv, mode, prog, expand)
-        if check is not None:
-            check(config)
-    except (ConfigError, AcceleratorError, LaunchError) as e:
-        print(f"{prog or sys.argv[0]}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    config, accelerator, launch = configure_or_exit(argv, EntryPoint(prog, mode, check, expand))
+    if config.args.verbose:
+        show_known_notices()  # --verbose: rank 0 shows megatron-core's and torch's known notices again
     args = config.args
     init_distributed(accelerator, args.distributed_timeout_minutes, launch)
     start_heartbeat()  # what lets ranks wait for a slower peer without a collective (wait_for_peers)

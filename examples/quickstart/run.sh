@@ -3,7 +3,8 @@
 # own assets (a synthetic video dataset of moving shapes, a tiny random Wan VAE and UMT5 text
 # encoder, model/data JSONs) under outputs/quickstart, and trains a tiny Wan DiT with
 # pretrain_t2v.py on 2 CPU processes with ring context parallelism (send/recv overlap), then samples
-# the trained checkpoint with inference.py into .mp4 files under $OUT/samples.
+# the trained checkpoint with inference.py into .mp4 files under $OUT/samples. Both configurations are
+# validated first (python -m mm.preflight), once; MM_VERBOSE=1 shows the third-party notices mm silences.
 #
 #   GPUS_PER_NODE=2 MM_ACCELERATOR=cpu bash examples/quickstart/run.sh
 set -euo pipefail
@@ -31,8 +32,15 @@ GPT_ARGS="--context-parallel-size $CP --context-parallel-algo megatron_cp_algo -
     --save $OUT/checkpoints"
 MM_ARGS="--mm-model $OUT/model.json --mm-data $OUT/data.json"
 
-"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS
 # the prompts, size, steps and guidance are the "inference" section of inference_model.json
-"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS inference.py --context-parallel-size $CP \
-    --context-parallel-algo megatron_cp_algo --mm-model $OUT/inference_model.json --load $OUT/checkpoints
+INFERENCE_ARGS="--context-parallel-size $CP --context-parallel-algo megatron_cp_algo \
+    --mm-model $OUT/inference_model.json --load $OUT/checkpoints"
+
+# both configurations checked once before any process starts (exit 2 on a bad one; MM_PREFLIGHT=0 skips it)
+if [[ "${MM_PREFLIGHT:-1}" != 0 ]]; then
+    "$MM_PYTHON" -m mm.preflight $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS || exit $?
+    "$MM_PYTHON" -m mm.preflight $DISTRIBUTED_ARGS inference.py $INFERENCE_ARGS || exit $?
+fi
+"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS pretrain_t2v.py $GPT_ARGS $MM_ARGS
+"$repo/.venv/bin/torchrun" $DISTRIBUTED_ARGS inference.py $INFERENCE_ARGS
 echo "quickstart: trained (checkpoint in $OUT/checkpoints) and sampled: $(ls "$OUT"/samples/*.mp4 | tr '\n' ' ')"

@@ -28,15 +28,43 @@ other threads that must see the redirection should call ``ensure_installed_on_th
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _CUDA_TYPE_PREFIX = "torch.cuda."
+_GRAD = torch.Tensor.grad  # the descriptor; a mode sees its __get__ (a new wrapper each time)
+# torch's words when a non-leaf tensor's .grad is read that is not there; it attributes the warning to the
+# Python frame that made the call, which under the mode is the mode's own (see _non_leaf_grad)
+NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."
+
+
+def _is_grad_getter(func: Any) -> bool:
+    return getattr(func, "__self__", None) is _GRAD and getattr(func, "__name__", "") == "__get__"
+
+
+def _non_leaf_grad(tensor: torch.Tensor, caller) -> Any:
+    """``tensor.grad`` of a non-leaf tensor, with torch's warning about it (when torch gives one: the
+    gradient is not there and the tensor does not retain it) attributed to the code that read it,
+    ``caller`` (a frame), as it is without the mode: warning filters (``mm.accelerator.notices``, the
+    user's) and the once-per-location registry see the same module and line as on a GPU. torch's own
+    warning, raised from this module, is filtered by ``install``."""
+    value = _GRAD.__get__(tensor)
+    if value is None and not tensor.retains_grad:
+        full = (NON_LEAF_GRAD + " Its .grad attribute won't be populated during autograd.backward(). If you indeed "
+                "want the .grad field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor. "
+                "If you access the non-leaf Tensor by mistake, make sure you access the leaf Tensor instead. See "
+                "github.com/pytorch/pytorch/pull/30531 for more information.")
+        warnings.warn_explicit(full, UserWarning, caller.f_code.co_filename, caller.f_lineno,
+                               module=caller.f_globals.get("__name__", "<unknown>"),
+                               registry=caller.f_globals.setdefault("__warningregistry__", {}))
+    return value
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -74,6 +102,8 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _is_grad_getter(func) and not args[0].is_leaf:
+            return _non_leaf_grad(args[0], sys._getframe(1))
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             # A mode is off the stack while it handles a call, so backward would run megatron's
             # autograd Functions (which allocate on torch.cuda.current_device()) without it; run
@@ -304,6 +334,10 @@ def install() -> None:
             _patch(torch.cuda.nvtx, "range_push", _distinct(_noop))
             _patch(torch.cuda.nvtx, "range_pop", _distinct(_noop))
             _rebind_imported_names(originals, replacement_of)
+        # torch's warning as raised inside the mode; _non_leaf_grad raises it again from the reader's line
+        # (added on every call: warnings.catch_warnings may have dropped it since; an identical filter is replaced)
+        warnings.filterwarnings("ignore", message=re.escape(NON_LEAF_GRAD), category=UserWarning,
+                                module=re.escape(__name__) + r"\Z")
         ensure_installed_on_this_thread()
 
 

@@ -177,6 +177,9 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases too (needs wandb installed)")
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--verbose", action="store_true",
+                   help="rank 0 also prints the known-harmless notices of megatron-core, torch and diffusers that "
+                        "mm silences (mm.accelerator.notices; MM_VERBOSE=1 does the same)")
 
 
 def _inference(p: argparse.ArgumentParser) -> None:

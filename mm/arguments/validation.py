@@ -158,6 +158,17 @@ def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems:
             problems.append("--train-iters is required for training")
         if args.lr is None:
             problems.append("--lr is required for training")
+        if args.train_iters is not None:  # megatron's OptimizerParamScheduler asserts warmup < decay
+            decay = args.lr_decay_iters or args.train_iters
+            if args.lr_warmup_fraction is None:
+                warmup, given = args.lr_warmup_iters, f"--lr-warmup-iters {args.lr_warmup_iters}"
+            else:
+                warmup = int(args.lr_warmup_fraction * args.train_iters)
+                given = f"--lr-warmup-fraction {args.lr_warmup_fraction} x --train-iters {args.train_iters} = {warmup}"
+            if warmup >= decay:
+                source = "--lr-decay-iters" if args.lr_decay_iters else "--train-iters"
+                problems.append(f"{given} warm-up iterations, not fewer than the {decay} of the LR schedule ({source} "
+                                f"{decay}); valid: a warm-up below {decay}")
         if args.save_interval is not None and args.save is None:
             problems.append(f"--save-interval {args.save_interval} needs --save (a checkpoint directory)")
         if args.keep_last_checkpoints is not None and args.save is None:

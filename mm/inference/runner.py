@@ -50,7 +50,7 @@ from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.parallel.fsdp import shard_parameters
-from mm.runtime import start
+from mm.runtime import EntryPoint, start
 
 PROG = "inference.py"
 
@@ -413,11 +413,19 @@ def extend_prompts_on_rank_0(runtime, sampling: SamplingConfig) -> SamplingConfi
     return replace(sampling, extended_prompts=extended[0])
 
 
+def entry_point() -> EntryPoint:
+    """What ``inference.py`` validates before any process group (``start``; ``mm.preflight`` before
+    torchrun): the flags and the model JSON (a release's own generate configuration expanded), and its
+    inference section with the files it names (``sampling_config``)."""
+    return EntryPoint(prog=PROG, mode="inference", check=sampling_config, expand=expand_model_json)
+
+
 def inference(argv: Sequence[str] | None = None) -> list[Path]:
     """Sample every prompt of the model JSON; returns the .mp4 paths this rank wrote."""
     checked = {}  # the inference section as start()'s check parsed it (before any process group)
-    runtime = start(argv, mode="inference", prog=PROG, expand=expand_model_json,
-                    check=lambda config: checked.update(sampling=sampling_config(config)))
+    entry = entry_point()
+    runtime = start(argv, mode=entry.mode, prog=entry.prog, expand=entry.expand,
+                    check=lambda config: checked.update(sampling=entry.check(config)))
     sampling = checked["sampling"]
     if sampling.prompt_extend is not None:
         sampling = extend_prompts_on_rank_0(runtime, sampling)

@@ -22,6 +22,10 @@ layouts are then ordered by fit and by that time. Communication time is not in i
 
 from __future__ import annotations
 
+from mm.accelerator.notices import quiet_known_notices
+
+quiet_known_notices()  # before megatron-core/diffusers are imported: their known notices (MM_VERBOSE=1 shows them)
+
 import argparse
 import shutil
 import sys

@@ -37,7 +37,7 @@ from mm.models.predictor.transformer_config import params_dtype, transformer_con
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
 from mm.parallel.fsdp import shard_parameters
-from mm.runtime import start
+from mm.runtime import EntryPoint, start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
 from mm.training.checks import check_task
 from mm.training.divergence import SkipStreak, TrainingStopped, skip_counts, weights_finite
@@ -115,12 +115,20 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f}"
 
 
-def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
-    """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
+def entry_point(task: str) -> EntryPoint:
+    """What ``pretrain_<task>.py`` validates before any process group (``start``; ``mm.preflight`` before
+    torchrun): the flags and JSONs for training, the task's fit to the model and data with the data
+    files and output directories (``check_task``), and --load (``check_load_dir``)."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}; valid: {', '.join(TASKS)}")
-    runtime = start(argv, mode="train", prog=TASKS[task],
-                    check=lambda config: (check_task(task, config), check_load_dir(config.args)))
+    return EntryPoint(prog=TASKS[task], mode="train",
+                      check=lambda config: (check_task(task, config), check_load_dir(config.args)))
+
+
+def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
+    """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
+    entry = entry_point(task)
+    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check)
     try:
         with naming_collective_failures("start-up (models, optimizer, --load)"):
             trainer = Trainer(runtime, task)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def launcher(tmp_path):
                             "COMBINED_ENABLE", "MULTI_STREAM_MEMORY_REUSE", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "TP", "PP", "CP",
                             "VP", "MBS", "GBS", "EXPERT", "CUDA_DEVICE_MAX_CONNECTIONS", "HCCL_EXEC_TIMEOUT",
                             "HCCL_CONNECT_TIMEOUT", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "LD_LIBRARY_PATH")}
+        # MM_PREFLIGHT=0 unless a test asks for the pre-flight check: the scripts' own JSONs point at placeholder
+        # weights and data, which it rightly refuses (the tests of the check below give it real assets)
         env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_DIR=str(tmp_path),
-                   LOG_DIR=str(tmp_path / "logs"), **overrides)
+                   LOG_DIR=str(tmp_path / "logs"), **{"MM_PREFLIGHT": "0", "MM_PYTHON": sys.executable, **overrides})
         # from another directory: the scripts find the repository themselves
         result = subprocess.run(["bash", str(REPO / script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=60)
@@ -281,3 +284,76 @@ def test_phantoms_own_generate_config_runs_from_the_example_script(launcher, mon
         config_from_args(parse_flags(_split(argv)[2]), 8, mode="inference", expand=expand_model_json)
     assert error.value.problems == ["inference.ckpt_dir = './weights/Wan2.1-T2V-1.3B': not a directory (Wan's release "
                                     "directory for task 's2v-1.3B', as downloaded)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """The quickstart's assets (a tiny Wan DiT's JSONs, a random VAE and text encoder, synthetic videos):
+    real files for the pre-flight check, which opens what the JSONs name."""
+    root = tmp_path_factory.mktemp("preflight_assets")
+    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
+                   capture_output=True)
+    return root
+
+
+@pytest.mark.slow
+def test_preflight_stops_a_bad_training_configuration_once_before_torchrun(launcher, tiny_assets, tmp_path):
+    """The training script with the check on: each problem is printed once (not once per rank), the script
+    exits 2, and neither torchrun nor its log file was started."""
+    import json
+
+    script = "examples/wan2.1/1.3b/t2v/pretrain_t2v.sh"
+    tiny = dict(MM_PREFLIGHT="1", MM_MODEL=str(tiny_assets / "model.json"), MM_DATA=str(tiny_assets / "data.json"),
+                RECOMPUTE_LAYERS="2")
+    # 4 processes with TP 3: neither the world size nor the tiny DiT's 4 heads divide
+    result, argv, _ = launcher(script, GPUS_PER_NODE="4", TP="3", GBS="1", **tiny)
+    assert result.returncode == 2 and argv is None, result.stderr
+    assert "fake torchrun ran" not in result.stdout and not (tmp_path / "logs").exists()
+    for problem in ("pretrain_t2v.py: error: invalid configuration:",
+                    "  - world size 4 is not divisible by --tensor-model-parallel-size (3) x",
+                    "  - predictor.num_heads = 4 is not divisible by --tensor-model-parallel-size (3) x"):
+        assert sum(line.startswith(problem) for line in result.stderr.splitlines()) == 1, result.stderr
+    # a typo in the model JSON, named once
+    model = json.loads((tiny_assets / "model.json").read_text())
+    model["predictor"]["num_layer"] = 2
+    (tmp_path / "typo.json").write_text(json.dumps(model))
+    result, argv, _ = launcher(script, GPUS_PER_NODE="2", **dict(tiny, MM_MODEL=str(tmp_path / "typo.json")))
+    assert result.returncode == 2 and argv is None and "fake torchrun ran" not in result.stdout
+    assert result.stderr.count("predictor keys ['num_layer'] are not Wan DiT parameters") == 1, result.stderr
+    # a data.txt that is not there: the entry point's file checks run too
+    data = json.loads((tiny_assets / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"]["data_path"] = str(tmp_path / "missing" / "data.txt")
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    result, argv, _ = launcher(script, GPUS_PER_NODE="2", **dict(tiny, MM_DATA=str(tmp_path / "data.json")))
+    assert result.returncode == 2 and argv is None and result.stderr.count(str(tmp_path / "missing")) == 1, \
+        result.stderr
+
+
+@pytest.mark.slow
+def test_preflight_lets_a_good_configuration_reach_torchrun(launcher, tiny_assets, tmp_path):
+    """The check sees the launch's world size (GPUS_PER_NODE x NNODES); a good configuration goes on to
+    torchrun; MM_PREFLIGHT=0 skips the check."""
+    tiny = dict(MM_PREFLIGHT="1", MM_MODEL=str(tiny_assets / "model.json"), MM_DATA=str(tiny_assets / "data.json"),
+                RECOMPUTE_LAYERS="2")
+    result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/pretrain_t2v.sh", GPUS_PER_NODE="2", NNODES="2", CP="2",
+                               **tiny)
+    assert result.returncode == 0 and argv is not None, result.stderr
+    assert "mm.preflight: pretrain_t2v.py: configuration valid for 4 process(es)" in result.stdout
+    assert "CP=2 DP=2" in result.stdout and "fake torchrun ran" in result.stdout
+    # inference: the quickstart's sampling JSON (its VAE and text encoder exist) and the checkpoint a training run
+    # will write (the check does not open --load: the quickstart checks both runs before the first); then a
+    # layout the world cannot hold
+    inference = dict(MM_PREFLIGHT="1", MM_MODEL=str(tiny_assets / "inference_model.json"), CP_ALGO="megatron_cp_algo",
+                     CFG_PARALLEL="0", LOAD_PATH=str(tmp_path / "ckpt"))
+    (tmp_path / "argv").unlink()
+    result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/inference_t2v.sh", GPUS_PER_NODE="2", CP="2", **inference)
+    assert result.returncode == 0 and argv is not None, result.stderr
+    assert "mm.preflight: inference.py: configuration valid for 2 process(es)" in result.stdout
+    (tmp_path / "argv").unlink()
+    result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/inference_t2v.sh", GPUS_PER_NODE="2", CP="4", **inference)
+    assert result.returncode == 2 and argv is None and "fake torchrun ran" not in result.stdout
+    assert result.stderr.count("inference.py: error:") == 1 and "world size 2" in result.stderr, result.stderr
+    # skipped: the same bad layout reaches torchrun
+    result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/inference_t2v.sh", GPUS_PER_NODE="2", CP="4",
+                               **dict(inference, MM_PREFLIGHT="0"))
+    assert result.returncode == 0 and argv is not None and "mm.preflight" not in result.stdout

@@ -456,3 +456,14 @@ def test_text_encoder_fsdp_is_a_training_key(tmp_path):
     # sampling shards the text encoder with inference.t5_fsdp: the key does not stop a shared model JSON
     cfg = _load(tmp_path, world=1, mode="inference", model=dict(_model(), text_encoder_fsdp=True))
     assert cfg.model.text_encoder_fsdp
+
+
+def test_lr_warmup_must_end_before_the_schedule(tmp_path):
+    """megatron's OptimizerParamScheduler asserts warm-up < decay iterations on every rank; validation says so
+    first (train_iters is 10 here)."""
+    assert "--lr-warmup-iters 10 warm-up iterations, not fewer than the 10 of the LR schedule (--train-iters 10)" \
+        in _problems(tmp_path, flags=["--lr-warmup-iters", "10"])
+    assert "(--lr-decay-iters 4)" in _problems(tmp_path, flags=["--lr-warmup-iters", "5", "--lr-decay-iters", "4"])
+    assert "--lr-warmup-fraction 1.0 x --train-iters 10 = 10" in _problems(tmp_path, flags=["--lr-warmup-fraction", "1"])
+    assert _load(tmp_path, flags=["--lr-warmup-iters", "9"]).args.lr_warmup_iters == 9
+    assert _load(tmp_path, flags=["--lr-warmup-iters", "20"], mode="inference") is not None
