@@ -81,6 +81,10 @@ class Accelerator:
         """Peak bytes allocated on this device since the last reset (0 on the CPU)."""
         return 0 if self.is_cpu else self.module.max_memory_allocated()
 
+    def device_name(self) -> str:
+        """What the device is, in words (the GPU/NPU model; "cpu")."""
+        return "cpu" if self.is_cpu else self.module.get_device_name()
+
     def memory_allocated(self) -> int:
         """Bytes allocated on this device now (0 on the CPU)."""
         return 0 if self.is_cpu else self.module.memory_allocated()

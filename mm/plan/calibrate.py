@@ -239,7 +239,7 @@ def measure(training: list[str], videos: list[tuple[int, int, int]], repeats: in
                 runtime = start(argv, mode="train", prog="mm-plan calibrate",
                                 check=lambda c: check_task("t2v", c, files=False))
                 acc = runtime.accelerator
-                device_name = "cpu" if acc.is_cpu else torch.cuda.get_device_name() if acc.name == "cuda" else acc.name
+                device_name = acc.device_name()
             else:
                 runtime.config, _, _ = configure(argv, "train", prog="mm-plan calibrate")
             for video, latent in zip(videos, latents):
