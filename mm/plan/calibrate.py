@@ -115,9 +115,22 @@ class Calibration:
         if data.get("format") != FORMAT:
             raise ValueError(f"--calibration {path}: format {data.get('format')!r}; this mm reads format {FORMAT} "
                              "(run mm-plan calibrate again)")
-        fits = data["fits"]
-        return cls(settings=data["settings"], device=data["device"], micro_batch_size=data["micro_batch_size"],
-                   points=data["points"], **fits)
+        try:
+            return cls(settings=data["settings"], device=data["device"], micro_batch_size=data["micro_batch_size"],
+                       points=data["points"], **data["fits"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"--calibration {path}: not a calibration file of mm-plan calibrate ({e!r})") from None
+
+    @classmethod
+    def read_into(cls, path: str | Path | None, problems: list[str]) -> "Calibration | None":
+        """``read``, a problem appended instead of raised; None without a path."""
+        if path is None:
+            return None
+        try:
+            return cls.read(path)
+        except ValueError as e:
+            problems.append(str(e))
+            return None
 
     def mismatches(self, args: argparse.Namespace) -> list[str]:
         """The settings of the training flags ``args`` that differ from the calibration's."""
@@ -342,12 +355,7 @@ def main(argv: Sequence[str]) -> int:
             problems.append(f"{flag}: calibration measures one rank of the whole model; leave the layout out")
     if (own.output is None) == (own.check is None):
         problems.append("give one of --output (calibrate) and --check (compare a calibration with the whole model)")
-    calibration = None
-    if own.check is not None:
-        try:
-            calibration = Calibration.read(own.check)
-        except (ValueError, KeyError) as e:
-            problems.append(str(e))
+    calibration = Calibration.read_into(own.check, problems)
     if problems:
         for p in problems:
             print(f"mm-plan calibrate: error: {p}", file=sys.stderr)

@@ -80,12 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--virtual-pipeline-model-parallel-size", "--context-parallel-algo", "--ulysses-degree-in-cp")]
     if (own.calibration is None) != (own.video is None):
         problems.append("--calibration and --video go together (the measured figures, the size to predict for)")
-    calibration = None
-    if own.calibration is not None:
-        try:
-            calibration = Calibration.read(own.calibration)
-        except (ValueError, KeyError) as e:
-            problems.append(str(e))
+    calibration = Calibration.read_into(own.calibration, problems)
     if layout_flags:
         problems.append(f"{' '.join(layout_flags)}: mm-plan chooses the layout; leave the layout flags out")
     if "--train-iters" not in training:
