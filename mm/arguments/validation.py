@@ -294,6 +294,9 @@ def _check_vae(args: argparse.Namespace, model: ModelConfig | None, data: DataCo
             problems.append(f"{flag} is not supported by pretrain_vae.py ({why}); drop it")
     if args.optimizer != "adam":
         problems.append(f"--optimizer {args.optimizer}: pretrain_vae.py uses AdamW; valid: adam")
+    if args.train_iters is not None and args.lr_warmup_fraction is None and args.lr_warmup_iters >= args.train_iters:
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} with --train-iters {args.train_iters}: the warm-up "
+                        f"must end before the last iteration; valid: 0 to {args.train_iters - 1}")
     if model is None:
         return
     ae = model.ae

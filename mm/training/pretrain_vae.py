@@ -114,8 +114,9 @@ class VAETrainer:
         self.rank, self.dp = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.vae = build_trainable_vae(cfg.model.ae, args.seed).to(self.device)
         module = VAELoss(self.vae, args.vae_reconstruction_loss)
+        # single frames (images) leave the temporal layers out of the graph: DDP looks for them each step
         self.model = module if self.dp == 1 else torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=None if acc.is_cpu else [self.device.index])
+            module, device_ids=None if acc.is_cpu else [self.device.index], find_unused_parameters=True)
         self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                            eps=args.adam_eps, weight_decay=args.weight_decay)
         self.gbs = args.global_batch_size or args.micro_batch_size * self.dp
