@@ -189,6 +189,24 @@ def _inference(p: argparse.ArgumentParser) -> None:
                         "the unconditional branch at once (needs an even data-parallel size)")
 
 
+VAE_LOSSES = ("l1", "mse")
+
+
+def _vae_training(p: argparse.ArgumentParser) -> None:
+    """pretrain_vae.py's own flags (defaults in mm.arguments.validation.VAE_DEFAULTS; other entry points
+    refuse them)."""
+    g = p.add_argument_group("VAE training (pretrain_vae.py)")
+    g.add_argument("--vae-reconstruction-loss", choices=VAE_LOSSES, default=None,
+                   help="the pixel loss between a video and its reconstruction; default l1")
+    g.add_argument("--vae-kl-weight", type=float, default=None,
+                   help="weight of the KL divergence of the latent posterior from N(0, 1), added to the "
+                        "reconstruction loss; default 1e-6")
+    g.add_argument("--vae-latent-stats-samples", type=_non_negative_int, default=None,
+                   help="after training, encode this many samples of the data and save the per-channel mean and "
+                        "std of their latents as the VAE's latents_mean / latents_std (what normalises the latents a "
+                        "DiT trains on); 0 keeps the config's; default 64")
+
+
 def _mm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mm configuration files")
     g.add_argument("--mm-model", required=True, help="model JSON (predictor, ae, text_encoder, diffusion)")
@@ -199,7 +217,7 @@ def _mm(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="mm: Megatron-style training and inference for video DiTs")
-    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _mm):
+    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _vae_training, _mm):
         add(parser)
     return parser
 

@@ -105,7 +105,7 @@ class AEConfig(ComponentConfig):
 @dataclass
 class ModelConfig:
     path: str
-    predictor: PredictorConfig
+    predictor: PredictorConfig | None  # None only in a VAE's JSON (pretrain_vae.py)
     ae: AEConfig | None = None
     text_encoder: list[ComponentConfig] = field(default_factory=list)
     image_encoder: ComponentConfig | None = None
@@ -153,9 +153,11 @@ _MODEL_KEYS = ["predictor", "ae", "text_encoder", "image_encoder", "diffusion", 
 MODEL_TASKS = ("t2v", "i2v")
 
 
-def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> ModelConfig | None:
+def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
+                       require_predictor: bool = True) -> ModelConfig | None:
+    """``require_predictor=False``: a JSON for a VAE alone (pretrain_vae.py) may leave the predictor out."""
     top = _Reader(data, "", problems)
-    pred = top.section("predictor", required=True)
+    pred = top.section("predictor", required=require_predictor)
     predictor = None
     if pred is not None:
         typed = dict(num_layers=pred.get("num_layers", int), num_heads=pred.get("num_heads", int),
@@ -195,7 +197,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str]) -> 
     top.reject_rest(_MODEL_KEYS)
     if config.task is not None and config.task not in MODEL_TASKS:
         problems.append(f"task = {config.task!r}; valid: {', '.join(MODEL_TASKS)}")
-    return config if predictor is not None else None
+    return config if predictor is not None or not require_predictor else None
 
 
 DATASET_TYPES = ("t2v", "i2v", "flf2v", "t2i", "image")

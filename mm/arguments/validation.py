@@ -14,7 +14,11 @@ from mm.arguments.json_configs import DataConfig, ModelConfig
 from mm.arguments.pipeline_layout import pipeline_layers_problems
 from mm.parallel.groups import ParallelSizes
 
-MODES = ("train", "inference")
+MODES = ("train", "inference", "vae")  # vae: pretrain_vae.py
+TRAINING_MODES = ("train", "vae")
+# pretrain_vae.py's flags when not given, and the VAEs it trains (ae.model_id)
+VAE_DEFAULTS = {"vae_reconstruction_loss": "l1", "vae_kl_weight": 1e-6, "vae_latent_stats_samples": 64}
+TRAINABLE_AES = ("wan_vae",)
 
 
 def ulysses_degree(args: argparse.Namespace) -> int:
@@ -146,14 +150,14 @@ def _check_batch(args: argparse.Namespace, world_size: int, mode: str, problems:
         )
     vpp, pp = virtual_pipeline_size(args), args.pipeline_model_parallel_size
     micro = (gbs or mbs * dp) // (mbs * dp)
-    if mode == "train" and vpp is not None and pp > 1 and micro < pp:
+    if mode in TRAINING_MODES and vpp is not None and pp > 1 and micro < pp:
         # megatron-core's interleaved schedule runs groups of PP micro-batches per virtual stage
         problems.append(
             f"--virtual-pipeline-model-parallel-size {vpp} with {micro} micro-batch(es) per iteration (--global-batch-size "
             f"{gbs or mbs * dp} / (--micro-batch-size {mbs} x data-parallel size {dp})): interleaving needs at least "
             f"--pipeline-model-parallel-size ({pp}) micro-batches; valid: --global-batch-size >= {pp * mbs * dp}"
         )
-    if mode == "train":
+    if mode in TRAINING_MODES:
         if args.train_iters is None:
             problems.append("--train-iters is required for training")
         if args.lr is None:
@@ -272,6 +276,53 @@ def _check_pipeline_num_layers(args: argparse.Namespace, layout: list | None, nu
     problems.extend(pipeline_layers_problems(layout, num_layers, pp, virtual_pipeline_size(args)))
 
 
+def _check_vae(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, mode: str,
+               problems: list[str]) -> None:
+    """pretrain_vae.py: data-parallel training of the model JSON's ``ae`` on the data JSON's videos; its
+    flags get their defaults here. Other entry points refuse the VAE flags."""
+    flags = [name for name in VAE_DEFAULTS if getattr(args, name) is not None]
+    if mode != "vae":
+        problems.extend(f"--{name.replace('_', '-')} is a flag of pretrain_vae.py (VAE training); drop it here"
+                        for name in flags)
+        return
+    for name, value in VAE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.vae_kl_weight >= 0.0 or args.vae_kl_weight == float("inf"):
+        problems.append(f"--vae-kl-weight {args.vae_kl_weight}; valid: a number >= 0 (e.g. 1e-6)")
+    for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                        ("--context-parallel-size", args.context_parallel_size)):
+        if value != 1:
+            problems.append(f"{flag} {value}: pretrain_vae.py trains data-parallel only; valid: 1 (leave it out)")
+    for flag, given in (("--bf16", args.bf16), ("--fp16", args.fp16), ("--load", args.load is not None),
+                        ("--save-interval", args.save_interval is not None),
+                        ("--use-distributed-optimizer", args.use_distributed_optimizer)):
+        if given:
+            why = "start from weights with the model JSON's ae.from_pretrained" if flag == "--load" else \
+                "it saves the VAE once, at the end" if flag == "--save-interval" else \
+                "VAE training runs in fp32" if flag in ("--bf16", "--fp16") else "the optimizer is torch's AdamW"
+            problems.append(f"{flag} is not supported by pretrain_vae.py ({why}); drop it")
+    if args.optimizer != "adam":
+        problems.append(f"--optimizer {args.optimizer}: pretrain_vae.py uses AdamW; valid: adam")
+    if args.train_iters is not None and args.lr_warmup_fraction is None and args.lr_warmup_iters >= args.train_iters:
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} with --train-iters {args.train_iters}: the warm-up "
+                        f"must end before the last iteration; valid: 0 to {args.train_iters - 1}")
+    if model is None:
+        return
+    ae = model.ae
+    if ae is None:
+        problems.append(f"--mm-model {model.path}: pretrain_vae.py trains the model JSON's ae section, and there is "
+                        "none; add one (ae.model_id, ae.from_pretrained or the VAE's config keys)")
+        return
+    if ae.model_id not in TRAINABLE_AES:
+        problems.append(f"ae.model_id = {ae.model_id!r}: pretrain_vae.py trains {', '.join(TRAINABLE_AES)}")
+    if ae.vae_cp_size != 1:
+        problems.append(f"ae.vae_cp_size = {ae.vae_cp_size}: pretrain_vae.py encodes each video on one rank; valid: 1")
+    if ae.dtype not in (None, "fp32"):
+        problems.append(f"ae.dtype = {ae.dtype!r}: pretrain_vae.py trains in fp32; valid: fp32 (or leave it out)")
+
+
 def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, world_size: int,
              mode: str = "train", accelerator: str | None = None) -> list[str]:
     """All problems of this configuration (empty when it is valid)."""
@@ -281,10 +332,13 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_parallel(args, world_size, problems)
     _check_precision_and_recompute(args, problems)
     _check_batch(args, world_size, mode, problems)
-    if model is not None:
+    _check_vae(args, model, data, mode, problems)
+    if model is not None and mode != "vae":
         _check_model(args, model, problems)
         if mode == "train":  # inference shards the text encoder with inference.t5_fsdp
             _check_text_encoder_fsdp(args, model, world_size, problems)
+    if mode == "vae" and data is None:
+        problems.append("--mm-data is required for VAE training (a data JSON with dataset_param.basic_parameters.data_path)")
     if mode == "train" and data is None and (model is None or not model.load_video_features):
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":

@@ -246,7 +246,8 @@ def test_bad_inference_section_is_refused_before_starting(assets, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_trains_and_writes_a_playable_video(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "qs"), TRAIN_ITERS="6", MASTER_PORT="29623")
+    env = dict(os.environ, OUT=str(tmp_path / "qs"), VAE_IMAGE_ITERS="2", VAE_ITERS="2", TRAIN_ITERS="6",
+               MASTER_PORT="29623")
     done = subprocess.run(["bash", "examples/quickstart/run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

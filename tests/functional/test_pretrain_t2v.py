@@ -99,7 +99,8 @@ def test_encoder_offload_interval_4_keeps_the_first_8_losses(assets):
 @pytest.mark.slow
 @pytest.mark.extended  # VAE-CP against one device: tests/parallel/test_vae_cp.py; decode: test_inference.py
 def test_vae_cp_training_equals_one_process(assets):
-    buckets = {"buckets": [[17, 64, 64], [17, 48, 96]]}  # VAE-CP over 2 ranks needs 2 chunks of 4 frames each
+    # VAE-CP over 2 ranks needs 2 chunks of 4 frames each: 17 frames, every frame of the clips
+    buckets = {"buckets": [[17, 64, 64], [17, 48, 96]], "train_fps": 16}
     ref, _ = _train(assets, 1, iters=2, variant=_variant(assets, "long", data_changes=buckets))
     variant = _variant(assets, "vaecp", {"vae_cp_size": 2}, buckets)
     par, _ = _train(assets, 2, "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",

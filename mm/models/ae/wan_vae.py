@@ -482,7 +482,9 @@ class WanVAE(nn.Module):
                  for j in range(0, width, stride // ratio)] for i in range(0, height, stride // ratio)]
         return _stitch(rows, size // p - stride // p, stride // p, height * ratio // p, width * ratio // p)
 
-    def decode(self, z: torch.Tensor, vae_cp: tuple | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, vae_cp: tuple | None = None, clamp: bool = True) -> torch.Tensor:
+        """``clamp=False`` (training): the decoder's output as it is, so pixels outside [-1, 1] still
+        get a gradient."""
         x = self.post_quant_conv(z)
         if vae_cp is None and self.cfg.use_tiling and max(x.shape[-2:]) > self.cfg.tile_sample_min_size // self.cfg.scale_factor_spatial:
             out = self._tiled_decode(x)
@@ -499,7 +501,7 @@ class WanVAE(nn.Module):
             out = gather_frames(piece, [4 * n - (3 if i == 0 else 0) for i, n in enumerate(counts)], group)
         if self.cfg.patch_size:
             out = unpatchify(out, self.cfg.patch_size)
-        return out.clamp(-1.0, 1.0)
+        return out.clamp(-1.0, 1.0) if clamp else out
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.latents_mean.to(latents)) / self.latents_std.to(latents)
@@ -537,7 +539,8 @@ def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32, param
 
 
 def save_wan_vae(vae: WanVAE, directory: str) -> None:
-    """Write ``vae`` as a diffusers-format directory that ``load_wan_vae`` (and diffusers) read."""
+    """Write ``vae`` as a diffusers-format directory that ``load_wan_vae`` (and diffusers) read; the
+    latent statistics are those of ``vae.cfg``."""
     from safetensors.torch import save_file
 
     path = Path(directory)
