@@ -100,6 +100,7 @@ class Calibration:
     settings: dict
     device: str
     micro_batch_size: int
+    model: dict       # model_id, the predictor's architecture keys, num_heads
     layer_seconds: list[float]
     rest_seconds: list[float]
     layer_bytes: list[float] | None   # None: measured where the device reports no memory (CPU)
@@ -117,7 +118,7 @@ class Calibration:
                              "(run mm-plan calibrate again)")
         try:
             return cls(settings=data["settings"], device=data["device"], micro_batch_size=data["micro_batch_size"],
-                       points=data["points"], **data["fits"])
+                       model=data["model"], points=data["points"], **data["fits"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"--calibration {path}: not a calibration file of mm-plan calibrate ({e!r})") from None
 
@@ -132,9 +133,17 @@ class Calibration:
             problems.append(str(e))
             return None
 
-    def mismatches(self, args: argparse.Namespace) -> list[str]:
-        """The settings of the training flags ``args`` that differ from the calibration's."""
+    def mismatches(self, args: argparse.Namespace, predictor=None) -> list[str]:
+        """The settings of the training flags ``args`` (and the architecture of the model JSON's
+        ``predictor`` section) that differ from the calibration's."""
         out = []
+        if predictor is not None:
+            mine = _architecture(predictor)
+            if mine != self.model:
+                keys = sorted(k for k in set(mine["predictor"]) | set(self.model.get("predictor", {}))
+                              if mine["predictor"].get(k) != self.model.get("predictor", {}).get(k))
+                keys += [k for k in ("model_id", "num_heads") if mine[k] != self.model.get(k)]
+                out.append(f"the model JSON's predictor ({', '.join(f'{k}' for k in keys)} differ)")
         for key in SETTINGS:
             given = getattr(args, key, None)
             given = list(given) if isinstance(given, (list, tuple)) else given
@@ -150,6 +159,14 @@ class Calibration:
         if self.layer_bytes is None:
             return None
         return layers * evaluate(self.layer_bytes, tokens) + evaluate(self.rest_bytes, tokens)
+
+
+def _architecture(predictor) -> dict:
+    """What a calibration's layers were: the predictor's model_id, architecture keys and heads (the
+    layer count, pipeline split, weights and dtype aside)."""
+    params = {k: v for k, v in predictor.params.items() if k not in ("from_pretrained", "pipeline_num_layers", "dtype")}
+    return json.loads(json.dumps({"model_id": predictor.model_id, "predictor": params,
+                                  "num_heads": predictor.num_heads}))
 
 
 def fits_of(points: list[dict]) -> dict:
@@ -268,9 +285,7 @@ def measure(training: list[str], videos: list[tuple[int, int, int]], repeats: in
     args = config.args
     settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k in SETTINGS
                 for v in [getattr(args, k, None)]}
-    return {"format": FORMAT, "device": device_name, "model": {"model_id": config.model.predictor.model_id,
-                                                              "predictor": dict(config.model.predictor.params),
-                                                              "num_heads": arch.num_heads},
+    return {"format": FORMAT, "device": device_name, "model": _architecture(config.model.predictor),
             "micro_batch_size": int(mbs), "settings": settings, "points": points,
             "fits": fits_of(points) if tuple(layer_counts) == LAYER_COUNTS else None}
 

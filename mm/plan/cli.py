@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems += model_problems
             if calibration is not None and not model_problems:
                 problems += [f"{m}: --calibration {own.calibration} was measured with other settings"
-                             for m in calibration.mismatches(args)]
+                             for m in calibration.mismatches(args, model.predictor)]
         except (ConfigError, SystemExit) as e:
             problems.append(str(e) if str(e) else "the training flags do not parse (see above)")
     if problems:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.plan_assets import REPO, write_plan_assets
+from tests.plan_assets import REPO
 
 pytestmark = pytest.mark.gpu
 
@@ -23,11 +23,24 @@ def _plan(*args):
 
 
 def test_a_calibration_predicts_the_whole_model(tmp_path):
-    root = write_plan_assets(tmp_path)
-    model = json.loads((root / "model.json").read_text())
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+    from mm.models.text_encoder.tiny import save_tiny_text_encoder
+
+    # calibration reads no video: the VAE's config (its compression) and the tokenizer's length only
+    root = tmp_path
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)), root / "vae")
+    save_tiny_text_encoder(root / "umt5", ["a", "red", "square"], d_model=32)
     # wide enough that activations, not allocator rounding, make the figures; 8 layers
-    model["predictor"].update(num_layers=8, num_heads=4, hidden_size=512, ffn_dim=2048)
+    model = {"predictor": {"model_id": "wan_dit", "num_layers": 8, "num_heads": 4, "hidden_size": 512,
+                           "ffn_dim": 2048, "in_dim": 4, "out_dim": 4, "freq_dim": 32, "text_dim": 32},
+             "ae": {"model_id": "wan_vae", "from_pretrained": str(root / "vae")},
+             "text_encoder": {"model_id": "umt5", "from_pretrained": str(root / "umt5")},
+             "diffusion": {"model_id": "flow_matching", "shift": 3.0}}
+    data = {"dataset_param": {"dataset_type": "t2v", "basic_parameters": {"data_path": str(root / "data.txt")},
+                              "preprocess_parameters": {"num_frames": 17, "max_height": 256, "max_width": 256},
+                              "tokenizer_config": {"from_pretrained": str(root / "umt5"), "model_max_length": 16}}}
     (root / "model.json").write_text(json.dumps(model))
+    (root / "data.json").write_text(json.dumps(data))
     training = ["--mm-model", str(root / "model.json"), "--mm-data", str(root / "data.json"), "--micro-batch-size",
                 "1", "--bf16", "--lr", "1e-5", "--recompute-granularity", "selective", "--recompute-modules", "mlp"]
     cal = tmp_path / "cal.json"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -110,8 +111,12 @@ def test_bad_calibration_input_is_refused_with_exit_2(jsons, tmp_path, capsys, m
     settings = {k: None for k in ("recompute_granularity", "recompute_method", "recompute_num_layers",
                                   "recompute_modules")}
     settings.update(compile_dit_blocks=False, attention_kernel="auto", bf16=False, fp16=False)
+    from mm.arguments.json_configs import load_json, parse_model_config
+    from mm.plan.calibrate import _architecture
+
+    model = _architecture(parse_model_config(load_json(str(jsons / "model.json"), "m"), "m", []).predictor)
     out.write_text(json.dumps({"format": 1, "device": "test", "micro_batch_size": 1, "settings": settings,
-                               "points": points, "fits": fits_of(points)}))
+                               "model": model, "points": points, "fits": fits_of(points)}))
     # settings that change what a layer costs: refused with the flag named
     err = _refusal(capsys, ["--calibration", str(out), "--video", "17x64x64", "--", *training,
                             "--recompute-granularity", "full", "--recompute-method", "uniform",
@@ -128,3 +133,48 @@ def test_bad_calibration_input_is_refused_with_exit_2(jsons, tmp_path, capsys, m
     assert "FRAMESxHEIGHTxWIDTH" in _refusal(capsys, ["calibrate", "--videos", "9x64", "--output",
                                                       str(tmp_path / "c.json"), "--", *training])
     assert "--output" in _refusal(capsys, ["calibrate", "--videos", "9x64x64", "--", *training])
+
+
+def _with_tiny_vae(model_json: Path, root: Path) -> Path:
+    """A copy of ``model_json`` whose VAE section names a tiny Wan VAE (mm-plan reads its compression)."""
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)), root / "vae")
+    model = json.loads(model_json.read_text())
+    model["ae"] = {"model_id": "wan_vae", "from_pretrained": str(root / "vae")}
+    out = root / "model.json"
+    out.write_text(json.dumps(model))
+    return out
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("calibration_h100_compiled_layernorm.json", ["--compile-dit-blocks", "--attention-kernel", "flash3",
+                                                  "--recompute-granularity", "selective", "--recompute-modules",
+                                                  "layernorm"]),
+    ("calibration_h100_full.json", ["--attention-kernel", "flash3", "--recompute-granularity", "full",
+                                    "--recompute-method", "uniform", "--recompute-num-layers", "1"])])
+def test_the_shipped_h100_calibrations_plan_wan_1_3b_and_refuse_another_model(name, flags, jsons, tmp_path, capsys,
+                                                                            monkeypatch):
+    from mm.plan.calibrate import Calibration
+    from mm.plan.cli import main
+
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    example = REPO / "examples/wan2.1/1.3b/t2v"
+    cal = Calibration.read(example / name)
+    assert cal.device.startswith("NVIDIA H100") and cal.layer_bytes is not None
+    # each whole-model figure the file holds beside its fits is reproduced by them within 10% / 15%
+    model = _with_tiny_vae(example / "pretrain_t2v_model.json", tmp_path)
+    training = ["--mm-model", str(model), "--mm-data", str(example / "data.json"), "--micro-batch-size", "1",
+                "--global-batch-size", "8", "--bf16", "--lr", "1e-5", *flags]
+    assert main(["--nodes", "1", "--gpus-per-node", "8", "--top", "0", "--calibration", str(example / name),
+                 "--video", "81x480x832", "--", *training]) == 0
+    out = capsys.readouterr().out
+    assert "at 32760 tokens per sample" in out
+    # data parallelism leaves a rank the whole model's activations of one sample: the calibration's figure
+    row = next(line for line in out.splitlines() if line.startswith("TP1 CP1 PP1 DP8"))
+    assert float(row[40:].split()[3]) == pytest.approx(cal.activation_bytes(30, 32760) / 2**30, abs=0.006)
+    # the tiny model of the other tests is not what was measured: refused, the differing keys named
+    other = ["--mm-model", str(jsons / "model.json"), "--mm-data", str(jsons / "data.json"), "--micro-batch-size",
+             "1", "--bf16", "--lr", "1e-5", *flags]
+    err = _refusal(capsys, ["--calibration", str(example / name), "--video", "17x64x64", "--", *other])
+    assert "the model JSON's predictor" in err and "hidden_size" in err
