@@ -61,11 +61,13 @@ def main(out: str) -> None:
         "dataloader_param": {"shuffle": True},
     }
     (root / "model.json").write_text(json.dumps(model, indent=1))
-    # inference.py: the same model, the DiT from the training run's checkpoint (--load), and what to sample
+    # inference.py: the same model, the DiT from the training run's checkpoint (--load), and what to sample;
+    # guidance 1 (off): training keeps every caption (data.json has no "cfg" dropout), so the DiT has no
+    # unconditional branch for guidance to extrapolate from
     inference = dict(model, inference={
         "prompt": PROMPTS,
         "negative_prompt": "", "seed": 42, "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "fps": 8,
-        "sample_steps": 20, "sample_shift": 3.0, "sample_solver": "unipc", "guidance_scale": 3.0,
+        "sample_steps": 20, "sample_shift": 3.0, "sample_solver": "unipc", "guidance_scale": 1.0,
         "model_max_length": 16, "save_path": str(root / "samples")})
     (root / "inference_model.json").write_text(json.dumps(inference, indent=1))
     (root / "data.json").write_text(json.dumps(data, indent=1))
