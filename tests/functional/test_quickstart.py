@@ -31,6 +31,14 @@ def _check_samples():
     return module.check_samples
 
 
+def _decode(path: Path) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape[0], frames[0].shape[1]
+
+
 def _quickstart(out: Path, port: int, **knobs: str) -> str:
     env = dict(os.environ, OUT=str(out), MASTER_PORT=str(port), **knobs)
     done = subprocess.run(["bash", "examples/quickstart/run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -48,6 +56,10 @@ def test_quickstart_fits_the_vae_and_checks_its_samples_and_a_random_vae_fails_t
     assert '"is_residual": true' in config and '"latents_std": [1.0, 1.0, 1.0, 1.0]' not in config.replace("\n", "")
     for prompt in PROMPTS:
         assert f'quickstart: "{prompt}": ' in out
+    videos = sorted((tmp_path / "fitted" / "samples").glob("*.mp4"))
+    assert len(videos) == 2 and "sampled:" in out
+    for video in videos:  # playable H.264 of the inference section's size
+        assert _decode(video) == (9, 64, 64)
     checks = check_samples(tmp_path / "fitted")
     assert [c.prompt for c in checks] == PROMPTS
     assert all(c.strip.stat().st_size > 0 and c.strip.name.endswith("_strip.png") for c in checks)
