@@ -3,7 +3,8 @@
 Workers are forked (fast: they inherit the imported torch and megatron-core) with torchrun's
 environment variables set, select the CPU accelerator and start the default process group through
 mm.accelerator, exactly as the entry points do. An exception on any rank fails the call with that
-rank's traceback; a rank that does not finish within ``timeout`` seconds fails it too.
+rank's traceback; a rank that exits without a result fails it at once, one that does not finish
+within ``timeout`` seconds at the timeout.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -55,16 +58,32 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
         p.start()
     results: dict[int, Any] = {}
     failures: list[str] = []
+
+    def take(rank: int, ok: bool, value: Any) -> None:
+        if ok:
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        else:
+            failures.append(f"rank {rank} failed:\n{value}")
+
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
-            if ok:
-                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-            else:
-                failures.append(f"rank {rank} failed:\n{value}")
-                break
-    except Exception as e:  # queue.Empty on timeout
-        failures.append(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s ({e!r})")
+        while len(results) < world_size and not failures:
+            try:
+                take(*queue.get(timeout=1.0))
+                continue
+            except queue_module.Empty:
+                pass
+            # a rank that died without reporting (a C++ abort, a signal) fails the call now, not at the timeout
+            if any(r not in results and p.exitcode is not None for r, p in enumerate(procs)):
+                time.sleep(1.0)  # a report put just before the exit may still be in the pipe
+                while not failures and not queue.empty():
+                    take(*queue.get())
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if dead and not failures:
+                    failures.append(f"ranks {dead} exited without a result (exit codes "
+                                    f"{[procs[r].exitcode for r in dead]})")
+            elif time.monotonic() > deadline:
+                failures.append(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s")
     finally:
         for p in procs:
             p.join(timeout=5 if not failures else 0.1)

@@ -83,6 +83,12 @@ def destroy_parallel() -> None:
     _MM_GROUP_RANKS.clear()
     _SIZES = None
     mpu.destroy_model_parallel()
+    # megatron-core's destroy leaves some module globals holding their groups (the intra-partial
+    # data-parallel groups with CP, 0.19): a process forked later would inherit them, and replacing
+    # one there runs the group's destructor, which joins threads the fork did not copy (a hang)
+    for name, value in list(vars(mpu).items()):
+        if name.isupper() and name.startswith("_") and isinstance(value, dist.ProcessGroup):
+            setattr(mpu, name, None)
 
 
 def get_parallel_sizes() -> ParallelSizes:

@@ -21,10 +21,11 @@ ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFER
 
 def _inference_json(assets, out: Path, **changes) -> Path:
     """The fixture's model JSON (4-layer DiT with fixed HuggingFace weights) with the quickstart's
-    inference section, fewer steps, latents saved."""
+    inference section, fewer steps, latents saved, and guidance 3 (both branches a step: what CFG
+    parallelism and the parallel layouts split; the quickstart itself samples unguided)."""
     model = json.loads((assets / "model.json").read_text())
     section = json.loads((assets / "inference_model.json").read_text())["inference"]
-    section.update(sample_steps=4, save_path=str(out), save_latents=True, **changes)
+    section.update(sample_steps=4, save_path=str(out), save_latents=True, guidance_scale=3.0, **changes)
     model["inference"] = section
     path = out.parent / f"{out.name}_model.json"
     path.write_text(json.dumps(model))

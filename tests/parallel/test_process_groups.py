@@ -92,3 +92,27 @@ def test_every_group_waits_the_run_timeout():
     for name in MM_GROUP_BUILDERS:
         assert any(f"MM_{name.upper()}_GROUP" in d for d in described), name
     assert any("EXPERT_DATA_PARALLEL_GROUP_GLOO" in d for d in described)
+
+
+def _set_up_and_tear_down(rank: int, world: int):
+    from megatron.core import parallel_state as mpu
+
+    from mm.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(world_size=world, context_parallel=world), seed=0)
+    destroy_parallel()
+    return sorted(name for name, value in vars(mpu).items() if isinstance(value, dist.ProcessGroup))
+
+
+def test_a_process_forked_after_a_torn_down_parallel_state_sets_up_its_own():
+    """mm-plan builds megatron-core's parallel state in the caller's process and tears it down; a
+    group left referenced by a module global would be inherited by a forked child, and its
+    destructor there joins threads the fork did not copy: the child hangs."""
+    from mm.plan.memory import single_process_groups
+
+    with single_process_groups():
+        pass
+    assert not dist.is_initialized()
+    # the forked ranks set up CP groups (megatron's intra-partial DP groups with CP among them),
+    # tear them down, and no module global of megatron-core's parallel state still holds a group
+    assert run_distributed(2, _set_up_and_tear_down, timeout=60) == [[], []]
