@@ -3,7 +3,8 @@
     python -m mm.preflight [torchrun's options] ENTRY_POINT [the entry point's flags]
 
 takes the command line of a torchrun launch without the word ``torchrun`` and runs what the entry
-point (``pretrain_t2v.py``, ``pretrain_i2v.py``, ``pretrain_vae.py`` or ``inference.py``) runs in each process before any
+point (``pretrain_t2v.py``, ``pretrain_i2v.py``, ``pretrain_vae.py``, ``extract_features.py`` or
+``inference.py``) runs in each process before any
 process group exists (``mm.runtime.configure_or_exit`` with the entry point's own checks: flags, model
 and data JSONs, the files they name, the output directories, --load), for the world size the launch will
 have: ``--nproc_per_node`` x ``--nnodes``. A bad configuration prints ``<entry point>: error: ...`` with
@@ -25,10 +26,11 @@ _NO_VALUE = {"--standalone", "--no-python", "--run-path", "--module", "-m"}
 def _entry_points() -> dict[str, Callable[[], object]]:
     from mm.inference.runner import entry_point as inference_entry
     from mm.training.pretrain import entry_point as pretrain_entry
+    from mm.training.extract_features import entry_point as features_entry
     from mm.training.pretrain_vae import entry_point as vae_entry
 
     return {"pretrain_t2v.py": lambda: pretrain_entry("t2v"), "pretrain_i2v.py": lambda: pretrain_entry("i2v"),
-            "inference.py": inference_entry, "pretrain_vae.py": vae_entry}
+            "inference.py": inference_entry, "pretrain_vae.py": vae_entry, "extract_features.py": features_entry}
 
 
 def _fail(message: str) -> SystemExit:
@@ -57,7 +59,7 @@ def split_launch(argv: Sequence[str]) -> tuple[dict[str, str], str, list[str]]:
             options[key] = argv[i + 1]
             i += 2
     if i >= len(argv):
-        raise _fail("no entry point (pretrain_t2v.py, pretrain_i2v.py, pretrain_vae.py or inference.py) after torchrun's options")
+        raise _fail("no entry point (pretrain_t2v.py, pretrain_i2v.py, pretrain_vae.py, extract_features.py or inference.py) after torchrun's options")
     return options, argv[i], list(argv[i + 1:])
 
 

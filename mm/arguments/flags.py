@@ -207,6 +207,19 @@ def _vae_training(p: argparse.ArgumentParser) -> None:
                         "DiT trains on); 0 keeps the config's; default 64")
 
 
+FEATURE_FORMATS = ("safetensors", "pt")  # mm.data.features.FORMATS
+
+
+def _feature_extraction(p: argparse.ArgumentParser) -> None:
+    """extract_features.py's own flags."""
+    g = p.add_argument_group("feature extraction (extract_features.py)")
+    g.add_argument("--save-features", default=None,
+                   help="the features directory extract_features.py writes (data.jsonl, features/, features.json); "
+                        "MindSpeed-MM's --mm-tool JSON key sorafeature.save_path is read too")
+    g.add_argument("--feature-format", choices=FEATURE_FORMATS, default="safetensors",
+                   help="safetensors (default), or pt: MindSpeed-MM's torch files, which its FeatureDataset reads")
+
+
 def _mm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mm configuration files")
     g.add_argument("--mm-model", required=True, help="model JSON (predictor, ae, text_encoder, diffusion)")
@@ -217,7 +230,7 @@ def _mm(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="mm: Megatron-style training and inference for video DiTs")
-    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _vae_training, _mm):
+    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _vae_training, _feature_extraction, _mm):
         add(parser)
     return parser
 

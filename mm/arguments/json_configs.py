@@ -110,8 +110,10 @@ class ModelConfig:
     text_encoder: list[ComponentConfig] = field(default_factory=list)
     image_encoder: ComponentConfig | None = None
     diffusion: ComponentConfig | None = None
-    load_video_features: bool = False
-    load_text_features: bool = False
+    # MindSpeed-MM's switches for training on extracted features (None: not given); mm reads both the
+    # latents and the text embeddings from a dataset_type "feature" data JSON, or neither
+    load_video_features: bool | None = None
+    load_text_features: bool | None = None
     enable_encoder_dp: bool = False
     encoder_offload_interval: int = 1
     # training: shard each text encoder's parameters over the ranks of pipeline stage 0 (FSDP2)
@@ -186,8 +188,8 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
         text_encoder=text_encoders,
         image_encoder=None if image_reader is None else _component(image_reader, ComponentConfig),
         diffusion=None if diffusion_reader is None else _component(diffusion_reader, ComponentConfig),
-        load_video_features=top.get("load_video_features", bool, default=False),
-        load_text_features=top.get("load_text_features", bool, default=False),
+        load_video_features=top.get("load_video_features", bool, default=None),
+        load_text_features=top.get("load_text_features", bool, default=None),
         enable_encoder_dp=top.get("enable_encoder_dp", bool, default=False),
         encoder_offload_interval=top.get("encoder_offload_interval", int, default=1),
         text_encoder_fsdp=top.get("text_encoder_fsdp", bool, default=False),
@@ -200,7 +202,8 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
     return config if predictor is not None or not require_predictor else None
 
 
-DATASET_TYPES = ("t2v", "i2v", "flf2v", "t2i", "image")
+DATASET_TYPES = ("t2v", "i2v", "flf2v", "t2i", "image", "feature")
+# feature: extract_features.py's files (mm.data.features); the conditioning trained is the extraction's dataset type
 # dataset_param keys of Open-Sora-Plan's inpainting (I2V) training masks, MindSpeed-MM's names; read by
 # mm.models.predictor.opensoraplan.conditioning.MaskConfig (its KEYS)
 MASK_KEYS = ("mask_type_ratio_dict_video", "mask_type_ratio_dict_image", "min_clear_ratio", "max_clear_ratio",
@@ -220,6 +223,9 @@ class DataConfig:
     dataloader: dict[str, Any] = field(default_factory=dict)
     use_text_processer: bool = True
     masks: dict[str, Any] = field(default_factory=dict)  # MASK_KEYS given in dataset_param
+    # dataset_type "feature": pre-extracted latents and text embeddings (mm.data.features); dataset_type
+    # is then the extraction's (its features.json; "t2v" for files without one, as MindSpeed-MM's)
+    features: bool = False
     # (samples, entries left out) of data.txt, as mm.data.sources.read_data_txt returns them, when the
     # entry point read them while checking the configuration; the data loader reads data.txt when None
     sources: tuple[list, Any] | None = field(default=None, repr=False)
@@ -266,6 +272,29 @@ def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> D
         dataloader=dataloader,
         masks={key: ds.data.pop(key) for key in MASK_KEYS if key in ds.data},
     )
+    if dataset_type == "feature":
+        _feature_data(config, ds, problems)
     ds.reject_rest(["dataset_type", "basic_parameters", "preprocess_parameters", "tokenizer_config",
                     "use_text_processer", *MASK_KEYS])
     return config
+
+
+def _feature_data(config: DataConfig, ds: _Reader, problems: list[str]) -> None:
+    """``dataset_type: feature``: the conditioning is the extraction's (its ``features.json``); the
+    preprocessing already happened, except caption dropout, which needs the empty caption's embedding
+    the features do not hold."""
+    from mm.data.features import Manifest, feature_folder
+
+    config.features = True
+    folder = feature_folder(config.data_path, config.data_folder)
+    try:
+        manifest = Manifest.read(folder)
+    except (OSError, ValueError, TypeError) as e:
+        problems.append(f"{folder / 'features.json'}: cannot be read ({e})")
+        manifest = None
+    config.dataset_type = manifest.dataset_type if manifest is not None else "t2v"
+    cfg = config.preprocess.get("cfg", 0.0)
+    if isinstance(cfg, (int, float)) and cfg > 0:
+        problems.append(f"{ds.key('preprocess_parameters')}.cfg = {cfg} with dataset_type 'feature': the features hold "
+                        "each caption's embedding, not the empty caption's that caption dropout trains on; valid: 0 "
+                        "(or train on the videos)")

@@ -14,7 +14,7 @@ from mm.arguments.json_configs import DataConfig, ModelConfig
 from mm.arguments.pipeline_layout import pipeline_layers_problems
 from mm.parallel.groups import ParallelSizes
 
-MODES = ("train", "inference", "vae")  # vae: pretrain_vae.py
+MODES = ("train", "inference", "vae", "features")  # vae: pretrain_vae.py; features: extract_features.py
 TRAINING_MODES = ("train", "vae")
 # pretrain_vae.py's flags when not given, and the VAEs it trains (ae.model_id)
 VAE_DEFAULTS = {"vae_reconstruction_loss": "l1", "vae_kl_weight": 1e-6, "vae_latent_stats_samples": 64}
@@ -323,6 +323,30 @@ def _check_vae(args: argparse.Namespace, model: ModelConfig | None, data: DataCo
         problems.append(f"ae.dtype = {ae.dtype!r}: pretrain_vae.py trains in fp32; valid: fp32 (or leave it out)")
 
 
+def _check_extraction(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None,
+                      problems: list[str]) -> None:
+    """extract_features.py: every rank encodes its share of the samples alone (data-parallel only)."""
+    for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                        ("--context-parallel-size", args.context_parallel_size)):
+        if value != 1:
+            problems.append(f"{flag} {value}: extract_features.py shares the samples over all ranks, each encoding "
+                            "alone; valid: 1 (leave it out)")
+    if model is not None:
+        if model.ae is not None and model.ae.vae_cp_size != 1:
+            problems.append(f"ae.vae_cp_size = {model.ae.vae_cp_size}: extract_features.py encodes each video on one "
+                            "rank; valid: 1 (the ranks share the samples instead)")
+        if model.enable_encoder_dp:
+            problems.append("enable_encoder_dp = true: extract_features.py shares the samples over the ranks "
+                            "already; valid: false")
+        if model.ae is None or not model.text_encoder:
+            problems.append(f"--mm-model {model.path}: extract_features.py encodes with the model JSON's ae and "
+                            "text_encoder sections; give both")
+    if data is not None and data.features:
+        problems.append("dataset_param.dataset_type = 'feature': extract_features.py reads videos; valid: the "
+                        "videos' data JSON (t2v, t2i, image)")
+
+
 def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, world_size: int,
              mode: str = "train", accelerator: str | None = None) -> list[str]:
     """All problems of this configuration (empty when it is valid)."""
@@ -333,13 +357,17 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_precision_and_recompute(args, problems)
     _check_batch(args, world_size, mode, problems)
     _check_vae(args, model, data, mode, problems)
+    if mode == "features":
+        _check_extraction(args, model, data, problems)
+    elif args.save_features is not None:
+        problems.append("--save-features is a flag of extract_features.py (feature extraction); drop it here")
     if model is not None and mode != "vae":
         _check_model(args, model, problems)
         if mode == "train":  # inference shards the text encoder with inference.t5_fsdp
             _check_text_encoder_fsdp(args, model, world_size, problems)
     if mode == "vae" and data is None:
         problems.append("--mm-data is required for VAE training (a data JSON with dataset_param.basic_parameters.data_path)")
-    if mode == "train" and data is None and (model is None or not model.load_video_features):
+    if mode in ("train", "features") and data is None:
         problems.append("--mm-data is required for training (a data JSON with dataset_param.basic_parameters.data_path)")
     if accelerator is not None and args.attention_kernel != "auto":
         if args.attention_kernel not in kernels_for(accelerator):

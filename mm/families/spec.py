@@ -258,7 +258,9 @@ class FamilySpec:
             problems.append(f"ae.model_id = {ae.model_id!r} with predictor {model_id!r}; valid: "
                             f"{', '.join(self.ae_model_ids)}")
         given = len(config.model.text_encoder)
-        if given != self.num_text_encoders:
+        # training on extracted features (dataset_type feature) needs no text encoder in the model JSON
+        features = getattr(getattr(config, "data", None), "features", False)
+        if given != self.num_text_encoders and not (features and given == 0):
             problems.append(f"text_encoder: {given} given; predictor {model_id!r} ({self.name}) reads "
                             f"{self.num_text_encoders} text encoder(s) (a list of that many sections)")
         if config.args.compile_dit_blocks and not self.compiles(model_id):

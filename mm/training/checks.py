@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mm.arguments import ConfigError
 from mm.data.dataset import VideoDataConfig
+from mm.data.features import Manifest, feature_folder, read_index
 from mm.data.sources import read_data_txt
 from mm.families import resolve
 from mm.families.spec import TRAINING_ENTRY_POINTS
@@ -24,12 +25,22 @@ def check_task(task: str, config, *, files: bool = True) -> None:
     family, arch = resolve(config.model.predictor)
     problems = family.problems(config, arch) + family.recipe.check(task, config, arch)
     encoders, tokenizers = len(config.model.text_encoder), len(config.data.tokenizers)
-    if config.data.use_text_processer and tokenizers != encoders:
+    loads = {key: getattr(config.model, key) for key in ("load_video_features", "load_text_features")}
+    if config.data.features:
+        problems += feature_problems(family, config)
+        problems += [f"{key} = false with dataset_type 'feature': mm reads the latents and the text embeddings from "
+                     "the features; valid: true (or leave it out)" for key, value in loads.items() if value is False]
+    else:
+        problems += [f"{key} = true: training on extracted features reads a data JSON of dataset_type 'feature' "
+                     f"(extract_features.py writes one's files); --mm-data {config.data.path} has dataset_type "
+                     f"{config.data.dataset_type!r}" for key, value in loads.items() if value]
+    if not config.data.features and config.data.use_text_processer and tokenizers != encoders:
         problems.append(f"dataset_param.tokenizer_config: {tokenizers} tokenizer(s) for {encoders} text encoder(s) "
                         "in the model JSON's text_encoder; valid: one tokenizer_config per text encoder, in order "
                         "(a list when there are several)")
     try:  # the data JSON's preprocessing, before any process group starts rather than in the loader
-        VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
+        if not config.data.features:  # features were preprocessed when they were extracted
+            VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
     except (TypeError, ValueError) as e:
         problems.append(str(e))
     if config.model.task is not None and config.model.task != task:
@@ -86,7 +97,7 @@ def read_data_files(data) -> list[str]:
     if data is None:
         return []
     try:
-        data.sources = read_data_txt(data.data_path)
+        data.sources = read_index(data.data_path, data.data_folder) if data.features else read_data_txt(data.data_path)
     except ValueError as e:
         return [str(e)]
     except OSError as e:
@@ -95,3 +106,24 @@ def read_data_files(data) -> list[str]:
         return [f"dataset_param.basic_parameters.data_path = {data.data_path!r}: cannot read {e.filename!r} "
                 f"({e.strerror})"]
     return []
+
+
+def feature_problems(family, config) -> list[str]:
+    """A ``dataset_type: feature`` data JSON against the model JSON: what its ``features.json`` says
+    the features were made for (the predictor, the number of text embeddings)."""
+    folder = feature_folder(config.data.data_path, config.data.data_folder)
+    try:
+        manifest = Manifest.read(folder)
+    except (OSError, ValueError, TypeError):
+        return []  # the data JSON's parse reported it
+    if manifest is None:  # MindSpeed-MM's features: no record of what made them
+        return []
+    problems = []
+    model_id = config.model.predictor.model_id
+    if manifest.model_id and family.predictors.get(manifest.model_id) is None:
+        problems.append(f"{folder / 'features.json'}: extracted for predictor.model_id = {manifest.model_id!r} "
+                        f"(another family than {model_id!r}, {family.name}); extract them with this model JSON")
+    if manifest.text_dims and len(manifest.text_dims) != family.num_text_encoders:
+        problems.append(f"{folder / 'features.json'}: {len(manifest.text_dims)} text embedding(s) per sample; "
+                        f"predictor {model_id!r} ({family.name}) reads {family.num_text_encoders}")
+    return problems

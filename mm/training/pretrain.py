@@ -27,6 +27,7 @@ from megatron.core.transformer import TransformerConfig
 from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print, wait_for_peers
 from mm.ckpt import CheckpointError, unwrap
 from mm.data.dataset import SkipCounter, token_keys
+from mm.data.features import build_feature_dataloader
 from mm.data.loader import build_video_dataloader
 from mm.families import family_for
 from mm.families.spec import TRAINING_ENTRY_POINTS as TASKS
@@ -242,19 +243,17 @@ class Trainer:
             wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
 
     def _batches(self, consumed: int):
-        """Stage 0's encoded micro-batches, resuming after ``consumed`` samples."""
+        """Stage 0's encoded micro-batches, resuming after ``consumed`` samples: from the videos through
+        the frozen encoders, or (``dataset_type: feature``) read from extract_features.py's files."""
         cfg, args, device, recipe = self.cfg, self.args, self.device, self.recipe
-        vae = self.family.build_vae(cfg.model.ae, self.dtype).to(device)
-        lengths = [int(tokenizer.get("model_max_length", self.family.text_max_length(i)))
-                   for i, tokenizer in enumerate(cfg.data.tokenizers)]
-        text_encoders = [self.family.text_encoders(text, length, recipe.text_zero_padding)
-                         for text, length in zip(cfg.model.text_encoder, lengths)]
-        if cfg.model.text_encoder_fsdp:
-            shard_text_encoders(text_encoders, device, TASKS[self.task])
-        else:
-            text_encoders = [encoder.to(device) for encoder in text_encoders]
-        image_encoder = recipe.build_image_encoder(cfg)
-        image_encoder = None if image_encoder is None else image_encoder.to(device)
+        if cfg.data.features:
+            loader, _ = build_feature_dataloader(cfg.data, self.family.num_text_encoders, args.micro_batch_size,
+                                                 self.dp_rank, self.dp, consumed_samples=consumed,
+                                                 num_workers=args.num_workers, seed=args.seed,
+                                                 pin_memory=not self.acc.is_cpu)
+            return (features_to(batch, device, self.dtype) for batch in loader)
+        vae, text_encoders, image_encoder, lengths = build_frozen_encoders(self.family, cfg, recipe, self.dtype,
+                                                                           device, TASKS[self.task])
         loader, _ = build_video_dataloader(cfg.data, args.micro_batch_size, self.dp_rank, self.dp,
                                            consumed_samples=consumed, num_workers=args.num_workers, seed=args.seed,
                                            pin_memory=not self.acc.is_cpu, tokenizer_factory=self.family.tokenizer,
@@ -466,6 +465,36 @@ class Trainer:
         finally:
             logger.close()
         return losses
+
+
+def build_frozen_encoders(family, cfg, recipe, dtype: torch.dtype, device, prog: str):
+    """The frozen encoders of stage 0 on ``device``: the VAE, the text encoders (sharded with
+    ``text_encoder_fsdp``) and the recipe's image encoder (or None); with each text encoder's token
+    length (its ``tokenizer_config``'s ``model_max_length``, else the family's)."""
+    vae = family.build_vae(cfg.model.ae, dtype).to(device)
+    lengths = [int(tokenizer.get("model_max_length", family.text_max_length(i)))
+               for i, tokenizer in enumerate(cfg.data.tokenizers)]
+    text_encoders = [family.text_encoders(text, length, recipe.text_zero_padding)
+                     for text, length in zip(cfg.model.text_encoder, lengths)]
+    if cfg.model.text_encoder_fsdp:
+        shard_text_encoders(text_encoders, device, prog)
+    else:
+        text_encoders = [encoder.to(device) for encoder in text_encoders]
+    image_encoder = recipe.build_image_encoder(cfg)
+    image_encoder = None if image_encoder is None else image_encoder.to(device)
+    return vae, text_encoders, image_encoder, lengths
+
+
+def features_to(batch: dict, device, dtype: torch.dtype) -> dict:
+    """A batch of pre-extracted features (``mm.data.features``) on ``device``: what ``BatchEncoder``
+    returns for the videos, the embeddings and latents in the run's ``dtype``."""
+    def move(t, cast=True):
+        return None if t is None else t.to(device, dtype if cast else None, non_blocking=True)
+
+    return {"latents": move(batch["latents"]), "context": [move(c) for c in batch["context"]],
+            "context_mask": [move(m, cast=False) for m in batch["context_mask"]], "skipped": batch["skipped"],
+            "condition": move(batch["condition"]), "context_image": move(batch["context_image"]),
+            "path": batch["path"]}
 
 
 class BatchEncoder:

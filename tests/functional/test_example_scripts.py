@@ -357,3 +357,24 @@ def test_preflight_lets_a_good_configuration_reach_torchrun(launcher, tiny_asset
     result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/inference_t2v.sh", GPUS_PER_NODE="2", CP="4",
                                **dict(inference, MM_PREFLIGHT="0"))
     assert result.returncode == 0 and argv is not None and "mm.preflight" not in result.stdout
+
+
+def test_feature_extraction_script_and_training_on_its_features(launcher, monkeypatch):
+    """feature_extraction.sh launches extract_features.py with flags its real parser and validation take
+    (mode "features"); its feature_data.json passes the training checks with the script's model JSON."""
+    result, argv, _ = launcher("examples/wan2.1/1.3b/t2v/feature_extraction.sh", GPUS_PER_NODE="4",
+                               SAVE_FEATURES="/data/features")
+    assert result.returncode == 0, result.stderr
+    own, entry, flags = _split(argv)
+    assert (entry, own["--nproc_per_node"]) == ("extract_features.py", "4")
+    monkeypatch.chdir(REPO)
+    config = load_config(flags, world_size=4, mode="features")
+    assert config.args.save_features == "/data/features" and config.data.dataset_type == "t2v"
+    train = ["--mm-model", "examples/wan2.1/1.3b/t2v/pretrain_t2v_model.json", "--mm-data",
+             "examples/wan2.1/1.3b/t2v/feature_data.json", "--micro-batch-size", "1", "--lr", "1e-5",
+             "--train-iters", "10"]
+    config = load_config(train, world_size=8, mode="train")
+    assert config.data.features and config.data.data_path == "./sora_features/data.jsonl"
+    from mm.training.pretrain import check_task
+
+    check_task("t2v", config, files=False)

@@ -1,0 +1,119 @@
+"""extract_features.py and training on its features (``dataset_type: feature``) through torchrun on the
+quickstart's synthetic assets (CPU, gloo): two processes write what one writes, training on the
+features gives the losses of training on the videos with the encoders online (same seed), a corrupt
+video is skipped and counted, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _torchrun(nproc: int, entry: str, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", entry, *flags]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _extract(assets: Path, out: Path, nproc: int = 1, data: str = "data.json", *flags: str) -> str:
+    done = _torchrun(nproc, "extract_features.py", "--mm-model", str(assets / "model.json"), "--mm-data",
+                     str(assets / data), "--save-features", str(out), "--num-workers", "0", "--seed", "7", *flags)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _train(model: Path, data: Path) -> list[float]:
+    done = _torchrun(1, "pretrain_t2v.py", "--mm-model", str(model), "--mm-data", str(data), "--micro-batch-size",
+                     "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "4", "--log-interval", "1",
+                     "--num-workers", "0", "--seed", "7")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", done.stdout)]
+
+
+def _feature_data(root: Path, features: Path) -> Path:
+    path = root / f"{features.name}_data.json"
+    path.write_text(json.dumps({"dataset_param": {"dataset_type": "feature", "basic_parameters": {
+        "data_path": str(features / "data.jsonl"), "data_folder": str(features)}}, "dataloader_param": {"shuffle": True}}))
+    return path
+
+
+def _tensors(features: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from mm.data.features import read_features
+
+    return {f.name: read_features(f) for f in sorted((features / "features").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def qs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
+                   capture_output=True)
+    return root
+
+
+@pytest.mark.slow
+def test_two_processes_extract_what_one_does_and_training_on_features_equals_training_on_videos(qs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = _extract(qs, one, 1)
+    assert "wrote 16 feature files, 0 were there already" in out
+    _extract(qs, two, 2, "data.json", "--feature-format", "pt")  # MindSpeed-MM's torch files this time
+    a, b = _tensors(one), _tensors(two)
+    assert [n.rsplit(".", 1)[0] for n in a] == [n.rsplit(".", 1)[0] for n in b] and len(a) == 16
+    for (name, x), y in zip(a.items(), b.values()):
+        assert set(x) == set(y) == {"video", "prompt_ids", "prompt_mask"}, name
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-6, atol=1e-6, msg=f"{name} {key}")
+    lines = [json.loads(line) for line in (one / "data.jsonl").read_text().splitlines()]
+    assert [line["bucket"] for line in lines] != [lines[0]["bucket"]] * 16  # both buckets, as the videos
+    assert {tuple(line["latent_shape"]) for line in lines} == {(4, 3, 8, 8), (4, 3, 6, 12)}
+    manifest = json.loads((one / "features.json").read_text())
+    assert manifest["dataset_type"] == "t2v" and manifest["text_dims"] == [32]
+
+    online = _train(qs / "model.json", qs / "data.json")
+    # the model JSON without its encoders: training on features builds none
+    model = json.loads((qs / "model.json").read_text())
+    bare = qs / "dit_only_model.json"
+    bare.write_text(json.dumps({k: v for k, v in model.items() if k not in ("ae", "text_encoder")}))
+    on_features = _train(bare, _feature_data(qs, one))
+    on_pt_features = _train(qs / "model.json", _feature_data(qs, two))
+    assert len(online) == len(on_features) == 4 and online[-1] != online[0]
+    for x, y, z in zip(online, on_features, on_pt_features):
+        assert abs(x - y) <= 1e-5 * abs(x) and abs(x - z) <= 1e-5 * abs(x), (online, on_features, on_pt_features)
+
+
+@pytest.mark.slow
+def test_a_corrupt_video_is_skipped_and_counted_and_a_rerun_resumes(qs, tmp_path):
+    import shutil
+
+    videos = tmp_path / "data"
+    shutil.copytree(qs / "data", videos)
+    data = json.loads((qs / "data.json").read_text())
+    (tmp_path / "data.txt").write_text(f"{videos},{videos / 'annotation.json'}\n")
+    data["dataset_param"]["basic_parameters"]["data_path"] = str(tmp_path / "data.txt")
+    (qs / "corrupt_data.json").write_text(json.dumps(data))
+    victim = sorted((videos / "videos").glob("*.mp4"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated: no decodable frame
+
+    out_dir = tmp_path / "features"
+    out = _extract(qs, out_dir, 2, "corrupt_data.json")
+    assert "wrote 15 feature files, 0 were there already; skipped 1 bad samples" in out, out[-2000:]
+    index = [json.loads(line) for line in (out_dir / "data.jsonl").read_text().splitlines()]
+    assert len(index) == 15 and str(victim) not in {line["path"] for line in index}
+    assert not list(out_dir.rglob("*.tmp"))
+
+    # a feature file lost (an interrupted run leaves none half-written): the rerun writes it alone
+    lost = sorted((out_dir / "features").iterdir())[5]
+    before = lost.read_bytes()
+    lost.unlink()
+    out = _extract(qs, out_dir, 2, "corrupt_data.json")
+    assert "wrote 1 feature files, 14 were there already; skipped 1 bad samples" in out, out[-2000:]
+    assert lost.read_bytes() == before
