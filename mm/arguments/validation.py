@@ -344,7 +344,7 @@ def _check_extraction(args: argparse.Namespace, model: ModelConfig | None, data:
                             "text_encoder sections; give both")
     if data is not None and data.features:
         problems.append("dataset_param.dataset_type = 'feature': extract_features.py reads videos; valid: the "
-                        "videos' data JSON (t2v, t2i, image)")
+                        "videos' data JSON (the one the features are extracted from)")
 
 
 def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None, world_size: int,

@@ -119,6 +119,9 @@ class Recipe(Protocol):
     (lists, one per text encoder), ``condition`` and ``context_image`` from ``encode_condition``."""
 
     text_zero_padding: ClassVar[bool]  # text encoders zero the embeddings past each prompt
+    # the condition ``encode_condition`` returns depends on the sample alone (no per-batch draw such as a
+    # random mask), so extract_features.py may store it with the latents (absent: False)
+    features_condition: ClassVar[bool]
 
     @staticmethod
     def check(task: str, config, arch) -> list[str]: ...

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print
 from mm.arguments import ConfigError
 from mm.data.dataset import BadSample, collate
-from mm.data.features import INDEX, Manifest, feature_folder, feature_name, text_keys, write_features
+from mm.data.features import CONDITION_KEYS, INDEX, Manifest, feature_folder, feature_name, text_keys, write_features
 from mm.data.loader import build_video_dataset
 from mm.families import resolve
 from mm.models.predictor.transformer_config import params_dtype
@@ -60,11 +60,13 @@ def _check(config) -> None:
         problem = writable_dir_problem("--save-features", str(Path(where) / "features"))
         if problem:
             problems.append(problem)
-    if config.data is not None and config.data.dataset_type not in TEXT_ONLY:
-        problems.append(f"dataset_param.dataset_type = {config.data.dataset_type!r}: extract_features.py extracts "
-                        f"the latents and text embeddings of {', '.join(TEXT_ONLY)} data; image-conditioned "
-                        "features are not extracted yet (train on the videos)")
     family, arch = resolve(config.model.predictor)
+    if config.data is not None and config.data.dataset_type not in TEXT_ONLY and \
+            not getattr(family.recipe, "features_condition", False):
+        problems.append(f"dataset_param.dataset_type = {config.data.dataset_type!r} with predictor "
+                        f"{config.model.predictor.model_id!r} ({family.name}): its condition is drawn anew each "
+                        "batch (e.g. random masks), which features would fix once; extract_features.py extracts "
+                        f"its {', '.join(TEXT_ONLY)} data (train on the videos otherwise)")
     problems += family.problems(config, arch)
     if config.data is not None and not problems:
         problems += read_data_files(config.data)
@@ -153,6 +155,9 @@ class Extractor:
             for k, (context, mask) in enumerate(zip(encoded["context"], encoded["context_mask"])):
                 ids_key, mask_key = text_keys(k)
                 tensors[ids_key], tensors[mask_key] = context[0], mask[0]
+            for key in CONDITION_KEYS:  # image conditioning: the condition latents, the CLIP tokens
+                if encoded[key] is not None:
+                    tensors[key] = encoded[key][0]
             write_features(self.files / self.name(index), tensors, self.fmt)
             counts["written"] += 1
         everyone = [None] * self.world

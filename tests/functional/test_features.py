@@ -117,3 +117,41 @@ def test_a_corrupt_video_is_skipped_and_counted_and_a_rerun_resumes(qs, tmp_path
     out = _extract(qs, out_dir, 2, "corrupt_data.json")
     assert "wrote 1 feature files, 14 were there already; skipped 1 bad samples" in out, out[-2000:]
     assert lost.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_wan_i2v_features_hold_the_condition_and_the_clip_tokens(qs, tmp_path):
+    """Wan2.1 I2V (condition channels + CLIP branch): the features hold the condition latents and the CLIP
+    tokens, and pretrain_i2v.py on them gives the losses of pretrain_i2v.py on the videos."""
+    from tests.encoder_helpers import save_clip
+
+    save_clip(qs / "clip")
+    model = json.loads((qs / "model.json").read_text())
+    model["predictor"].update(in_dim=2 * 4 + 4, image_dim=16)
+    model["image_encoder"] = {"model_id": "clip", "from_pretrained": str(qs / "clip"), "dtype": "fp32"}
+    (qs / "i2v_model.json").write_text(json.dumps(model))
+    data = json.loads((qs / "data.json").read_text())
+    data["dataset_param"]["dataset_type"] = "i2v"
+    (qs / "i2v_data.json").write_text(json.dumps(data))
+    features = tmp_path / "i2v"
+    done = _torchrun(1, "extract_features.py", "--mm-model", str(qs / "i2v_model.json"), "--mm-data",
+                     str(qs / "i2v_data.json"), "--save-features", str(features), "--num-workers", "0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    first = next(iter(_tensors(features).values()))
+    assert first["condition"].shape[0] == 4 + 4 and first["context_image"].shape == (5, 16)
+    assert json.loads((features / "features.json").read_text())["dataset_type"] == "i2v"
+
+    def train(model_json: Path, data_json: Path) -> list[float]:
+        done = _torchrun(1, "pretrain_i2v.py", "--mm-model", str(model_json), "--mm-data", str(data_json),
+                         "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "3",
+                         "--log-interval", "1", "--num-workers", "0", "--seed", "11")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", done.stdout)]
+
+    online = train(qs / "i2v_model.json", qs / "i2v_data.json")
+    bare = qs / "i2v_dit_only_model.json"  # no VAE, text or image encoder
+    bare.write_text(json.dumps({k: v for k, v in model.items() if k not in ("ae", "text_encoder", "image_encoder")}))
+    on_features = train(bare, _feature_data(qs, features))
+    assert len(online) == len(on_features) == 3
+    for x, y in zip(online, on_features):
+        assert abs(x - y) <= 1e-5 * abs(x), (online, on_features)

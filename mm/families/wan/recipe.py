@@ -34,6 +34,7 @@ class WanRecipe:
     """Wan2.1 / Wan2.2 (T2V, I2V, FLF2V, TI2V): flow matching on the VAE latents."""
 
     text_zero_padding = True  # Wan's DiT reads exact zeros past each prompt
+    features_condition = True  # the I2V/FLF2V/TI2V condition is the sample's own frames, encoded
 
     def __init__(self, args, config, arch):
         self.arch = arch
@@ -56,7 +57,8 @@ class WanRecipe:
                             f"{in_dim} is text-only conditioning: pretrain_i2v.py needs an i2v/flf2v dataset and an "
                             "image-conditioned model (use pretrain_t2v.py otherwise)")
         image = config.model.image_encoder
-        if cond.uses_clip and (image is None or not image.from_pretrained):
+        features = getattr(config.data, "features", False)  # the CLIP tokens come with the features
+        if cond.uses_clip and not features and (image is None or not image.from_pretrained):
             problems.append("predictor.image_dim is set (a CLIP image branch): the model JSON needs "
                             "image_encoder.from_pretrained (a CLIP vision model directory, or Wan's release "
                             "file models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
