@@ -15,7 +15,8 @@ A features directory (MindSpeed-MM's ``sora_features/`` layout) holds:
   checks against its model JSON before anything starts.
 
 mm writes safetensors (``.safetensors``) or, with ``--feature-format pt``, MindSpeed-MM's torch files
-(``.pt``, a dict of the same keys, a list under ``prompt_ids`` for several encoders); it reads both.
+(``.pt``, a dict of the same keys, a list under ``prompt_ids`` for several encoders, the image
+conditioning under MindSpeed-MM's ``i2v_vae_feature`` / ``i2v_clip_feature``); it reads both.
 MindSpeed-MM's ``FeatureDataset`` reads only ``.pt``.
 """
 
@@ -35,6 +36,12 @@ MANIFEST = "features.json"
 INDEX = "data.jsonl"
 FORMATS = ("safetensors", "pt")
 CONDITION_KEYS = ("condition", "context_image")
+# MindSpeed-MM's names of the image conditioning in its .pt files (its Wan I2V processor: the mask channels
+# then the first frame's latents, as mm's condition; CLIP's penultimate hidden states)
+MINDSPEED_CONDITION_KEYS = {"condition": "i2v_vae_feature", "context_image": "i2v_clip_feature"}
+
+
+_MINDSPEED_TO_MM = {theirs: ours for ours, theirs in MINDSPEED_CONDITION_KEYS.items()}
 
 
 def text_keys(index: int) -> tuple[str, str]:
@@ -72,6 +79,9 @@ def write_features(path: Path, tensors: dict[str, torch.Tensor], fmt: str) -> No
         ids = [stored.pop(k) for k in sorted(k for k in tensors if k.startswith("prompt_ids"))]
         masks = [stored.pop(k) for k in sorted(k for k in tensors if k.startswith("prompt_mask"))]
         stored["prompt_ids"], stored["prompt_mask"] = (ids[0], masks[0]) if len(ids) == 1 else (ids, masks)
+        for key, theirs in MINDSPEED_CONDITION_KEYS.items():
+            if key in stored:
+                stored[theirs] = stored.pop(key)
         _atomic_write(path, lambda tmp: torch.save(stored, str(tmp)))
     else:
         raise ValueError(f"feature format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -92,7 +102,7 @@ def read_features(path: str | Path) -> dict[str, torch.Tensor]:
                 for i, item in enumerate(value):
                     out[text_keys(i)[0 if key == "prompt_ids" else 1]] = item
             elif isinstance(value, torch.Tensor):
-                out[key] = value
+                out[_MINDSPEED_TO_MM.get(key, key)] = value
         return out
     raise ValueError(f"feature file {path!r}: expected a .safetensors or .pt file")
 

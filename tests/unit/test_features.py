@@ -43,6 +43,17 @@ def test_mindspeed_mm_torch_files_are_read(tmp_path):
     back = read_features(tmp_path / "clip_mp4.pt")
     assert set(back) == {"video", *text_keys(0), *text_keys(1)}
     assert torch.equal(back["prompt_ids_2"], s["prompt_ids_2"]) and torch.equal(back["prompt_mask"], s["prompt_mask"])
+    # its Wan I2V features: the condition (mask channels, then the first frame's latents) and CLIP's tokens
+    condition, clip = torch.randn(8, 2, 2, 2), torch.randn(5, 16)
+    torch.save({"video": s["video"], "prompt_ids": s["prompt_ids"], "prompt_mask": s["prompt_mask"],
+                "i2v_vae_feature": condition, "i2v_clip_feature": clip}, tmp_path / "i2v.pt")
+    back = read_features(tmp_path / "i2v.pt")
+    assert torch.equal(back["condition"], condition) and torch.equal(back["context_image"], clip)
+    # and mm's .pt files carry them under MindSpeed-MM's names, for its FeatureDataset to pass to its DiT
+    write_features(tmp_path / "mine.pt", dict(s, condition=condition, context_image=clip), "pt")
+    raw = torch.load(tmp_path / "mine.pt", weights_only=True)
+    assert torch.equal(raw["i2v_vae_feature"], condition) and torch.equal(raw["i2v_clip_feature"], clip)
+    assert isinstance(raw["prompt_ids"], list) and torch.equal(raw["prompt_ids"][1], s["prompt_ids_2"])
 
 
 def _index(root: Path, entries: list[dict]) -> Path:
