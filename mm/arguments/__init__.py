@@ -81,6 +81,19 @@ def apply_sequence_parallel_aliases(args: argparse.Namespace, section: dict, pro
 Expand = Callable[[dict, list[str], list[str]], dict]
 
 
+def _unused_pipeline_layout(args: argparse.Namespace, predictor, notes: list[str]) -> None:
+    """MindSpeed-MM's JSONs keep ``predictor.pipeline_num_layers`` for their pipelined layout and launch the
+    same file with PP 1, which ignores it: so does mm (with a note) when the layers add up."""
+    layout = predictor.pipeline_num_layers
+    if args.pipeline_model_parallel_size != 1 or not layout:
+        return
+    flat = [n for row in layout for n in (row if isinstance(row, list) else [row])]
+    if all(isinstance(n, int) for n in flat) and sum(flat) == predictor.num_layers and len(layout) > 1:
+        notes.append(f"predictor.pipeline_num_layers = {layout}: a layout of {len(layout)} pipeline stages, not used "
+                     "with --pipeline-model-parallel-size 1")
+        predictor.pipeline_num_layers = None
+
+
 def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "train",
                      accelerator: str | None = None, expand: Expand | None = None) -> RunConfig:
     """``load_config`` for flags that are already parsed; ``expand`` rewrites the model JSON first
@@ -88,6 +101,9 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
     problems: list[str] = []
     notes: list[str] = []
     data = load_json(args.mm_model, "--mm-model")
+    from mm.families import translate_model_json  # the registry imports mm.arguments
+
+    data = translate_model_json(data, problems, notes)
     if expand is not None:
         data = expand(data, problems, notes)
         if problems:  # the sections it would have built are missing: those are the problems to name
@@ -95,10 +111,12 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
     model = parse_model_config(data, args.mm_model, problems, require_predictor=mode != "vae")
     data = None
     if args.mm_data is not None:
-        data = parse_data_config(load_json(args.mm_data, "--mm-data"), args.mm_data, problems)
+        data = parse_data_config(load_json(args.mm_data, "--mm-data"), args.mm_data, problems, notes)
     tool = load_json(args.mm_tool, "--mm-tool") if args.mm_tool is not None else {}
     if not problems and mode == "inference":
         apply_sequence_parallel_aliases(args, model.extra.get("inference", {}), problems)
+    if not problems and model.predictor is not None:
+        _unused_pipeline_layout(args, model.predictor, notes)
     if not problems:
         problems = validate(args, model, data, world_size, mode=mode, accelerator=accelerator)
     if problems:

@@ -226,6 +226,8 @@ class DataConfig:
     # dataset_type "feature": pre-extracted latents and text embeddings (mm.data.features); dataset_type
     # is then the extraction's (its features.json; "t2v" for files without one, as MindSpeed-MM's)
     features: bool = False
+    # enable_text_preprocessing's text_preprocess_methods, applied to every caption before it is tokenized
+    text_clean: list[str] = field(default_factory=list)
     # (samples, entries left out) of data.txt, as mm.data.sources.read_data_txt returns them, when the
     # entry point read them while checking the configuration; the data loader reads data.txt when None
     sources: tuple[list, Any] | None = field(default=None, repr=False)
@@ -243,10 +245,85 @@ def _tokenizers(ds: _Reader) -> list[dict[str, Any]]:
     return items
 
 
-def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> DataConfig | None:
+# MindSpeed-MM's dataloader_param.sampler_type values mm's sampler stands for: every micro-batch from one
+# bucket (one shape), seeded, data-parallel, resumable (mm.data.sampler.BucketSampler)
+SAMPLER_TYPES = ("LengthGroupedSampler", "BucketBatchSampler", "BaseRandomBatchSampler", "stateful_distributed_sampler")
+DATALOADER_KEYS = ("dataloader_mode", "sampler_type", "shuffle", "drop_last", "pin_memory", "group_frame",
+                   "group_resolution", "group_data", "initial_global_step_for_sampler", "collate_param",
+                   "prefetch_factor", "persistent_workers")
+
+
+def _dataloader(top: _Reader, problems: list[str], notes: list[str]) -> dict[str, Any]:
+    """``dataloader_param``: MindSpeed-MM's keys, each honoured, noted (what mm does instead) or refused."""
+    dl = top.section("dataloader_param")
+    if dl is None:
+        return {}
+    out: dict[str, Any] = {}
+    mode = dl.get("dataloader_mode", str, default="sampler")
+    if mode != "sampler":
+        problems.append(f"{dl.key('dataloader_mode')} = {mode!r}; valid: sampler")
+    sampler = dl.get("sampler_type", str)
+    if sampler is not None and sampler not in SAMPLER_TYPES:
+        problems.append(f"{dl.key('sampler_type')} = {sampler!r}; valid: {', '.join(SAMPLER_TYPES)} (mm's bucket "
+                        "sampler: every micro-batch from one bucket, seeded, data-parallel, resumable)")
+    groups = {name: dl.get(name, bool) for name in ("group_frame", "group_resolution", "group_data")}
+    if sampler is not None or any(v is not None for v in groups.values()):
+        notes.append(f"{dl.key('sampler_type')}: mm's bucket sampler groups every micro-batch by the whole sample "
+                     "shape (frames, height, width), as LengthGroupedSampler with group_data")
+    out["shuffle"] = dl.get("shuffle", bool, default=True)
+    if dl.get("drop_last", bool, default=True) is False:
+        problems.append(f"{dl.key('drop_last')} = false: mm drops each bucket's incomplete global micro-batch (every "
+                        "micro-batch holds --micro-batch-size samples of one shape); valid: true")
+    out["pin_memory"] = dl.get("pin_memory", bool)
+    step = dl.get("initial_global_step_for_sampler", int, default=0)
+    if step:
+        problems.append(f"{dl.key('initial_global_step_for_sampler')} = {step}: mm resumes the sampler from the "
+                        "checkpoint's consumed samples (--load); valid: 0")
+    collate = dl.get("collate_param", dict)
+    if collate:
+        problems.append(f"{dl.key('collate_param')} = {collate!r}: mm's collate stacks one bucket's samples; valid: "
+                        "{} (or leave it out)")
+    for name in ("prefetch_factor", "persistent_workers"):
+        if dl.get(name, (int, bool)) is not None:
+            notes.append(f"{dl.key(name)}: mm's loader prefetches 2 batches per worker with persistent workers "
+                         "(--num-workers sets the workers)")
+    dl.reject_rest(list(DATALOADER_KEYS))
+    return out
+
+
+TEXT_CLEAN_METHODS = ("whitespace_clean", "basic_clean")  # mm.data.captions, MindSpeed-MM's names
+
+
+def _text_preprocessing(ds: _Reader) -> list[str]:
+    """MindSpeed-MM's ``enable_text_preprocessing`` with ``text_preprocess_methods`` (one ``{"method": name}``
+    or a list of them, applied in order to every caption before it is tokenized): the methods' names."""
+    enabled = ds.get("enable_text_preprocessing", bool)
+    methods = ds.get("text_preprocess_methods", (dict, list))
+    if not enabled:
+        return []
+    entries = methods if isinstance(methods, list) else [methods] if methods else []
+    if not entries:
+        ds.problems.append(f"{ds.key('enable_text_preprocessing')} = true without text_preprocess_methods: MindSpeed-MM's "
+                           f"default cleaning (clean_caption) is not in mm; valid: text_preprocess_methods with "
+                           f"{' / '.join(TEXT_CLEAN_METHODS)}, or enable_text_preprocessing false")
+        return []
+    names = []
+    for entry in entries:
+        name = entry.get("method") if isinstance(entry, dict) else None
+        if name not in TEXT_CLEAN_METHODS or (isinstance(entry, dict) and entry.get("param")):
+            ds.problems.append(f"{ds.key('text_preprocess_methods')} entry {entry!r}; valid: {{\"method\": name}} with "
+                               f"name one of {', '.join(TEXT_CLEAN_METHODS)}")
+            continue
+        names.append(name)
+    return names
+
+
+def parse_data_config(data: dict[str, Any], path: str, problems: list[str],
+                      notes: list[str] | None = None) -> DataConfig | None:
+    notes = [] if notes is None else notes
     top = _Reader(data, "", problems)
     ds = top.section("dataset_param", required=True)
-    dataloader = top.get("dataloader_param", dict, default={})
+    dataloader = _dataloader(top, problems, notes)
     top.reject_rest(["dataset_param", "dataloader_param"])
     if ds is None:
         return None
@@ -272,14 +349,15 @@ def parse_data_config(data: dict[str, Any], path: str, problems: list[str]) -> D
         dataloader=dataloader,
         masks={key: ds.data.pop(key) for key in MASK_KEYS if key in ds.data},
     )
+    config.text_clean = _text_preprocessing(ds)
     if dataset_type == "feature":
-        _feature_data(config, ds, problems)
+        _feature_data(config, ds, problems, notes)
     ds.reject_rest(["dataset_type", "basic_parameters", "preprocess_parameters", "tokenizer_config",
-                    "use_text_processer", *MASK_KEYS])
+                    "use_text_processer", "enable_text_preprocessing", "text_preprocess_methods", *MASK_KEYS])
     return config
 
 
-def _feature_data(config: DataConfig, ds: _Reader, problems: list[str]) -> None:
+def _feature_data(config: DataConfig, ds: _Reader, problems: list[str], notes: list[str]) -> None:
     """``dataset_type: feature``: the conditioning is the extraction's (its ``features.json``); the
     preprocessing already happened, except caption dropout, which needs the empty caption's embedding
     the features do not hold."""
@@ -293,6 +371,11 @@ def _feature_data(config: DataConfig, ds: _Reader, problems: list[str]) -> None:
         problems.append(f"{folder / 'features.json'}: cannot be read ({e})")
         manifest = None
     config.dataset_type = manifest.dataset_type if manifest is not None else "t2v"
+    read_at_extraction = sorted(set(config.preprocess) - {"cfg"})
+    if read_at_extraction or config.tokenizers:
+        notes.append(f"--mm-data {config.path}: dataset_type 'feature' reads the features as extracted; "
+                     f"{', '.join(['tokenizer_config'] * bool(config.tokenizers) + read_at_extraction)} were the "
+                     "extraction's to apply and are not read here")
     cfg = config.preprocess.get("cfg", 0.0)
     if isinstance(cfg, (int, float)) and cfg > 0:
         problems.append(f"{ds.key('preprocess_parameters')}.cfg = {cfg} with dataset_type 'feature': the features hold "

@@ -17,13 +17,14 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mm.data.captions import clean_caption
 from mm.data.decoding import READERS, BadSample, read_clip, resolve_reader
 from mm.data.geometry import AESTHETIC_HIGH, AESTHETIC_LOW, KEY, OPENSORAPLAN_ONLY, READER_ALIASES, PerSampleGeometry, bad_value, flag_key, number_key, per_sample_geometry
 from mm.data.sources import Sample
@@ -168,9 +169,11 @@ class VideoDataset(torch.utils.data.Dataset):
     and why, travels in ``skipped``."""
 
     def __init__(self, samples: list[Sample], config: VideoDataConfig, tokenizers: list | None = None,
-                 epoch: int = 0):
-        """``tokenizers``: (tokenizer, max_length) pairs, one per text encoder."""
+                 epoch: int = 0, text_clean: Sequence[str] = ()):
+        """``tokenizers``: (tokenizer, max_length) pairs, one per text encoder; ``text_clean``: the caption
+        cleaning methods (``mm.data.captions``) applied before tokenization."""
         self.samples, self.config, self.tokenizers = samples, config, list(tokenizers or [])
+        self.text_clean = tuple(text_clean)
         self.reader = resolve_reader(config.video_reader_type)
         self.epoch = epoch
         self.dropped: Counter = Counter()
@@ -239,7 +242,7 @@ class VideoDataset(torch.utils.data.Dataset):
         """Sample ``index``'s caption this epoch: the aesthetic sentence (``use_aesthetic``), then
         replaced by "" with probability ``cfg``."""
         sample = self.samples[index]
-        caption = sample.caption
+        caption = clean_caption(sample.caption, self.text_clean) if self.text_clean else sample.caption
         if self.config.use_aesthetic and sample.aesthetic is not None:
             caption = aesthetic_caption(caption, sample.aesthetic)
         if self.config.cfg and random.Random(_seed(self.config.seed, self.epoch, index, 2)).random() < self.config.cfg:

@@ -282,5 +282,6 @@ def build_feature_dataloader(data, num_text_encoders: int, micro_batch_size: int
                             shuffle=bool(data.dataloader.get("shuffle", True)))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_features,
                                          num_workers=num_workers, prefetch_factor=2 if num_workers else None,
-                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
+                                         persistent_workers=num_workers > 0,
+                                         pin_memory=pin_memory and data.dataloader.get("pin_memory") is not False)
     return loader, dataset

@@ -35,7 +35,8 @@ def build_video_dataset(data: DataConfig, data_parallel_rank: int = 0, tokenizer
         lengths = list(max_lengths or [])
         tokenizers = [(tokenizer_factory(t), int(t.get("model_max_length", lengths[i] if i < len(lengths) else 512)))
                       for i, t in enumerate(data.tokenizers) if t.get("from_pretrained")]
-    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizers)
+    dataset = VideoDataset(samples, VideoDataConfig.from_json(data.preprocess, data.dataset_type), tokenizers,
+                           text_clean=data.text_clean)
     if dataset.dropped and data_parallel_rank == 0:
         logger.warning("data: %s", dict(dataset.dropped))
     return dataset
@@ -54,5 +55,6 @@ def build_video_dataloader(data: DataConfig, micro_batch_size: int, data_paralle
                             shuffle=bool(data.dataloader.get("shuffle", True)))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                          prefetch_factor=2 if num_workers else None,
-                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
+                                         persistent_workers=num_workers > 0,
+                                         pin_memory=pin_memory and data.dataloader.get("pin_memory") is not False)
     return loader, dataset

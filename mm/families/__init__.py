@@ -104,6 +104,15 @@ def expand_model_json(data: dict[str, Any], problems: list[str], notes: list[str
     return data
 
 
+def translate_model_json(data: dict[str, Any], problems: list[str], notes: list[str]) -> dict[str, Any]:
+    """The model JSON in mm's terms where a family recognises another tool's layout of it
+    (``FamilySpec.translate``: MindSpeed-MM's Wan ``wandit`` JSONs); as it is otherwise."""
+    for spec in families():
+        if spec.translate is not None:
+            data = spec.translate(data, problems, notes)
+    return data
+
+
 def build_predictor(model_id: str, arch_config: Any, config, **stage):
     """Predictor ``model_id`` for this rank (TP/SP/precision/recompute from megatron's ``config``);
     ``stage``: ``pre_process``, ``post_process``, ``layer_offset``, ``num_layers`` of a pipeline stage."""
@@ -111,4 +120,4 @@ def build_predictor(model_id: str, arch_config: Any, config, **stage):
 
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FamilySpec", "FrameRule", "ReleaseConfig", "Sampler", "StepInputs", "Texts",
-           "build_predictor", "expand_model_json", "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]
+           "build_predictor", "expand_model_json", "translate_model_json", "families", "family_for", "model_ids", "predictor_config", "register", "resolve"]

@@ -228,6 +228,9 @@ class FamilySpec:
     release: ReleaseConfig | None = None
     # checks beyond the recipe's and sampler's, shared by training and inference: (config, arch) -> problems
     extra_checks: tuple[Callable[[Any, Any], list[str]], ...] = field(default_factory=tuple)
+    # another tool's layout of this family's model JSON (MindSpeed-MM's) rewritten into mm's, before anything
+    # is validated: (model JSON, problems, notes) -> model JSON; returns it unchanged when not in that layout
+    translate: Callable[[dict, list[str], list[str]], dict] | None = None
 
     def arch(self, predictor) -> Any:
         """The typed architecture config of the model JSON's ``predictor`` section."""

@@ -60,10 +60,17 @@ def qs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def extracted(qs, tmp_path_factory):
+    """The quickstart's features, extracted by one process: (directory, its output)."""
+    one = tmp_path_factory.mktemp("one") / "features"
+    return one, _extract(qs, one, 1)
+
+
 @pytest.mark.slow
-def test_two_processes_extract_what_one_does_and_training_on_features_equals_training_on_videos(qs, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    out = _extract(qs, one, 1)
+def test_two_processes_extract_what_one_does_and_training_on_features_equals_training_on_videos(qs, extracted,
+                                                                                                  tmp_path):
+    (one, out), two = extracted, tmp_path / "two"
     assert "wrote 16 feature files, 0 were there already" in out
     _extract(qs, two, 2, "data.json", "--feature-format", "pt")  # MindSpeed-MM's torch files this time
     a, b = _tensors(one), _tensors(two)
@@ -155,3 +162,81 @@ def test_wan_i2v_features_hold_the_condition_and_the_clip_tokens(qs, tmp_path):
     assert len(online) == len(on_features) == 3
     for x, y in zip(online, on_features):
         assert abs(x - y) <= 1e-5 * abs(x), (online, on_features)
+
+
+# MindSpeed-MM's Wan2.1 T2V layout (its key names; the sizes of the quickstart's tiny DiT): a model JSON with
+# no encoders, on features, and its feature data JSON's keys
+MINDSPEED_MODEL = {
+    "load_video_features": True, "load_text_features": True, "task": "t2v",
+    "diffusion": {"model_id": "wan_flow_match_scheduler", "num_train_timesteps": 1000, "shift": 5, "sigma_min": 0.0,
+                  "extra_one_step": True},
+    "predictor": {"model_id": "wandit", "dtype": "fp32", "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 24,
+                  "in_dim": 4, "hidden_size": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "img_dim": 1280,
+                  "out_dim": 4, "num_heads": 4, "num_layers": 2, "pipeline_num_layers": [1, 1], "qk_norm": True,
+                  "qk_norm_type": "rmsnorm", "cross_attn_norm": True, "eps": 1e-6, "max_seq_len": 1024,
+                  "attention_async_offload": False, "use_fused_rmsnorm": True, "FPDT": False}}
+
+
+def _mindspeed_data(features: Path, tokenizer: Path) -> dict:
+    return {"dataset_param": {
+        "dataset_type": "feature",
+        "basic_parameters": {"data_path": str(features / "data.jsonl"), "data_folder": str(features)},
+        "preprocess_parameters": {"video_processor_type": "OpensoraplanVideoProcessor", "num_frames": 9,
+                                  "max_height": 64, "max_width": 64, "train_fps": 8, "cfg": 0.0, "hw_stride": 8},
+        "use_text_processer": True, "enable_text_preprocessing": False,
+        "tokenizer_config": [{"autotokenizer_name": "AutoTokenizer", "hub_backend": "hf",
+                              "from_pretrained": str(tokenizer), "model_max_length": 16}]},
+        "dataloader_param": {"dataloader_mode": "sampler", "sampler_type": "LengthGroupedSampler", "shuffle": True,
+                             "drop_last": True, "pin_memory": True, "group_frame": False, "group_resolution": False,
+                             "group_data": True, "initial_global_step_for_sampler": 0}}
+
+
+@pytest.mark.slow
+def test_mindspeed_mm_s_wan_layout_trains_on_features_as_mm_s_own(qs, extracted, tmp_path):
+    """Its model JSON (wandit, wan_flow_match_scheduler: the grid of timesteps and bsmntw weights, text_len
+    padding) and feature data JSON, on 2 processes: the losses of the same model in mm's own layout."""
+    features, _ = extracted
+    (tmp_path / "model.json").write_text(json.dumps(MINDSPEED_MODEL))
+    (tmp_path / "data.json").write_text(json.dumps(_mindspeed_data(features, qs / "umt5")))
+    own = {"predictor": {"model_id": "wan_dit", "num_layers": 2, "num_heads": 4, "hidden_size": 64, "ffn_dim": 128,
+                         "in_dim": 4, "out_dim": 4, "freq_dim": 32, "text_dim": 32, "text_len": 24},
+           "diffusion": {"model_id": "flow_matching", "shift": 5, "timestep_grid": 1000, "sigma_min": 0.0,
+                         "extra_one_step": True, "loss_weighting": "bsmntw"}}
+    (tmp_path / "own.json").write_text(json.dumps(own))
+
+    def train(model: Path, data: Path) -> tuple[list[float], str]:
+        done = _torchrun(2, "pretrain_t2v.py", "--mm-model", str(model), "--mm-data", str(data), "--micro-batch-size",
+                         "1", "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "3", "--log-interval", "1",
+                         "--num-workers", "0", "--seed", "7")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", done.stdout)], done.stdout
+
+    theirs, out = train(tmp_path / "model.json", tmp_path / "data.json")
+    ours, _ = train(tmp_path / "own.json", _feature_data(tmp_path, features))
+    assert "bsmntw loss weights" in out and "LengthGroupedSampler with group_data" in out
+    assert len(theirs) == 3 and theirs == ours
+
+
+MINDSPEED_REF = os.environ.get("MM_MINDSPEED_MM_REF")
+
+
+@pytest.mark.skipif(not MINDSPEED_REF, reason="set MM_MINDSPEED_MM_REF to a MindSpeed-MM checkout to read its files")
+def test_mindspeed_mm_s_own_wan_files_validate(qs, extracted, tmp_path):
+    """MindSpeed-MM's examples/wan2.1/1.3b/t2v/pretrain_model.json and feature_data.json, as they are but for the
+    data and tokenizer paths: valid for its 8-rank launch (the 1.3B DiT, PP 1)."""
+    from mm.arguments import load_config
+    from mm.training.checks import check_task
+
+    features, _ = extracted
+    example = Path(MINDSPEED_REF) / "examples/wan2.1/1.3b/t2v"
+    data = json.loads((example / "feature_data.json").read_text())
+    data["dataset_param"]["basic_parameters"] = {"data_path": str(features / "data.jsonl"),
+                                                 "data_folder": str(features)}
+    for entry in data["dataset_param"]["tokenizer_config"]:
+        entry["from_pretrained"] = str(qs / "umt5")
+    (tmp_path / "feature_data.json").write_text(json.dumps(data))
+    config = load_config(["--mm-model", str(example / "pretrain_model.json"), "--mm-data",
+                          str(tmp_path / "feature_data.json"), "--micro-batch-size", "1", "--lr", "1e-5",
+                          "--train-iters", "5000", "--bf16"], world_size=8, mode="train")
+    check_task("t2v", config)
+    assert config.model.predictor.model_id == "wan_dit" and config.data.features

@@ -2,7 +2,7 @@
 Phantom subject-to-video, on the Wan VAE and UMT5."""
 
 from mm.families.spec import FamilySpec, ReleaseConfig, default_text_encoder
-from mm.families.wan import release
+from mm.families.wan import mindspeed, release
 from mm.families.wan.recipe import WanRecipe
 from mm.families.wan.sampler import WanSampler
 from mm.models.predictor.wan import WanDiT, WanDiTConfig, load_hf_weights
@@ -29,4 +29,5 @@ def _converter():
 SPEC = FamilySpec(name="wan", predictors={"wan_dit": (WanDiT, WanDiTConfig)}, recipe=WanRecipe, sampler=WanSampler,
                   load_weights=_load_weights, ae_model_ids=("wan_vae",), text_encoders=_text_encoder,
                   converter=_converter, description="Wan2.1 / Wan2.2 / Phantom",
-                  release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand))
+                  release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand),
+                  translate=mindspeed.translate)

@@ -101,11 +101,18 @@ class WanRecipe:
         inputs, timestep = self.cond.model_input(self.flow.noisy(latents, noise, levels), self.flow.timesteps(levels),
                                                  encoded["condition"])
         _, _, frames, height, width = inputs.shape
-        flops = wan_training_flops(self.arch, frames, height, width, context.shape[1],
+        flops = wan_training_flops(self.arch, frames, height, width, self.arch.text_len or context.shape[1],
                                    0 if context_image is None else context_image.shape[1],
                                    batch_size=inputs.shape[0], per_token_timestep=self.cond.kind == "ti2v")
+        if self.flow.weighted:  # each sample's loss weight rides with the target, as one more channel
+            # (fp32 on one stage; later pipeline stages get the pipeline's dtype, as Open-Sora-Plan's weights)
+            weight = self.flow.weights(levels).reshape(-1, 1, 1, 1, 1)
+            target = torch.cat([target.float(), weight.expand(-1, 1, *target.shape[2:])], dim=1)
         return StepInputs((inputs, timestep, context, context_image), target, flops)
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         frames = self.cond.loss_frames  # TI2V: not the given first frame
-        return self.flow.loss(output[:, :, frames], carry[:, :, frames])
+        weights = None
+        if self.flow.weighted:
+            carry, weights = carry[:, :-1], carry[:, -1, 0, 0, 0]
+        return self.flow.loss(output[:, :, frames], carry[:, :, frames], weights)

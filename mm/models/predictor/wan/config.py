@@ -33,6 +33,9 @@ class WanDiTConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    # text tokens the DiT reads: a shorter context is padded with zeros to this length before the text
+    # embedding, as Wan's release pads to its text_len (None: the context as given)
+    text_len: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +46,8 @@ class WanDiTConfig:
             problems.append(f"head dim {self.head_dim} (hidden_size / num_heads) must be even and >= 6 for 3-D RoPE")
         if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
             problems.append(f"predictor.patch_size = {list(self.patch_size)}; expected three positive ints [t, h, w]")
+        if self.text_len is not None and self.text_len < 1:
+            problems.append(f"predictor.text_len = {self.text_len}; valid: >= 1 (the text tokens the DiT reads)")
         if self.pos_embed_seq_len is not None and self.image_dim is None:
             problems.append("predictor.pos_embed_seq_len needs predictor.image_dim (the FLF2V image branch)")
         if problems:

@@ -136,6 +136,11 @@ class WanDiT(PipelinedDiT):
         x = self.shard_sequence(x.flatten(2).permute(2, 0, 1).contiguous())  # [s', b, h]
         time_emb = self._time_embedding(timestep, b, f * gh * gw, x.dtype)  # [1|s, b, h]
         time_mod = self.time_projection(F.silu(time_emb)).unflatten(-1, (6, wan.hidden_size))  # [1|s, b, 6, h]
+        if wan.text_len is not None and context.shape[1] != wan.text_len:
+            if context.shape[1] > wan.text_len:
+                raise ValueError(f"text context of {context.shape[1]} tokens; predictor.text_len = {wan.text_len} is the "
+                                 "most the DiT reads (lower the tokenizer's model_max_length)")
+            context = F.pad(context, (0, 0, 0, wan.text_len - context.shape[1]))
         context = self.text_embedder(context.to(x.dtype)).transpose(0, 1).contiguous()  # [L, b, h]
         context_img = None
         if self.image_embedder is not None:

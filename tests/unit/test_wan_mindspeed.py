@@ -1,0 +1,136 @@
+"""MindSpeed-MM's layout of a Wan model JSON (``wandit``, ``wan_flow_match_scheduler``) read by mm: the keys
+carried over, noted or refused by name; the scheduler's grid of timesteps and its bsmntw loss weights
+(recomputed here from their definition); the DiT's ``text_len`` zero padding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from mm.arguments import ConfigError, load_config
+from mm.diffusion import FlowMatching, FlowMatchingConfig
+from tests.dist_helper import run_distributed
+
+MINDSPEED_WAN = {  # MindSpeed-MM's Wan2.1 t2v predictor keys, tiny sizes
+    "load_video_features": True, "load_text_features": True, "task": "t2v",
+    "diffusion": {"model_id": "wan_flow_match_scheduler", "num_train_timesteps": 1000, "shift": 5, "sigma_min": 0.0,
+                  "extra_one_step": True},
+    "predictor": {"model_id": "wandit", "dtype": "bf16", "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 16,
+                  "in_dim": 4, "hidden_size": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "img_dim": 1280,
+                  "out_dim": 4, "num_heads": 4, "num_layers": 2, "pipeline_num_layers": [1, 1], "qk_norm": True,
+                  "qk_norm_type": "rmsnorm", "cross_attn_norm": True, "eps": 1e-6, "max_seq_len": 1024,
+                  "attention_async_offload": False, "use_fused_rmsnorm": True, "FPDT": False, "FPDT_chunk_number": 4,
+                  "FPDT_with_offload": False}}
+
+
+def _config(tmp_path, model: dict, *flags: str):
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    return load_config(["--mm-model", str(tmp_path / "model.json"), *flags], world_size=1, mode="inference")
+
+
+def test_the_mindspeed_layout_becomes_mm_s_with_notes(tmp_path):
+    config = _config(tmp_path, MINDSPEED_WAN)
+    pred, diffusion = config.model.predictor, config.model.diffusion
+    assert pred.model_id == "wan_dit" and pred.params["rope_max_seq_len"] == 1024 and pred.params["text_len"] == 16
+    assert "image_dim" not in pred.params  # a t2v model's img_dim is unused
+    assert pred.pipeline_num_layers is None  # a 2-stage layout, PP 1
+    assert diffusion.model_id == "flow_matching"
+    assert diffusion.params["timestep_grid"] == 1000 and diffusion.params["loss_weighting"] == "bsmntw"
+    assert any("FPDT" in note and "kernel switches" in note for note in config.notes)
+    assert any("bsmntw" in note for note in config.notes)
+    i2v = json.loads(json.dumps(MINDSPEED_WAN))
+    i2v["predictor"].update(model_type="i2v", in_dim=12)
+    assert _config(tmp_path, i2v).model.predictor.params["image_dim"] == 1280
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("qk_norm", False, "predictor.qk_norm = false"),
+    ("qk_norm_type", "layernorm", "predictor.qk_norm_type = 'layernorm'; valid: rmsnorm"),
+    ("FPDT", True, "predictor.FPDT = true: mm has no FPDT"),
+    ("model_type", "s2v", "predictor.model_type = 's2v'"),
+])
+def test_what_mm_cannot_do_is_refused_by_name(tmp_path, key, value, message):
+    model = json.loads(json.dumps(MINDSPEED_WAN))
+    model["predictor"][key] = value
+    with pytest.raises(ConfigError, match="") as e:
+        _config(tmp_path, model)
+    assert message in str(e.value)
+
+
+def test_an_unknown_predictor_key_is_named(tmp_path):
+    from mm.families import resolve
+
+    model = json.loads(json.dumps(MINDSPEED_WAN))
+    model["predictor"]["rope_kind"] = "3d"
+    with pytest.raises(ConfigError, match="rope_kind"):
+        resolve(_config(tmp_path, model).model.predictor)
+
+
+def test_the_grid_and_its_bsmntw_weights():
+    """The scheduler's definition: N (+1 with extra_one_step, the last dropped) sigmas from sigma_max to
+    sigma_min, shifted; weights exp(-2 ((t - N/2) / N)^2) of t = 1000 sigma, less their minimum, scaled
+    to sum to N."""
+    n, shift, sigma_min = 1000, 5.0, 0.0
+    flow = FlowMatching(FlowMatchingConfig(shift=shift, timestep_grid=n, sigma_min=sigma_min, extra_one_step=True,
+                                           loss_weighting="bsmntw"))
+    for i in (0, 1, 417, 999):
+        s = 1.0 - i * (1.0 - sigma_min) / n
+        assert flow.grid[i].item() == pytest.approx(shift * s / (1 + (shift - 1) * s), rel=1e-12)
+    t = [1000 * flow.grid[i].item() for i in range(n)]
+    y = [math.exp(-2 * ((x - n / 2) / n) ** 2) for x in t]
+    y = [v - min(y) for v in y]
+    for i in (0, 3, 500, 998):
+        assert flow.grid_weights[i].item() == pytest.approx(y[i] * n / sum(y), rel=1e-9)
+    assert flow.grid_weights.sum().item() == pytest.approx(n)
+    # draws are grid points; the weight of a draw is its grid point's
+    g = torch.Generator().manual_seed(0)
+    sigmas = flow.sample_sigmas(64, generator=g)
+    grid = flow.grid.float()
+    assert all((grid - s).abs().min() < 1e-7 for s in sigmas)
+    index = [int((grid - s).abs().argmin()) for s in sigmas]
+    assert torch.allclose(flow.weights(sigmas), flow.grid_weights[index].float())
+    # an expert's share: indices [int(0.9 N), N)
+    high = FlowMatching(FlowMatchingConfig(shift=shift, timestep_grid=n, min_timestep=900.0, loss_weighting="bsmntw"))
+    drawn = high.sample_sigmas(256, generator=g)
+    assert drawn.max() <= high.grid[900].item() + 1e-7
+
+
+def test_the_weighted_loss_is_each_sample_s_error_times_its_weight():
+    prediction, target = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    expected = sum(w * ((p - t) ** 2).mean() for p, t, w in zip(prediction, target, weights)) / 3
+    assert FlowMatching.loss(prediction, target, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="timestep_grid"):
+        FlowMatchingConfig(loss_weighting="bsmntw")
+
+
+def _padding_worker(rank, world):
+    from mm.models.predictor.wan import WanDiT, WanDiTConfig
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from tests.wan_helpers import inputs, megatron_config, tiny_kwargs
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    kwargs = dict(tiny_kwargs(), text_len=8)
+    torch.manual_seed(0)
+    model = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs, dtype=torch.float64)).double()
+    x = inputs(kwargs, 2, 4, 4, dtype=torch.float64)
+    short = x["context"][:, :5]
+    padded = torch.cat([short, torch.zeros_like(x["context"][:, :3])], dim=1)
+    with torch.no_grad():
+        by_padding = model(x["latents"], x["timestep"], short)
+        given_padded = model(x["latents"], x["timestep"], padded)
+        model.arch = dataclasses.replace(model.arch, text_len=None)
+        unpadded = model(x["latents"], x["timestep"], short)
+    destroy_parallel()
+    return by_padding, given_padded, unpadded
+
+
+def test_text_len_pads_the_context_with_zeros():
+    by_padding, given_padded, unpadded = run_distributed(1, _padding_worker)[0]
+    torch.testing.assert_close(by_padding, given_padded, rtol=0, atol=0)
+    # the zero tokens are attended (the text embedding has biases): without them the output differs
+    assert (by_padding - unpadded).abs().max() > 1e-6
