@@ -23,6 +23,10 @@ def check_task(task: str, config, *, files: bool = True) -> None:
     from mm.training.logger import LogConfig, require_logging_packages
 
     family, arch = resolve(config.model.predictor)
+    if config.data.features and task == "i2v" and config.data.dataset_type == "t2v" and \
+            Manifest.read(feature_folder(config.data.data_path, config.data.data_folder)) is None:
+        # MindSpeed-MM's features record no dataset type: pretrain_i2v.py reads them as image-conditioned
+        config.data.dataset_type = "i2v"
     problems = family.problems(config, arch) + family.recipe.check(task, config, arch)
     encoders, tokenizers = len(config.model.text_encoder), len(config.data.tokenizers)
     loads = {key: getattr(config.model, key) for key in ("load_video_features", "load_text_features")}

@@ -240,3 +240,17 @@ def test_mindspeed_mm_s_own_wan_files_validate(qs, extracted, tmp_path):
                           "--train-iters", "5000", "--bf16"], world_size=8, mode="train")
     check_task("t2v", config)
     assert config.model.predictor.model_id == "wan_dit" and config.data.features
+    # its I2V files (the CLIP branch, clip_token_len): image-conditioned features without a features.json
+    example = Path(MINDSPEED_REF) / "examples/wan2.1/1.3b/i2v"
+    data["dataset_param"]["basic_parameters"]["data_path"] = str(features / "data.jsonl")
+    (tmp_path / "i2v_data.json").write_text(json.dumps(data))
+    manifest = (features / "features.json").read_bytes()
+    (features / "features.json").unlink()
+    try:
+        config = load_config(["--mm-model", str(example / "pretrain_model.json"), "--mm-data",
+                              str(tmp_path / "i2v_data.json"), "--micro-batch-size", "1", "--lr", "1e-5",
+                              "--train-iters", "5000", "--bf16"], world_size=8, mode="train")
+        check_task("i2v", config)
+    finally:
+        (features / "features.json").write_bytes(manifest)
+    assert config.data.dataset_type == "i2v" and config.model.predictor.params["image_dim"] == 1280

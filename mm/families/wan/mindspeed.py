@@ -35,6 +35,12 @@ def _predictor(section: dict, problems: list[str], notes: list[str]) -> dict:
     for key in ("pos_embed_seq_len",):
         if key in p:
             out[key] = p.pop(key)
+    if "clip_token_len" in p:
+        notes.append(f"predictor.clip_token_len = {p.pop('clip_token_len')}: mm's image branch reads the CLIP tokens "
+                     "it is given (the image encoder's, or the features')")
+    if p.pop("fp32_calculate", None) is not None:
+        notes.append("predictor.fp32_calculate: mm computes the image embedding in the DiT's dtype, its norms and "
+                     "modulation in fp32")
     if p.pop("qk_norm", True) is not True:
         problems.append("predictor.qk_norm = false: Wan's DiT normalises q and k (RMSNorm); valid: true")
     norm = p.pop("qk_norm_type", "rmsnorm")
