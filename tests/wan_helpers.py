@@ -78,3 +78,18 @@ def diffusers_inputs(kwargs: dict, mm_inputs: dict) -> dict:
             image = image.reshape(2 * b, n // 2, d)
         out["encoder_hidden_states_image"] = image
     return out
+
+
+def mindspeed_wan_model(text_len: int = 16, dtype: str = "bf16") -> dict:
+    """A model JSON in MindSpeed-MM's Wan2.1 T2V training layout (its key names: ``wandit``,
+    ``wan_flow_match_scheduler``, its kernel switches) with the quickstart's tiny DiT sizes, for features."""
+    return {
+        "load_video_features": True, "load_text_features": True, "task": "t2v",
+        "diffusion": {"model_id": "wan_flow_match_scheduler", "num_train_timesteps": 1000, "shift": 5,
+                      "sigma_min": 0.0, "extra_one_step": True},
+        "predictor": {"model_id": "wandit", "dtype": dtype, "model_type": "t2v", "patch_size": [1, 2, 2],
+                      "text_len": text_len, "in_dim": 4, "hidden_size": 64, "ffn_dim": 128, "freq_dim": 32,
+                      "text_dim": 32, "img_dim": 1280, "out_dim": 4, "num_heads": 4, "num_layers": 2,
+                      "pipeline_num_layers": [1, 1], "qk_norm": True, "qk_norm_type": "rmsnorm", "cross_attn_norm": True,
+                      "eps": 1e-6, "max_seq_len": 1024, "attention_async_offload": False, "use_fused_rmsnorm": True,
+                      "FPDT": False, "FPDT_chunk_number": 4, "FPDT_with_offload": False}}

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.wan_helpers import mindspeed_wan_model
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -166,15 +168,7 @@ def test_wan_i2v_features_hold_the_condition_and_the_clip_tokens(qs, tmp_path):
 
 # MindSpeed-MM's Wan2.1 T2V layout (its key names; the sizes of the quickstart's tiny DiT): a model JSON with
 # no encoders, on features, and its feature data JSON's keys
-MINDSPEED_MODEL = {
-    "load_video_features": True, "load_text_features": True, "task": "t2v",
-    "diffusion": {"model_id": "wan_flow_match_scheduler", "num_train_timesteps": 1000, "shift": 5, "sigma_min": 0.0,
-                  "extra_one_step": True},
-    "predictor": {"model_id": "wandit", "dtype": "fp32", "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 24,
-                  "in_dim": 4, "hidden_size": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "img_dim": 1280,
-                  "out_dim": 4, "num_heads": 4, "num_layers": 2, "pipeline_num_layers": [1, 1], "qk_norm": True,
-                  "qk_norm_type": "rmsnorm", "cross_attn_norm": True, "eps": 1e-6, "max_seq_len": 1024,
-                  "attention_async_offload": False, "use_fused_rmsnorm": True, "FPDT": False}}
+MINDSPEED_MODEL = mindspeed_wan_model(text_len=24, dtype="fp32")
 
 
 def _mindspeed_data(features: Path, tokenizer: Path) -> dict:

@@ -14,17 +14,9 @@ import torch
 from mm.arguments import ConfigError, load_config
 from mm.diffusion import FlowMatching, FlowMatchingConfig
 from tests.dist_helper import run_distributed
+from tests.wan_helpers import mindspeed_wan_model
 
-MINDSPEED_WAN = {  # MindSpeed-MM's Wan2.1 t2v predictor keys, tiny sizes
-    "load_video_features": True, "load_text_features": True, "task": "t2v",
-    "diffusion": {"model_id": "wan_flow_match_scheduler", "num_train_timesteps": 1000, "shift": 5, "sigma_min": 0.0,
-                  "extra_one_step": True},
-    "predictor": {"model_id": "wandit", "dtype": "bf16", "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 16,
-                  "in_dim": 4, "hidden_size": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "img_dim": 1280,
-                  "out_dim": 4, "num_heads": 4, "num_layers": 2, "pipeline_num_layers": [1, 1], "qk_norm": True,
-                  "qk_norm_type": "rmsnorm", "cross_attn_norm": True, "eps": 1e-6, "max_seq_len": 1024,
-                  "attention_async_offload": False, "use_fused_rmsnorm": True, "FPDT": False, "FPDT_chunk_number": 4,
-                  "FPDT_with_offload": False}}
+MINDSPEED_WAN = mindspeed_wan_model()  # MindSpeed-MM's Wan2.1 t2v predictor keys, tiny sizes
 
 
 def _config(tmp_path, model: dict, *flags: str):
