@@ -1,13 +1,14 @@
 """MindSpeed-MM's layout of a Wan model JSON (``predictor.model_id: "wandit"``, ``diffusion.model_id:
-"wan_flow_match_scheduler"``), rewritten into mm's (``wan_dit``, ``flow_matching``) before anything is
-validated: every key is carried over, noted (what mm does instead) or refused with what to use."""
+"wan_flow_match_scheduler"``, ``ae.model_id: "wan_video_vae"``, ``text_encoder.hub_backend``), rewritten into
+mm's (``wan_dit``, ``flow_matching``, ``wan_vae``) before anything is validated: every key is carried over,
+noted (what mm does instead) or refused with what to use."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-PREDICTOR_ID, DIFFUSION_ID = "wandit", "wan_flow_match_scheduler"
+PREDICTOR_ID, DIFFUSION_ID, AE_ID = "wandit", "wan_flow_match_scheduler", "wan_video_vae"
 MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
 # predictor keys with the same meaning in mm
 SAME = ("num_layers", "num_heads", "hidden_size", "ffn_dim", "in_dim", "out_dim", "patch_size", "freq_dim", "text_dim",
@@ -88,16 +89,84 @@ def _diffusion(section: dict, problems: list[str], notes: list[str]) -> dict:
     return out
 
 
+def _ae(section: dict, problems: list[str], notes: list[str]) -> tuple[dict, dict | None]:
+    """(mm's ae section, the image_encoder section its i2v_processor names, or None)."""
+    a = dict(section)
+    a.pop("model_id")
+    out: dict[str, Any] = {"model_id": "wan_vae"}
+    for key in ("from_pretrained", "dtype", "vae_cp_size"):
+        if key in a:
+            out[key] = a.pop(key)
+    if a.pop("enable_tiling", False):
+        out["use_tiling"] = True
+        tiling = a.pop("tiling_param", None) or {"tile_size": [34, 34], "tile_stride": [18, 16]}
+        size, stride = tiling.get("tile_size", [34, 34]), tiling.get("tile_stride", [18, 16])
+        # their tiles are in latent pixels (x 8); mm's square tiles and strides in pixels
+        out["tile_sample_min_size"], out["tile_sample_stride"] = 8 * max(size), 8 * min(stride)
+        notes.append(f"ae.tiling_param = {tiling}: mm tiles frames in squares of {out['tile_sample_min_size']} pixels, "
+                     f"{out['tile_sample_stride']} apart, blended linearly (the seams differ from MindSpeed-MM's tiles)")
+    else:
+        a.pop("tiling_param", None)
+    if a.pop("norm_latents", True) is not True:
+        problems.append("ae.norm_latents = false: the DiT trains on latents normalised with the VAE's per-channel mean "
+                        "and std; valid: true")
+    mode = a.pop("norm_mode", "channel_specified_shift_scale")
+    if mode != "channel_specified_shift_scale":
+        problems.append(f"ae.norm_mode = {mode!r}; valid: channel_specified_shift_scale (the VAE's latents_mean / "
+                        "latents_std)")
+    if a.pop("do_sample", False):
+        problems.append("ae.do_sample = true: mm encodes the posterior mean; valid: false")
+    image = None
+    processor = a.pop("i2v_processor", None)
+    if isinstance(processor, dict):
+        processor = dict(processor)
+        processor.pop("processor_id", None)
+        if processor.get("image_encoder"):
+            image = {"model_id": "clip", "from_pretrained": processor.pop("image_encoder")}
+        if "i2v_vae_encode_tiling" in processor:
+            processor.pop("i2v_vae_encode_tiling")
+            notes.append("ae.i2v_processor.i2v_vae_encode_tiling: the condition frames are encoded as the video is "
+                         "(ae.enable_tiling)")
+        for key in processor:
+            problems.append(f"ae.i2v_processor.{key}: unknown key; valid: processor_id, image_encoder, "
+                            "i2v_vae_encode_tiling")
+    out.update(a)  # unknown keys: the Wan VAE names them
+    return out, image
+
+
+def _hub_backend(section: dict, where: str, problems: list[str]) -> dict:
+    section = dict(section)
+    backend = section.pop("hub_backend", "hf")
+    if backend != "hf":
+        problems.append(f"{where}.hub_backend = {backend!r}; valid: hf (a transformers directory)")
+    return section
+
+
 def translate(data: dict, problems: list[str], notes: list[str]) -> dict:
     """The model JSON in mm's terms where it is in MindSpeed-MM's Wan layout; as it is otherwise."""
-    pred, diff = data.get("predictor"), data.get("diffusion")
+    pred, diff, ae = data.get("predictor"), data.get("diffusion"), data.get("ae")
     ours_pred = isinstance(pred, dict) and pred.get("model_id") == PREDICTOR_ID
     ours_diff = isinstance(diff, dict) and diff.get("model_id") == DIFFUSION_ID
-    if not (ours_pred or ours_diff):
+    ours_ae = isinstance(ae, dict) and ae.get("model_id") == AE_ID
+    if not (ours_pred or ours_diff or ours_ae):
         return data
     data = copy.deepcopy(data)
     if ours_pred:
         data["predictor"] = _predictor(pred, problems, notes)
     if ours_diff:
         data["diffusion"] = _diffusion(diff, problems, notes)
+    if ours_ae:
+        data["ae"], image = _ae(ae, problems, notes)
+        if image is not None:
+            if "image_encoder" in data:
+                problems.append("ae.i2v_processor.image_encoder and image_encoder both given; give one")
+            else:
+                data["image_encoder"] = image
+    # MindSpeed-MM's text encoder entries name their hub (transformers only here)
+    text = data.get("text_encoder")
+    if isinstance(text, dict):
+        data["text_encoder"] = _hub_backend(text, "text_encoder", problems)
+    elif isinstance(text, list):
+        data["text_encoder"] = [_hub_backend(t, f"text_encoder[{i}]", problems) if isinstance(t, dict) else t
+                                for i, t in enumerate(text)]
     return data

@@ -510,11 +510,33 @@ class WanVAE(nn.Module):
         return latents * self.latents_std.to(latents) + self.latents_mean.to(latents)
 
 
+# the model JSON's ae keys that set how a VAE runs, over its config.json; any other key must repeat it
+RUNTIME_KEYS = ("use_tiling", "tile_sample_min_size", "tile_sample_stride")
+
+
+def with_json_keys(cfg: WanVAEConfig, params: dict | None, prefix: str = "ae.") -> WanVAEConfig:
+    """``cfg`` (a directory's config.json) with the model JSON's ``ae`` keys: the tiling keys set, any other
+    Wan VAE key only repeating the config's value; an unknown key or a different value is an error."""
+    params = {k: v for k, v in (params or {}).items() if not k.startswith("_")}
+    valid = {f.name for f in dataclasses.fields(WanVAEConfig)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(f"{[prefix + k for k in unknown]} are not Wan VAE parameters; valid: {sorted(valid)}")
+    for key in sorted(set(params) - set(RUNTIME_KEYS)):
+        given, held = params[key], getattr(cfg, key)
+        same = [float(v) for v in given] == [float(v) for v in held] if isinstance(held, list) else given == held
+        if not same:
+            raise ValueError(f"{prefix}{key} = {given!r}, but ae.from_pretrained's config.json has {key} = {held!r} "
+                             f"(leave {prefix}{key} out, or edit the config.json)")
+    return dataclasses.replace(cfg, **{k: params[k] for k in RUNTIME_KEYS if k in params})
+
+
 def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32, params: dict | None = None) -> WanVAE:
     """A Wan VAE from a diffusers-format directory (config.json + diffusion_pytorch_model*.safetensors) or from
     Wan's original release file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``: ``mm.models.ae.wan_vae_original``, where
     ``params``, the model JSON's ``ae`` keys, may give the latent statistics and mm's tiling keys; a directory's
-    config.json gives everything). Missing or unexpected weights are an error that lists them."""
+    config.json gives everything, and ``params`` its tiling keys: ``with_json_keys``). Missing or unexpected
+    weights are an error that lists them."""
     from safetensors.torch import load_file
 
     from mm.models.ae.wan_vae_original import is_original_vae, load_original_vae
@@ -524,7 +546,7 @@ def load_wan_vae(from_pretrained: str, dtype: torch.dtype = torch.float32, param
     path = Path(from_pretrained)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no config.json there")
-    vae = WanVAE(WanVAEConfig.from_json(json.loads((path / "config.json").read_text())))
+    vae = WanVAE(with_json_keys(WanVAEConfig.from_json(json.loads((path / "config.json").read_text())), params))
     files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"ae.from_pretrained = {from_pretrained!r}: no diffusion_pytorch_model*.safetensors")
