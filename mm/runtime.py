@@ -48,6 +48,18 @@ class EntryPoint:
     expand: Expand | None = None
 
 
+def model_json_reader(expand: Expand | None = None) -> Expand:
+    """How an entry point reads its model JSON: another tool's layout of a family's JSON in mm's terms
+    (``mm.families.translate_model_json``: MindSpeed-MM's Wan files), then the entry point's own ``expand``."""
+    from mm.families import translate_model_json
+
+    def read(data, problems, notes):
+        data = translate_model_json(data, problems, notes)
+        return data if expand is None or problems else expand(data, problems, notes)
+
+    return read
+
+
 def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None,
               expand: Expand | None = None, world_size: int | None = None) -> tuple[RunConfig, Accelerator, LaunchEnv]:
     """Parse and validate everything; select the accelerator. Starts no process group. The world size is
@@ -55,7 +67,8 @@ def configure(argv: Sequence[str] | None, mode: str, prog: str | None = None,
     args = parse_flags(argv, prog=prog)
     accelerator = select_accelerator(args.accelerator)
     launch = read_launch_env() if world_size is None else LaunchEnv(0, world_size, 0, world_size, "127.0.0.1", 0)
-    config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name, expand=expand)
+    config = config_from_args(args, launch.world_size, mode=mode, accelerator=accelerator.name,
+                              expand=model_json_reader(expand))
     return config, accelerator, launch
 
 

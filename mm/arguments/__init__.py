@@ -101,9 +101,6 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
     problems: list[str] = []
     notes: list[str] = []
     data = load_json(args.mm_model, "--mm-model")
-    from mm.families import translate_model_json  # the registry imports mm.arguments
-
-    data = translate_model_json(data, problems, notes)
     if expand is not None:
         data = expand(data, problems, notes)
         if problems:  # the sections it would have built are missing: those are the problems to name

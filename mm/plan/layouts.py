@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from mm.arguments import ConfigError, RunConfig, config_from_args, parse_flags
+from mm.runtime import model_json_reader
 from mm.arguments.json_configs import load_json
 from mm.training.checks import check_task
 
@@ -113,7 +114,8 @@ def layout_config(base_argv: Sequence[str], layout: Layout, workdir: Path, task:
     """The run configuration of ``base_argv`` (the training flags without a layout) with ``layout``'s
     flags (``Layout.argv``), checked as ``pretrain_t2v.py`` / ``pretrain_i2v.py`` check it before
     starting (the data files themselves are not read). Raises ConfigError listing the problems."""
-    config = config_from_args(parse_flags(layout.argv(base_argv, workdir)), layout.world, mode="train")
+    config = config_from_args(parse_flags(layout.argv(base_argv, workdir)), layout.world, mode="train",
+                              expand=model_json_reader())
     check_task(task, config, files=False)
     return config
 

@@ -218,8 +218,12 @@ MINDSPEED_REF = os.environ.get("MM_MINDSPEED_MM_REF")
 def test_mindspeed_mm_s_own_wan_files_validate(qs, extracted, tmp_path):
     """MindSpeed-MM's examples/wan2.1/1.3b/t2v/pretrain_model.json and feature_data.json, as they are but for the
     data and tokenizer paths: valid for its 8-rank launch (the 1.3B DiT, PP 1)."""
-    from mm.arguments import load_config
+    from mm.arguments import config_from_args, parse_flags
+    from mm.runtime import model_json_reader
     from mm.training.checks import check_task
+
+    def load_config(argv, world_size, mode):  # as the entry points read it: MindSpeed-MM's layout translated
+        return config_from_args(parse_flags(argv), world_size, mode=mode, expand=model_json_reader())
 
     features, _ = extracted
     example = Path(MINDSPEED_REF) / "examples/wan2.1/1.3b/t2v"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mm.arguments import ConfigError, load_config
+from mm.arguments import ConfigError
 from mm.diffusion import FlowMatching, FlowMatchingConfig
 from tests.dist_helper import run_distributed
 from tests.wan_helpers import mindspeed_wan_model
@@ -20,8 +20,13 @@ MINDSPEED_WAN = mindspeed_wan_model()  # MindSpeed-MM's Wan2.1 t2v predictor key
 
 
 def _config(tmp_path, model: dict, *flags: str):
+    """The configuration as the entry points read it (``mm.runtime.model_json_reader``: translation first)."""
+    from mm.arguments import config_from_args, parse_flags
+    from mm.runtime import model_json_reader
+
     (tmp_path / "model.json").write_text(json.dumps(model))
-    return load_config(["--mm-model", str(tmp_path / "model.json"), *flags], world_size=1, mode="inference")
+    return config_from_args(parse_flags(["--mm-model", str(tmp_path / "model.json"), *flags]), 1, mode="inference",
+                            expand=model_json_reader())
 
 
 def test_the_mindspeed_layout_becomes_mm_s_with_notes(tmp_path):
