@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
         data = expand(data, problems, notes)
         if problems:  # the sections it would have built are missing: those are the problems to name
             raise ConfigError(problems)
-    model = parse_model_config(data, args.mm_model, problems, require_predictor=mode != "vae")
+    model = parse_model_config(data, args.mm_model, problems, require_predictor=mode != "vae", notes=notes)
     data = None
     if args.mm_data is not None:
         data = parse_data_config(load_json(args.mm_data, "--mm-data"), args.mm_data, problems, notes)

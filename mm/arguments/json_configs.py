@@ -119,6 +119,8 @@ class ModelConfig:
     # training: shard each text encoder's parameters over the ranks of pipeline stage 0 (FSDP2)
     text_encoder_fsdp: bool = False
     task: str | None = None  # MindSpeed-MM's "task" ("t2v" / "i2v"): which entry point trains this JSON
+    # MindSpeed-MM's patch.ae_float32: the frozen VAE computes in fp32 whatever the run's precision
+    ae_float32: bool = False
     # sections this issue does not type yet (sampling settings of inference JSONs, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -151,14 +153,35 @@ def _pipeline_num_layers(reader: _Reader) -> list | None:
 
 _MODEL_KEYS = ["predictor", "ae", "text_encoder", "image_encoder", "diffusion", "load_video_features",
                "load_text_features", "enable_encoder_dp", "encoder_offload_interval", "text_encoder_fsdp", "inference",
-               "task"]
+               "task", "patch", "use_dynamic_dpcp", "max_cp_size", "max_seq_size"]
 MODEL_TASKS = ("t2v", "i2v")
+PATCH_KEYS = ("ae_float32",)  # MindSpeed-MM's model JSON "patch" options mm reads
+
+
+def _patch_and_dpcp(top: _Reader, problems: list[str], notes: list[str]) -> bool:
+    """MindSpeed-MM's ``patch`` options and dynamic DP/CP keys; returns ``patch.ae_float32``."""
+    patch = top.section("patch")
+    ae_float32 = False
+    if patch is not None:
+        ae_float32 = bool(patch.get("ae_float32", bool, default=False))
+        patch.reject_rest(list(PATCH_KEYS))
+    dynamic = top.get("use_dynamic_dpcp", bool, default=False)
+    sizes = {key: top.get(key, int) for key in ("max_cp_size", "max_seq_size")}
+    if dynamic:
+        problems.append("use_dynamic_dpcp = true: mm does not choose the CP degree per batch yet; valid: false (give "
+                        "the layout with --context-parallel-size)")
+    elif any(v is not None for v in sizes.values()):
+        notes.append(f"{', '.join(k for k, v in sizes.items() if v is not None)}: read with use_dynamic_dpcp = true "
+                     "only; the layout is --context-parallel-size's")
+    return ae_float32
 
 
 def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
-                       require_predictor: bool = True) -> ModelConfig | None:
+                       require_predictor: bool = True, notes: list[str] | None = None) -> ModelConfig | None:
     """``require_predictor=False``: a JSON for a VAE alone (pretrain_vae.py) may leave the predictor out."""
+    notes = [] if notes is None else notes
     top = _Reader(data, "", problems)
+    ae_float32 = _patch_and_dpcp(top, problems, notes)
     pred = top.section("predictor", required=require_predictor)
     predictor = None
     if pred is not None:
@@ -194,6 +217,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
         encoder_offload_interval=top.get("encoder_offload_interval", int, default=1),
         text_encoder_fsdp=top.get("text_encoder_fsdp", bool, default=False),
         task=top.get("task", str),
+        ae_float32=ae_float32,
         extra={"inference": top.get("inference", dict, default={})},
     )
     top.reject_rest(_MODEL_KEYS)

@@ -250,7 +250,8 @@ class Runner:
                 held = shard_parameters(model, mpu.get_context_parallel_group(), self.device.type)
             _report_sharded("dit_fsdp: the DiT", held, args.context_parallel_size)
         self.sampler = self.family.sampler(cfg, self.arch, sampling, home)
-        self.vae = self.family.build_vae(cfg.model.ae, self.dtype).to(home)
+        # patch.ae_float32 (MindSpeed-MM's): the VAE computes in fp32 whatever the run's precision
+        self.vae = self.family.build_vae(cfg.model.ae, torch.float32 if cfg.model.ae_float32 else self.dtype).to(home)
         lengths = sampling.model_max_length
         self.text_encoders = [self.family.text_encoders(
             text, lengths[i] if isinstance(lengths, tuple) else lengths or self.family.text_max_length(i),

@@ -471,7 +471,8 @@ def build_frozen_encoders(family, cfg, recipe, dtype: torch.dtype, device, prog:
     """The frozen encoders of stage 0 on ``device``: the VAE, the text encoders (sharded with
     ``text_encoder_fsdp``) and the recipe's image encoder (or None); with each text encoder's token
     length (its ``tokenizer_config``'s ``model_max_length``, else the family's)."""
-    vae = family.build_vae(cfg.model.ae, dtype).to(device)
+    # patch.ae_float32 (MindSpeed-MM's): the VAE computes in fp32 whatever the run's precision
+    vae = family.build_vae(cfg.model.ae, torch.float32 if cfg.model.ae_float32 else dtype).to(device)
     lengths = [int(tokenizer.get("model_max_length", family.text_max_length(i)))
                for i, tokenizer in enumerate(cfg.data.tokenizers)]
     text_encoders = [family.text_encoders(text, length, recipe.text_zero_padding)

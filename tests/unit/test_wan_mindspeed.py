@@ -169,3 +169,38 @@ def test_a_vae_directory_takes_the_model_json_s_tiling_keys_and_refuses_others(t
         load_wan_vae(str(tmp_path / "vae"), params={"z_dim": 16})
     with pytest.raises(ValueError, match="are not Wan VAE parameters"):
         load_wan_vae(str(tmp_path / "vae"), params={"enable_tiling": True})
+
+
+def test_mindspeed_mm_s_patch_and_dynamic_dpcp_keys(tmp_path):
+    """Open-Sora-Plan 1.3's MindSpeed-MM model JSON carries ``patch`` (ae_float32) and the dynamic DP/CP keys."""
+    model = dict(MINDSPEED_WAN, patch={"ae_float32": True}, use_dynamic_dpcp=False, max_cp_size=4,
+                 max_seq_size=54853632)
+    config = _config(tmp_path, model)
+    assert config.model.ae_float32
+    assert any("max_cp_size, max_seq_size: read with use_dynamic_dpcp = true only" in n for n in config.notes)
+    for changes, message in (({"use_dynamic_dpcp": True}, "use_dynamic_dpcp = true: mm does not choose"),
+                             ({"patch": {"ae_float32": True, "vae_fp16": 1}}, "patch.vae_fp16: unknown key")):
+        with pytest.raises(ConfigError) as e:
+            _config(tmp_path, dict(model, **changes))
+        assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["wan_vae", "wfvae"])
+def test_a_vae_computes_in_its_own_dtype(kind):
+    """patch.ae_float32 builds the frozen VAE in fp32 in a bf16 run: it takes bf16 video and latents."""
+    from mm.models.ae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    if kind == "wan_vae":
+        vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)).eval()
+        video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    else:
+        from tests.wfvae_helpers import tiny_wfvae
+
+        vae = tiny_wfvae().eval()
+        video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean, _ = vae.encode(video.to(torch.bfloat16))
+        assert mean.dtype == torch.float32
+        torch.testing.assert_close(mean, vae.encode(video.to(torch.bfloat16).float())[0])
+        assert vae.decode(mean.to(torch.bfloat16)).dtype == torch.float32

@@ -433,9 +433,15 @@ class WanVAE(nn.Module):
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std, device="cpu").view(1, -1, 1, 1, 1),
                              persistent=False)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of its weights, which ``encode`` and ``decode`` cast their input to."""
+        return self.post_quant_conv.weight.dtype
+
     def encode(self, video: torch.Tensor, vae_cp: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``vae_cp = (group, ranks)``: share the frames over a VAE-CP group (every rank passes the
         same video and gets the whole result)."""
+        video = video.to(self.compute_dtype)  # the VAE computes in its own dtype (patch.ae_float32)
         frames = video.shape[2]
         if self.cfg.patch_size:
             video = patchify(video, self.cfg.patch_size)
@@ -485,7 +491,7 @@ class WanVAE(nn.Module):
     def decode(self, z: torch.Tensor, vae_cp: tuple | None = None, clamp: bool = True) -> torch.Tensor:
         """``clamp=False`` (training): the decoder's output as it is, so pixels outside [-1, 1] still
         get a gradient."""
-        x = self.post_quant_conv(z)
+        x = self.post_quant_conv(z.to(self.compute_dtype))
         if vae_cp is None and self.cfg.use_tiling and max(x.shape[-2:]) > self.cfg.tile_sample_min_size // self.cfg.scale_factor_spatial:
             out = self._tiled_decode(x)
         elif vae_cp is None:

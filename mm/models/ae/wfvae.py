@@ -478,6 +478,7 @@ class WFVAE(nn.Module):
     def encode(self, video: torch.Tensor, vae_cp: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``vae_cp = (group, ranks)``: share the frames over a VAE-CP group (every rank passes the same
         video and gets the whole result)."""
+        video = video.to(self.compute_dtype)  # the VAE computes in its own dtype (patch.ae_float32)
         frames = video.shape[2]
         if (frames - 1) % 4:
             raise ValueError(f"WFVAE encodes 1 + 4k frames; got {frames}")
@@ -498,7 +499,13 @@ class WFVAE(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of its weights, which ``encode`` and ``decode`` cast their input to."""
+        return next(self.parameters()).dtype
+
     def decode(self, z: torch.Tensor, vae_cp: tuple | None = None) -> torch.Tensor:
+        z = z.to(self.compute_dtype)  # the VAE computes in its own dtype (patch.ae_float32)
         latents = z.shape[2]
         if vae_cp is not None:
             group, ranks = vae_cp
