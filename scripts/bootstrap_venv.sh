@@ -38,7 +38,6 @@ find_python312() {
 
 stamp_inputs() {
     cat "$repo/setup.py" "$repo"/requirements/*.txt
-    echo "extras=$extras"
 }
 
 if [[ -x "$venv/bin/python" ]] && ! is_py312 "$venv/bin/python"; then
@@ -51,9 +50,17 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$py" -m venv "$venv"
 fi
 
+# the stamp: the inputs' hash, then the extras installed with them; a run asking for no extra beyond those
+# (the quickstart's none, after the tests' "test") installs nothing
 want="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
-have="$(cat "$venv/.mm-bootstrap-stamp" 2>/dev/null || true)"
-if [[ "$want" != "$have" ]]; then
+read -r have installed 2>/dev/null < "$venv/.mm-bootstrap-stamp" || true
+[[ "${have:-}" == "$want" ]] || installed=""
+missing=""
+for extra in $extras; do
+    [[ " ${installed:-} " == *" $extra "* ]] || missing="$missing $extra"
+done
+if [[ "${have:-}" != "$want" || -n "$missing" ]]; then
+    extras="$(echo ${installed:-} $extras | tr ' ' '\n' | sort -u | tr '\n' ' ')"
     reqs=(-r "$repo/requirements/runtime.txt")
     for extra in $extras; do
         [[ -f "$repo/requirements/$extra.txt" ]] || { echo "bootstrap: no requirements/$extra.txt for extra '$extra'" >&2; exit 1; }
@@ -64,6 +71,6 @@ if [[ "$want" != "$have" ]]; then
         -c "$repo/requirements/constraints.txt" "${reqs[@]}"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
         --no-build-isolation -e "$repo"
-    echo "$want" > "$venv/.mm-bootstrap-stamp"
+    echo "$want $extras" > "$venv/.mm-bootstrap-stamp"
 fi
 export MM_PYTHON="$venv/bin/python"
