@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ def feature_name(source: str, fmt: str) -> str:
     return f"{base}_{zlib.crc32(source.encode()):08x}.{fmt}"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then renamed over it: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -73,7 +75,7 @@ def write_features(path: Path, tensors: dict[str, torch.Tensor], fmt: str) -> No
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mm-features"}))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mm-features"}))
     elif fmt == "pt":
         stored: dict[str, Any] = dict(tensors)
         ids = [stored.pop(k) for k in sorted(k for k in tensors if k.startswith("prompt_ids"))]
@@ -82,7 +84,7 @@ def write_features(path: Path, tensors: dict[str, torch.Tensor], fmt: str) -> No
         for key, theirs in MINDSPEED_CONDITION_KEYS.items():
             if key in stored:
                 stored[theirs] = stored.pop(key)
-        _atomic_write(path, lambda tmp: torch.save(stored, str(tmp)))
+        atomic_write(path, lambda tmp: torch.save(stored, str(tmp)))
     else:
         raise ValueError(f"feature format {fmt!r}; valid: {', '.join(FORMATS)}")
 
@@ -142,7 +144,7 @@ class Manifest:
 
     def write(self, directory: str | Path) -> None:
         path = Path(directory) / MANIFEST
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n"))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n"))
 
 
 def feature_folder(data_path: str, data_folder: str | None) -> Path:
@@ -231,8 +233,6 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "path": sample.source or sample.file}
 
     def __getitem__(self, index: int) -> dict:
-        import random
-
         skipped = []
         peers = self.by_bucket[self.bucket_of[index]]
         rng = random.Random(self.seed * 1_000_003 + index)

@@ -177,7 +177,7 @@ class Extractor:
 
     def _write_index(self) -> None:
         """``data.jsonl`` (samples whose features exist, in dataset order) and ``features.json``."""
-        from mm.data.features import _atomic_write, latent_shape_of, read_features
+        from mm.data.features import atomic_write, latent_shape_of, read_features
 
         lines, shape = [], None
         for index, sample in enumerate(self.dataset.samples):
@@ -194,7 +194,7 @@ class Extractor:
             if sample.height and sample.width:
                 entry["resolution"] = {"height": sample.height, "width": sample.width}
             lines.append(json.dumps(entry))
-        _atomic_write(self.root / INDEX, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+        atomic_write(self.root / INDEX, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
         cfg = self.cfg
         text_dims = []
         if lines:  # each text embedding's width, from a file written
