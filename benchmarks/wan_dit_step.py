@@ -188,7 +188,7 @@ def profile_step(step, name: str, out_dir: Path, rows: int = 25) -> str:
         lines.append(f"| {cls} | {us / 1e3:.1f} | {100 * us / total:.1f} |")
     lines += ["", "| kernel | calls | ms | % |", "| --- | --- | --- | --- |"]
     for kname, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:rows]:
-        short = kname if len(kname) <= 110 else kname[:107] + "..."
+        short = kname if len(kname) <= 160 else kname[:157] + "..."
         lines.append(f"| `{short}` | {calls} | {us / 1e3:.2f} | {100 * us / total:.1f} |")
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (profiling)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default by GPU name")
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler kernel tables here")
+    parser.add_argument("--profile-rows", type=int, default=25, help="kernels listed per profiled variant")
     parser.add_argument("--optimizer", action="store_true",
                         help="training: time the optimizer step too (mm: pretrain's DDP + megatron optimizer)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
@@ -351,7 +352,7 @@ def main() -> None:
             tflops = flops / seconds / 1e12
             rows.append((name, f"{seconds:.3f}", f"{mem:.1f}", f"{tflops:.0f}", f"{100 * tflops / peak:.1f}%"))
             if args.profile is not None:
-                profiles.append(profile_step(step, f"{args.mode}-{name}", args.profile))
+                profiles.append(profile_step(step, f"{args.mode}-{name}", args.profile, args.profile_rows))
         except Exception as e:  # noqa: BLE001 - one variant's failure (e.g. a kernel missing) does not end the run
             if not is_oom(e):
                 traceback.print_exc()
