@@ -191,6 +191,13 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
     ae = None
     ae_reader = top.section("ae")
     if ae_reader is not None:
+        output_dtype = ae_reader.get("output_dtype", str)
+        if output_dtype is not None:  # MindSpeed-MM casts the latents to it; mm hands them to the DiT in its dtype
+            if DTYPE_ALIASES.get(output_dtype, output_dtype) not in DTYPES:
+                problems.append(f"ae.output_dtype = {output_dtype!r}; valid: {', '.join(DTYPES)}")
+            else:
+                notes.append(f"ae.output_dtype = {output_dtype!r}: the latents go to the DiT in its own dtype "
+                             "(predictor.dtype / --bf16), as the DiT's input is cast there")
         ae = _component(ae_reader, AEConfig, vae_cp_size=ae_reader.get("vae_cp_size", int, default=1))
     text_encoders: list[ComponentConfig] = []
     raw_te = top.get("text_encoder", (dict, list))
@@ -271,6 +278,8 @@ def _tokenizers(ds: _Reader) -> list[dict[str, Any]]:
 
 # MindSpeed-MM's dataloader_param.sampler_type values mm's sampler stands for: every micro-batch from one
 # bucket (one shape), seeded, data-parallel, resumable (mm.data.sampler.BucketSampler)
+# collate_param.model_name values whose collate mm's bucket collate stands for (MindSpeed-MM's DATA_COLLATOR names)
+COLLATE_MODELS = ("open_sora_plan",)
 SAMPLER_TYPES = ("LengthGroupedSampler", "BucketBatchSampler", "BaseRandomBatchSampler", "stateful_distributed_sampler")
 DATALOADER_KEYS = ("dataloader_mode", "sampler_type", "shuffle", "drop_last", "pin_memory", "group_frame",
                    "group_resolution", "group_data", "initial_global_step_for_sampler", "collate_param",
@@ -305,8 +314,15 @@ def _dataloader(top: _Reader, problems: list[str], notes: list[str]) -> dict[str
                         "checkpoint's consumed samples (--load); valid: 0")
     collate = dl.get("collate_param", dict)
     if collate:
-        problems.append(f"{dl.key('collate_param')} = {collate!r}: mm's collate stacks one bucket's samples; valid: "
-                        "{} (or leave it out)")
+        name = collate.get("model_name")
+        if name not in COLLATE_MODELS:
+            problems.append(f"{dl.key('collate_param')}.model_name = {name!r}: mm's collate stacks one bucket's samples "
+                            f"(the family's masks with them); valid: {', '.join(COLLATE_MODELS)} (or leave "
+                            "collate_param out)")
+        else:
+            notes.append(f"{dl.key('collate_param')} = {collate!r}: mm's collate stacks one bucket's samples (every "
+                         "micro-batch has one shape, so nothing is padded), with the family's masks; its other keys "
+                         "are the data JSON's own (num_frames, max_height, max_width, group_*)")
     for name in ("prefetch_factor", "persistent_workers"):
         if dl.get(name, (int, bool)) is not None:
             notes.append(f"{dl.key(name)}: mm's loader prefetches 2 batches per worker with persistent workers "

@@ -7,7 +7,10 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 - ``negative_prompt``: the unconditional branch of classifier-free guidance ("" by default; the
   family's fixed negative prompt where it has one, as Step-Video's).
 - ``prompt_suffix``: text appended to every prompt before it is encoded ("" by default; Step-Video's
-  release appends a fixed quality text, its default here).
+  release appends a fixed quality text, its default here); ``prompt_prefix``: text put before every
+  prompt ("" by default; MindSpeed-MM's Open-Sora-Plan 1.3 pipeline puts its quality words there).
+- ``videos_per_prompt`` (``num_inference_videos_per_sample``, MindSpeed-MM's name): each prompt sampled
+  this many times, one after the other, each with its own seed (1 by default).
 - ``seed`` (``base_seed``): the first prompt's noise; prompt i uses ``seed + i``.
 - ``num_frames`` (``frame_num``), ``height``, ``width``: the video; frames ``4k + 1``, sizes
   multiples of the VAE's spatial factor times the DiT's patch.
@@ -29,7 +32,9 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 - ``image`` (``conditional_pixel_values_path``, MindSpeed-MM's name): the first frame of an
   image-to-video model, one path for every prompt, a list with one per prompt, or a ``.txt`` file of
   one path per line (per prompt); ``last_image``
-  (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``.
+  (FLF2V): the last frame, likewise. Images are resized to ``height`` x ``width``; with ``crop_images``
+  (``crop_for_hw``, Open-Sora-Plan's name) the largest centred part of the aspect ratio of
+  ``height`` x ``width`` is cut out first, so the image is not stretched.
 - ``ref_images`` (``ref_image``, Phantom's name; task s2v): the subjects' reference images of
   Phantom subject-to-video, for every prompt (a list of paths, or Phantom's one comma-separated
   string) or a list of such lists, one per prompt; guided by ``guidance_scale_img``
@@ -67,13 +72,15 @@ from mm.families.spec import FrameRule
 ALIASES = {"conditional_pixel_values_path": "image", "base_seed": "seed", "frame_num": "num_frames", "num_inference_steps": "sample_steps",
            "flow_shift": "sample_shift", "sample_guide_scale": "guidance_scale", "ref_image": "ref_images",
            "sample_guide_scale_img": "guidance_scale_img", "sample_guide_scale_text": "guidance_scale_text",
-           "sample_fps": "fps", "first_frame": "image", "last_frame": "last_image"}
+           "sample_fps": "fps", "first_frame": "image", "last_frame": "last_image", "crop_for_hw": "crop_images",
+           "num_inference_videos_per_sample": "videos_per_prompt"}
 KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "height", "width", "size", "fps",
         "sample_steps", "sample_shift", "sample_solver", "guidance_scale", "save_path", "model_max_length",
         "save_latents", "task", "image", "last_image", "low_noise_model", "boundary_ratio",
         "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
         "ref_images", "guidance_scale_img", "guidance_scale_text", "prompt_suffix", "use_prompt_extend",
-        "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang")
+        "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "prompt_prefix", "crop_images",
+        "videos_per_prompt")
 # a null is "not given" (the default), as Wan's generate.py reads its None arguments
 NULLABLE = ("num_frames", "fps", "sample_steps", "sample_shift", "guidance_scale", "offload_model", "size",
             "prompt_extend_model", "prompt_extend_method", "prompt_extend_target_lang", "use_prompt_extend")
@@ -85,6 +92,7 @@ class SamplingConfig:
     prompts: list[str]
     negative_prompt: str = ""
     prompt_suffix: str = ""  # appended to every prompt before encoding (Step-Video's quality text)
+    prompt_prefix: str = ""  # put before every prompt before encoding
     seed: int = 42
     num_frames: int = 81
     height: int = 480
@@ -100,6 +108,7 @@ class SamplingConfig:
     save_latents: bool = False
     task: str = "t2v"
     images: list[str] | None = None  # one per prompt
+    crop_images: bool = False  # centre-crop images to the video's aspect ratio before resizing
     last_images: list[str] | None = None
     low_noise_model: str | None = None
     boundary_ratio: float | None = None
@@ -222,6 +231,12 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
     if not isinstance(suffix, str):
         problems.append(f"inference.prompt_suffix = {suffix!r}; valid: a string (appended to every prompt)")
         suffix = ""
+    prefix = values.get("prompt_prefix", defaults.prompt_prefix)
+    if not isinstance(prefix, str):
+        problems.append(f"inference.prompt_prefix = {prefix!r}; valid: a string (put before every prompt)")
+        prefix = ""
+    copies = number("videos_per_prompt", int, 1, 1)
+    prompts = [p for p in prompts for _ in range(copies)]
     if not isinstance(negative, str):
         problems.append(f"inference.negative_prompt = {negative!r}; valid: a string")
     def per_prompt(key: str) -> list[str] | None:
@@ -235,9 +250,11 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
                 return None
             value = _lines(Path(value))
         paths = [value] * len(prompts) if isinstance(value, str) else value
+        if isinstance(paths, list) and copies > 1 and len(paths) * copies == len(prompts):
+            paths = [p for p in paths for _ in range(copies)]  # one per prompt of the file, each sampled `copies` times
         if not isinstance(paths, list) or not all(isinstance(v, str) for v in paths) or len(paths) != len(prompts):
-            problems.append(f"inference.{key} = {value!r}; valid: one image path, or a list of {len(prompts)} (one "
-                            "per prompt)")
+            problems.append(f"inference.{key} = {value!r}; valid: one image path, or a list of {len(prompts) // copies} "
+                            "(one per prompt)")
             return None
         missing = sorted({v for v in paths if not Path(v).is_file()})
         if missing:
@@ -281,6 +298,7 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
         problems.append("inference.guidance_scale_2 is the low-noise expert's; it needs inference.low_noise_model")
     config = SamplingConfig(
         prompts=prompts, negative_prompt=negative if isinstance(negative, str) else "", prompt_suffix=suffix,
+        prompt_prefix=prefix, crop_images=flag("crop_images"),
         seed=number("seed", int, 0, defaults.seed), num_frames=frames, height=height, width=width,
         fps=number("fps", int, 1, defaults.fps), sample_steps=number("sample_steps", int, 1, defaults.sample_steps),
         sample_shift=number("sample_shift", float, 1e-6, defaults.sample_shift), sample_solver=solver,

@@ -354,7 +354,7 @@ class Runner:
         seed = sampling.seed + i
         self.stage(*self.text_encoders, self.sampler.image_encoder, vae)
         text = prompt if sampling.extended_prompts is None else sampling.extended_prompts[i]
-        texts = self.encode_prompts([text + sampling.prompt_suffix] + ([sampling.negative_prompt] if self.guided else []))
+        texts = self.encode_prompts([sampling.prompt_prefix + text + sampling.prompt_suffix] + ([sampling.negative_prompt] if self.guided else []))
         prepared = self.sampler.prepare(i, vae, self.vae_cp, device, self.dtype)
         frames = self.sampler.noise_frames(shape[1], prepared)
         generator = torch.Generator().manual_seed(seed)  # the initial noise, then any sampler noise

@@ -446,3 +446,64 @@ def test_prompt_extension_runs_on_rank_0_and_is_written_beside_the_video(assets,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "DASH_API_KEY" in done.stderr, _failure(done)
     assert "inference.prompt_extend_method = 'dashscope'" in done.stderr
+
+
+def _mindspeed_layout(assets, out: Path, prompts: list[str]) -> Path:
+    """The fixture's model as MindSpeed-MM's Wan2.1 T2V inference JSON lays it out (examples/wan2.1/1.3b/t2v/
+    inference_model.json of its current tree: top-level pipeline keys, a tokenizer section, diffusers'
+    UniPCMultistepScheduler with every key that file gives), sampling what _inference_json samples."""
+    model = json.loads((assets / "model.json").read_text())
+    pred = {k: v for k, v in model["predictor"].items() if k != "model_id"}
+    prompt_file = out.parent / f"{out.name}_prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    text = model["text_encoder"]["from_pretrained"]
+    unipc = {"model_id": "UniPCMultistepScheduler", "num_train_steps": 1000, "num_inference_steps": 4,
+             "guidance_scale": 3.0, "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+             "disable_corrector": [], "dynamic_thresholding_ratio": 0.995, "final_sigmas_type": "zero",
+             "flow_shift": 3.0, "lower_order_final": True, "predict_x0": True, "prediction_type": "flow_prediction",
+             "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2, "solver_p": None,
+             "solver_type": "bh2", "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace",
+             "trained_betas": None, "use_beta_sigmas": False, "use_exponential_sigmas": False,
+             "use_flow_sigmas": True, "use_karras_sigmas": False}
+    layout = {
+        "pipeline_class": "WanPipeline", "prompt": str(prompt_file), "save_path": str(out),
+        "use_prompt_preprocess": False, "dtype": "fp32", "device": "npu", "frame_interval": 1, "fps": 8,
+        "pipeline_config": {"input_size": [9, 64, 64], "seed": 42},
+        "ae": {"model_id": "wan_video_vae", "from_pretrained": model["ae"]["from_pretrained"], "dtype": "float32"},
+        "tokenizer": {"autotokenizer_name": "AutoTokenizer", "hub_backend": "hf", "from_pretrained": text,
+                      "model_max_length": 16},
+        "text_encoder": {"model_id": "UMT5", "hub_backend": "hf", "from_pretrained": text, "dtype": "fp32"},
+        "predictor": {"model_id": "wandit", "model_type": "t2v", "qk_norm": True, "qk_norm_type": "rmsnorm",
+                      "use_fused_rmsnorm": True, **pred},
+        "diffusion": unipc,
+    }
+    path = out.parent / f"{out.name}_mindspeed_model.json"
+    path.write_text(json.dumps(layout))
+    return path
+
+
+@pytest.mark.slow
+def test_mindspeed_mm_inference_json_samples_what_the_mm_layout_samples(assets, tmp_path):
+    """MindSpeed-MM's inference JSON layout, read as it is, on 2 data-parallel processes: the videos of mm's
+    own layout of the same settings (one process), frame for frame; a file mixing both layouts is refused."""
+    from mm.data.decoding import read_frames
+
+    prompts = ["a red square moving left to right on a white background",
+               "a blue circle moving top to bottom on a yellow background"]
+    _run(1, _inference_json(assets, tmp_path / "mm", prompt=prompts, negative_prompt=""))
+    stdout = _run(2, _mindspeed_layout(assets, tmp_path / "mindspeed", prompts))
+    assert "device = 'npu'" in stdout  # the notes say what mm does instead of the keys it does not use
+    ours = sorted((tmp_path / "mm").glob("*.mp4"))
+    theirs = sorted((tmp_path / "mindspeed").glob("*.mp4"))
+    assert [p.name for p in theirs] == [p.name for p in ours] and len(ours) == 2
+    for a, b in zip(ours, theirs):
+        frames_a, frames_b = (read_frames(p, list(range(9)), "auto").astype(int) for p in (a, b))
+        assert frames_a.shape == (9, 64, 64, 3)
+        assert abs(frames_a - frames_b).max() <= 3, (a.name, abs(frames_a - frames_b).max())
+    mixed = json.loads(_mindspeed_layout(assets, tmp_path / "mixed", prompts).read_text())
+    mixed["inference"] = {"sample_steps": 4}
+    path = tmp_path / "mixed_model.json"
+    path.write_text(json.dumps(mixed))
+    done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "mixes MindSpeed-MM's top-level inference keys" in done.stderr, _failure(done)

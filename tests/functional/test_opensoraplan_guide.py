@@ -7,6 +7,7 @@ only their sizes and paths changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -149,3 +150,72 @@ def test_resplit_then_inference_script_writes_videos(guide, variant):
             rate = stream.average_rate
             assert stream.codec_context.name == "h264" and rate.numerator == 18 * rate.denominator
         assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+
+
+OSP13_REF = os.environ.get("MM_MINDSPEED_MM_OSP13_REF")
+
+
+def _their_json(ref: Path, name: str, guide: Path, out: Path, **changes) -> Path:
+    """MindSpeed-MM's own ``examples/opensoraplan1.3/<name>`` with only its weight and data paths pointed at the
+    guide's tiny assets and its sizes shrunk (the tiny DiT / WFVAE configs, short clips): every other key as
+    the file has it."""
+    from tests.opensoraplan_assets import TINY_PREDICTOR, tiny_vae_config
+
+    data = json.loads((ref / "examples" / "opensoraplan1.3" / name).read_text())
+    if "dataset_param" in data:
+        ds = data["dataset_param"]
+        ds["basic_parameters"]["data_path"] = str(guide / "data" / "data.txt")
+        ds["tokenizer_config"].update(from_pretrained=str(guide / "weights" / "google" / "mt5-xxl"), model_max_length=12)
+        ds["preprocess_parameters"].update(num_frames=9, min_num_frames=5, max_hxw=4096, hw_stride=16)
+        for step in ds["preprocess_parameters"]["train_pipeline"]["video"]:
+            if "stride" in step.get("param", {}):
+                step["param"]["stride"] = 16
+    else:
+        data["predictor"].update(TINY_PREDICTOR, dtype="fp32")
+        data["predictor"].pop("pipeline_num_layers", None)
+        data["ae"].update(tiny_vae_config(), from_pretrained=str(guide / "mm_ckpt" / "open-sora-plan" / "vae.pt"),
+                          dtype="fp32")
+        data["text_encoder"].update(from_pretrained=str(guide / "weights" / "google" / "mt5-xxl"), dtype="fp32")
+        if "pipeline_config" in data:  # the inference layout
+            data["pipeline_config"]["input_size"] = [9, 64, 64]
+            data["tokenizer"].update(from_pretrained=str(guide / "weights" / "google" / "mt5-xxl"), model_max_length=12)
+            data["diffusion"]["num_inference_steps"] = 3
+            data.update(dtype="fp32", save_path=str(out.parent / f"{out.stem}_samples"))
+        data.update(changes)
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OSP13_REF, reason="set MM_MINDSPEED_MM_OSP13_REF to a MindSpeed-MM checkout at 37ccda36 "
+                                          "(its Open-Sora-Plan 1.3 examples) to run its own files")
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_mindspeed_mm_s_own_open_sora_plan_files_train_and_sample(guide, variant):
+    """MindSpeed-MM's OpenSoraPlan 1.3 pretrain model JSON, its dynamic-resolution data JSON and its inference
+    JSON (37ccda36), as they are but for paths and sizes: 2 training iterations and sampling on 2 processes."""
+    ref = Path(OSP13_REF)
+    model = _their_json(ref, f"{variant}/pretrain_{variant}_model.json", guide, guide / f"their_{variant}_model.json")
+    data = _their_json(ref, "t2v/data_dynamic_resolution.json", guide, guide / f"their_{variant}_data.json")
+    out = _script(guide, f"{variant}/pretrain_{variant}.sh", MM_MODEL=str(model), MM_DATA=str(data),
+                  LOAD_PATH=str(guide / f"{CONVERTED}-{variant}"), TRAIN_ITERS="2", GPUS_PER_NODE="2", CP="1",
+                  NUM_WORKERS="0")
+    losses = _losses(out)
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses), out[-3000:]
+    prompts = guide / f"their_{variant}_prompts.txt"
+    prompts.write_text("a red square moving left to right on a white background\n")
+    changes = {"prompt": str(prompts)}
+    if variant == "i2v":
+        from PIL import Image
+
+        Image.new("RGB", (96, 64), (255, 0, 0)).save(guide / "their_first_frame.png")
+        (guide / "their_images.txt").write_text(str(guide / "their_first_frame.png") + "\n")
+        changes["conditional_pixel_values_path"] = str(guide / "their_images.txt")
+    inference = _their_json(ref, f"{variant}/inference_{variant}_model.json", guide, guide / f"their_{variant}_inference.json",
+                            **changes)
+    env = dict(os.environ, MM_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "inference.py", "--mm-model", str(inference), "--load", str(guide / f"{CONVERTED}-{variant}"),
+                           "--cfg-parallel"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "OpenSoraPlanPipeline's template" in done.stdout
+    assert len(list((guide / f"their_{variant}_inference_samples").glob("*.mp4"))) == 1

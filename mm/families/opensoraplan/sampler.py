@@ -129,7 +129,8 @@ class OpenSoraPlanSampler:
         if self.cond is None:
             return {"condition": None}
         sampling = self.sampling
-        frames = load_condition_frames([sampling.images[index]], sampling.height, sampling.width).to(device)
+        frames = load_condition_frames([sampling.images[index]], sampling.height, sampling.width,
+                                       sampling.crop_images).to(device)
         return {"condition": self.cond.encode_images(vae, frames, sampling.num_frames, vae_cp=vae_cp).to(dtype)}
 
     def noise_frames(self, latent_frames: int, prepared: dict) -> int:

@@ -1,15 +1,29 @@
 """MindSpeed-MM's layout of a Wan model JSON (``predictor.model_id: "wandit"``, ``diffusion.model_id:
 "wan_flow_match_scheduler"``, ``ae.model_id: "wan_video_vae"``, ``text_encoder.hub_backend``), rewritten into
 mm's (``wan_dit``, ``flow_matching``, ``wan_vae``) before anything is validated: every key is carried over,
-noted (what mm does instead) or refused with what to use."""
+noted (what mm does instead) or refused with what to use. Its inference JSONs (``WanPipeline``: the
+top-level keys of ``mm.families.mindspeed``, diffusers' ``UniPCMultistepScheduler`` as the ``diffusion``
+section) become mm's ``inference`` section with the ``unipc`` solver."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
+from mm.families.mindspeed import in_layout, inference_section
+
 PREDICTOR_ID, DIFFUSION_ID, AE_ID = "wandit", "wan_flow_match_scheduler", "wan_video_vae"
-MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "wan2.2-t2v", "wan2.2-i2v")
+UNIPC_ID = "UniPCMultistepScheduler"
+# diffusers' UniPCMultistepScheduler as Wan's pipelines configure it (flow sigmas, shift by flow_shift): mm's unipc
+# solver; another value of one of these keys is another sampler. The beta_* keys do not apply with flow sigmas.
+UNIPC_SETTINGS = {"num_train_steps": 1000, "num_train_timesteps": 1000, "solver_order": 2, "predict_x0": True,
+                  "prediction_type": "flow_prediction", "use_flow_sigmas": True, "final_sigmas_type": "zero",
+                  "lower_order_final": True, "solver_type": "bh2", "disable_corrector": [], "thresholding": False,
+                  "timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "rescale_betas_zero_snr": False,
+                  "trained_betas": None, "solver_p": None, "sample_max_value": 1.0, "dynamic_thresholding_ratio": 0.995}
+UNIPC_UNUSED = ("beta_start", "beta_end", "beta_schedule")
 # predictor keys with the same meaning in mm
 SAME = ("num_layers", "num_heads", "hidden_size", "ffn_dim", "in_dim", "out_dim", "patch_size", "freq_dim", "text_dim",
         "cross_attn_norm", "eps", "dtype", "from_pretrained", "pipeline_num_layers", "text_len")
@@ -89,6 +103,51 @@ def _diffusion(section: dict, problems: list[str], notes: list[str]) -> dict:
     return out
 
 
+def _unipc(section: dict, inference: dict, problems: list[str], notes: list[str]) -> dict:
+    """An inference JSON's UniPCMultistepScheduler: flow matching with its shift; the sampling settings go
+    to the inference section (sample_solver unipc, sample_steps, sample_shift, guidance_scale[_2])."""
+    d = dict(section)
+    d.pop("model_id")
+    settings = {"sample_solver": "unipc"}
+    if "num_inference_steps" in d:
+        settings["sample_steps"] = d.pop("num_inference_steps")
+    shift = d.pop("flow_shift", 1.0)
+    settings["sample_shift"] = shift
+    guidance = d.pop("guidance_scale", None)
+    if isinstance(guidance, list):  # WanPipeline: [high-noise expert's, low-noise expert's]
+        if len(guidance) != 2:
+            problems.append(f"diffusion.guidance_scale = {guidance!r}; valid: a number, or [high-noise expert's, "
+                            "low-noise expert's] with low_noise_predictor")
+        else:
+            settings["guidance_scale"], settings["guidance_scale_2"] = guidance
+    elif guidance is not None:
+        settings["guidance_scale"] = guidance
+    for key, value in settings.items():
+        if key in inference and inference[key] != value:
+            problems.append(f"diffusion ({UNIPC_ID}) and inference.{key} both set the sampler; give it once")
+        inference[key] = value
+    for key in UNIPC_UNUSED:
+        d.pop(key, None)
+    for key in [k for k in d if k in UNIPC_SETTINGS]:
+        value = d.pop(key)
+        if value != UNIPC_SETTINGS[key]:
+            problems.append(f"diffusion.{key} = {value!r}: mm's unipc solver is Wan's flow UniPC; valid: "
+                            f"{UNIPC_SETTINGS[key]!r}")
+    for key in d:
+        problems.append(f"diffusion.{key}: not a {UNIPC_ID} key mm reads; valid: num_inference_steps, flow_shift, "
+                        f"guidance_scale, {', '.join(UNIPC_SETTINGS)}, {', '.join(UNIPC_UNUSED)}")
+    return {"model_id": "flow_matching", "shift": shift}
+
+
+def _pipeline_config(config: dict, section: dict, problems: list[str], notes: list[str]) -> None:
+    """WanPipeline's own pipeline_config keys (Wan2.2 TI2V-5B's): mm derives both from the model."""
+    for key in ("expand_timesteps", "vae_scale_factor_spatial"):
+        if key in config:
+            notes.append(f"pipeline_config.{key} = {config.pop(key)!r}: mm reads it from the model (per-token "
+                         "timesteps for a TI2V-5B DiT, whose in_dim equals out_dim; the factor from the VAE's "
+                         "config.json)")
+
+
 def _ae(section: dict, problems: list[str], notes: list[str]) -> tuple[dict, dict | None]:
     """(mm's ae section, the image_encoder section its i2v_processor names, or None)."""
     a = dict(section)
@@ -148,9 +207,19 @@ def translate(data: dict, problems: list[str], notes: list[str]) -> dict:
     ours_pred = isinstance(pred, dict) and pred.get("model_id") == PREDICTOR_ID
     ours_diff = isinstance(diff, dict) and diff.get("model_id") == DIFFUSION_ID
     ours_ae = isinstance(ae, dict) and ae.get("model_id") == AE_ID
-    if not (ours_pred or ours_diff or ours_ae):
+    unipc = isinstance(diff, dict) and diff.get("model_id") == UNIPC_ID
+    wan = ours_pred or (isinstance(pred, dict) and pred.get("model_id") == "wan_dit")
+    layout = wan and in_layout(data)
+    if not (ours_pred or ours_diff or ours_ae or unipc or layout):
         return data
     data = copy.deepcopy(data)
+    if layout:
+        if "seed" not in (data.get("pipeline_config") or {}):
+            notes.append("seed: inference.seed (42; prompt i uses seed + i, on every rank alike); MindSpeed-MM draws "
+                         "every prompt's noise from one generator seeded with --seed")
+        data = inference_section(data, problems, notes, ("WanPipeline",), _pipeline_config)
+    if unipc:
+        data["diffusion"] = _unipc(diff, data.setdefault("inference", {}), problems, notes)
     if ours_pred:
         data["predictor"] = _predictor(pred, problems, notes)
     if ours_diff:

@@ -140,7 +140,7 @@ class WanSampler:
         sampling, prepared = self.sampling, {"condition": None, "context_image": None, "references": None}
         if self.cond.kind != "none":
             paths = [sampling.images[index]] + ([sampling.last_images[index]] if sampling.task == "flf2v" else [])
-            frames = load_condition_frames(paths, sampling.height, sampling.width).to(device)
+            frames = load_condition_frames(paths, sampling.height, sampling.width, sampling.crop_images).to(device)
             prepared["condition"] = self.cond.encode(vae, frames, sampling.num_frames, vae_cp=vae_cp)
             if self.image_encoder is not None:
                 prepared["context_image"] = self.cond.encode_image(self.image_encoder, frames).to(dtype)

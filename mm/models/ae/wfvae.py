@@ -122,6 +122,18 @@ class WFVAEConfig:
         """From the model JSON's ``ae`` keys or the reference's config.json; unknown keys are an error."""
         valid = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in params.items() if not k.startswith("_")}
+        # MindSpeed-MM's statements of the 4x8x8 compression (ae.vae_scale_factor, and the I2V processor's, which
+        # mm's Open-Sora-Plan I2V conditioning is): checked, not configurable
+        factors = [cls.scale_factor_temporal, cls.scale_factor_spatial, cls.scale_factor_spatial]
+        if "vae_scale_factor" in values and values.pop("vae_scale_factor") != factors:
+            raise ValueError(f"ae.vae_scale_factor = {params['vae_scale_factor']!r}; valid: {factors} (WFVAE's)")
+        processor = values.pop("i2v_processor", None)
+        if processor is not None:
+            expected = {"processor_id": "opensoraplan_i2v_processor", "vae_scale_factor": factors}
+            if not isinstance(processor, dict) or any(processor.get(k, v) != v for k, v in expected.items()) \
+                    or set(processor) - set(expected):
+                raise ValueError(f"ae.i2v_processor = {processor!r}; valid: {expected} (Open-Sora-Plan's I2V "
+                                 "conditioning, which mm builds from the I2V predictor)")
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ValueError(f"ae keys {unknown} are not WFVAE parameters; valid: {sorted(valid)}")
