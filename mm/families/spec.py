@@ -137,6 +137,10 @@ class Recipe(Protocol):
 
     def step(self, encoded: dict, noise: torch.Tensor, levels: torch.Tensor) -> StepInputs: ...
 
+    def flops(self, latent: Sequence[int], text_lens: Sequence[int], batch_size: int) -> int:
+        """Model FLOPs of forward + backward of a micro-batch of ``batch_size`` latent videos ``latent``
+        (frames, height, width) with each text encoder's token length (``step``'s count; mm-plan's MFU)."""
+
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -228,6 +232,12 @@ class FamilySpec:
     release: ReleaseConfig | None = None
     # checks beyond the recipe's and sampler's, shared by training and inference: (config, arch) -> problems
     extra_checks: tuple[Callable[[Any, Any], list[str]], ...] = field(default_factory=tuple)
+    # checks of the release's files the model and data JSONs name (weights, tokenizers), as extra_checks; left
+    # out by ``problems(..., weights=False)``, for a planner that reads no weights (mm-plan)
+    weight_checks: tuple[Callable[[Any, Any], list[str]], ...] = field(default_factory=tuple)
+    # the model JSON -> the VAE's (spatial, temporal) compression where ``vae_factors`` reads the VAE's files
+    # and they are absent (mm-plan without the weights); ValueError naming the key when the JSON does not tell
+    known_vae_factors: Callable[[Any], tuple[int, int]] | None = None
     # another tool's layout of this family's model JSON (MindSpeed-MM's) rewritten into mm's, before anything
     # is validated: (model JSON, problems, notes) -> model JSON; returns it unchanged when not in that layout
     translate: Callable[[dict, list[str], list[str]], dict] | None = None
@@ -243,9 +253,22 @@ class FamilySpec:
         ``num_layers``) for this rank, with megatron's ``config``."""
         return self.predictors[model_id][0](arch, config, **stage)
 
-    def frames(self, ae) -> FrameRule:
-        """How the ``ae`` section's VAE maps frames to latent frames."""
-        return self.frame_rule(ae) if self.frame_rule is not None else FrameRule(self.vae_factors(ae)[1])
+    def frames(self, ae, temporal: int | None = None) -> FrameRule:
+        """How the ``ae`` section's VAE maps frames to latent frames (``temporal``: its temporal compression,
+        where already known)."""
+        if self.frame_rule is not None:
+            return self.frame_rule(ae)
+        return FrameRule(self.vae_factors(ae)[1] if temporal is None else temporal)
+
+    def planning_vae_factors(self, model) -> tuple[int, int]:
+        """``vae_factors`` of the model JSON's ``ae`` section, or where that needs the VAE's files and they are
+        absent, ``known_vae_factors`` of the model JSON; ValueError naming what is missing."""
+        try:
+            return self.vae_factors(model.ae)
+        except OSError as e:
+            if self.known_vae_factors is None:
+                raise ValueError(str(e)) from None
+            return self.known_vae_factors(model)
 
     def text_max_length(self, index: int) -> int:
         """Text encoder ``index``'s token length where the configuration gives none."""
@@ -255,8 +278,9 @@ class FamilySpec:
         """Whether the DiT compiles its layers (``--compile-dit-blocks``)."""
         return bool(getattr(self.predictors[model_id][0], "COMPILES_BLOCKS", False))
 
-    def problems(self, config, arch) -> list[str]:
-        """The checks every entry point makes of this family's model JSON."""
+    def problems(self, config, arch, weights: bool = True) -> list[str]:
+        """The checks every entry point makes of this family's model JSON (``weights``: with the release's
+        files, ``weight_checks``)."""
         problems = []
         model_id = config.model.predictor.model_id
         ae = config.model.ae
@@ -280,6 +304,6 @@ class FamilySpec:
         if recompute - set(can):
             problems.append(f"--recompute-modules {' '.join(sorted(recompute - set(can)))}: predictor {model_id!r} "
                             f"({self.name}) recomputes {', '.join(can) or 'no module selectively'}; valid: those")
-        for check in self.extra_checks:
+        for check in (self.weight_checks if weights else ()) + self.extra_checks:
             problems.extend(check(config, arch))
         return problems

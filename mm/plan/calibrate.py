@@ -56,11 +56,8 @@ def latent_size(family, model, video: tuple[int, int, int]) -> tuple[int, int, i
     """The latent (frames, height, width) of a video size under the model JSON's VAE; ValueError
     naming the rule when the VAE cannot take it."""
     frames, height, width = video
-    try:
-        spatial, _ = family.vae_factors(model.ae)
-    except OSError as e:  # the VAE's config.json is read for its factors
-        raise ValueError(str(e)) from None
-    rule = family.frames(model.ae)
+    spatial, temporal = family.planning_vae_factors(model)  # without the VAE's files where the JSON tells
+    rule = family.frames(model.ae, temporal)
     latent_frames = rule.latent_frames(frames)
     if latent_frames is None:
         raise ValueError(f"{frames} frames: the VAE takes {rule.valid()}")
@@ -73,6 +70,15 @@ def tokens_of(arch, latent: tuple[int, int, int]) -> int:
     """Video tokens of one sample: the latent size over the DiT's (t, h, w) patch."""
     pt, ph, pw = arch.patch_size
     return (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
+
+
+def text_lengths(family, arch, data) -> list[int]:
+    """The token lengths the training loop pads each text encoder's prompts to (the data JSON's
+    tokenizers, else the family's defaults)."""
+    _, widths = arch.text_to_video_inputs()
+    lens = [int(tokenizer.get("model_max_length", family.text_max_length(i)))
+            for i, tokenizer in enumerate(data.tokenizers if data is not None else [])]
+    return lens + [family.text_max_length(i) for i in range(len(lens), len(widths))]
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -204,6 +210,7 @@ def _model_json_with_layers(path: str, layers: int, workdir: Path) -> str:
 
     model = load_json(path, "--mm-model")
     model["predictor"]["num_layers"] = layers
+    model["predictor"]["from_pretrained"] = None  # random weights: the time and memory are the same
     model["predictor"].pop("pipeline_num_layers", None)
     out = workdir / f"model_{layers}_layers.json"
     out.write_text(json.dumps(model, indent=1))
@@ -255,10 +262,7 @@ def measure(training: list[str], videos: list[tuple[int, int, int]], repeats: in
     torch._dynamo.config.automatic_dynamic_shapes = False
     latents = [latent_size(family, config.model, v) for v in videos]
     channels, widths = arch.text_to_video_inputs()
-    # the token lengths the training loop pads prompts to (the data JSON's tokenizers)
-    text_lens = [int(tokenizer.get("model_max_length", family.text_max_length(i)))
-                 for i, tokenizer in enumerate(config.data.tokenizers)]
-    text_lens += [family.text_max_length(i) for i in range(len(text_lens), len(widths))]
+    text_lens = text_lengths(family, arch, config.data)
 
     points, device_name, runtime = [], None, None
     with tempfile.TemporaryDirectory(prefix="mm-plan-calibrate-") as tmp:
@@ -267,7 +271,7 @@ def measure(training: list[str], videos: list[tuple[int, int, int]], repeats: in
             argv = _with_flag(training, "--mm-model", _model_json_with_layers(model_path, layers, Path(tmp)))
             if runtime is None:
                 runtime = start(argv, mode="train", prog="mm-plan calibrate",
-                                check=lambda c: check_task("t2v", c, files=False))
+                                check=lambda c: check_task("t2v", c, files=False, weights=False))
                 acc = runtime.accelerator
                 device_name = acc.device_name()
             else:

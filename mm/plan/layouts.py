@@ -113,10 +113,11 @@ def candidate_layouts(world: int, num_layers: int, max_tp: int | None = None,
 def layout_config(base_argv: Sequence[str], layout: Layout, workdir: Path, task: str = "t2v") -> RunConfig:
     """The run configuration of ``base_argv`` (the training flags without a layout) with ``layout``'s
     flags (``Layout.argv``), checked as ``pretrain_t2v.py`` / ``pretrain_i2v.py`` check it before
-    starting (the data files themselves are not read). Raises ConfigError listing the problems."""
+    starting, except for files: neither the data files nor the weights and tokenizers the JSONs name are
+    looked at (a plan needs none of them). Raises ConfigError listing the problems."""
     config = config_from_args(parse_flags(layout.argv(base_argv, workdir)), layout.world, mode="train",
                               expand=model_json_reader())
-    check_task(task, config, files=False)
+    check_task(task, config, files=False, weights=False)
     return config
 
 

@@ -16,10 +16,12 @@ from mm.families import resolve
 from mm.families.spec import TRAINING_ENTRY_POINTS
 
 
-def check_task(task: str, config, *, files: bool = True) -> None:
+def check_task(task: str, config, *, files: bool = True, weights: bool = True) -> None:
     """The model JSON, data JSON and entry point fit together (raises ConfigError listing every problem);
     with ``files``, also the data files the data JSON names can be read and the output directories of
-    the flags written (the launch scripts' tests check their configurations without either)."""
+    the flags written (the launch scripts' tests check their configurations without either); with
+    ``weights``, the release's files the JSONs name (the family's ``weight_checks``: mm-plan plans
+    without the weights)."""
     from mm.training.logger import LogConfig, require_logging_packages
 
     family, arch = resolve(config.model.predictor)
@@ -27,7 +29,7 @@ def check_task(task: str, config, *, files: bool = True) -> None:
             Manifest.read(feature_folder(config.data.data_path, config.data.data_folder)) is None:
         # MindSpeed-MM's features record no dataset type: pretrain_i2v.py reads them as image-conditioned
         config.data.dataset_type = "i2v"
-    problems = family.problems(config, arch) + family.recipe.check(task, config, arch)
+    problems = family.problems(config, arch, weights=weights) + family.recipe.check(task, config, arch)
     encoders, tokenizers = len(config.model.text_encoder), len(config.data.tokenizers)
     loads = {key: getattr(config.model, key) for key in ("load_video_features", "load_text_features")}
     if config.data.features:

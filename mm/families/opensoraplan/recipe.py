@@ -107,11 +107,15 @@ class OpenSoraPlanRecipe:
         weights = torch.ones(latents.shape[0], device=latents.device) if weights is None else weights
         # fp32, so one stage computes the loss from exactly what it drew (later stages get the pipeline's dtype)
         weight_channel = weights.float().reshape(-1, 1, 1, 1, 1).expand(-1, 1, *target.shape[2:])
-        _, _, frames, height, width = latents.shape
-        flops = opensoraplan_training_flops(self.arch, frames, height, width, context.shape[1],
-                                            batch_size=latents.shape[0])
+        flops = self.flops(latents.shape[2:], [context.shape[1]], latents.shape[0])
         return StepInputs((inputs, timesteps, context, encoded["context_mask"][0]),
                           torch.cat([target.float(), weight_channel], dim=1), flops)
+
+    def flops(self, latent, text_lens, batch_size: int) -> int:
+        """Model FLOPs of forward + backward of a micro-batch: ``latent`` (frames, height, width), the text
+        tokens."""
+        frames, height, width = latent
+        return opensoraplan_training_flops(self.arch, frames, height, width, text_lens[0], batch_size=batch_size)
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         target, weights = carry[:, :-1], carry[:, -1, 0, 0, 0]

@@ -3,7 +3,7 @@ chunks of 17 frames -> 3 latent frames), Step-LLM and HunyuanCLIP text encoders,
 matching (``diffusion.model_id`` ``flow_match_discrete_scheduler``) and ``mm-convert StepVideoConverter``."""
 
 from mm.families.spec import FamilySpec, FrameRule
-from mm.families.stepvideo.checks import EXTRA_CHECKS
+from mm.families.stepvideo.checks import EXTRA_CHECKS, WEIGHT_CHECKS
 from mm.families.stepvideo.config import StepVideoDiTConfig
 from mm.families.stepvideo.model import StepVideoDiT
 from mm.families.stepvideo.recipe import StepVideoRecipe
@@ -43,4 +43,5 @@ SPEC = FamilySpec(name="stepvideo", predictors={"stepvideodit": (StepVideoDiT, S
                   ae_model_ids=("stepvideovae",), num_text_encoders=2, text_encoders=stepvideo_text_encoder,
                   build_vae=_build_vae, vae_factors=_vae_factors, frame_rule=_frame_rule, tokenizer=stepvideo_tokenizer,
                   text_max_lengths=(STEP_LLM_MAX_LENGTH, CLIP_MAX_LENGTH), converter=_converter,
-                  description="Step-Video-T2V", extra_checks=EXTRA_CHECKS)
+                  description="Step-Video-T2V", extra_checks=EXTRA_CHECKS,
+                  weight_checks=WEIGHT_CHECKS)

@@ -1,14 +1,14 @@
-"""Step-Video-T2V's own checks of a configuration (``FamilySpec.extra_checks``), made by every entry point
-before any process group starts, so that a mistake is one line naming the key, the value and what is valid
-instead of a failure minutes later on every rank:
+"""Step-Video-T2V's own checks of a configuration (``FamilySpec.extra_checks`` and ``weight_checks``), made
+by every entry point before any process group starts, so that a mistake is one line naming the key, the
+value and what is valid instead of a failure minutes later on every rank:
 
-- ``release_file_problems``: the release's files are where the model JSON (and, for training, the data
-  JSON's ``tokenizer_config``) point. The release (``stepfun-ai/stepvideo-t2v``) is laid out as
-  ``transformer/`` (config.json, ``diffusion_pytorch_model-*.safetensors``), ``vae/`` (``vae_v2.safetensors``,
-  ``vae.safetensors``), ``step_llm/`` (config.json, ``model-*.safetensors`` with their index,
-  ``step1_chat_tokenizer.model``) and ``hunyuan_clip/{clip_text_encoder,tokenizer}``. Only names are looked
-  at (no weight is read); an empty ``from_pretrained`` is left to the entry point's own message in
-  inference.
+- ``release_file_problems`` (a weight check: mm-plan, which reads no weights, leaves it out): the release's
+  files are where the model JSON (and, for training, the data JSON's ``tokenizer_config``) point. The
+  release (``stepfun-ai/stepvideo-t2v``) is laid out as ``transformer/`` (config.json,
+  ``diffusion_pytorch_model-*.safetensors``), ``vae/`` (``vae_v2.safetensors``, ``vae.safetensors``),
+  ``step_llm/`` (config.json, ``model-*.safetensors`` with their index, ``step1_chat_tokenizer.model``) and
+  ``hunyuan_clip/{clip_text_encoder,tokenizer}``. Only names are looked at (no weight is read); an empty
+  ``from_pretrained`` is left to the entry point's own message in inference.
 - ``training_size_problems``: the training video shapes of the data JSON fit the VAE (17-frame chunks;
   sides multiples of its spatial compression, 16, times the DiT's patch) and are not Open-Sora-Plan's
   per-sample geometry (``force_resolution`` / ``max_hxw``, whose 4k + 1 frame counts the VAE does not take).
@@ -233,4 +233,5 @@ def training_size_problems(config, arch) -> list[str]:
     return problems
 
 
-EXTRA_CHECKS = (release_file_problems, training_size_problems)
+EXTRA_CHECKS = (training_size_problems,)
+WEIGHT_CHECKS = (release_file_problems,)

@@ -70,11 +70,17 @@ class StepVideoRecipe:
         target = self.flow.target(latents, noise)
         noisy = self.flow.noisy(latents, noise, levels)
         timestep = self.flow.timesteps(levels).to(noisy.dtype)  # the DiT embeds t * 1000 in t's dtype
-        b, _, frames, height, width = noisy.shape
-        flops = stepvideo_training_flops(self.arch, frames, height, width, llm.shape[1],
-                                         clip.shape[1] if self.arch.clip_channels is not None else 0, batch_size=b)
+        flops = self.flops(noisy.shape[2:], [llm.shape[1], clip.shape[1]], noisy.shape[0])
         clip_context = clip if self.arch.clip_channels is not None else None
         return StepInputs((noisy, timestep, llm, llm_mask, clip_context), target, flops)
+
+    def flops(self, latent, text_lens, batch_size: int) -> int:
+        """Model FLOPs of forward + backward of a micro-batch: ``latent`` (frames, height, width), the
+        Step-LLM and CLIP token lengths."""
+        frames, height, width = latent
+        return stepvideo_training_flops(self.arch, frames, height, width, text_lens[0],
+                                        text_lens[1] if self.arch.clip_channels is not None else 0,
+                                        batch_size=batch_size)
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         return self.flow.loss(output, carry)

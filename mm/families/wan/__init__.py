@@ -20,6 +20,29 @@ def _text_encoder(component, max_length: int, zero_padding: bool):
     return default_text_encoder(component, max_length, zero_padding, clean=clean_prompt)
 
 
+# the latent channels of Wan's release VAEs -> their (spatial, temporal) compression: Wan2.1's VAE (also
+# Wan2.2-A14B's), Wan2.2-TI2V-5B's
+RELEASE_VAE_FACTORS = {16: (8, 4), 48: (16, 4)}
+
+
+def _known_vae_factors(model) -> tuple[int, int]:
+    """The VAE's compression from the model JSON alone: the ``ae`` section's scale_factor_* keys, else the
+    release VAE with the DiT's latent channels (``ae.z_dim``, else ``predictor.out_dim``)."""
+    from mm.models.ae import WanVAEConfig
+
+    ae = model.ae.params
+    if "scale_factor_spatial" in ae and "scale_factor_temporal" in ae:
+        vae = WanVAEConfig.from_json(ae)
+        return vae.scale_factor_spatial, vae.scale_factor_temporal
+    channels = ae.get("z_dim") or SPEC.arch(model.predictor).out_dim
+    if channels not in RELEASE_VAE_FACTORS:
+        raise ValueError(
+            f"ae.from_pretrained = {model.ae.from_pretrained!r}: no config.json there, and {channels} latent channels "
+            f"(ae.z_dim, else predictor.out_dim) are no Wan release VAE's (16: Wan2.1's, 8x spatial; 48: "
+            "Wan2.2-TI2V-5B's, 16x); give ae.scale_factor_spatial and ae.scale_factor_temporal in the model JSON")
+    return RELEASE_VAE_FACTORS[channels]
+
+
 def _converter():
     from mm.families.wan.convert import WanConverter
 
@@ -30,4 +53,4 @@ SPEC = FamilySpec(name="wan", predictors={"wan_dit": (WanDiT, WanDiTConfig)}, re
                   load_weights=_load_weights, ae_model_ids=("wan_vae",), text_encoders=_text_encoder,
                   converter=_converter, description="Wan2.1 / Wan2.2 / Phantom",
                   release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand),
-                  translate=mindspeed.translate)
+                  translate=mindspeed.translate, known_vae_factors=_known_vae_factors)

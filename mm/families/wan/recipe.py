@@ -14,6 +14,8 @@ from mm.families.wan.flops import wan_training_flops
 from mm.models.image_encoder.clip import check_num_heads
 from mm.models.predictor.wan.conditioning import WanConditioning
 
+CLIP_TOKENS = 257  # CLIP image tokens per conditioning image (Wan2.1 I2V / FLF2V's image branch)
+
 
 def flow_matching_config(args, diffusion) -> FlowMatchingConfig:
     """The objective from the model JSON's ``diffusion``, with the expert's timestep range from
@@ -100,15 +102,22 @@ class WanRecipe:
         target = self.flow.target(latents, noise)
         inputs, timestep = self.cond.model_input(self.flow.noisy(latents, noise, levels), self.flow.timesteps(levels),
                                                  encoded["condition"])
-        _, _, frames, height, width = inputs.shape
-        flops = wan_training_flops(self.arch, frames, height, width, self.arch.text_len or context.shape[1],
-                                   0 if context_image is None else context_image.shape[1],
-                                   batch_size=inputs.shape[0], per_token_timestep=self.cond.kind == "ti2v")
+        flops = self.flops(inputs.shape[2:], [context.shape[1]], inputs.shape[0],
+                           0 if context_image is None else context_image.shape[1])
         if self.flow.weighted:  # each sample's loss weight rides with the target, as one more channel
             # (fp32 on one stage; later pipeline stages get the pipeline's dtype, as Open-Sora-Plan's weights)
             weight = self.flow.weights(levels).reshape(-1, 1, 1, 1, 1)
             target = torch.cat([target.float(), weight.expand(-1, 1, *target.shape[2:])], dim=1)
         return StepInputs((inputs, timestep, context, context_image), target, flops)
+
+    def flops(self, latent, text_lens, batch_size: int, image_len: int | None = None) -> int:
+        """Model FLOPs of forward + backward of a micro-batch: ``latent`` (frames, height, width) as the DiT
+        reads it, the text encoder's tokens, the CLIP image tokens (None: 257 per conditioning image)."""
+        if image_len is None:
+            image_len = CLIP_TOKENS * (2 if self.cond.kind == "flf2v" else 1) if self.cond.uses_clip else 0
+        frames, height, width = latent
+        return wan_training_flops(self.arch, frames, height, width, self.arch.text_len or text_lens[0], image_len,
+                                  batch_size=batch_size, per_token_timestep=self.cond.kind == "ti2v")
 
     def loss(self, output: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
         frames = self.cond.loss_frames  # TI2V: not the given first frame
