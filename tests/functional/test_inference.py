@@ -507,3 +507,35 @@ def test_mindspeed_mm_inference_json_samples_what_the_mm_layout_samples(assets, 
     done = subprocess.run([sys.executable, "inference.py", "--mm-model", str(path)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "mixes MindSpeed-MM's top-level inference keys" in done.stderr, _failure(done)
+
+
+MINDSPEED_REF = os.environ.get("MM_MINDSPEED_MM_REF")
+MINDSPEED_WAN_FILES = ["wan2.1/1.3b/t2v", "wan2.1/1.3b/i2v", "wan2.1/14b/t2v", "wan2.1/14b/i2v", "wan2.1/14b/flf2v",
+                       "wan2.2/5B/t2v", "wan2.2/5B/ti2v", "wan2.2/A14B/t2v", "wan2.2/A14B/i2v"]
+
+
+@pytest.mark.skipif(not MINDSPEED_REF, reason="set MM_MINDSPEED_MM_REF to a MindSpeed-MM checkout to read its files")
+@pytest.mark.parametrize("example", MINDSPEED_WAN_FILES + ["wan2.1/1.3b/v2v"])
+def test_mindspeed_mm_s_own_wan_inference_files_validate(assets, tmp_path, example):
+    """MindSpeed-MM's examples/<example>/inference_model.json (its prompt and image lists, read from the checkout)
+    with only the weight paths pointed at the fixture's: valid for its 8-rank launch (--load as its
+    inference.sh passes it); its video-to-video files refused, naming the keys."""
+    ref = Path(MINDSPEED_REF)
+    data = json.loads((ref / "examples" / example / "inference_model.json").read_text())
+    model = json.loads((assets / "model.json").read_text())
+    data["ae"]["from_pretrained"] = model["ae"]["from_pretrained"]
+    for key in ("text_encoder", "tokenizer", "image_encoder"):
+        if key in data:
+            data[key]["from_pretrained"] = model["text_encoder"]["from_pretrained"]  # a directory is what is checked
+    if "low_noise_predictor" in data:
+        data["low_noise_predictor"] = str(assets)
+    data["save_path"] = str(tmp_path / "samples")
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, "-m", "mm.preflight", "--nproc_per_node", "8", str(REPO / "inference.py"),
+                           "--mm-model", str(path), "--load", str(assets)], cwd=ref, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    if example.endswith("v2v"):
+        assert done.returncode == 2 and "video-to-video (WanPipeline's v2v) is not in mm" in done.stderr, _failure(done)
+    else:
+        assert done.returncode == 0 and "configuration valid for 8 process(es)" in done.stdout, _failure(done)

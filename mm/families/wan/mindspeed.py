@@ -50,6 +50,9 @@ def _predictor(section: dict, problems: list[str], notes: list[str]) -> dict:
     for key in ("pos_embed_seq_len",):
         if key in p:
             out[key] = p.pop(key)
+    if model_type == "flf2v" and img_dim is not None:
+        # MindSpeed-MM's FLF2V DiT embeds the two images' CLIP tokens with a learned position table of 2 x 257
+        out.setdefault("pos_embed_seq_len", 2 * 257)
     if "clip_token_len" in p:
         notes.append(f"predictor.clip_token_len = {p.pop('clip_token_len')}: mm's image branch reads the CLIP tokens "
                      "it is given (the image encoder's, or the features')")
