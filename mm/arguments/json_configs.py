@@ -390,6 +390,12 @@ def parse_data_config(data: dict[str, Any], path: str, problems: list[str],
         masks={key: ds.data.pop(key) for key in MASK_KEYS if key in ds.data},
     )
     config.text_clean = _text_preprocessing(ds)
+    pre = config.preprocess
+    unused = [k for k in ("max_height", "max_width") if k in pre and "max_hxw" in pre and pre.get("force_resolution") is False]
+    if unused:  # MindSpeed-MM's dynamic-resolution files may keep the static sizes; its processor reads max_hxw then
+        config.preprocess = {k: v for k, v in pre.items() if k not in unused}
+        notes.append(f"{ds.key('preprocess_parameters')}.{' and '.join(unused)}: not read with force_resolution false "
+                     "(each sample's size comes from max_hxw), as MindSpeed-MM's video processor does")
     if dataset_type == "feature":
         _feature_data(config, ds, problems, notes)
     ds.reject_rest(["dataset_type", "basic_parameters", "preprocess_parameters", "tokenizer_config",

@@ -241,6 +241,9 @@ class FamilySpec:
     # another tool's layout of this family's model JSON (MindSpeed-MM's) rewritten into mm's, before anything
     # is validated: (model JSON, problems, notes) -> model JSON; returns it unchanged when not in that layout
     translate: Callable[[dict, list[str], list[str]], dict] | None = None
+    # a model JSON of the encoders alone (MindSpeed-MM's feature-extraction files: ae and text_encoder, no predictor)
+    # -> the predictor section its features are for: (model JSON, problems, notes) -> predictor section
+    feature_predictor: Callable[[dict, list[str], list[str]], dict] | None = None
 
     def arch(self, predictor) -> Any:
         """The typed architecture config of the model JSON's ``predictor`` section."""

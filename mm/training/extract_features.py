@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print
 from mm.arguments import ConfigError
-from mm.data.dataset import BadSample, collate
+from mm.data.dataset import BadSample, VideoDataConfig, collate
 from mm.data.features import CONDITION_KEYS, INDEX, Manifest, feature_folder, feature_name, text_keys, write_features
 from mm.data.loader import build_video_dataset
-from mm.families import resolve
+from mm.families import families, resolve
 from mm.models.predictor.transformer_config import params_dtype
 from mm.runtime import EntryPoint, start
 from mm.training.checks import read_data_files, writable_dir_problem
@@ -68,22 +68,39 @@ def _check(config) -> None:
                         "batch (e.g. random masks), which features would fix once; extract_features.py extracts "
                         f"its {', '.join(TEXT_ONLY)} data (train on the videos otherwise)")
     problems += family.problems(config, arch)
+    if config.data is not None and not config.data.features:  # the data JSON's preprocessing, before any process
+        try:
+            VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
     if config.data is not None and not problems:
         problems += read_data_files(config.data)
     if problems:
         raise ConfigError(problems)
 
 
+def encoders_only(data: dict, problems: list[str], notes: list[str]) -> dict:
+    """A model JSON without a predictor (MindSpeed-MM's feature-extraction files hold the VAE and text encoders
+    alone) gets the predictor section of the family whose VAE it names (``FamilySpec.feature_predictor``)."""
+    ae = data.get("ae")
+    if "predictor" in data or not isinstance(ae, dict):
+        return data
+    specs = [s for s in families() if ae.get("model_id") in s.ae_model_ids and s.feature_predictor is not None]
+    if not specs:
+        return data  # "predictor is required", from the model JSON's reader
+    return dict(data, predictor=specs[0].feature_predictor(data, problems, notes))
+
+
 def entry_point() -> EntryPoint:
     """What ``extract_features.py`` validates before any process group: the flags, the model JSON's
     encoders, the data JSON with its files, and the output directory."""
-    return EntryPoint(prog=PROG, mode="features", check=_check)
+    return EntryPoint(prog=PROG, mode="features", check=_check, expand=encoders_only)
 
 
 def extract_features(argv: Sequence[str] | None = None) -> dict:
     """Extract; returns {"written", "existing", "bad"} summed over the ranks (for tests)."""
     entry = entry_point()
-    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check)
+    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check, expand=entry.expand)
     with naming_collective_failures("feature extraction"):
         summary = Extractor(runtime).run()
     with naming_collective_failures("the end of the run"):

@@ -129,7 +129,7 @@ def entry_point(task: str) -> EntryPoint:
 def pretrain(argv: Sequence[str] | None = None, task: str = "t2v") -> list[float]:
     """Train; returns the per-iteration losses seen on this rank (the last pipeline stage's; for tests)."""
     entry = entry_point(task)
-    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check)
+    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check, expand=entry.expand)
     try:
         with naming_collective_failures("start-up (models, optimizer, --load)"):
             trainer = Trainer(runtime, task)

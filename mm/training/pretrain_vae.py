@@ -91,7 +91,7 @@ def entry_point() -> EntryPoint:
 def pretrain_vae(argv: Sequence[str] | None = None) -> list[float]:
     """Train; returns the per-iteration losses (averaged over the data-parallel ranks; for tests)."""
     entry = entry_point()
-    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check)
+    runtime = start(argv, mode=entry.mode, prog=entry.prog, check=entry.check, expand=entry.expand)
     try:
         with naming_collective_failures("start-up (the VAE, its optimizer and data)"):
             trainer = VAETrainer(runtime)

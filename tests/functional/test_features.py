@@ -252,3 +252,30 @@ def test_mindspeed_mm_s_own_wan_files_validate(qs, extracted, tmp_path):
     finally:
         (features / "features.json").write_bytes(manifest)
     assert config.data.dataset_type == "i2v" and config.model.predictor.params["image_dim"] == 1280
+
+
+@pytest.mark.slow
+def test_mindspeed_mm_s_encoders_only_model_json_extracts_what_mm_s_does(qs, extracted, tmp_path):
+    """MindSpeed-MM's feature-extraction model JSON (examples/wan2.1/feature_extract/model_t2v.json's keys: its
+    VAE and UMT5, no predictor): the features of the quickstart's own model JSON, tensor for tensor, and a
+    features.json naming the Wan DiT of the VAE's latent channels."""
+    ours, _ = extracted
+    model = json.loads((qs / "model.json").read_text())
+    theirs_json = {"ae": {"model_id": "wan_video_vae", "from_pretrained": model["ae"]["from_pretrained"],
+                          "dtype": "float32", "enable_tiling": False, "norm_latents": True,
+                          "norm_mode": "channel_specified_shift_scale", "do_sample": False},
+                   "text_encoder": {"model_id": "UMT5", "dtype": "fp32", "hub_backend": "hf",
+                                    "from_pretrained": model["text_encoder"]["from_pretrained"]}}
+    (tmp_path / "model.json").write_text(json.dumps(theirs_json))
+    (tmp_path / "data.json").write_text((qs / "data.json").read_text())
+    out = tmp_path / "features"
+    stdout = _extract(tmp_path, out, 1)
+    assert "no predictor: the features are for a Wan DiT of 4 latent channels, t2v" in stdout
+    manifest = json.loads((out / "features.json").read_text())
+    assert manifest["model_id"] == "wan_dit" and manifest["latent_channels"] == 4
+    mine, theirs = _tensors(ours), _tensors(out)
+    assert sorted(mine) == sorted(theirs) and mine
+    for name in mine:
+        assert sorted(mine[name]) == sorted(theirs[name])
+        for key in mine[name]:
+            assert torch.equal(mine[name][key], theirs[name][key]), (name, key)

@@ -53,4 +53,4 @@ SPEC = FamilySpec(name="wan", predictors={"wan_dit": (WanDiT, WanDiTConfig)}, re
                   load_weights=_load_weights, ae_model_ids=("wan_vae",), text_encoders=_text_encoder,
                   converter=_converter, description="Wan2.1 / Wan2.2 / Phantom",
                   release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand),
-                  translate=mindspeed.translate, known_vae_factors=_known_vae_factors)
+                  translate=mindspeed.translate, feature_predictor=mindspeed.feature_predictor, known_vae_factors=_known_vae_factors)

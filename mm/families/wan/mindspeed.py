@@ -242,3 +242,36 @@ def translate(data: dict, problems: list[str], notes: list[str]) -> dict:
         data["text_encoder"] = [_hub_backend(t, f"text_encoder[{i}]", problems) if isinstance(t, dict) else t
                                 for i, t in enumerate(text)]
     return data
+
+
+def feature_predictor(data: dict, problems: list[str], notes: list[str]) -> dict:
+    """The Wan DiT a MindSpeed-MM feature-extraction model JSON (its VAE and UMT5, no predictor) extracts for:
+    the latent channels from the VAE's config.json (Wan2.1's 16, Wan2.2's 48), the condition from ``task``
+    (``i2v``: the first frame's latents and mask beside the noise, 2 z + 4 channels; a 48-channel VAE's TI2V
+    replaces the first latent frame instead) and the CLIP image encoder where ``image_encoder`` is given;
+    the text width from the text encoder's config.json. Its other sizes (the 1.3B DiT's) are not used: no DiT
+    runs during extraction."""
+    import json
+    from pathlib import Path
+
+    ae = data.get("ae") or {}
+    z = 16
+    config = Path(str(ae.get("from_pretrained", ""))) / "config.json"
+    if config.is_file():
+        z = int(json.loads(config.read_text()).get("z_dim", 16))
+    text = data.get("text_encoder")
+    text_dim = 4096
+    text_config = Path(str(text.get("from_pretrained", ""))) / "config.json" if isinstance(text, dict) else None
+    if text_config is not None and text_config.is_file():
+        text_dim = int(json.loads(text_config.read_text()).get("d_model", text_dim))
+    task = data.get("task", "t2v")
+    i2v = task == "i2v"
+    in_dim = z if (not i2v or z == 48) else 2 * z + 4
+    predictor = {"model_id": "wan_dit", "num_layers": 30, "num_heads": 12, "hidden_size": 1536, "ffn_dim": 8960,
+                 "in_dim": in_dim, "out_dim": z, "text_dim": text_dim}
+    if i2v and data.get("image_encoder") is not None:
+        predictor["image_dim"] = 1280
+    notes.append(f"no predictor: the features are for a Wan DiT of {z} latent channels, {task}"
+                 + (" with the CLIP image branch" if "image_dim" in predictor else "")
+                 + " (the VAE's and the text encoder's config.json, the model JSON's task)")
+    return predictor
