@@ -119,6 +119,9 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         f"({args.context_parallel_algo}) DP={config.sizes.data_parallel}\n"
         f"rank 0 groups:\n{describe_layout(config.sizes, 0)}"
     )
+    if mode != "train" and getattr(getattr(config, "model", None), "use_dynamic_dpcp", False):
+        rank0_print(f"{prog or 'mm'}: note: use_dynamic_dpcp = true is read by training only; this run keeps the "
+                    "layout of --context-parallel-size")
     if _dynamic_max_cp(config, mode) is not None:
         from mm.parallel.dynamic_cp import degrees
 

@@ -110,9 +110,10 @@ def cp_group_of_strategy(cp: int) -> tuple[dist.ProcessGroup, list[int]]:
 
 
 # megatron-core's globals behind get_context_parallel_{group,world_size,rank} and get_data_parallel_*
-# (without CP); the DP x CP group (DDP's gradient reduction) is the same in every layout
-_SWAPPED = ("_CONTEXT_PARALLEL_GROUP", "_CONTEXT_PARALLEL_GLOBAL_RANKS", "_DATA_PARALLEL_GROUP",
-            "_DATA_PARALLEL_GLOBAL_RANKS")
+# (without CP; 0.19 reads the "with GTP remat" one by default, the same group while GTP is off); the
+# DP x CP group (DDP's gradient reduction) is the same in every layout
+_DP_GROUPS = ("_DATA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP_WITH_GTP_REMAT")
+_SWAPPED = ("_CONTEXT_PARALLEL_GROUP", "_CONTEXT_PARALLEL_GLOBAL_RANKS", *_DP_GROUPS, "_DATA_PARALLEL_GLOBAL_RANKS")
 
 
 @contextlib.contextmanager
@@ -120,13 +121,14 @@ def use_strategy(cp: int):
     """megatron-core's CP and DP groups, and mm's Ulysses group, those of the layout ``[D / cp, cp]``
     inside the block; the static layout's again after it."""
     mine = _STRATEGIES[cp]
-    saved = {name: getattr(mpu, name) for name in _SWAPPED}
+    saved = {name: getattr(mpu, name) for name in _SWAPPED if hasattr(mpu, name)}
     saved_mm = (state._MM_GROUPS.get("ulysses"), state._MM_GROUP_RANKS.get("ulysses"))
     (cp_group, cp_ranks), (dp_group, dp_ranks) = mine["cp"], mine["dp"]
     replace = {"_CONTEXT_PARALLEL_GROUP": cp_group, "_CONTEXT_PARALLEL_GLOBAL_RANKS": cp_ranks,
-               "_DATA_PARALLEL_GROUP": dp_group, "_DATA_PARALLEL_GLOBAL_RANKS": dp_ranks}
+               "_DATA_PARALLEL_GLOBAL_RANKS": dp_ranks, **{name: dp_group for name in _DP_GROUPS}}
     for name, value in replace.items():
-        setattr(mpu, name, value)
+        if name in saved:
+            setattr(mpu, name, value)
     _set_mm_group("ulysses", cp_group if cp > 1 else None, cp_ranks)
     _ACTIVE["cp"] = cp
     try:
