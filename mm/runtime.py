@@ -86,6 +86,14 @@ def configure_or_exit(argv: Sequence[str] | None, entry: EntryPoint,
     return config, accelerator, launch
 
 
+def _dynamic_max_cp(config: RunConfig, mode: str) -> int | None:
+    """The model JSON's max_cp_size when training with use_dynamic_dpcp = true, else None."""
+    model = getattr(config, "model", None)
+    if mode != "train" or model is None or not getattr(model, "use_dynamic_dpcp", False):
+        return None
+    return model.max_cp_size
+
+
 def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | None = None,
           check: Callable[[RunConfig], None] | None = None, expand: Expand | None = None) -> Runtime:
     """``configure`` (then the entry point's own ``check`` of the configuration, which raises
@@ -102,7 +110,8 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         initialize_parallel(config.sizes, virtual_pipeline_parallel=config.virtual_pipeline_size,
                             timeout_minutes=args.distributed_timeout_minutes, seed=args.seed,
                             cp_algo=args.context_parallel_algo, cp_overlap=args.use_cp_send_recv_overlap,
-                            attention_kernel=args.attention_kernel)
+                            attention_kernel=args.attention_kernel,
+                            dynamic_max_cp=_dynamic_max_cp(config, mode))
     rank0_print(
         f"mm: {launch.world_size} rank(s) on {accelerator.name} ({accelerator.backend}); "
         f"TP={config.sizes.tensor_parallel} PP={config.sizes.pipeline_parallel} "
@@ -110,6 +119,15 @@ def start(argv: Sequence[str] | None = None, mode: str = "train", prog: str | No
         f"({args.context_parallel_algo}) DP={config.sizes.data_parallel}\n"
         f"rank 0 groups:\n{describe_layout(config.sizes, 0)}"
     )
+    if mode != "train" and getattr(getattr(config, "model", None), "use_dynamic_dpcp", False):
+        rank0_print(f"{prog or 'mm'}: note: use_dynamic_dpcp = true is read by training only; this run keeps the "
+                    "layout of --context-parallel-size")
+    if _dynamic_max_cp(config, mode) is not None:
+        from mm.parallel.dynamic_cp import degrees
+
+        dpcp = config.sizes.data_parallel * config.sizes.context_parallel
+        rank0_print(f"{prog or 'mm'}: dynamic DP/CP over the {dpcp} data-parallel x context-parallel ranks: CP "
+                    f"{', '.join(map(str, degrees()))} chosen per iteration (max_seq_size {config.model.max_seq_size})")
     for note in config.notes:
         rank0_print(f"{prog or 'mm'}: note: {note}")
     return Runtime(config=config, accelerator=accelerator, launch=launch)

@@ -121,6 +121,11 @@ class ModelConfig:
     task: str | None = None  # MindSpeed-MM's "task" ("t2v" / "i2v"): which entry point trains this JSON
     # MindSpeed-MM's patch.ae_float32: the frozen VAE computes in fp32 whatever the run's precision
     ae_float32: bool = False
+    # MindSpeed-MM's dynamic DP/CP (mm.parallel.dynamic_cp): the CP degree chosen per iteration, up to
+    # max_cp_size, as the smallest with (largest micro-batch video's element count / CP) <= max_seq_size
+    use_dynamic_dpcp: bool = False
+    max_cp_size: int | None = None
+    max_seq_size: int | None = None
     # sections this issue does not type yet (sampling settings of inference JSONs, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -158,8 +163,9 @@ MODEL_TASKS = ("t2v", "i2v")
 PATCH_KEYS = ("ae_float32",)  # MindSpeed-MM's model JSON "patch" options mm reads
 
 
-def _patch_and_dpcp(top: _Reader, problems: list[str], notes: list[str]) -> bool:
-    """MindSpeed-MM's ``patch`` options and dynamic DP/CP keys; returns ``patch.ae_float32``."""
+def _patch_and_dpcp(top: _Reader, problems: list[str], notes: list[str]) -> tuple[bool, dict]:
+    """MindSpeed-MM's ``patch`` options and dynamic DP/CP keys; returns ``patch.ae_float32`` and the
+    dynamic DP/CP fields of ModelConfig (their fit to the layout: mm.arguments.validation)."""
     patch = top.section("patch")
     ae_float32 = False
     if patch is not None:
@@ -168,12 +174,20 @@ def _patch_and_dpcp(top: _Reader, problems: list[str], notes: list[str]) -> bool
     dynamic = top.get("use_dynamic_dpcp", bool, default=False)
     sizes = {key: top.get(key, int) for key in ("max_cp_size", "max_seq_size")}
     if dynamic:
-        problems.append("use_dynamic_dpcp = true: mm does not choose the CP degree per batch yet; valid: false (give "
-                        "the layout with --context-parallel-size)")
+        for key, value in sizes.items():
+            if value is None:
+                problems.append(f"use_dynamic_dpcp = true needs {key} (an integer >= 1; max_cp_size a power of 2)")
+        cp, seq = sizes["max_cp_size"], sizes["max_seq_size"]
+        if cp is not None and (cp < 1 or cp & (cp - 1)):
+            problems.append(f"max_cp_size = {cp}; valid: a power of 2 (1, 2, 4, ...) dividing the data-parallel x "
+                            "context-parallel ranks")
+        if seq is not None and seq < 1:
+            problems.append(f"max_seq_size = {seq}; valid: an integer >= 1 (the element count of the largest "
+                            "micro-batch video one rank computes: CP is chosen so that numel / CP <= max_seq_size)")
     elif any(v is not None for v in sizes.values()):
         notes.append(f"{', '.join(k for k, v in sizes.items() if v is not None)}: read with use_dynamic_dpcp = true "
                      "only; the layout is --context-parallel-size's")
-    return ae_float32
+    return ae_float32, dict(use_dynamic_dpcp=bool(dynamic), **sizes) if dynamic else {}
 
 
 def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
@@ -181,7 +195,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
     """``require_predictor=False``: a JSON for a VAE alone (pretrain_vae.py) may leave the predictor out."""
     notes = [] if notes is None else notes
     top = _Reader(data, "", problems)
-    ae_float32 = _patch_and_dpcp(top, problems, notes)
+    ae_float32, dynamic_dpcp = _patch_and_dpcp(top, problems, notes)
     pred = top.section("predictor", required=require_predictor)
     predictor = None
     if pred is not None:
@@ -225,6 +239,7 @@ def parse_model_config(data: dict[str, Any], path: str, problems: list[str],
         text_encoder_fsdp=top.get("text_encoder_fsdp", bool, default=False),
         task=top.get("task", str),
         ae_float32=ae_float32,
+        **dynamic_dpcp,
         extra={"inference": top.get("inference", dict, default={})},
     )
     top.reject_rest(_MODEL_KEYS)

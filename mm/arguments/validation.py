@@ -233,6 +233,46 @@ def _check_model(args: argparse.Namespace, model: ModelConfig, problems: list[st
         problems.append(f"encoder_offload_interval = {model.encoder_offload_interval}; valid: an integer >= 1")
 
 
+def _check_dynamic_dpcp(args: argparse.Namespace, model: ModelConfig, world_size: int, problems: list[str]) -> None:
+    """use_dynamic_dpcp = true (mm.parallel.dynamic_cp): what the layouts [DP x CP / c, c] need."""
+    cp = model.max_cp_size
+    if not model.use_dynamic_dpcp or cp is None or cp < 1 or cp & (cp - 1):
+        return  # not asked for, or max_cp_size reported by the JSON's reader
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    key = "use_dynamic_dpcp = true"
+    if args.context_parallel_algo != "ulysses_cp_algo":
+        problems.append(f"{key} with --context-parallel-algo {args.context_parallel_algo}: the CP degree chosen per "
+                        "iteration splits attention heads (Ulysses), as in MindSpeed-MM; valid: ulysses_cp_algo")
+    for flag, value in (("--pipeline-model-parallel-size", pp), ("--tensor-model-parallel-size", tp)):
+        if value > 1:
+            problems.append(f"{key} with {flag} {value}: dynamic DP/CP re-lays out the data-parallel x context-"
+                            f"parallel ranks of a run without model parallelism; valid: {flag} 1")
+    if model.enable_encoder_dp:
+        problems.append(f"{key} with enable_encoder_dp = true: each rank encodes its own samples before the CP "
+                        "degree is chosen (as MindSpeed-MM, which refuses encoder DP here); valid: enable_encoder_dp false")
+    vae_cp = model.ae.vae_cp_size if model.ae is not None else 1
+    if vae_cp > 1:
+        problems.append(f"{key} with ae.vae_cp_size = {vae_cp}: each rank encodes its own samples; valid: "
+                        "vae_cp_size 1")
+    if world_size % (tp * pp) != 0:
+        return
+    dpcp = world_size // (tp * pp)
+    if dpcp % cp != 0:
+        problems.append(f"max_cp_size = {cp} does not divide the {dpcp} data-parallel x context-parallel ranks "
+                        f"(world {world_size} / (TP x PP)); valid: "
+                        f"{', '.join(str(1 << p) for p in range(dpcp.bit_length()) if dpcp % (1 << p) == 0)}")
+    heads = model.predictor.num_heads if model.predictor is not None else None
+    if heads is not None and heads % (tp * cp) != 0:
+        problems.append(f"max_cp_size = {cp}: predictor.num_heads = {heads} is not divisible by TP ({tp}) x "
+                        f"max_cp_size = {tp * cp} (Ulysses splits the heads over the CP ranks); valid: a power "
+                        f"of 2 dividing {heads // tp if heads % tp == 0 else heads} and {dpcp}")
+    gbs, mbs = args.global_batch_size, args.micro_batch_size
+    if gbs is not None and gbs % (mbs * dpcp) != 0:
+        problems.append(f"{key}: every data-parallel x context-parallel rank reads its own micro-batches; "
+                        f"--global-batch-size {gbs} is not divisible by --micro-batch-size ({mbs}) x {dpcp}; valid: "
+                        f"multiples of {mbs * dpcp}")
+
+
 def _check_text_encoder_fsdp(args: argparse.Namespace, model: ModelConfig, world_size: int,
                              problems: list[str]) -> None:
     """``text_encoder_fsdp`` (training): every rank of pipeline stage 0 must call each text encoder's
@@ -365,6 +405,7 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
         _check_model(args, model, problems)
         if mode == "train":  # inference shards the text encoder with inference.t5_fsdp
             _check_text_encoder_fsdp(args, model, world_size, problems)
+            _check_dynamic_dpcp(args, model, world_size, problems)
     if mode == "vae" and data is None:
         problems.append("--mm-data is required for VAE training (a data JSON with dataset_param.basic_parameters.data_path)")
     if mode in ("train", "features") and data is None:

@@ -33,11 +33,13 @@ def initialize_parallel(
     cp_algo: str = "ulysses_cp_algo",
     cp_overlap: bool = False,
     attention_kernel: str = "auto",
+    dynamic_max_cp: int | None = None,
 ) -> None:
     """Create megatron-core's groups and mm's, then seed megatron's RNG tracker (if ``seed``).
 
     ``cp_algo`` / ``cp_overlap`` / ``attention_kernel`` are how self-attention runs under CP
-    (--context-parallel-algo, --use-cp-send-recv-overlap, --attention-kernel)."""
+    (--context-parallel-algo, --use-cp-send-recv-overlap, --attention-kernel). ``dynamic_max_cp``: dynamic
+    DP/CP's ``max_cp_size`` (``mm.parallel.dynamic_cp``): the groups of every layout up to it, made now."""
     global _SIZES
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel needs the default process group (mm.accelerator.init_distributed)")
@@ -58,6 +60,10 @@ def initialize_parallel(
     rank = dist.get_rank()
     for name, build in MM_GROUP_BUILDERS.items():
         _create_groups(name, build(sizes), rank, timedelta(minutes=timeout_minutes))
+    if dynamic_max_cp is not None:
+        from mm.parallel.dynamic_cp import create_strategies
+
+        create_strategies(sizes, dynamic_max_cp, timedelta(minutes=timeout_minutes))
     _SIZES = sizes
     _ATTENTION.update(algo=cp_algo, overlap=cp_overlap, kernel=attention_kernel)
     available_kernels()  # found now, outside any compiled layer (attention_kernels.kernels_for)
@@ -77,6 +83,9 @@ def _create_groups(name: str, groups: RankGroups, rank: int, timeout: timedelta)
 
 def destroy_parallel() -> None:
     global _SIZES
+    from mm.parallel.dynamic_cp import destroy_strategies
+
+    destroy_strategies()
     for group in _MM_GROUPS.values():
         dist.destroy_process_group(group)
     _MM_GROUPS.clear()

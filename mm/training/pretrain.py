@@ -10,6 +10,7 @@ family's spec (``mm.families``): its recipe, e.g. Wan's flow matching or Open-So
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -36,7 +37,7 @@ from mm.models.encoder_offload import InterleavedEncoderOffload
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.predictor.name_table import read_weights
-from mm.parallel import get_encoder_dp_group, get_group, get_group_ranks
+from mm.parallel import dynamic_cp, get_encoder_dp_group, get_group, get_group_ranks
 from mm.parallel.fsdp import shard_parameters
 from mm.runtime import EntryPoint, start
 from mm.training.checkpointing import check_load_dir, load_checkpoint, save_checkpoint
@@ -174,7 +175,12 @@ class Trainer:
         self.recipe = self.family.recipe(args, cfg, self.arch)
         self.tf_config = transformer_config(args, self.arch, acc.is_cpu, cfg.virtual_pipeline_size)
         self.model, self.optimizer = wrap_for_training(self._chunks(), self.tf_config, args, acc)
-        self.dp, self.dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+        # dynamic DP/CP (the model JSON's use_dynamic_dpcp): every DP x CP rank reads its own micro-batches
+        # and the CP degree is chosen per iteration (mm.parallel.dynamic_cp); self.dp counts the readers
+        self.dynamic = cfg.model.use_dynamic_dpcp and bool(dynamic_cp.degrees())
+        self.dp = mpu.get_data_parallel_world_size(with_context_parallel=self.dynamic)
+        self.dp_rank = mpu.get_data_parallel_rank(with_context_parallel=self.dynamic)
+        self.queue: list = []  # dynamic DP/CP: this iteration's ((origin, micro), batch), in the order run
         self.gbs = args.global_batch_size or args.micro_batch_size * self.dp
         self.num_micro = self.gbs // (args.micro_batch_size * self.dp)
         self.scheduler = self._scheduler()
@@ -211,7 +217,7 @@ class Trainer:
         self.noise_gen, self.level_gen = torch.Generator(device=self.device), torch.Generator()
         self.iteration, self.micro = 0, 0
         # model FLOPs of an iteration's micro-batches, counted once per DP replica (stage 0, TP/CP rank 0)
-        tp_cp_rank0 = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
+        tp_cp_rank0 = mpu.get_tensor_model_parallel_rank() == 0 and (self.dynamic or mpu.get_context_parallel_rank() == 0)
         self.counts_flops = self.first_stage and tp_cp_rank0
         self.reads_data = self.counts_flops and self.dp_rank == 0
         self.flops = 0.0
@@ -265,10 +271,11 @@ class Trainer:
                                             cfg.model.encoder_offload_interval, device)
         return offload.iterate(loader, encode)
 
-    def _sample_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_noise(self, latents: torch.Tensor, micro: int, reader: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and levels of the ``micro``-th micro-batch data-parallel rank ``reader`` read."""
         args, noise, levels = self.args, [], []
         for i in range(latents.shape[0]):
-            place = self.micro * args.micro_batch_size * self.dp + self.dp_rank * args.micro_batch_size + i
+            place = micro * args.micro_batch_size * self.dp + reader * args.micro_batch_size + i
             seed = (args.seed * 1_000_003 + self.iteration) * 1_000_003 + place
             self.noise_gen.manual_seed(seed)
             self.level_gen.manual_seed(seed)
@@ -276,7 +283,6 @@ class Trainer:
                                         self.device)
             noise.append(n)
             levels.append(level)
-        self.micro += 1
         return torch.stack(noise).to(self.dtype), torch.cat(levels)
 
     def forward_step(self, data_iterator, chunk):
@@ -284,11 +290,15 @@ class Trainer:
         later stages read the previous stage's message; the loss is the recipe's."""
         dit = unwrap(chunk)
         if dit.pre_process:
-            batch = next(self.batches)
-            self.skips.update(batch)
-            noise, levels = self._sample_noise(batch["latents"])
+            if self.dynamic:  # a CP group member's micro-batch (its reader counted its skips)
+                (reader, micro), batch = self.queue.pop(0)
+            else:
+                batch, reader, micro = next(self.batches), self.dp_rank, self.micro
+                self.skips.update(batch)
+            self.micro += 1
+            noise, levels = self._sample_noise(batch["latents"], micro, reader)
             inputs = self.recipe.step(batch, noise, levels)
-            if self.counts_flops:
+            if self.counts_flops and reader == self.dp_rank:  # each sample's FLOPs once, by its reader
                 self.flops += inputs.flops
             carry = inputs.carry
             # later stages get the target through the pipeline, inside the stage message
@@ -303,6 +313,29 @@ class Trainer:
 
         return output, loss_func
 
+    def _dynamic_layout(self) -> int:
+        """Dynamic DP/CP: read this rank's micro-batches, choose the iteration's CP degree from the largest
+        video over the DP x CP ranks, and queue the micro-batches of this rank's CP group (broadcast by
+        their readers) in ``dynamic_cp.assignment``'s order; returns the CP degree."""
+        model = self.cfg.model
+        own = [next(self.batches) for _ in range(self.num_micro)]
+        for batch in own:
+            self.skips.update(batch)
+        largest = dynamic_cp.largest_numel(max(int(b["video_numel"]) for b in own),
+                                           mpu.get_data_parallel_group(with_context_parallel=True), self.device)
+        cp = dynamic_cp.choose_cp(largest, dynamic_cp.degrees(), model.max_seq_size)
+        group, ranks = dynamic_cp.cp_group_of_strategy(cp)
+        first = self.dp_rank - self.dp_rank % cp
+        if ranks != list(range(first, first + cp)):  # TP = PP = 1: the DP x CP index is the rank
+            raise RuntimeError(f"dynamic DP/CP: CP group {ranks} is not ranks {first}..{first + cp - 1}")
+        members = dynamic_cp.exchange_batches(own, group if cp > 1 else None, ranks, self.device)
+        self.queue = [((reader, micro), members[reader - first][micro])
+                      for reader, micro in dynamic_cp.assignment(self.dp, cp, self.num_micro)[self.dp_rank]]
+        rank0_print(f"{TASKS[self.task]}: iteration {self.iteration}: dynamic DP/CP: "
+                    f"{dynamic_cp.describe(cp, self.dp)}, largest micro-batch video {largest} elements "
+                    f"(max_seq_size {model.max_seq_size})")
+        return cp
+
     def train_step(self, forward_backward) -> dict:
         """One iteration: forward and backward of every micro-batch, then (unless a loss was NaN/Inf
         anywhere) the optimizer, LR and EMA steps. Returns what the log needs."""
@@ -311,13 +344,20 @@ class Trainer:
         for m in model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step_losses = forward_backward(forward_step_func=self.forward_step, data_iterator=[None] * len(model),
-                                       model=model, num_microbatches=self.num_micro, seq_length=1,
-                                       micro_batch_size=args.micro_batch_size, forward_only=False)
+        cp, layout = 1, contextlib.nullcontext()
+        if self.dynamic:
+            cp = self._dynamic_layout()
+            layout = dynamic_cp.use_strategy(cp)
+        with layout:  # under dynamic DP/CP: the iteration's CP and DP groups; megatron scales each loss by CP / micro-batches
+            step_losses = forward_backward(forward_step_func=self.forward_step, data_iterator=[None] * len(model),
+                                           model=model, num_microbatches=self.num_micro * cp, seq_length=1,
+                                           micro_batch_size=args.micro_batch_size, forward_only=False)
         loss = None
         if self.last_stage:
+            # dynamic DP/CP: the members of a CP group saw the same samples; the mean over all DP x CP ranks
+            # is the mean over the global batch
             loss = torch.stack([entry["loss"] for entry in step_losses]).mean()
-            torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group())
+            torch.distributed.all_reduce(loss, group=mpu.get_data_parallel_group(with_context_parallel=self.dynamic))
             loss = loss.item() / self.dp
         # one all-reduce tells every rank the iteration's FLOPs, whether any loss was NaN/Inf (then no
         # rank steps: the optimizer step has collectives) and the job's bad samples so far (each data-
@@ -353,7 +393,8 @@ class Trainer:
         if total != self.bad_samples_seen:
             self.bad_samples_seen = total
             if self.counts_flops:
-                self.bad_samples_summary = self.skips.gathered(mpu.get_data_parallel_group()).summary()
+                self.bad_samples_summary = self.skips.gathered(
+                    mpu.get_data_parallel_group(with_context_parallel=self.dynamic)).summary()
         return self.bad_samples_summary if self.reads_data else None
 
     def counts_toward_stop(self, step: dict) -> bool:
@@ -495,7 +536,8 @@ def features_to(batch: dict, device, dtype: torch.dtype) -> dict:
     return {"latents": move(batch["latents"]), "context": [move(c) for c in batch["context"]],
             "context_mask": [move(m, cast=False) for m in batch["context_mask"]], "skipped": batch["skipped"],
             "condition": move(batch["condition"]), "context_image": move(batch["context_image"]),
-            "path": batch["path"]}
+            "path": batch["path"],
+            "video_numel": batch["latents"].numel()}  # dynamic DP/CP's measure: the latents are the video here
 
 
 class BatchEncoder:
@@ -534,5 +576,6 @@ class BatchEncoder:
         contexts = [self.encode_dp(lambda i, m, enc=encoder: enc.encode(i, m).to(dtype), ids, mask)
                     for encoder, (ids, mask) in zip(self.text_encoders, tokens)]
         return {"latents": self.encode_dp(self._encode_video, video), "context": contexts,
+                "video_numel": video.numel(),  # dynamic DP/CP's measure (MindSpeed-MM's: the video's)
                 "context_mask": [mask for _, mask in tokens], "skipped": batch["skipped"], "condition": condition,
                 "context_image": context_image}

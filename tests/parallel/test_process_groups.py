@@ -116,3 +116,46 @@ def test_a_process_forked_after_a_torn_down_parallel_state_sets_up_its_own():
     # the forked ranks set up CP groups (megatron's intra-partial DP groups with CP among them),
     # tear them down, and no module global of megatron-core's parallel state still holds a group
     assert run_distributed(2, _set_up_and_tear_down, timeout=60) == [[], []]
+
+
+def _dynamic_cp_worker(rank: int, world: int):
+    """Dynamic DP/CP's layouts on live groups: swapped for a step, restored after it; batches exchanged."""
+    from megatron.core import parallel_state as mpu
+
+    from mm.parallel import destroy_parallel, get_group, get_group_ranks, initialize_parallel
+    from mm.parallel import dynamic_cp
+
+    sizes = ParallelSizes(world_size=world, context_parallel=2)
+    initialize_parallel(sizes, dynamic_max_cp=4)
+    assert dynamic_cp.degrees() == [1, 2, 4]
+    static = (mpu.get_context_parallel_world_size(), mpu.get_data_parallel_world_size(), get_group_ranks("ulysses"))
+    for cp in dynamic_cp.degrees():
+        layout = dynamic_cp.strategy_groups(sizes, cp)
+        with dynamic_cp.use_strategy(cp):
+            assert dynamic_cp.context_parallel_size(2) == cp
+            assert dist.get_process_group_ranks(mpu.get_context_parallel_group()) == group_of(layout["cp"], rank)
+            assert dist.get_process_group_ranks(mpu.get_data_parallel_group()) == group_of(layout["dp"], rank)
+            assert mpu.get_context_parallel_rank() == rank % cp
+            assert get_group_ranks("ulysses") == group_of(layout["cp"], rank)
+            assert (get_group("ulysses") is None) == (cp == 1)
+            # the DP x CP group (DDP's gradient reduction) stays the whole run's
+            assert mpu.get_data_parallel_world_size(with_context_parallel=True) == world
+            group, ranks = dynamic_cp.cp_group_of_strategy(cp)
+            own = [{"latents": torch.full((1, 2, rank + 1), float(rank)), "path": [f"clip{rank}"], "condition": None,
+                    "context": [torch.arange(3) + rank], "skipped": [("x.mp4", "decode")] if rank == 0 else []}]
+            members = dynamic_cp.exchange_batches(own, group if cp > 1 else None, ranks, torch.device("cpu"))
+            for member, (batches,) in zip(ranks, members):
+                assert batches["latents"].shape == (1, 2, member + 1) and bool((batches["latents"] == member).all())
+                assert batches["path"] == [f"clip{member}"] and batches["condition"] is None
+                assert torch.equal(batches["context"][0], torch.arange(3) + member)
+                assert batches["skipped"] == ([("x.mp4", "decode")] if member == 0 else [])
+        assert dynamic_cp.context_parallel_size(2) == 2
+        assert (mpu.get_context_parallel_world_size(), mpu.get_data_parallel_world_size(),
+                get_group_ranks("ulysses")) == static
+    destroy_parallel()
+    assert dynamic_cp.degrees() == []
+    return True
+
+
+def test_dynamic_dpcp_layouts_swap_and_restore_the_groups():
+    assert all(run_distributed(4, _dynamic_cp_worker))

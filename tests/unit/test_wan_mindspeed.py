@@ -180,7 +180,9 @@ def test_mindspeed_mm_s_patch_and_dynamic_dpcp_keys(tmp_path):
     config = _config(tmp_path, model)
     assert config.model.ae_float32
     assert any("max_cp_size, max_seq_size: read with use_dynamic_dpcp = true only" in n for n in config.notes)
-    for changes, message in (({"use_dynamic_dpcp": True}, "use_dynamic_dpcp = true: mm does not choose"),
+    for changes, message in (({"use_dynamic_dpcp": True, "max_cp_size": 3}, "max_cp_size = 3; valid: a power of 2"),
+                             ({"use_dynamic_dpcp": True, "max_seq_size": None}, "use_dynamic_dpcp = true needs "
+                                                                                  "max_seq_size"),
                              ({"patch": {"ae_float32": True, "vae_fp16": 1}}, "patch.vae_fp16: unknown key")):
         _refused(tmp_path, dict(model, **changes), message)
 

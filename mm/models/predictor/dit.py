@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from mm.models.predictor.common import MEGATRON_DEFAULT_MODULES, selective_recompute_modules
 from mm.models.predictor.pipeline import Hidden, Ints, MessageSpec, PerSample
 from mm.parallel.context_parallel import gather_sequence
+from mm.parallel.dynamic_cp import context_parallel_size
 
 RECOMPUTE_METHODS = ("uniform", "block")
 
@@ -135,7 +136,7 @@ class PipelinedDiT(MegatronModule):
         """The sequence is padded to a multiple of this: CP x (under SP) TP x ``token_multiple()``."""
         cfg = self.config
         tp = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
-        return cfg.context_parallel_size * tp * self.token_multiple()
+        return context_parallel_size(cfg.context_parallel_size) * tp * self.token_multiple()
 
     def padded_tokens(self, tokens: int) -> int:
         """The padded length of a ``tokens``-long sequence."""
@@ -156,8 +157,9 @@ class PipelinedDiT(MegatronModule):
         pad = self.padded_tokens(t.shape[0]) - t.shape[0]
         if pad:
             t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])], dim=0)
-        if cfg.context_parallel_size > 1:
-            t = t.chunk(cfg.context_parallel_size)[mpu.get_context_parallel_rank()]
+        cp = context_parallel_size(cfg.context_parallel_size)
+        if cp > 1:
+            t = t.chunk(cp)[mpu.get_context_parallel_rank()]
         if tp_slice and cfg.tensor_model_parallel_size > 1:
             t = t.chunk(cfg.tensor_model_parallel_size)[mpu.get_tensor_model_parallel_rank()]
         return t
@@ -271,7 +273,7 @@ class PipelinedDiT(MegatronModule):
         if cfg.sequence_parallel:
             # the unpatchified output is used whole on every TP rank: backward keeps this rank's slice
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-        if cfg.context_parallel_size > 1:
+        if context_parallel_size(cfg.context_parallel_size) > 1:
             x = gather_sequence(x, mpu.get_context_parallel_group())
         f, gh, gw = grid
         b, out = x.shape[1], self.arch.out_dim

@@ -29,6 +29,7 @@ from mm.models.predictor.opensoraplan.layers import (
 )
 from mm.models.predictor.opensoraplan.weights import rule_for
 from mm.models.predictor.pipeline import Hidden, PerSample
+from mm.parallel.dynamic_cp import context_parallel_size
 
 TIMESTEP_CHANNELS = 256  # adaLN-single's sinusoidal width (diffusers' AdaLayerNormSingle)
 
@@ -157,9 +158,9 @@ class OpenSoraPlanDiT(PipelinedDiT):
             token_mask = (pooled.reshape(b, -1) != 0).to(x.dtype)  # [b, tokens]: a patch is real if any latent is
             if bool(token_mask.all()):
                 token_mask = None
-            elif cfg.context_parallel_size > 1:
+            elif context_parallel_size(cfg.context_parallel_size) > 1:
                 raise ValueError("a video_mask with padded latents needs --context-parallel-size 1 "
-                                 f"(got {cfg.context_parallel_size})")
+                                 f"(got {context_parallel_size(cfg.context_parallel_size)})")
         return {"x": x, "time_emb": time_emb, "time_mod": time_mod, "context": context, "text_mask": text_mask,
                 "token_mask": token_mask, "grid": grid}
 
