@@ -142,8 +142,15 @@ TRAINING = {  # name -> (processes, flags, predictor changes)
 }
 
 
+# tp2_sp, cp2_ulysses (extended): the Step-Video DiT under each against one process in-process
+# (tests/parallel/test_stepvideo_dit.py), the training loop under each with Wan (test_pretrain_t2v.py's
+# layouts); Step-Video's entry point under TP2 against one process: tests/functional/test_text_encoder_fsdp.py,
+# under CP2: cp2_ring_overlap here
+TRAINING_EXTENDED = {"cp4_hybrid", "tp2_pp2", "tp2_sp", "cp2_ulysses"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", marked_extended(sorted(TRAINING), {"cp4_hybrid", "tp2_pp2"}))
+@pytest.mark.parametrize("layout", marked_extended(sorted(TRAINING), TRAINING_EXTENDED))
 def test_training_losses_equal_one_process(assets, layout):
     nproc, flags, predictor = TRAINING[layout]
     line = _layout(flags, nproc)
