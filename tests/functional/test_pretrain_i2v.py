@@ -29,10 +29,8 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("i2v")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
+def assets(tmp_path_factory, quickstart_assets):
+    root = quickstart_assets(tmp_path_factory.mktemp("i2v"))
     save_clip(root / "clip")
     base = json.loads((root / "model.json").read_text())
     data = json.loads((root / "data.json").read_text())
