@@ -260,8 +260,12 @@ INFERENCE = {  # name -> (processes, flags, ae changes)
 }
 
 
+# cp2_ulysses (extended): the Step-Video DiT under Ulysses against one process in-process
+# (tests/parallel/test_stepvideo_dit.py), the sampling loop under CP2 Ulysses with Wan
+# (test_inference.py::test_sharded_dit_and_text_encoder_change_nothing); Step-Video's sampling under CP2:
+# cp2_ring_vae_cp2 here
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", sorted(INFERENCE))
+@pytest.mark.parametrize("layout", marked_extended(sorted(INFERENCE), {"cp2_ulysses"}))
 def test_inference_equals_one_process(assets, one_process_sample, layout):
     nproc, flags, ae = INFERENCE[layout]
     got = _sample(assets, layout, nproc, *flags, ae=ae)
