@@ -156,8 +156,10 @@ LAYOUTS = {
 # pp2_dp2_distributed_optimizer's, against one process as here; TP2 x PP2 test_convert_and_train.py's.
 # cp4_double_ring: the DiT under CP4 ring with window 2 against one device in-process
 # (tests/parallel/test_wan_dit.py, tests/parallel/test_context_parallel.py); the loop under CP: cp2_ulysses
-# and test_tp2_sp_cp2_training_equals_one_process (ring with send/recv overlap)
-EXTENDED = {"tp2_sp_pp2", "pp2", "cp4_double_ring"}
+# and test_tp2_sp_cp2_training_equals_one_process (ring with send/recv overlap). tp2_sp: TP2 + SP through
+# the entry point against one process is test_op_level_recompute_training_equals_one_process_without's
+# (with op-level recompute, which recomputes the same forward) and test_tp2_sp_cp2_training_equals_one_process's
+EXTENDED = {"tp2_sp_pp2", "pp2", "cp4_double_ring", "tp2_sp"}
 
 
 def _model_parallel_size(flags):
