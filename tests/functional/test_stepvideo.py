@@ -143,11 +143,12 @@ TRAINING = {  # name -> (processes, flags, predictor changes)
 
 
 # tp2_sp, cp2_ulysses (extended): the Step-Video DiT under each against one process in-process
-# (tests/parallel/test_stepvideo_dit.py), the training loop under each with Wan (test_pretrain_t2v.py: TP2 +
-# SP in its recompute and TP2+SP+CP2 tests, the cp2_ulysses layout); Step-Video's entry point under TP2 against one process: tests/functional/test_text_encoder_fsdp.py,
-# under CP2: cp2_ring_overlap here. dp2_distributed_optimizer (extended): Step-Video's entry point under
-# DP2 against one process is test_text_encoder_fsdp.py's dp2, the distributed optimizer in the loop
-# test_pretrain_t2v.py's pp2_dp2_distributed_optimizer and TP2+SP+CP2 runs
+# (tests/parallel/test_stepvideo_dit.py); the training loop under each with Wan (test_pretrain_t2v.py:
+# TP2 + SP in its recompute and TP2+SP+CP2 tests, the cp2_ulysses layout); Step-Video's entry point under
+# TP2 against one process: tests/functional/test_text_encoder_fsdp.py, under CP2: cp2_ring_overlap here.
+# dp2_distributed_optimizer (extended): Step-Video's entry point under DP2 against one process is
+# test_text_encoder_fsdp.py's dp2; the distributed optimizer in the loop test_pretrain_t2v.py's
+# pp2_dp2_distributed_optimizer layout and TP2+SP+CP2 test
 TRAINING_EXTENDED = {"cp4_hybrid", "tp2_pp2", "tp2_sp", "cp2_ulysses", "dp2_distributed_optimizer"}
 
 
