@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -36,12 +34,9 @@ def no_orphans():
 
 
 @pytest.fixture(scope="session")
-def quickstart(tmp_path_factory):
+def quickstart(tmp_path_factory, quickstart_assets):
     """The quickstart's synthetic assets (tiny Wan DiT, VAE and text encoder, model/data JSONs)."""
-    root = tmp_path_factory.mktemp("faults_qs")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=jobs.REPO, check=True,
-                   capture_output=True, env=jobs.cpu_env())
-    return root
+    return quickstart_assets(tmp_path_factory.mktemp("faults_qs"))
 
 
 def train_args(assets, *flags: str, iters: int = 6) -> list[str]:

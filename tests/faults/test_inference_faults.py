@@ -126,7 +126,11 @@ def test_a_write_failing_after_sampling_keeps_the_latents(model_json, tmp_path):
 
 # --- ranks that wait while others work ------------------------------------------------------------
 
-SLOW_S = 20.0  # a phase this long, with every collective's timeout at 9 s (0.15 minutes)
+# every collective's timeout: 6 s, a few times what any collective of these tiny runs waits on a loaded
+# 2-core machine; a slow phase of twice that, so a rank that waits for it inside a collective fails
+TIMEOUT_MINUTES = 0.1
+TIMEOUT_S = 60 * TIMEOUT_MINUTES
+SLOW_S = 2 * TIMEOUT_S
 
 
 def _slow_run(model_json: Path, tmp_path: Path, slow: str, prompts: list[str], *flags: str) -> tuple[int, str, float]:
@@ -136,14 +140,14 @@ def _slow_run(model_json: Path, tmp_path: Path, slow: str, prompts: list[str], *
     config.write_text(json.dumps(model))
     began = time.monotonic()
     rc, out = jobs.run(jobs.torchrun(2, "tests/faults/slow_phase.py", "inference.py", "--mm-model", str(config),
-                                     "--distributed-timeout-minutes", "0.15", *flags),
+                                     "--distributed-timeout-minutes", str(TIMEOUT_MINUTES), *flags),
                        tmp_path / "log", timeout=400, env=jobs.cpu_env(MM_SLOW_PHASE=slow))
     return rc, out, time.monotonic() - began
 
 
 def test_a_decode_longer_than_the_timeout_keeps_every_rank_busy(model_json, tmp_path):
-    """TP2: each VAE decode takes 20 s, the collectives' timeout is 9 s. The writer's TP peer decodes
-    too (it holds the same latents), so it does not sit in the next prompt's first collective while
+    """TP2: each VAE decode takes SLOW_S (12 s), the collectives' timeout is 6 s. The writer's TP peer
+    decodes too (it holds the same latents), so it does not sit in the next prompt's first collective while
     the writer decodes: both prompts are written and the run ends normally."""
     rc, out, seconds = _slow_run(model_json, tmp_path, f"mm.models.ae.wan_vae:WanVAE.decode={SLOW_S}", PROMPTS,
                                  "--tensor-model-parallel-size", "2")
@@ -151,15 +155,17 @@ def test_a_decode_longer_than_the_timeout_keeps_every_rank_busy(model_json, tmp_
     assert out.count("slow_phase: WanVAE.decode sleeps") == 2 * len(PROMPTS), out[-4000:]  # every rank decodes
     written = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
     assert written == sorted(f"{p.replace(' ', '_')}_seed{42 + i}.mp4" for i, p in enumerate(PROMPTS)), written
-    print(f"figure: TP2, {SLOW_S:.0f} s decodes, 9 s timeout: both prompts written, {seconds:.1f} s in all")
+    print(f"figure: TP2, {SLOW_S:.0f} s decodes, {TIMEOUT_S:.0f} s timeout: both prompts written, "
+          f"{seconds:.1f} s in all")
 
 
 def test_a_replica_with_a_prompt_less_waits_for_the_others_past_the_timeout(model_json, tmp_path):
-    """DP2 with three prompts: replica 0 samples two, replica 1 one; a prompt's decode takes 20 s,
-    the timeout is 9 s. Replica 1 waits at the end of the run for replica 0's second prompt outside
-    any collective, and the run ends normally with three videos."""
+    """DP2 with three prompts: replica 0 samples two, replica 1 one; a prompt's decode takes SLOW_S
+    (12 s), the timeout is 6 s. Replica 1 waits at the end of the run for replica 0's second prompt
+    outside any collective, and the run ends normally with three videos."""
     prompts = PROMPTS + ["a green triangle"]
     rc, out, seconds = _slow_run(model_json, tmp_path, f"mm.models.ae.wan_vae:WanVAE.decode={SLOW_S}", prompts)
     assert rc == 0, out[-4000:]
     assert len(list((tmp_path / "samples").glob("*.mp4"))) == 3, out[-4000:]
-    print(f"figure: DP2, 3 prompts, {SLOW_S:.0f} s decodes, 9 s timeout: 3 videos, {seconds:.1f} s in all")
+    print(f"figure: DP2, 3 prompts, {SLOW_S:.0f} s decodes, {TIMEOUT_S:.0f} s timeout: 3 videos, "
+          f"{seconds:.1f} s in all")

@@ -120,7 +120,7 @@ def test_node_killed_after_a_save_its_rank_dies_and_the_survivor_names_the_group
     print(f"rank 0 exited {took:.1f} s after node 1 was killed: {m.group(0)[:300]}")
 
 
-@pytest.mark.parametrize("minutes", [0.25, pytest.param(1, marks=pytest.mark.extended)])
+@pytest.mark.parametrize("minutes", [0.15, pytest.param(1, marks=pytest.mark.extended)])
 def test_peer_stopped_the_survivor_times_out_naming_the_group(quickstart, tmp_path, minutes):
     """SIGSTOP of rank 1: rank 0 waits --distributed-timeout-minutes in its all-reduce, then fails
     naming the group, the peer and the timeout, and exits; the stopped rank is killed afterwards."""

@@ -198,21 +198,21 @@ def test_bad_samples_are_summed_over_data_parallel_ranks(quickstart, tmp_path):
 # --- a pipeline stage that starts late -------------------------------------------------------------------
 
 def test_later_stages_wait_for_stage_0s_encoders_past_the_timeout(quickstart, tmp_path):
-    """PP2: stage 0 builds the frozen encoders and the data loader; here that takes 20 s, while every
-    collective's timeout is 9 s (0.15 minutes). Stage 1 waits for it outside any collective instead
+    """PP2: stage 0 builds the frozen encoders and the data loader; here that takes 12 s, while every
+    collective's timeout is 6 s (0.1 minutes). Stage 1 waits for it outside any collective instead
     of in its first receive, and the run trains to its end."""
     model = json.loads((quickstart / "model.json").read_text())
     model["predictor"]["pipeline_num_layers"] = [1, 1]
     (tmp_path / "model.json").write_text(json.dumps(model))
-    args = train_args(quickstart, "--pipeline-model-parallel-size", "2", "--distributed-timeout-minutes", "0.15",
+    args = train_args(quickstart, "--pipeline-model-parallel-size", "2", "--distributed-timeout-minutes", "0.1",
                       iters=2)
     args[args.index("--mm-model") + 1] = str(tmp_path / "model.json")
     began = time.monotonic()
     rc, out = jobs.run(jobs.torchrun(2, "tests/faults/slow_phase.py", SCRIPT, *args),
                        tmp_path / "job.log", timeout=400,
-                       env=jobs.cpu_env(MM_SLOW_PHASE="mm.training.pretrain:build_video_dataloader=20"))
+                       env=jobs.cpu_env(MM_SLOW_PHASE="mm.training.pretrain:build_video_dataloader=12"))
     seconds = time.monotonic() - began
     assert rc == 0, out[-4000:]
     assert out.count("slow_phase: build_video_dataloader sleeps") == 1, out[-4000:]  # stage 0 only
     assert re.search(r"iteration +2/2 ", out), out[-4000:]
-    print(f"figure: PP2, stage 0 starts 20 s late, 9 s timeout: trained, {seconds:.1f} s in all")
+    print(f"figure: PP2, stage 0 starts 12 s late, 6 s timeout: trained, {seconds:.1f} s in all")

@@ -12,12 +12,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, quickstart_assets):
     """The quickstart's synthetic assets with a 4-layer DiT of fixed weights (HuggingFace layout),
     shared by the Wan training and inference tests (each writes its own variant JSONs beside them)."""
-    root = tmp_path_factory.mktemp("qs")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
+    root = quickstart_assets(tmp_path_factory.mktemp("qs"))
     import json
 
     model = json.loads((root / "model.json").read_text())

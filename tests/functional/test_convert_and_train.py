@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.functional.test_pretrain_t2v import REPO, _lines, _train
+from tests.functional.test_pretrain_t2v import REPO, _lines, _one_process, _train
 
 
 def _mm_convert(cwd, *args):
@@ -41,6 +41,9 @@ def _hf_dir_with_config(assets, tmp_path):
     return hf
 
 
+ITERS = 5  # as test_pretrain_t2v.py's layout runs
+
+
 @pytest.mark.slow
 def test_converted_weights_train_under_tp2_pp2_as_on_one_process(assets, tmp_path):
     hf = _hf_dir_with_config(assets, tmp_path)
@@ -53,14 +56,15 @@ def test_converted_weights_train_under_tp2_pp2_as_on_one_process(assets, tmp_pat
     model["predictor"]["pipeline_num_layers"] = [2, 2]
     (assets / "converted_model.json").write_text(json.dumps(model))
     shutil.copy(assets / "data.json", assets / "converted_data.json")
-    ref = _lines(_train(assets, 1, iters=3, gbs=4)[1])
+    # the run test_pretrain_t2v.py's layouts compare with: one process from the HuggingFace weights
+    ref = _lines(_one_process(assets, iters=ITERS, gbs=4)[1])
     _, log = _train(assets, 4, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                    "--load", str(tmp_path / "mm"), "--no-load-optim", "--no-load-rng", iters=3, gbs=4,
+                    "--load", str(tmp_path / "mm"), "--no-load-optim", "--no-load-rng", iters=ITERS, gbs=4,
                     variant="converted")
     assert "loaded model weights from" in log and "release" in log
     got = _lines(log)
-    assert sorted(got) == [1, 2, 3]
-    for i in (1, 2, 3):
+    assert sorted(got) == sorted(ref) == list(range(1, ITERS + 1))
+    for i in got:
         assert abs(float(got[i][0]) - float(ref[i][0])) <= 2e-5 * float(ref[i][0]), (i, got[i], ref[i])
     # one process, no pipelining: without --no-load-optim/--finetune the error says what converted
     # weights need; with --finetune they train as the HuggingFace weights do
@@ -69,8 +73,8 @@ def test_converted_weights_train_under_tp2_pp2_as_on_one_process(assets, tmp_pat
     (assets / "converted1_model.json").write_text(json.dumps(model))
     shutil.copy(assets / "data.json", assets / "converted1_data.json")
     with pytest.raises(AssertionError, match="holds no optimizer state .* load with --no-load-optim or --finetune"):
-        _train(assets, 1, "--load", str(tmp_path / "mm1"), iters=3, gbs=4, variant="converted1")
-    got = _lines(_train(assets, 1, "--load", str(tmp_path / "mm1"), "--finetune", iters=3, gbs=4,
+        _train(assets, 1, "--load", str(tmp_path / "mm1"), iters=ITERS, gbs=4, variant="converted1")
+    got = _lines(_train(assets, 1, "--load", str(tmp_path / "mm1"), "--finetune", iters=ITERS, gbs=4,
                        variant="converted1")[1])
     assert got == ref
 

@@ -287,13 +287,10 @@ def test_phantoms_own_generate_config_runs_from_the_example_script(launcher, mon
 
 
 @pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
+def tiny_assets(tmp_path_factory, quickstart_assets):
     """The quickstart's assets (a tiny Wan DiT's JSONs, a random VAE and text encoder, synthetic videos):
     real files for the pre-flight check, which opens what the JSONs name."""
-    root = tmp_path_factory.mktemp("preflight_assets")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
-    return root
+    return quickstart_assets(tmp_path_factory.mktemp("preflight_assets"))
 
 
 @pytest.mark.slow

@@ -55,11 +55,8 @@ def _tensors(features: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def qs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
-    return root
+def qs(tmp_path_factory, quickstart_assets):
+    return quickstart_assets(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module")

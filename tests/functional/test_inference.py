@@ -111,14 +111,25 @@ def _decode(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].shape[0], frames[0].shape[1]
 
 
-def test_writes_playable_videos_and_never_overwrites(assets, tmp_path):
+@pytest.fixture(scope="module")
+def two_prompts_one_process(assets, tmp_path_factory) -> Path:
+    """One process's samples of the quickstart's two prompts (the directory they are written to)."""
+    out = tmp_path_factory.mktemp("two_prompts") / "samples"
+    _run(1, _inference_json(assets, out))
+    return out
+
+
+def test_writes_playable_videos_and_never_overwrites(assets, tmp_path, two_prompts_one_process):
     """H.264 at inference.fps (the fixture's 8, not Wan's default 16): 9 frames last 9/8 s."""
+    import shutil
+
     import av
 
+    # the first run's samples (the fixture's) in this run's save_path, then the same run again
+    shutil.copytree(two_prompts_one_process, tmp_path / "samples")
     model_json = _inference_json(assets, tmp_path / "samples")
     fps = json.loads(model_json.read_text())["inference"]["fps"]
     assert fps == 8
-    _run(1, model_json)
     videos = sorted((tmp_path / "samples").glob("*.mp4"))
     assert [v.name for v in videos] == ["a_blue_circle_moving_top_to_bottom_on_a_yellow_background_seed43.mp4",
                                         "a_red_square_moving_left_to_right_on_a_white_background_seed42.mp4"]
@@ -194,12 +205,11 @@ def test_cfg_parallel_runs_one_branch_per_rank(assets, tmp_path, one_process_lat
 
 
 @pytest.mark.slow
-def test_data_parallel_replicas_share_the_prompts(assets, tmp_path):
+def test_data_parallel_replicas_share_the_prompts(assets, tmp_path, two_prompts_one_process):
     """DP2: each replica samples every other prompt; each video's latents are one process's."""
-    _run(1, _inference_json(assets, tmp_path / "one"))
     out = _run(2, _inference_json(assets, tmp_path / "two"))
     assert out.count("inference.py: wrote") == 2
-    one = {p.name: torch.load(p) for p in (tmp_path / "one").glob("*.latents.pt")}
+    one = {p.name: torch.load(p) for p in two_prompts_one_process.glob("*.latents.pt")}
     two = {p.name: torch.load(p) for p in (tmp_path / "two").glob("*.latents.pt")}
     assert len(one) == 2 and set(one) == set(two)
     for name in one:
@@ -216,11 +226,17 @@ def test_cfg_parallel_needs_an_even_data_parallel_size(assets, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def red_square_latents(assets, tmp_path_factory):
-    """One process's latents for the prompt "a red square" from predictor.from_pretrained's weights."""
+def red_square_samples(assets, tmp_path_factory) -> Path:
+    """One process's samples for the prompt "a red square" from predictor.from_pretrained's weights
+    (the directory they are written to)."""
     out = tmp_path_factory.mktemp("red") / "samples"
     _run(1, _inference_json(assets, out, prompt="a red square"))
-    return torch.load(next(out.glob("*.latents.pt")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def red_square_latents(red_square_samples):
+    return torch.load(next(red_square_samples.glob("*.latents.pt")))
 
 
 def test_weights_from_a_training_checkpoint(assets, tmp_path, trained_checkpoint, red_square_latents):
@@ -410,16 +426,30 @@ def test_phantom_with_cfg_parallel_is_refused(assets, tmp_path):
     assert "Phantom's s2v guidance has three (text, image, neither): leave --cfg-parallel out" in done.stderr
 
 
-def test_prompt_extension_runs_on_rank_0_and_is_written_beside_the_video(assets, tmp_path):
+def test_prompt_extension_runs_on_rank_0_and_is_written_beside_the_video(assets, tmp_path, red_square_samples):
     """use_prompt_extend with local_qwen (a tiny random chat LM made here): rank 0 extends, the ranks
     of a CP2 run sample the extended prompt; the same seed extends the same way again (one process:
     the same latents); the prompt as
-    given and as extended lie beside the video; dashscope without its key is refused before start."""
+    given and as extended lie beside the video; dashscope without its key is refused before start.
+    Without extension (the prompt_extend keys given, use_prompt_extend false) the run is
+    red_square_samples' (the same prompt and seed, no extension): checked on that run's files."""
     from tests.chat_lm_helpers import make_tiny_chat_lm
 
     lm = make_tiny_chat_lm(tmp_path / "lm")
     texts, latents = {}, {}
-    for name, extend, nproc in (("first", True, 2), ("again", True, 1), ("plain", False, 1)):
+    # the plain run: use_prompt_extend false with the other keys given, checked once against the fixture's
+    plain = _inference_json(assets, tmp_path / "plain", prompt="a red square", use_prompt_extend=False,
+                            prompt_extend_method="local_qwen", prompt_extend_model=lm, prompt_extend_target_lang="en")
+    plain_section = json.loads(plain.read_text())["inference"]
+    fixture_section = json.loads((red_square_samples.parent / "samples_model.json").read_text())["inference"]
+    for key in ("use_prompt_extend", "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang",
+                "save_path"):
+        plain_section.pop(key, None)
+        fixture_section.pop(key, None)
+    assert plain_section == fixture_section
+    latents["plain"] = torch.load(next(red_square_samples.glob("*.latents.pt")))
+    assert list(red_square_samples.glob("*.prompt.txt")) == []
+    for name, extend, nproc in (("first", True, 2), ("again", True, 1)):
         out = tmp_path / name
         model_json = _inference_json(assets, out, prompt="a red square", use_prompt_extend=extend,
                                      prompt_extend_method="local_qwen", prompt_extend_model=lm,

@@ -26,10 +26,8 @@ EXPECTED = [n for n in NOTICES if n.module not in ("torch.utils.cpp_extension", 
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qs_notices")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
+def quickstart(tmp_path_factory, quickstart_assets):
+    root = quickstart_assets(tmp_path_factory.mktemp("qs_notices"))
     model = json.loads((root / "inference_model.json").read_text())
     model["inference"].update(sample_steps=2, prompt=model["inference"]["prompt"][:1])
     (root / "inference_model.json").write_text(json.dumps(model))

@@ -29,23 +29,24 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("i2v")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
+def assets(tmp_path_factory, quickstart_assets):
+    root = quickstart_assets(tmp_path_factory.mktemp("i2v"))
     save_clip(root / "clip")
     base = json.loads((root / "model.json").read_text())
     data = json.loads((root / "data.json").read_text())
+    pairs = []
     for name, (dataset_type, predictor) in VARIANTS.items():
         model = json.loads(json.dumps(base))
         model["predictor"].update(predictor, num_layers=2)
         if "image_dim" in predictor:
             model["image_encoder"] = {"model_id": "clip", "from_pretrained": str(root / "clip"), "dtype": "fp32"}
         (root / f"{name}_model.json").write_text(json.dumps(model))
-        subprocess.run([sys.executable, "tests/functional/dit_weights.py", str(root / f"{name}_model.json"),
-                        str(root / f"{name}_dit")], cwd=REPO, check=True, capture_output=True)
+        pairs += [str(root / f"{name}_model.json"), str(root / f"{name}_dit")]
         data["dataset_param"]["dataset_type"] = dataset_type
         (root / f"{name}_data.json").write_text(json.dumps(data))
+    # every variant's fixed DiT weights from one process
+    subprocess.run([sys.executable, "tests/functional/dit_weights.py", *pairs], cwd=REPO, check=True,
+                   capture_output=True)
     return root
 
 

@@ -47,9 +47,24 @@ def _train(assets, nproc, *flags, iters=4, variant=None, gbs=2, mbs=1):
     return [float(x) for x in re.findall(r"\| loss: ([0-9.e+-]+) \|", result.stdout)], result.stdout
 
 
+ONE_PROCESS = {}  # (iters, global batch, micro-batch) -> (losses, log) of one process from the fixture's JSONs
+
+
+def _one_process(assets, iters=4, gbs=2, mbs=1):
+    """One process's run of the fixture's own JSONs, run once a session for the tests that compare
+    their layouts with it (here, tests/functional/test_convert_and_train.py)."""
+    if (iters, gbs, mbs) not in ONE_PROCESS:
+        ONE_PROCESS[iters, gbs, mbs] = _train(assets, 1, iters=iters, gbs=gbs, mbs=mbs)
+    return ONE_PROCESS[iters, gbs, mbs]
+
+
+def _reference(assets, iters=5, gbs=4, mbs=1):
+    return _one_process(assets, iters=iters, gbs=gbs, mbs=mbs)[0]
+
+
 @pytest.mark.slow
 def test_tp2_sp_cp2_training_equals_one_process(assets):
-    ref, _ = _train(assets, 1)
+    ref, _ = _one_process(assets)
     par, out = _train(assets, 4, "--tensor-model-parallel-size", "2", "--sequence-parallel",
                       "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
                       "--use-cp-send-recv-overlap", "--use-distributed-optimizer")
@@ -65,7 +80,7 @@ def test_op_level_recompute_training_equals_one_process_without(assets):
     """--recompute-granularity selective --recompute-modules layernorm mlp through pretrain_t2v.py under
     TP2 + SP, and the first layer recomputed whole with layernorm in the others (block method) in one
     process: the losses of one process without recompute."""
-    ref, _ = _train(assets, 1)
+    ref, _ = _one_process(assets)
     rec, _ = _train(assets, 2, "--tensor-model-parallel-size", "2", "--sequence-parallel",
                     "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp")
     block, _ = _train(assets, 1, "--recompute-granularity", "full", "--recompute-method", "block",
@@ -78,9 +93,10 @@ def test_op_level_recompute_training_equals_one_process_without(assets):
 
 @pytest.mark.slow
 def test_encoder_dp_and_offload_training_equals_one_process(assets):
-    ref, _ = _train(assets, 1, iters=3)
+    ref, _ = _one_process(assets)
     variant = _variant(assets, "encdp", {"enable_encoder_dp": True, "encoder_offload_interval": 2})
-    par, _ = _train(assets, 2, "--tensor-model-parallel-size", "2", iters=3, variant=variant)
+    par, _ = _train(assets, 2, "--tensor-model-parallel-size", "2", iters=4, variant=variant)
+    assert len(ref) == len(par) == 4
     for a, b in zip(ref, par):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
 
@@ -109,13 +125,6 @@ def test_vae_cp_training_equals_one_process(assets):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, par)
 
 
-REFERENCE = {}
-
-
-def _reference(assets, iters=5, gbs=4, mbs=1):
-    if (iters, gbs, mbs) not in REFERENCE:
-        REFERENCE[iters, gbs, mbs] = _train(assets, 1, iters=iters, gbs=gbs, mbs=mbs)[0]
-    return REFERENCE[iters, gbs, mbs]
 
 
 # the layouts of issue 8's list that the entry point must get right beyond the DiT itself (data
@@ -143,7 +152,14 @@ LAYOUTS = {
 }
 
 
-EXTENDED = {"tp2_sp_pp2"}
+# pp2: PP2 on the same two-bucket data (the stage message's length changing between micro-batches) is
+# pp2_dp2_distributed_optimizer's, against one process as here; TP2 x PP2 test_convert_and_train.py's.
+# cp4_double_ring: the DiT under CP4 ring with window 2 against one device in-process
+# (tests/parallel/test_wan_dit.py, tests/parallel/test_context_parallel.py); the loop under CP: cp2_ulysses
+# and test_tp2_sp_cp2_training_equals_one_process (ring with send/recv overlap). tp2_sp: TP2 + SP through
+# the entry point against one process is test_op_level_recompute_training_equals_one_process_without's
+# (with op-level recompute, which recomputes the same forward) and test_tp2_sp_cp2_training_equals_one_process's
+EXTENDED = {"tp2_sp_pp2", "pp2", "cp4_double_ring", "tp2_sp"}
 
 
 def _model_parallel_size(flags):

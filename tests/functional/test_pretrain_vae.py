@@ -18,11 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def vae_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vae")
-    subprocess.run([sys.executable, "examples/quickstart/make_assets.py", str(root)], cwd=REPO, check=True,
-                   capture_output=True)
-    return root
+def vae_assets(tmp_path_factory, quickstart_assets):
+    return quickstart_assets(tmp_path_factory.mktemp("vae"))
 
 
 def _train(assets, out, nproc, *flags, mbs=1, gbs=2, iters=3):

@@ -48,7 +48,7 @@ def _quickstart(out: Path, port: int, **knobs: str) -> str:
 
 
 @pytest.mark.slow
-def test_quickstart_fits_the_vae_and_checks_its_samples_and_a_random_vae_fails_the_check(tmp_path):
+def test_quickstart_fits_the_vae_and_checks_its_samples_and_a_random_vae_fails_the_check(tmp_path, quickstart_assets):
     check_samples = _check_samples()
     out = _quickstart(tmp_path / "fitted", 29631, VAE_IMAGE_ITERS="4", VAE_ITERS="2", TRAIN_ITERS="4")
     assert out.count("pretrain_vae.py: saved the VAE") == 2 and "latent statistics of" in out
@@ -65,7 +65,9 @@ def test_quickstart_fits_the_vae_and_checks_its_samples_and_a_random_vae_fails_t
     assert all(c.strip.stat().st_size > 0 and c.strip.name.endswith("_strip.png") for c in checks)
 
     # the control: the same pipeline with the VAE's random weights (no fit) decodes coloured noise
-    # (the pre-flight check was exercised by the first run: skipped here)
+    # (the pre-flight check was exercised by the first run: skipped here). Its assets are there before
+    # it starts, as make_assets.py writes them (the first run made its own): run.sh keeps them
+    quickstart_assets(tmp_path / "random")
     control = _quickstart(tmp_path / "random", 29633, VAE_ITERS="0", TRAIN_ITERS="2", MM_PREFLIGHT="0")
     assert "pretrain_vae.py" not in control
     checks = check_samples(tmp_path / "random")

@@ -142,8 +142,18 @@ TRAINING = {  # name -> (processes, flags, predictor changes)
 }
 
 
+# tp2_sp, cp2_ulysses (extended): the Step-Video DiT under each against one process in-process
+# (tests/parallel/test_stepvideo_dit.py); the training loop under each with Wan (test_pretrain_t2v.py:
+# TP2 + SP in its recompute and TP2+SP+CP2 tests, the cp2_ulysses layout); Step-Video's entry point under
+# TP2 against one process: tests/functional/test_text_encoder_fsdp.py, under CP2: cp2_ring_overlap here.
+# dp2_distributed_optimizer (extended): Step-Video's entry point under DP2 against one process is
+# test_text_encoder_fsdp.py's dp2; the distributed optimizer in the loop test_pretrain_t2v.py's
+# pp2_dp2_distributed_optimizer layout and TP2+SP+CP2 test
+TRAINING_EXTENDED = {"cp4_hybrid", "tp2_pp2", "tp2_sp", "cp2_ulysses", "dp2_distributed_optimizer"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", marked_extended(sorted(TRAINING), {"cp4_hybrid", "tp2_pp2"}))
+@pytest.mark.parametrize("layout", marked_extended(sorted(TRAINING), TRAINING_EXTENDED))
 def test_training_losses_equal_one_process(assets, layout):
     nproc, flags, predictor = TRAINING[layout]
     line = _layout(flags, nproc)
@@ -253,8 +263,12 @@ INFERENCE = {  # name -> (processes, flags, ae changes)
 }
 
 
+# cp2_ulysses (extended): the Step-Video DiT under Ulysses against one process in-process
+# (tests/parallel/test_stepvideo_dit.py), the sampling loop under CP2 Ulysses with Wan
+# (test_inference.py::test_sharded_dit_and_text_encoder_change_nothing); Step-Video's sampling under CP2:
+# cp2_ring_vae_cp2 here
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", sorted(INFERENCE))
+@pytest.mark.parametrize("layout", marked_extended(sorted(INFERENCE), {"cp2_ulysses"}))
 def test_inference_equals_one_process(assets, one_process_sample, layout):
     nproc, flags, ae = INFERENCE[layout]
     got = _sample(assets, layout, nproc, *flags, ae=ae)

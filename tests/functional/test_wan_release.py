@@ -63,14 +63,16 @@ def _run(cwd: Path, nproc: int, model: dict) -> torch.Tensor:
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("frames", [pytest.param(81, marks=pytest.mark.extended), 5])
-def test_phantoms_generate_config_verbatim_on_the_original_files(release, tmp_path, frames):
+@pytest.mark.parametrize("frames,steps", [pytest.param(81, None, marks=pytest.mark.extended), (5, 8)])
+def test_phantoms_generate_config_verbatim_on_the_original_files(release, tmp_path, frames, steps):
     """81 frames: the config as it is (about 15 minutes on 2 CPU cores, the VAE decoding 832x480 frames:
-    extended); 5 frames: the same with Phantom's --frame_num 5."""
+    extended); 5 frames: the same with Phantom's --frame_num 5 --sample_steps 8 (its null sample_steps,
+    s2v-1.3B's 50: tests/unit/test_wan_release.py::test_nulls_take_the_tasks_defaults_and_size_is_width_by_height;
+    the other nulls stay null here)."""
     from mm.families.wan.release import WAN_NEGATIVE_PROMPT
 
     users = dict(PHANTOM_CONFIG, prompt=PROMPTS, ref_image=f"{release / 'ref1.png'},{release / 'ref2.png'}",
-                 save_latents=True, frame_num=frames)
+                 save_latents=True, frame_num=frames, sample_steps=steps)
     for name in ("Wan2.1-T2V-1.3B", "Phantom-Wan-1.3B"):  # the user's working directory holds the downloads
         (tmp_path / "wan").mkdir(exist_ok=True)
         (tmp_path / "wan" / name).symlink_to(release / name)
@@ -82,7 +84,7 @@ def test_phantoms_generate_config_verbatim_on_the_original_files(release, tmp_pa
            "text_encoder": {"model_id": "umt5", "from_pretrained": str(release / "mm" / "umt5"), "dtype": "bf16"},
            "inference": {"prompt": PROMPTS, "ref_images": [str(release / "ref1.png"), str(release / "ref2.png")],
                          "task": "s2v", "seed": 40, "num_frames": frames, "width": 832, "height": 480, "fps": 16,
-                         "sample_steps": 50, "sample_shift": 5.0, "sample_solver": "unipc",
+                         "sample_steps": steps or 50, "sample_shift": 5.0, "sample_solver": "unipc",
                          "guidance_scale_img": 5.0, "guidance_scale_text": 7.5,
                          "negative_prompt": WAN_NEGATIVE_PROMPT, "save_latents": True}}
     (tmp_path / "own").mkdir()

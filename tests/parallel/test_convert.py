@@ -221,8 +221,13 @@ def test_a_failure_while_writing_leaves_no_target(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left either
 
 
-def test_command_line(tmp_path):
-    """The real entry point, with the option names of MindSpeed-MM's OpenSoraPlan 1.3 guide."""
+def test_command_line(tmp_path, monkeypatch, capsys):
+    """The real entry point, with the option names of MindSpeed-MM's OpenSoraPlan 1.3 guide: a
+    conversion through python -m checkpoint; its refusal (exit status 2) and the listings through
+    checkpoint.cli.main, what python -m checkpoint runs, in this process (one process start each
+    otherwise)."""
+    from checkpoint.cli import main
+
     _diffusers_dir(tmp_path / "hf", tiny_kwargs(layers=4))
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
@@ -230,19 +235,30 @@ def test_command_line(tmp_path):
         return subprocess.run([sys.executable, "-m", "checkpoint", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
 
+    def in_process(*args) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
     done = mm_convert("WanConverter", "--version", "wan2.1", "hf_to_mm", "--cfg.source_path", "hf",
                       "--cfg.target_path", "mm", "--cfg.target_parallel_config.tp_size", "2",
                       "--cfg.target_parallel_config.pp_layers", "[[1,1],[1,1]]")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hf_to_mm: diffusers weights in" in done.stdout and "as TP2 PP2 VPP2" in done.stdout
     assert (tmp_path / "mm" / "release" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
-    failed = mm_convert("WanConverter", "--version", "wan2.1", "hf_to_mm", "--cfg.source_path", "hf",
-                        "--cfg.target_path", "mm2", "--cfg.target_parallel_config.tp_size", "3")
-    assert failed.returncode == 2 and "mm-convert: error: --cfg.target_parallel_config.tp_size = 3" in failed.stderr
-    listing = mm_convert("--help")
-    assert listing.returncode == 0 and "WanConverter" in listing.stdout
-    verbs = mm_convert("WanConverter", "--help")
-    assert all(v in verbs.stdout for v in ("hf_to_mm", "mm_to_hf", "resplit")) and "--version" in verbs.stdout
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process("WanConverter", "--version", "wan2.1", "hf_to_mm", "--cfg.source_path", "hf",
+                              "--cfg.target_path", "mm2", "--cfg.target_parallel_config.tp_size", "3")
+    assert code == 2 and "mm-convert: error: --cfg.target_parallel_config.tp_size = 3" in err
+    code, listing, _ = in_process("--help")
+    assert code == 0 and "WanConverter" in listing
+    code, verbs, _ = in_process("WanConverter", "--help")
+    assert code == 0 and all(v in verbs for v in ("hf_to_mm", "mm_to_hf", "resplit")) and "--version" in verbs
 
 
 def test_source_parallel_config_is_checked(tmp_path):

@@ -81,14 +81,20 @@ def test_mm_plan_prints_the_layouts_with_their_memory(jsons):
     assert rows[0].startswith("TP1 CP1 PP1 DP4") and "--use-distributed-optimizer" in rows[0]
 
 
-def test_mm_plan_refuses_bad_input_with_exit_2(jsons, tmp_path):
+def test_mm_plan_refuses_bad_input_with_exit_2(jsons, tmp_path, capsys):
+    """python -m mm.plan's exit status is its main()'s: one refusal through the command, the others
+    through main() in this process (one process start each otherwise)."""
+    from mm.plan.cli import main
+
     result = _plan("--gpus-per-node", "0", "--", *_base(jsons))
     assert result.returncode == 2 and "--gpus-per-node 0: both must be >= 1" in result.stderr
-    result = _plan("--", *_base(jsons), "--tensor-model-parallel-size", "2")
-    assert result.returncode == 2 and "mm-plan chooses the layout" in result.stderr
+    capsys.readouterr()
+    assert main(["--", *_base(jsons), "--tensor-model-parallel-size", "2"]) == 2
+    assert "mm-plan chooses the layout" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     argv = _base(jsons)
     argv[1] = str(broken)
-    result = _plan("--", *argv)
-    assert result.returncode == 2 and "--mm-model" in result.stderr and str(broken) in result.stderr
+    assert main(["--", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--mm-model" in err and str(broken) in err

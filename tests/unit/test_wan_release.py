@@ -157,6 +157,12 @@ def test_nulls_take_the_tasks_defaults_and_size_is_width_by_height():
         ("i2v", 7, 3.0, "blur", 832)
     out, _, _ = _expand({"task": "i2v-14B", "size": "1280*720", "prompt": "x", "image": __file__})
     assert _sampling(out)[0].sample_shift == 5.0
+    # Phantom's s2v-1.3B: 50 steps, shift 5, 81 frames
+    out, problems, _ = _expand({"task": "s2v-1.3B", "size": "832*480", "prompt": "x", "ref_images": [__file__],
+                                "sample_steps": None, "sample_shift": None, "frame_num": None})
+    config, more = _sampling(out)
+    assert problems == [] and more == []
+    assert (config.task, config.sample_steps, config.sample_shift, config.num_frames) == ("s2v", 50, 5.0, 81)
     # TI2V-5B samples t2v, or i2v with an image
     out, _, _ = _expand({"task": "ti2v-5B", "prompt": "x", "image": __file__})
     assert out["inference"]["task"] == "i2v" and (out["inference"]["width"], out["inference"]["height"]) == (1280, 704)
