@@ -513,17 +513,17 @@ def _mindspeed_layout(assets, out: Path, prompts: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_mindspeed_mm_inference_json_samples_what_the_mm_layout_samples(assets, tmp_path):
+def test_mindspeed_mm_inference_json_samples_what_the_mm_layout_samples(assets, tmp_path, two_prompts_one_process):
     """MindSpeed-MM's inference JSON layout, read as it is, on 2 data-parallel processes: the videos of mm's
     own layout of the same settings (one process), frame for frame; a file mixing both layouts is refused."""
     from mm.data.decoding import read_frames
 
-    prompts = ["a red square moving left to right on a white background",
-               "a blue circle moving top to bottom on a yellow background"]
-    _run(1, _inference_json(assets, tmp_path / "mm", prompt=prompts, negative_prompt=""))
+    section = json.loads((assets / "inference_model.json").read_text())["inference"]
+    prompts = section["prompt"]
+    assert section["negative_prompt"] == "" and section["seed"] == 42  # what the layout below samples with
     stdout = _run(2, _mindspeed_layout(assets, tmp_path / "mindspeed", prompts))
     assert "device = 'npu'" in stdout  # the notes say what mm does instead of the keys it does not use
-    ours = sorted((tmp_path / "mm").glob("*.mp4"))
+    ours = sorted(p for p in two_prompts_one_process.glob("*.mp4") if p.stem.endswith(("_seed42", "_seed43")))
     theirs = sorted((tmp_path / "mindspeed").glob("*.mp4"))
     assert [p.name for p in theirs] == [p.name for p in ours] and len(ours) == 2
     for a, b in zip(ours, theirs):
