@@ -195,10 +195,61 @@ def _resize(video: torch.Tensor, height: int, width: int, opts: ResizeOptions) -
                          antialias=opts.antialias)
 
 
+# MindSpeed-MM's Wan data JSONs (dynamic resolution): the video resized to cover the sample's size (short side),
+# centre-cropped to it and normalised to [-1, 1] -- mm's dynamic crop, whose resize scale is MaxHWResizeVideo's
+# (the two differ only where the stride rounding changes the aspect) -- and the I2V first frame's CLIP and VAE
+# inputs, which mm's image encoder and VAE conditioning make themselves; those two must be exactly these.
+_AUTO = {"transform_size": "auto"}
+WAN_PIPELINE = {
+    "video_and_first_frame": (("ResizeVideo", {**_AUTO, "mode": "shortside", "interpolation_mode": "bilinear"}),
+                              ("ToTensorVideo", {})),
+    "video_only": (("CenterCropResizeVideo", {**_AUTO, "use_short_edge": False, "top_crop": False}),
+                   ("norm_fun", {"mean": 0.5, "std": 0.5})),
+    "first_frame_clip": (("ResizeVideo", {"transform_size": {"max_height": 224, "max_width": 224}, "mode": "resize",
+                                          "interpolation_mode": "bicubic", "align_corners": False, "antialias": False}),
+                         ("norm_fun", {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                       "std": [0.26862954, 0.26130258, 0.27577711]})),
+    "first_frame_vae": (("ResizeVideo", {**_AUTO, "mode": "resize", "interpolation_mode": "bilinear",
+                                         "align_corners": False, "antialias": False}),
+                        ("norm_fun", {"mean": 0.5, "std": 0.5})),
+}
+_FREE = ("align_corners", "antialias")  # of the video steps: how the frames are interpolated
+
+
+def _wan_pipeline(value: dict) -> dict[str, ResizeOptions]:
+    """MindSpeed-MM's Wan ``train_pipeline`` (``WAN_PIPELINE``'s keys) checked step by step; the video's resize
+    options (from its centre crop)."""
+    options = ResizeOptions(align_corners=False, antialias=True)
+    if "video_and_first_frame" not in value or "video_only" not in value:
+        raise bad_value("train_pipeline", sorted(value), "Wan's layout needs video_and_first_frame and video_only")
+    for kind, steps in value.items():
+        expected = WAN_PIPELINE[kind]
+        names = [s.get("trans_type") if isinstance(s, dict) else s for s in steps] if isinstance(steps, list) else steps
+        if names != [name for name, _ in expected]:
+            raise bad_value(f"train_pipeline.{kind}", names, f"mm does exactly {[name for name, _ in expected]}")
+        for j, (step, (name, fixed)) in enumerate(zip(steps, expected)):
+            params = dict(step.get("param") or {})
+            free = {k: params.pop(k) for k in _FREE if k in params and k not in fixed and kind != "first_frame_clip"}
+            for k, v in free.items():
+                if not isinstance(v, bool):
+                    raise bad_value(f"train_pipeline.{kind}[{j}].param.{k}", v, "expected true or false")
+            if name == "CenterCropResizeVideo":
+                options = ResizeOptions(align_corners=free.get("align_corners", False),
+                                        antialias=free.get("antialias", True))
+            wrong = {k: v for k, v in params.items() if fixed.get(k, object()) != v}
+            if wrong or set(fixed) - set(params) - {"mode", "interpolation_mode", "align_corners", "antialias",
+                                                   "use_short_edge", "top_crop"}:
+                raise bad_value(f"train_pipeline.{kind}[{j}].param", step.get("param"), f"valid: {fixed} "
+                                f"(with {' / '.join(_FREE)} true or false where not given)")
+    return {"video": options, "image": options}
+
+
 def _pipeline(value: Any, static: bool, hw_stride: int, force_size: tuple[int, int] | None) -> dict[str, ResizeOptions]:
     """``train_pipeline`` checked against the one the geometry stands for; the resize options it sets
     for ``video`` (and ``image``, which defaults to the video's)."""
     key = "train_pipeline"
+    if isinstance(value, dict) and value and set(value) <= set(WAN_PIPELINE) and not static:
+        return _wan_pipeline(value)
     expected = STATIC_PIPELINE if static else DYNAMIC_PIPELINE
     mode = f"force_resolution {'true' if static else 'false'}"
     if not isinstance(value, dict) or not value or not set(value) <= {"video", "image"}:

@@ -276,3 +276,25 @@ def test_mindspeed_mm_s_encoders_only_model_json_extracts_what_mm_s_does(qs, ext
         assert sorted(mine[name]) == sorted(theirs[name])
         for key in mine[name]:
             assert torch.equal(mine[name][key], theirs[name][key]), (name, key)
+
+
+@pytest.mark.skipif(not MINDSPEED_REF, reason="set MM_MINDSPEED_MM_REF to a MindSpeed-MM checkout to read its files")
+def test_mindspeed_mm_s_own_feature_extraction_files_extract(qs, tmp_path):
+    """MindSpeed-MM's examples/wan2.1/feature_extract/model_t2v.json and data.json as they are but for the weight,
+    data and tokenizer paths and the sizes: extracted on 2 processes (its train_pipeline, its tiling, no predictor)."""
+    example = Path(MINDSPEED_REF) / "examples/wan2.1/feature_extract"
+    own = json.loads((qs / "model.json").read_text())
+    model = json.loads((example / "model_t2v.json").read_text())
+    model["ae"].update(from_pretrained=own["ae"]["from_pretrained"], dtype="fp32")
+    model["text_encoder"].update(from_pretrained=own["text_encoder"]["from_pretrained"], dtype="fp32")
+    data = json.loads((example / "data.json").read_text())
+    ds = data["dataset_param"]
+    ds["basic_parameters"]["data_path"] = str(qs / "data" / "data.txt")
+    ds["tokenizer_config"].update(from_pretrained=own["text_encoder"]["from_pretrained"], model_max_length=16)
+    ds["preprocess_parameters"].update(num_frames=9, max_height=64, max_width=64, max_hxw=4096)
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = _extract(tmp_path, tmp_path / "features", 2)
+    assert "no predictor: the features are for a Wan DiT" in out
+    manifest = json.loads((tmp_path / "features" / "features.json").read_text())
+    assert manifest["model_id"] == "wan_dit" and len((tmp_path / "features" / "data.jsonl").read_text().splitlines()) > 0

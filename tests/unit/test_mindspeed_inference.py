@@ -196,3 +196,57 @@ def test_mindspeed_mm_s_wfvae_keys_are_checked_before_start(key, value, message)
         assert found == [] and any("ae.output_dtype = 'bf16'" in n for n in notes)
     else:
         assert any(message in p for p in found), found
+
+
+def _wan_train_pipeline() -> dict:
+    """MindSpeed-MM's Wan data JSONs' train_pipeline (examples/wan2.1/feature_extract/data.json's steps)."""
+    resize = {"transform_size": "auto", "interpolation_mode": "bilinear", "antialias": True, "mode": "shortside"}
+    crop = {"use_short_edge": False, "top_crop": False, "align_corners": False, "antialias": True,
+            "transform_size": "auto"}
+    half = {"mean": 0.5, "std": 0.5}
+    return {
+        "video_and_first_frame": [{"trans_type": "ResizeVideo", "param": resize}, {"trans_type": "ToTensorVideo"}],
+        "video_only": [{"trans_type": "CenterCropResizeVideo", "param": crop}, {"trans_type": "norm_fun", "param": half}],
+        "first_frame_clip": [
+            {"trans_type": "ResizeVideo", "param": {"transform_size": {"max_height": 224, "max_width": 224},
+                                                    "mode": "resize", "interpolation_mode": "bicubic",
+                                                    "align_corners": False, "antialias": False}},
+            {"trans_type": "norm_fun", "param": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                 "std": [0.26862954, 0.26130258, 0.27577711]}}],
+        "first_frame_vae": [
+            {"trans_type": "ResizeVideo", "param": {"transform_size": "auto", "mode": "resize",
+                                                    "interpolation_mode": "bilinear", "align_corners": False,
+                                                    "antialias": False}},
+            {"trans_type": "norm_fun", "param": half}]}
+
+
+def _wan_preprocess(pipeline: dict) -> dict:
+    return {"video_processor_type": "OpensoraplanVideoProcessor", "num_frames": 9, "min_num_frames": 1,
+            "max_hxw": 4096, "hw_stride": 8, "force_resolution": False, "train_fps": 8, "train_pipeline": pipeline}
+
+
+def test_wan_s_train_pipeline_is_mm_s_dynamic_crop():
+    from mm.data.dataset import VideoDataConfig
+    from mm.data.geometry import ResizeOptions
+
+    config = VideoDataConfig.from_json(_wan_preprocess(_wan_train_pipeline()), "t2v")
+    assert config.per_sample.video == ResizeOptions(align_corners=False, antialias=True, top_crop=False)
+
+
+@pytest.mark.parametrize("kind, index, key, value", [
+    ("video_only", 1, "mean", 0.4),                       # another normalisation
+    ("video_and_first_frame", 0, "mode", "longside"),     # another resize
+    ("first_frame_clip", 0, "interpolation_mode", "bilinear"),  # not what mm's CLIP encoder does
+    ("video_only", 0, "top_crop", True),
+])
+def test_wan_s_train_pipeline_refuses_what_mm_does_not_do(kind, index, key, value):
+    from mm.data.dataset import VideoDataConfig
+
+    pipeline = _wan_train_pipeline()
+    pipeline[kind][index]["param"][key] = value
+    with pytest.raises(ValueError, match=f"train_pipeline.{kind}\\[{index}\\].param"):
+        VideoDataConfig.from_json(_wan_preprocess(pipeline), "t2v")
+    pipeline = _wan_train_pipeline()
+    del pipeline["video_only"]
+    with pytest.raises(ValueError, match="needs video_and_first_frame and video_only"):
+        VideoDataConfig.from_json(_wan_preprocess(pipeline), "t2v")
