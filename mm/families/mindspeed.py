@@ -20,8 +20,6 @@ LAYOUT_KEYS = ("prompt", "save_path", "fps", "frame_interval", "pipeline_config"
                "use_prompt_preprocess", "device", "dtype", "image", "dual_image", "conditional_pixel_values_path",
                "mask_type", "crop_for_hw", "max_hxw", "video", "start_frame", "num_frames", "strength",
                "boundary_ratio", "low_noise_predictor", "num_inference_videos_per_sample")
-# keys that live at the top of mm's model JSON too (a MindSpeed-MM file is recognised by the others)
-_SHARED = ("image_encoder",)
 # pipeline_config keys every family's MindSpeed-MM pipeline reads
 PIPELINE_KEYS = ("input_size", "cpu_offload", "seed")
 

@@ -44,11 +44,7 @@ def check_task(task: str, config, *, files: bool = True, weights: bool = True) -
         problems.append(f"dataset_param.tokenizer_config: {tokenizers} tokenizer(s) for {encoders} text encoder(s) "
                         "in the model JSON's text_encoder; valid: one tokenizer_config per text encoder, in order "
                         "(a list when there are several)")
-    try:  # the data JSON's preprocessing, before any process group starts rather than in the loader
-        if not config.data.features:  # features were preprocessed when they were extracted
-            VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
-    except (TypeError, ValueError) as e:
-        problems.append(str(e))
+    problems += preprocess_problems(config.data)
     if config.model.task is not None and config.model.task != task:
         problems.append(f"task = {config.model.task!r} in the model JSON: train it with "
                         f"{TRAINING_ENTRY_POINTS[config.model.task]}, not {TRAINING_ENTRY_POINTS[task]}")
@@ -94,6 +90,18 @@ def output_dir_problems(args) -> list[str]:
     found = (writable_dir_problem(flag, getattr(args, name)) for flag, name in OUTPUT_DIR_FLAGS
              if getattr(args, name, None) is not None)
     return [problem for problem in found if problem is not None]
+
+
+def preprocess_problems(data) -> list[str]:
+    """The data JSON's preprocessing, checked before any process group starts rather than in the loader
+    (features were preprocessed when they were extracted)."""
+    if data is None or data.features:
+        return []
+    try:
+        VideoDataConfig.from_json(data.preprocess, data.dataset_type)
+    except (TypeError, ValueError) as e:
+        return [str(e)]
+    return []
 
 
 def read_data_files(data) -> list[str]:

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print
 from mm.arguments import ConfigError
-from mm.data.dataset import BadSample, VideoDataConfig, collate
+from mm.data.dataset import BadSample, collate
 from mm.data.features import CONDITION_KEYS, INDEX, Manifest, feature_folder, feature_name, text_keys, write_features
 from mm.data.loader import build_video_dataset
 from mm.families import families, resolve
 from mm.models.predictor.transformer_config import params_dtype
 from mm.runtime import EntryPoint, start
-from mm.training.checks import read_data_files, writable_dir_problem
+from mm.training.checks import preprocess_problems, read_data_files, writable_dir_problem
 
 PROG = "extract_features.py"
 TEXT_ONLY = ("t2v", "t2i", "image")  # dataset types whose features are the latents and the text alone
@@ -68,11 +68,7 @@ def _check(config) -> None:
                         "batch (e.g. random masks), which features would fix once; extract_features.py extracts "
                         f"its {', '.join(TEXT_ONLY)} data (train on the videos otherwise)")
     problems += family.problems(config, arch)
-    if config.data is not None and not config.data.features:  # the data JSON's preprocessing, before any process
-        try:
-            VideoDataConfig.from_json(config.data.preprocess, config.data.dataset_type)
-        except (TypeError, ValueError) as e:
-            problems.append(str(e))
+    problems += preprocess_problems(config.data)
     if config.data is not None and not problems:
         problems += read_data_files(config.data)
     if problems:

@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from mm.families.mindspeed import in_layout, inference_section
+from mm.families.wan.recipe import CLIP_TOKENS
 
 PREDICTOR_ID, DIFFUSION_ID, AE_ID = "wandit", "wan_flow_match_scheduler", "wan_video_vae"
 MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "wan2.2-t2v", "wan2.2-i2v")
@@ -51,8 +52,8 @@ def _predictor(section: dict, problems: list[str], notes: list[str]) -> dict:
         if key in p:
             out[key] = p.pop(key)
     if model_type == "flf2v" and img_dim is not None:
-        # MindSpeed-MM's FLF2V DiT embeds the two images' CLIP tokens with a learned position table of 2 x 257
-        out.setdefault("pos_embed_seq_len", 2 * 257)
+        # MindSpeed-MM's FLF2V DiT embeds the two images' CLIP tokens with a learned position table
+        out.setdefault("pos_embed_seq_len", 2 * CLIP_TOKENS)
     if "clip_token_len" in p:
         notes.append(f"predictor.clip_token_len = {p.pop('clip_token_len')}: mm's image branch reads the CLIP tokens "
                      "it is given (the image encoder's, or the features')")
