@@ -10,11 +10,14 @@ For each video size (frames x height x width in pixels; the model JSON's VAE sec
 size) and for the DiT with 1 and with 3 layers, one process runs the training iteration
 ``pretrain_t2v.py`` runs (the same ``Trainer``: megatron-core's schedule, DDP, the optimizer, the
 flags' recompute, compilation and attention kernel) on random latents and text embeddings of the
-DiT's widths, one micro-batch per iteration. Per point: the median seconds per iteration, the bytes
-the device holds between iterations (parameters, gradient buffers, optimizer state) and the peak above
-that during an iteration (activations, the backward's transients). The difference of the two layer
-counts, halved, is one layer's; the 1-layer figure less one layer is the rest (embeddings, head, loss,
-optimizer step). Memory is measured on GPUs/NPUs only (the CPU has no allocator statistics).
+DiT's widths, one micro-batch per iteration. Per point: the median seconds per iteration, of which
+the optimizer step's (timed apart: a layout pays it once per iteration, on its share of the
+parameters, where the rest is paid per micro-batch), the bytes the device holds between iterations
+(parameters, gradient buffers, optimizer state) and the peak above that during an iteration
+(activations, the backward's transients). The difference of the two layer counts, halved, is one
+layer's; the 1-layer figure less one layer is the rest (embeddings, head, loss). The optimizer step
+is fitted on the layer count alone (its work is the parameters'). Memory is measured on GPUs/NPUs only
+(the CPU has no allocator statistics).
 
 The JSON holds the points, the settings they were measured with (mm-plan refuses to apply them to a
 run with other recompute / compile / kernel settings) and the fits ``Calibration`` evaluates: bytes
@@ -112,6 +115,9 @@ class Calibration:
     layer_bytes: list[float] | None   # None: measured where the device reports no memory (CPU)
     rest_bytes: list[float] | None
     points: list[dict]
+    # [the rest's, one layer's] seconds of the optimizer step, once per iteration on the whole model's
+    # parameters; None in a calibration that timed it inside rest_seconds (per micro-batch)
+    optimizer_seconds: list[float] | None = None
 
     @classmethod
     def read(cls, path: str | Path) -> "Calibration":
@@ -158,7 +164,17 @@ class Calibration:
         return out
 
     def step_seconds(self, layers: int, tokens: float) -> float:
-        return layers * evaluate(self.layer_seconds, tokens) + evaluate(self.rest_seconds, tokens)
+        """One micro-batch per iteration, optimizer step included."""
+        return layers * evaluate(self.layer_seconds, tokens) + evaluate(self.rest_seconds, tokens) \
+            + self.optimizer_step_seconds(layers)
+
+    def optimizer_step_seconds(self, layers: float) -> float:
+        """The optimizer step over the parameters of ``layers`` layers and the rest (0 where the calibration
+        counted it in the rest)."""
+        if self.optimizer_seconds is None:
+            return 0.0
+        rest, layer = self.optimizer_seconds
+        return max(0.0, rest + layers * layer)
 
     def activation_bytes(self, layers: int, tokens: float) -> float | None:
         """Peak bytes above the model state of one iteration with ``layers`` layers."""
@@ -181,12 +197,18 @@ def fits_of(points: list[dict]) -> dict:
     for p in points:
         by_tokens.setdefault(p["tokens"], {})[p["layers"]] = p
     lo, hi = LAYER_COUNTS
-    rows = []
+    split = all(p.get("optimizer_seconds") is not None for p in points)
+    rows, optimizer = [], []
     for tokens, per in sorted(by_tokens.items()):
         if lo not in per or hi not in per:
             continue
-        layer_s = (per[hi]["seconds"] - per[lo]["seconds"]) / (hi - lo)
-        rest_s = per[lo]["seconds"] - lo * layer_s
+        # without the optimizer step (timed apart) where the points have it
+        sec = {n: per[n]["seconds"] - (per[n]["optimizer_seconds"] if split else 0.0) for n in (lo, hi)}
+        layer_s = (sec[hi] - sec[lo]) / (hi - lo)
+        rest_s = sec[lo] - lo * layer_s
+        if split:
+            opt_layer = (per[hi]["optimizer_seconds"] - per[lo]["optimizer_seconds"]) / (hi - lo)
+            optimizer.append((per[lo]["optimizer_seconds"] - lo * opt_layer, opt_layer))
         if per[lo]["peak_bytes"] is None:
             layer_b = rest_b = None
         else:
@@ -200,7 +222,9 @@ def fits_of(points: list[dict]) -> dict:
     return {"layer_seconds": fit_polynomial(tokens, [r[1] for r in rows], 2),
             "rest_seconds": fit_polynomial(tokens, [r[2] for r in rows], 1),
             "layer_bytes": fit_polynomial(tokens, [r[3] for r in rows], 1) if measured_memory else None,
-            "rest_bytes": fit_polynomial(tokens, [r[4] for r in rows], 1) if measured_memory else None}
+            "rest_bytes": fit_polynomial(tokens, [r[4] for r in rows], 1) if measured_memory else None,
+            # the same work at every size: the sizes' mean
+            "optimizer_seconds": [statistics.fmean(o[i] for o in optimizer) for i in (0, 1)] if split else None}
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -329,6 +353,17 @@ def _measure_point(trainer_cls, runtime, latent, channels, widths, text_lens, wa
 
     trainer = SyntheticTrainer(runtime, "t2v")
     forward_backward = get_forward_backward_func()
+    step, optimizer_times = trainer.optimizer.step, []
+
+    def timed_step(*args, **kwargs):
+        acc.synchronize()
+        begin = time.perf_counter()
+        out = step(*args, **kwargs)
+        acc.synchronize()
+        optimizer_times.append(time.perf_counter() - begin)
+        return out
+
+    trainer.optimizer.step = timed_step
     try:
         times = []
         for i in range(warmups + repeats):
@@ -344,7 +379,8 @@ def _measure_point(trainer_cls, runtime, latent, channels, widths, text_lens, wa
             if i >= warmups:
                 times.append(time.perf_counter() - begin)
         peak = acc.max_memory_allocated()
-        return {"seconds": statistics.median(times), "static_bytes": None if acc.is_cpu else static,
+        return {"seconds": statistics.median(times), "optimizer_seconds": statistics.median(optimizer_times[warmups:]),
+                "static_bytes": None if acc.is_cpu else static,
                 "peak_bytes": None if acc.is_cpu else peak - static}
     finally:
         trainer = None

@@ -17,7 +17,9 @@ model, not a measurement, until a multi-rank run checks it; docs/scaling.md keep
 - time: a micro-batch on stage s takes its layers' and the rest's compute plus the exposed TP and CP
   communication of its layers and its PP p2p (``comm``); the slowest stage sets the pace, and the
   iteration is (micro-batches + (PP - 1) / VPP) such steps (the second term the pipeline bubble) plus
-  the exposed DP reduction (``comm.dp_seconds``, the slowest stage's).
+  the exposed DP reduction (``comm.dp_seconds``, the slowest stage's) plus the optimizer step, once:
+  the calibrated step over the stage's layers / TP, / (DP x CP) under the distributed optimizer (each
+  rank updates its shard); counted in the compute.
 """
 
 from __future__ import annotations
@@ -106,13 +108,15 @@ def estimate(calibration: Calibration, config, num_layers: int, tokens: int, cal
         steps.append((n * layer_s + rest_s, n * comm.tp if comm else 0.0, n * comm.cp if comm else 0.0, p2p))
     slowest = max(steps, key=sum)
     step_s = sum(slowest)
+    ddp = ddp_config_for(args)
     dp = 0.0
     if cluster is not None and static is not None:
-        ddp = ddp_config_for(args)
         dp = max(dp_seconds(cluster, shape, m.grads, m.params, _buckets(config, m.grads, s),
                             ddp.use_distributed_optimizer, ddp.overlap_grad_reduce, s, step_s)
                  for s, m in enumerate(static))
-    times = dict(compute_seconds=micro * slowest[0], bubble_seconds=(pp - 1) / (vpp or 1) * step_s,
+    shard = tp * (sizes.data_parallel * cp if ddp.use_distributed_optimizer else 1)
+    optimizer_s = max(calibration.optimizer_step_seconds(n) for n in per_stage) / shard
+    times = dict(compute_seconds=micro * slowest[0] + optimizer_s, bubble_seconds=(pp - 1) / (vpp or 1) * step_s,
                  tp_seconds=micro * slowest[1], cp_seconds=micro * slowest[2], pp_seconds=micro * slowest[3],
                  dp_seconds=dp)
     if calibration.layer_bytes is None:

@@ -41,6 +41,39 @@ def test_the_fits_recover_the_per_layer_and_the_rest_figures():
     assert fits_of(cpu)["layer_bytes"] is None
 
 
+def test_the_optimizer_step_is_fitted_apart_and_paid_once_per_iteration_on_a_ranks_shard(jsons, tmp_path, monkeypatch):
+    from mm.plan.calibrate import Calibration, fits_of
+    from mm.plan.estimate import estimate
+    from mm.plan.layouts import Layout, layout_config
+
+    layer, rest, opt_rest, opt_layer = [0.01, 2e-5, 3e-10], [0.2, 1e-6], 0.05, 0.004
+    points = _points(layer, rest, [1e6, 4.5e4], [3e8, 2e4], [7800, 20280, 32760])
+    for p in points:  # the measured iteration holds the optimizer step, which is also timed apart
+        p["optimizer_seconds"] = opt_rest + p["layers"] * opt_layer
+        p["seconds"] += p["optimizer_seconds"]
+    fits = fits_of(points)
+    assert fits["optimizer_seconds"] == pytest.approx([opt_rest, opt_layer], rel=1e-9)
+    assert fits["rest_seconds"] == pytest.approx(rest, rel=1e-6)  # the optimizer is out of the per-micro-batch rest
+    cal = Calibration(settings={}, device="test", micro_batch_size=1, model={}, points=[], **fits)
+    assert cal.step_seconds(30, 14040) == pytest.approx(
+        30 * (0.01 + 2e-5 * 14040 + 3e-10 * 14040 ** 2) + 0.2 + 1e-6 * 14040 + opt_rest + 30 * opt_layer, rel=1e-9)
+
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    base = ["--mm-model", str(jsons / "model.json"), "--mm-data", str(jsons / "data.json"), "--micro-batch-size", "1",
+            "--lr", "1e-3", "--train-iters", "1"]
+
+    def compute(gbs, *flags):
+        config = layout_config([*base, "--global-batch-size", str(gbs), *flags], Layout(1, 1, 1, 8), tmp_path)
+        return estimate(cal, config, 30, 14040, 1).compute_seconds
+
+    per_micro = 30 * (0.01 + 2e-5 * 14040 + 3e-10 * 14040 ** 2) + 0.2 + 1e-6 * 14040
+    step = opt_rest + 30 * opt_layer
+    # DP8 (mm-plan's layouts shard the optimizer over DP x CP), 4 micro-batches each: the step once, on an
+    # eighth of the parameters; with one micro-batch the same step
+    assert compute(32) == pytest.approx(4 * per_micro + step / 8, rel=1e-9)
+    assert compute(8) == pytest.approx(per_micro + step / 8, rel=1e-9)
+
+
 @pytest.mark.parametrize("pp,vpp,micro", [(2, None, 1), (2, None, 8), (4, None, 3), (4, 2, 8), (2, 3, 4),
                                           (4, 4, 2), (8, 2, 16)])
 def test_in_flight_micro_batches_are_megatrons_warm_up_counts(pp, vpp, micro):
