@@ -75,6 +75,12 @@ def default_vae(ae, dtype: torch.dtype) -> torch.nn.Module:
     return load_vae(ae, dtype)
 
 
+def default_vae_channels(ae) -> int:
+    from mm.models.ae import vae_latent_channels
+
+    return vae_latent_channels(ae)
+
+
 def default_vae_factors(ae) -> tuple[int, int]:
     from mm.models.ae import vae_factors
 
@@ -219,6 +225,8 @@ class FamilySpec:
     build_vae: Callable[[Any, torch.dtype], torch.nn.Module] = default_vae
     # the ``ae`` section -> (spatial, temporal) compression, before the VAE is built
     vae_factors: Callable[[Any], tuple[int, int]] = default_vae_factors
+    # the ``ae`` section -> the VAE's latent channels, before it is built (OSError: its files are absent)
+    vae_channels: Callable[[Any], int] = default_vae_channels
     # the ``ae`` section -> how the VAE maps frames to latent frames (None: causal, by vae_factors)
     frame_rule: Callable[[Any], FrameRule] | None = None
     # a ``tokenizer_config`` entry of the data JSON -> the data loader's tokenizer, called as
@@ -307,6 +315,21 @@ class FamilySpec:
         if recompute - set(can):
             problems.append(f"--recompute-modules {' '.join(sorted(recompute - set(can)))}: predictor {model_id!r} "
                             f"({self.name}) recomputes {', '.join(can) or 'no module selectively'}; valid: those")
+        if ae is not None and ae.model_id in self.ae_model_ids:
+            problems.extend(self._channel_problems(ae, arch))
         for check in (self.weight_checks if weights else ()) + self.extra_checks:
             problems.extend(check(config, arch))
         return problems
+
+    def _channel_problems(self, ae, arch) -> list[str]:
+        """The DiT predicts latents of the VAE's channels: a mismatch fails at the first step otherwise."""
+        try:
+            channels = self.vae_channels(ae)
+        except (OSError, ValueError, TypeError):  # absent files, bad keys: the weight and key checks name them
+            return []
+        predicted = getattr(arch, "out_dim", None)
+        if predicted is None or predicted == channels:
+            return []
+        return [f"the predictor predicts {predicted} latent channels (its out_dim / out_channels) but the VAE "
+                f"(ae.model_id {ae.model_id!r}, ae.from_pretrained = {ae.from_pretrained!r}) has {channels}; "
+                f"valid: a DiT and a VAE of the same latent channels ({channels})"]

@@ -27,6 +27,10 @@ def _vae_factors(ae) -> tuple[int, int]:
     return vae_factors(ae.from_pretrained, ae.params)
 
 
+def _vae_channels(ae) -> int:
+    return stepvideo_vae_config(ae.from_pretrained, ae.params).z_channels
+
+
 def _frame_rule(ae) -> FrameRule:
     cfg = stepvideo_vae_config(ae.from_pretrained, ae.params)
     return FrameRule(cfg.scale_factor_temporal, chunk=FRAME_LEN, chunk_latents=cfg.latent_len)
@@ -41,7 +45,8 @@ def _converter():
 SPEC = FamilySpec(name="stepvideo", predictors={"stepvideodit": (StepVideoDiT, StepVideoDiTConfig)},
                   recipe=StepVideoRecipe, sampler=StepVideoSampler, load_weights=_load_weights,
                   ae_model_ids=("stepvideovae",), num_text_encoders=2, text_encoders=stepvideo_text_encoder,
-                  build_vae=_build_vae, vae_factors=_vae_factors, frame_rule=_frame_rule, tokenizer=stepvideo_tokenizer,
+                  build_vae=_build_vae, vae_factors=_vae_factors, vae_channels=_vae_channels, frame_rule=_frame_rule,
+                  tokenizer=stepvideo_tokenizer,
                   text_max_lengths=(STEP_LLM_MAX_LENGTH, CLIP_MAX_LENGTH), converter=_converter,
                   description="Step-Video-T2V", extra_checks=EXTRA_CHECKS,
                   weight_checks=WEIGHT_CHECKS)

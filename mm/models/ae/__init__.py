@@ -46,5 +46,23 @@ def vae_factors(ae) -> tuple[int, int]:
     return vae.scale_factor_spatial, vae.scale_factor_temporal
 
 
+def vae_latent_channels(ae) -> int:
+    """The latent channels of the ``ae`` section's VAE, known before it is built (its config.json, or the
+    shapes of Wan's release file; WFVAE: its ``latent_dim`` key); FileNotFoundError where the files are absent."""
+    import json
+    from pathlib import Path
+
+    from mm.models.ae.wan_vae_original import is_original_vae, original_config
+
+    if ae.model_id == "wfvae":
+        return WFVAEConfig.from_json(ae.params).latent_dim
+    if is_original_vae(ae.from_pretrained):
+        return original_config(ae.from_pretrained, ae.params)[1].z_dim
+    path = Path(ae.from_pretrained) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"ae.from_pretrained = {ae.from_pretrained!r}: no config.json there")
+    return WanVAEConfig.from_json(json.loads(path.read_text())).z_dim
+
+
 __all__ = ["AE_MODEL_IDS", "WFVAE", "WFVAEConfig", "WanVAE", "WanVAEConfig", "load_vae", "load_wan_vae", "load_wfvae",
-           "save_wan_vae", "save_wfvae", "vae_factors", "wfvae_state_dict_from_reference"]
+           "save_wan_vae", "save_wfvae", "vae_factors", "vae_latent_channels", "wfvae_state_dict_from_reference"]
