@@ -383,7 +383,10 @@ def _measure_point(trainer_cls, runtime, latent, channels, widths, text_lens, wa
                 "static_bytes": None if acc.is_cpu else static,
                 "peak_bytes": None if acc.is_cpu else peak - static}
     finally:
-        trainer = None
+        # the timing wrapper references the optimizer that holds it: undo it, so that the model state is
+        # freed here, before the next point measures what the device holds (not at some later collection)
+        del trainer.optimizer.step
+        trainer = step = timed_step = None
         gc.collect()
         acc.empty_cache()
 

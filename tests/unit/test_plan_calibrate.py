@@ -216,3 +216,39 @@ def test_the_shipped_h100_calibrations_plan_wan_1_3b_and_refuse_another_model(na
              "1", "--bf16", "--lr", "1e-5", *flags]
     err = _refusal(capsys, ["--calibration", str(example / name), "--video", "17x64x64", "--", *other])
     assert "the model JSON's predictor" in err and "hidden_size" in err
+
+
+def test_a_points_model_state_is_freed_when_it_returns(jsons, monkeypatch):
+    """Each point's trainer (model, gradient buffers, optimizer state) is gone when the point returns,
+    without waiting for a garbage collection: the next point's "model state" is the device memory held
+    between its iterations, which must not include the previous point's."""
+    import gc
+    import weakref
+
+    from mm.accelerator import destroy_distributed
+    from mm.plan import calibrate
+    from mm.runtime import start
+    from mm.training.checks import check_task
+    from mm.training.pretrain import Trainer
+
+    monkeypatch.setenv("MM_ACCELERATOR", "cpu")
+    training = ["--mm-model", str(jsons / "model.json"), "--mm-data", str(jsons / "data.json"), "--micro-batch-size",
+                "1", "--global-batch-size", "1", "--lr", "1e-3", "--train-iters", "2"]
+    runtime = start(training, mode="train", prog="test", check=lambda c: check_task("t2v", c, files=False, weights=False))
+    optimizers = []
+
+    class Watched(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(weakref.ref(self.optimizer))
+
+    enabled = gc.isenabled()
+    gc.disable()  # only reference counts free it
+    try:
+        model = json.loads((jsons / "model.json").read_text())["predictor"]
+        calibrate._measure_point(Watched, runtime, (2, 8, 8), model["in_dim"], (model["text_dim"],), [16], 1, 1)
+        assert optimizers and optimizers[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+        destroy_distributed()
