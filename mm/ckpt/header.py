@@ -124,7 +124,9 @@ class CheckpointHeader:
         return {"checkpoint_version": self.version, "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples, "parallel": dataclasses.asdict(self.parallel),
                 "content": dataclasses.asdict(self.content),
-                "extra": dict(self.extra, **{name: getattr(self, name) for name in _TYPED_EXTRA})}
+                # lora only where there are adapters: a header of whole weights reads as before it existed
+                "extra": dict(self.extra, **{name: getattr(self, name) for name in _TYPED_EXTRA
+                                             if name != "lora" or self.lora is not None})}
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any], ckpt_format: str | None = None,
