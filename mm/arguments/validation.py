@@ -393,12 +393,10 @@ def _check_lora(args: argparse.Namespace, mode: str, problems: list[str]) -> Non
                         "release or a full checkpoint) and the adapters resume with --lora-load (the same directory "
                         "as --save)")
     if args.lora_load is not None:
-        from pathlib import Path
-
-        load = Path(args.lora_load)
-        resumable = args.save is not None and Path(args.save).resolve() == load.resolve()
-        if not resumable and not (load / "latest_checkpointed_iteration.txt").is_file() and \
-                not any(load.glob("iter_*")):
+        load = args.lora_load
+        resumable = args.save is not None and os.path.realpath(args.save) == os.path.realpath(load)
+        if not resumable and not os.path.isfile(os.path.join(load, "latest_checkpointed_iteration.txt")) and \
+                not (os.path.isdir(load) and any(name.startswith("iter_") for name in os.listdir(load))):
             problems.append(f"--lora-load {args.lora_load}: no adapter checkpoint there (no "
                             "latest_checkpointed_iteration.txt); give a LoRA run's --save directory, or the same "
                             "directory as --save to start a resumable run")

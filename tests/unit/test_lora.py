@@ -203,3 +203,50 @@ def test_full_recompute_reaches_the_adapters_behind_frozen_embeddings():
     for name in adapters:
         assert recomputed[name] is not None, name
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _stepvideo_worker(rank, world):
+    """Step-Video's DiT (its release fuses q/k/v in one linear) with adapters on every layer linear, and
+    the same DiT with W + alpha / r x B @ A written into its weights."""
+    from types import SimpleNamespace
+
+    from mm.families import family_for
+    from mm.families.stepvideo.config import StepVideoDiTConfig
+    from mm.families.stepvideo.model import StepVideoDiT
+    from mm.models.predictor.lora import add_adapters, merged
+    from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+    from tests.unit.test_stepvideo_dit import FLOPS_PARAMS, _megatron_config
+
+    initialize_parallel(ParallelSizes(world_size=1), seed=0)
+    family = family_for("stepvideodit")
+    arch = StepVideoDiTConfig.from_json(FLOPS_PARAMS)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 7)
+    batch = (torch.randn(2, 4, 3, 4, 6, generator=g), torch.tensor([0.3, 0.7]), torch.randn(2, 7, 16, generator=g),
+             mask, torch.randn(2, 5, 12, generator=g))
+    torch.manual_seed(3)
+    base = StepVideoDiT(arch, _megatron_config(arch, torch.float64)).eval()
+    adapted = StepVideoDiT(arch, _megatron_config(arch, torch.float64)).eval()
+    adapted.load_state_dict(base.state_dict())
+    settings = family.lora_settings(SimpleNamespace(lora_r=2, lora_alpha=3.0, lora_dropout=0.0,
+                                                    lora_target_modules=None))
+    add_adapters(adapted, settings, 4, family.lora_part_counts())
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+        for block, target in zip(base.blocks, adapted.blocks):
+            for linear in settings.targets:
+                mine, theirs = block.get_submodule(linear), target.get_submodule(linear)
+                pairs = {int(p): (theirs.lora_A[p], theirs.lora_B[p]) for p in theirs.lora_A}
+                mine.weight.copy_(merged([mine.weight], pairs, settings.scale)[0])
+        out = [model(*batch) for model in (base, adapted)]
+    destroy_parallel()
+    return out, settings.targets
+
+
+def test_stepvideo_adapters_equal_their_merge_into_the_weights():
+    (merged_out, adapted_out), targets = run_distributed(1, _stepvideo_worker)[0]
+    assert set(targets) == {"attn1.proj_qkv", "attn1.proj_out", "attn2.proj_q", "attn2.proj_kv", "ff.net.0.proj",
+                            "ff.net.2"}
+    torch.testing.assert_close(adapted_out, merged_out, rtol=1e-10, atol=1e-10)

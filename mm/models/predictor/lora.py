@@ -44,6 +44,7 @@ def is_adapter_key(name: str) -> bool:
 
 
 def is_base_key(name: str) -> bool:
+    """Whether a state-dict name is a tensor of the base model (not an adapter)."""
     return not is_adapter_key(name)
 
 
@@ -74,11 +75,6 @@ class LoraSettings:
     def same_adapters(self, other: LoraSettings) -> bool:
         """Same shapes and places (alpha and dropout may differ)."""
         return self.r == other.r and dict(self.targets) == dict(other.targets)
-
-
-def _suffixes(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 @dataclass(frozen=True)
