@@ -15,8 +15,9 @@ from tests.functional.test_convert_and_train import _hf_dir_with_config
 from tests.functional.test_inference import _inference_json, _run
 from tests.functional.test_pretrain_t2v import _train
 
+# MindSpeed-MM's finetune_lora.sh targets, with the distributed optimizer (its state of the adapters alone)
 LORA = ("--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "proj_q", "proj_k", "proj_v", "proj_out",
-        "ffn.0", "ffn.2")
+        "ffn.0", "ffn.2", "--use-distributed-optimizer")
 
 
 def _convert(*argv):

@@ -1,5 +1,6 @@
 """LoRA on one process: the adapter file mm-convert writes is read by diffusers' Wan LoRA loader (peft
-behind it), whose transformer then gives the output of mm's adapted DiT and of mm's merged export;
+behind it), whose transformer then gives the output of mm's adapted DiT, of mm's merged export and of
+inference.lora's adapters (from that file or from the adapter checkpoint);
 the --lora-* flags refuse what they cannot do before anything starts."""
 
 from __future__ import annotations
@@ -54,21 +55,31 @@ def _export_worker(rank, world, root):
     return out, settings.to_dict()
 
 
-def _merged_worker(rank, world, merged):
-    """mm's DiT from the merged export (diffusers layout)."""
+def _merged_worker(rank, world, root):
+    """mm's DiT from the merged export (diffusers layout), and the base with the adapters applied as
+    inference.lora applies them: from the PEFT file and from the adapter checkpoint."""
     from safetensors.torch import load_file
 
+    from mm.ckpt import load_model
+    from mm.families import family_for
+    from mm.inference.adapters import apply_adapter
     from mm.models.predictor.wan import WanDiT, WanDiTConfig, load_hf_weights
     from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(world_size=1), seed=0)
     kwargs = tiny_kwargs(image=True)
-    model = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs))
-    load_hf_weights(model, load_file(f"{merged}/diffusion_pytorch_model.safetensors"))
-    with torch.no_grad():
-        out = model(**inputs(kwargs, 3, 4, 6))
+    outputs = {}
+    for name in ("merged", "peft", "adapter"):
+        model = WanDiT(WanDiTConfig(**kwargs), megatron_config(kwargs)).eval()
+        if name == "merged":
+            load_hf_weights(model, load_file(f"{root}/merged/diffusion_pytorch_model.safetensors"))
+        else:
+            load_model(f"{root}/base", [model])
+            apply_adapter(model, family_for("wan_dit"), f"{root}/{name}", 1.0, 1, 0)
+        with torch.no_grad():
+            outputs[name] = model(**inputs(kwargs, 3, 4, 6))
     destroy_parallel()
-    return out
+    return outputs
 
 
 def test_diffusers_reads_the_exported_adapter_and_matches_mm(tmp_path):
@@ -84,7 +95,7 @@ def test_diffusers_reads_the_exported_adapter_and_matches_mm(tmp_path):
                 "--cfg.target_path", str(tmp_path / "peft")])
     mm_convert([*convert, "mm_to_hf", "--cfg.source_path", str(tmp_path / "base"), "--cfg.lora_path",
                 str(tmp_path / "adapter"), "--cfg.target_path", str(tmp_path / "merged")])
-    merged, = run_distributed(1, _merged_worker, str(tmp_path / "merged"))
+    mm_outputs, = run_distributed(1, _merged_worker, str(tmp_path))
 
     kwargs = tiny_kwargs(image=True)
     transformer = diffusers_model(kwargs).eval()
@@ -98,7 +109,8 @@ def test_diffusers_reads_the_exported_adapter_and_matches_mm(tmp_path):
         base = transformer(**diffusers_inputs(kwargs, inputs(kwargs, 3, 4, 6)), return_dict=False)[0]
     assert (theirs - base).abs().max() > 1e-2  # the adapters change the output
     torch.testing.assert_close(theirs, adapted, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    for name, out in mm_outputs.items():  # the merged export; inference.lora of either file
+        torch.testing.assert_close(out, adapted, rtol=1e-5, atol=1e-5, msg=name)
     # the merged export's config is the base's: diffusers loads it as it is
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["num_layers"] == kwargs["num_layers"]
 
