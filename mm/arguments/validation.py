@@ -385,6 +385,12 @@ def _check_lora(args: argparse.Namespace, mode: str, problems: list[str]) -> Non
         problems.append(f"--lora-alpha {alpha}; valid: a number > 0 (the adapters' scale is alpha / r; e.g. the rank)")
     if not 0.0 <= args.lora_dropout < 1.0:
         problems.append(f"--lora-dropout {args.lora_dropout}; valid: 0 <= dropout < 1")
+    redrawn = sorted(set(args.recompute_modules or ()) & {"mlp", "layernorm"})
+    if args.lora_dropout and redrawn:
+        # these regions run again in the backward without restoring the RNG: the adapters' dropout masks would differ
+        problems.append(f"--lora-dropout {args.lora_dropout} with --recompute-modules {' '.join(redrawn)}: the recompute "
+                        "would draw other dropout masks than the forward; use --lora-dropout 0, or core_attn / full "
+                        "recompute (which restore the RNG)")
     if args.ema_decay is not None:
         problems.append(f"--ema-decay {args.ema_decay} with --lora-r {args.lora_r}: the EMA averages the DiT's weights, a "
                         "LoRA run trains and saves its adapters alone; drop one of the two")

@@ -146,6 +146,9 @@ def test_bad_lora_flags_are_refused_naming_flag_value_and_valid(tmp_path):
     out = _problems(tmp_path, "--lora-r", "8", "--lora-target-modules", "proj_q", "to_qq")
     assert "--lora-target-modules to_qq: no linear of the wan DiT's layers has this name; valid:" in out
     assert "diffusers: attn1.to_q" in out and "MindSpeed-MM: self_attn.proj_q" in out
+    out = _problems(tmp_path, "--lora-r", "8", "--lora-dropout", "0.1", "--recompute-granularity", "selective",
+                    "--recompute-modules", "mlp")
+    assert "--lora-dropout 0.1 with --recompute-modules mlp" in out
     out = _problems(tmp_path, "--lora-r", "8", "--lora-dropout", "1.5", "--lora-alpha", "-2")
     assert "--lora-dropout 1.5; valid: 0 <= dropout < 1" in out and "--lora-alpha -2.0; valid: a number > 0" in out
     missing = tmp_path / "no_adapters_here"
