@@ -29,6 +29,6 @@ setup(
     extras_require={
         "video": ["decord==0.6.0"],
         "npu": ["torch_npu"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "peft>=0.17"],
     },
 )

@@ -12,7 +12,10 @@ Random weights (no download), random latents/context, loss = mean of the output.
 ``compile_repeated_blocks``); RECOMPUTE for mm ``none``, ``full`` (uniform, 1 layer), ``blockN``
 (full recompute of the first N layers; ``blockN+MODULES``: those modules selectively in the other
 layers), ``core_attn``, ``mlp``, ``layernorm`` or several joined by ``+`` (selective, ``--recompute-modules``), for diffusers ``none`` or ``ckpt`` (gradient checkpointing of every
-block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto). ``--optimizer``
+block); an mm variant may end in ``@KERNEL``, its --attention-kernel (default auto), and ``+loraR`` makes
+it LoRA fine-tuning of rank R (what ``--lora-r R`` does: the DiT frozen, adapters on the linears of
+``--lora-target-modules``, by default MindSpeed-MM's set; e.g. ``mm+lora16:block30`` against ``mm:block30``,
+full fine-tuning, with ``--optimizer``). ``--optimizer``
 makes each training step a whole one: mm's model in megatron-core's DDP
 (fp32 gradient buffers) with megatron's optimizer, built by the function ``pretrain_t2v.py`` uses
 (``mm.training.pretrain.wrap_for_training``: Adam, --clip-grad 1.0, bf16 with fp32 main params),
@@ -45,19 +48,22 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from mm.accelerator import init_distributed, select_accelerator
 from mm.accelerator.attention_kernels import KERNEL_CHOICES
 from mm.arguments.flags import parse_flags
-from mm.families import build_predictor, predictor_config
+from mm.families import build_predictor, family_for, predictor_config
+from mm.models.predictor.lora import add_adapters
 from mm.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 from mm.training.pretrain import wrap_for_training
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheets
 DEFAULT_TRAIN = ["mm:full", "mm+compile:none", "mm+compile:mlp", "diffusers:ckpt"]
 DEFAULT_INFER = ["mm:none", "mm+compile:none", "diffusers:none"]
+LORA_TARGETS = ["ffn.2", "ffn.0", "proj_q", "proj_k", "proj_v", "proj_out"]  # MindSpeed-MM's finetune_lora.sh
 
 
 # how an out-of-memory reads where it is not torch.OutOfMemoryError: inside NCCL's collectives, cuBLAS
@@ -112,14 +118,19 @@ def model_flops(arch, tokens: int, text_len: int) -> float:
     return per_layer * arch.num_layers
 
 
-def parse_variant(spec: str) -> tuple[str, bool, str, str]:
+def parse_variant(spec: str) -> tuple[str, bool, str, str, int | None]:
     spec, _, kernel = spec.partition("@")
     kernel = kernel or "auto"
     impl, _, recompute = spec.partition(":")
-    impl, _, compiled = impl.partition("+")
+    impl, *modifiers = impl.split("+")
     recompute = recompute or "none"
-    if impl not in ("mm", "diffusers") or compiled not in ("", "compile"):
-        raise SystemExit(f"variant {spec!r}: IMPL[+compile][:RECOMPUTE][@KERNEL] with IMPL mm or diffusers")
+    compiled = "compile" in modifiers
+    ranks = [int(m[4:]) for m in modifiers if re.fullmatch(r"lora[1-9]\d*", m)]
+    lora = ranks[0] if ranks else None
+    if impl not in ("mm", "diffusers") or len(modifiers) != compiled + len(ranks) or len(ranks) > 1 or \
+            (lora is not None and impl != "mm"):
+        raise SystemExit(f"variant {spec!r}: IMPL[+compile][+loraR][:RECOMPUTE][@KERNEL] with IMPL mm or diffusers "
+                         "(+loraR: mm's LoRA of rank R)")
     if kernel not in KERNEL_CHOICES or (impl == "diffusers" and kernel != "auto"):
         raise SystemExit(f"variant {spec!r}: @{kernel}; valid for mm: {', '.join(KERNEL_CHOICES)} (diffusers: none)")
     modules = ("core_attn", "mlp", "layernorm")
@@ -131,7 +142,7 @@ def parse_variant(spec: str) -> tuple[str, bool, str, str]:
         raise SystemExit(f"variant {spec!r}: recompute {recompute!r}; valid for {impl}: {', '.join(valid)}"
                          + (", blockN, several of core_attn/mlp/layernorm joined by + (after blockN: in the "
                             "other layers)" if impl == "mm" else ""))
-    return impl, bool(compiled), recompute, kernel
+    return impl, compiled, recompute, kernel, lora
 
 
 def mm_recompute(recompute: str) -> dict:
@@ -237,6 +248,10 @@ def main() -> None:
                         help="cpu: a smoke run of the script itself (tiny --latent/--layers; needs --peak-tflops)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the variants in this process (what each variant's own process is given)")
+    parser.add_argument("--lora-target-modules", nargs="+", default=LORA_TARGETS, metavar="NAME",
+                        help="+loraR variants: the linears adapted (pretrain_t2v.py's flag; default MindSpeed-MM's "
+                             "finetune_lora.sh set)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="+loraR variants: alpha (default R)")
     parser.add_argument("--row-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = args.variants or (DEFAULT_TRAIN if args.mode == "train" else DEFAULT_INFER)
@@ -285,12 +300,17 @@ def main() -> None:
     timestep = torch.tensor([500.0], device=dev)
     rows, profiles = [], []
 
-    def build_mm(compiled: bool, recompute: str):
+    def build_mm(compiled: bool, recompute: str, lora: int | None):
         config = TransformerConfig(num_layers=arch.num_layers, hidden_size=arch.hidden_size,
                                    num_attention_heads=arch.num_heads, params_dtype=torch.bfloat16,
                                    bf16=True, **mm_recompute(recompute))
         # megatron's layers allocate on the GPU; the plain torch parts move like Megatron-LM's model.cuda()
         model = build_predictor(model_id, arch, config).to(dev).train(train)
+        if lora is not None:  # what --lora-r does: the DiT frozen, adapters on its layers' linears
+            family = family_for(model_id)
+            settings = family.lora_settings(SimpleNamespace(lora_r=lora, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                            lora_target_modules=args.lora_target_modules))
+            add_adapters(model, settings, 1234, family.lora_part_counts())
         if compiled:
             model.compile_blocks()
         if not (train and args.optimizer):
@@ -328,14 +348,17 @@ def main() -> None:
             optimizer.step()
         return model, lambda: optimizer.zero_grad(set_to_none=True), update
 
+    def build(impl: str, compiled: bool, recompute: str, lora: int | None):
+        return build_mm(compiled, recompute, lora) if impl == "mm" else build_diffusers(compiled, recompute)
+
     forwards = {"mm": lambda m: m(latents, timestep, context),
                 "diffusers": lambda m: m(latents, timestep, context, return_dict=False)[0]}
-    for name, impl, compiled, recompute, kernel in specs:
+    for name, impl, compiled, recompute, kernel, lora in specs:
         model = None
         destroy_parallel()
         initialize_parallel(ParallelSizes(world_size=1), seed=1234, attention_kernel=kernel)
         try:
-            model, zero_grad, update = (build_mm if impl == "mm" else build_diffusers)(compiled, recompute)
+            model, zero_grad, update = build(impl, compiled, recompute, lora)
             forward = forwards[impl]
 
             def step():
@@ -363,7 +386,9 @@ def main() -> None:
 
     header = (f"{gpu} | torch {torch.__version__} | {args.mode} | {arch.num_layers} layers, hidden "
               f"{arch.hidden_size}, {tokens} video tokens ({f}x{h}x{w} latents), {args.text_len} text tokens, bf16, "
-              f"batch 1{' | optimizer step included' if train and args.optimizer else ''} | MFU vs {peak:.0f} TFLOP/s")
+              f"batch 1{' | optimizer step included' if train and args.optimizer else ''} | MFU vs {peak:.0f} TFLOP/s"
+              + (f" | +loraR: adapters on {' '.join(args.lora_target_modules)}, alpha {args.lora_alpha or 'R'}, the "
+                 "rest frozen (FLOPs counted as full training's)" if any(spec[-1] for spec in specs) else ""))
     if args.row_file is not None:  # a variant's own process: its parent prints the table
         args.row_file.write_text(json.dumps({"rows": rows, "profiles": profiles, "header": header}))
         return

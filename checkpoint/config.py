@@ -51,6 +51,10 @@ class ConvertConfig:
             beside the file; for Phantom's .pth, the Wan2.1 base model's).
         overwrite: replace an existing target_path.
         max_shard_size_gb: mm_to_hf's size of one safetensors file.
+        lora_path: mm_to_hf: a LoRA run's adapter checkpoint (its --save directory) to merge into the
+            source's weights (W + lora_scale x alpha / r x B A) before writing them.
+        lora_scale: the adapters' strength where they are merged (mm_to_hf) or written (lora_to_hf, as
+            their alpha); 1 is as trained.
     """
 
     source_path: str
@@ -60,6 +64,8 @@ class ConvertConfig:
     source_config: Optional[str] = None
     overwrite: bool = False
     max_shard_size_gb: float = 5.0
+    lora_path: Optional[str] = None
+    lora_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from checkpoint.config import ConvertConfig, ConvertError, Layout, ParallelConfig, layout_from
-from checkpoint.sources import HFSource, Source, TorchSource, open_mm_source
-from checkpoint.writers import return_freed_memory_to_the_system, staged_target, write_hf, write_mm
+from checkpoint.sources import HFSource, MergedSource, Source, TorchSource, open_adapters, open_mm_source, \
+    refuse_adapters
+from checkpoint.writers import return_freed_memory_to_the_system, staged_target, write_hf, write_lora, write_mm
 from mm.ckpt import TRACKER
 from mm.models.predictor.name_table import NameTable
 
@@ -64,15 +65,30 @@ class DiTConverter:
 
     def mm_to_hf(self, cfg: ConvertConfig) -> None:
         """An mm checkpoint (any format and split) -> the HuggingFace-side layout (config.json and
-        safetensors files of at most --cfg.max_shard_size_gb)."""
+        safetensors files of at most --cfg.max_shard_size_gb); with --cfg.lora_path, a LoRA run's adapters
+        (any split) merged into its weights first."""
         start = time.perf_counter()
         source = open_mm_source(cfg.source_path, self.WEIGHTS)
+        refuse_adapters(source)
         _check_source_layout(source, cfg.source_parallel_config)
         if cfg.max_shard_size_gb <= 0:
             raise ConvertError(f"--cfg.max_shard_size_gb = {cfg.max_shard_size_gb}; valid: > 0")
+        if cfg.lora_path is not None:
+            source = MergedSource(source, open_adapters(cfg.lora_path, self.WEIGHTS), cfg.lora_scale)
         with staged_target(cfg.target_path, cfg.overwrite) as tmp:
             nbytes = write_hf(source, tmp, int(cfg.max_shard_size_gb * 2**30))
         self._summary("mm_to_hf", source.origin, cfg.target_path, None, nbytes, start)
+
+    def lora_to_hf(self, cfg: ConvertConfig) -> None:
+        """A LoRA run's adapter checkpoint (its --save directory, any format and split) -> a directory
+        holding pytorch_lora_weights.safetensors, the PEFT / diffusers LoRA format that diffusers'
+        load_lora_weights(directory) reads (for Wan: WanPipeline's), the adapter config (rank, alpha x
+        --cfg.lora_scale, target modules) in its metadata."""
+        start = time.perf_counter()
+        source = open_adapters(cfg.source_path, self.WEIGHTS, "--cfg.source_path")
+        with staged_target(cfg.target_path, cfg.overwrite) as tmp:
+            nbytes = write_lora(source, tmp, cfg.lora_scale)
+        self._summary("lora_to_hf", source.origin, cfg.target_path, None, nbytes, start)
 
     def resplit(self, cfg: ConvertConfig) -> None:
         """An mm checkpoint (any format and split) -> an mm checkpoint of another split.
@@ -87,6 +103,7 @@ class DiTConverter:
             source = HFSource(cfg.source_path, self.WEIGHTS)
         else:
             source = open_mm_source(cfg.source_path, self.WEIGHTS)
+            refuse_adapters(source)
         _check_source_layout(source, cfg.source_parallel_config)
         layout = self._layout(source, cfg)
         with staged_target(cfg.target_path, cfg.overwrite) as tmp:

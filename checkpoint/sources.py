@@ -48,6 +48,7 @@ from mm.models.predictor.name_table import (
     tp_merge,
     tp_split,
 )
+from mm.models.predictor.lora import ADAPTER_KEY, merged
 from mm.models.release_file import UnreadableFile, read_state_dict, read_torch_file
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -474,6 +475,64 @@ class TorchDistSource(Source):
             raise DamagedCheckpointError(f"{self.origin}: cannot read tensor {key}: {failure_reason(e)}") from None
         rule, _ = self.weights.rule_for(key)
         return list(tensor.unbind(0)) if rule.fused_parts > 1 else [tensor]
+
+
+def open_adapters(directory: str | Path, weights: NameTable, option: str = "--cfg.lora_path") -> Source:
+    """A LoRA run's adapter checkpoint (its header records the adapters; any format and split)."""
+    source = open_mm_source(directory, weights, option)
+    if source.header.lora is None:
+        raise ConvertError(f"{option} = {str(directory)!r}: {source.origin} holds whole weights, no LoRA adapters "
+                           "(give a LoRA run's --save directory)")
+    return source
+
+
+def refuse_adapters(source: Source, option: str = "--cfg.source_path") -> None:
+    """Whole weights are asked for: an adapter checkpoint is named with what to do instead."""
+    if getattr(source, "header", None) is not None and source.header.lora is not None:
+        raise ConvertError(f"{option}: {source.origin} holds LoRA adapters alone, no base weights; merge them into the "
+                           "base with mm_to_hf --cfg.source_path <base> --cfg.lora_path <this>, or write them for "
+                           "diffusers with lora_to_hf")
+
+
+class MergedSource(Source):
+    """A base source with a LoRA run's adapters merged into its linears' weights: every part ``p``
+    with an adapter becomes ``W_p + scale * alpha / r * B_p @ A_p`` (full, unsplit tensors)."""
+
+    def __init__(self, base: Source, adapters: Source, scale: float):
+        self.weights, self.arch, self.base, self.adapters = base.weights, base.arch, base, adapters
+        lora = adapters.header.lora
+        self.scale = scale * float(lora["alpha"]) / int(lora["r"])
+        self.origin = f"{base.origin} with the adapters of {adapters.origin}"
+        self._adapted: dict[str, dict[int, tuple[str, str]]] = {}
+        for key in adapters.keys():
+            match = ADAPTER_KEY.match(key)
+            if match is None or match["matrix"] != "A":
+                continue
+            linear, part = match["linear"], int(match["part"])
+            self._adapted.setdefault(f"{linear}.weight", {})[part] = (key, f"{linear}.lora_B.{part}")
+        keys = set(base.keys())
+        missing = sorted(k for k in self._adapted if k not in keys)
+        if missing:
+            raise ConvertError(f"--cfg.lora_path: {adapters.origin} adapts linears {base.origin} does not have: "
+                               f"{', '.join(missing[:10])}")
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def parts(self, key: str) -> list[torch.Tensor]:
+        parts = self.base.parts(key)
+        if key not in self._adapted:
+            return parts
+        pairs = {p: (self.adapters.parts(a)[0], self.adapters.parts(b)[0]) for p, (a, b) in self._adapted[key].items()}
+        for p, (a, b) in pairs.items():
+            if b.shape[0] != parts[p].shape[0] or a.shape[1] != parts[p].shape[1]:
+                raise ConvertError(f"--cfg.lora_path: {key} part {p} is {tuple(parts[p].shape)}, its adapter B @ A "
+                                   f"{tuple(b.shape)} @ {tuple(a.shape)}: not the model the adapters were trained on")
+        return merged(parts, pairs, self.scale)
+
+    def release(self) -> None:
+        self.base.release()
+        self.adapters.release()
 
 
 def _check_keys(source: Source, option: str) -> None:

@@ -217,6 +217,37 @@ def write_hf(source: Source, directory: Path, max_shard_bytes: int) -> int:
     return total
 
 
+# diffusers' file and metadata names for a LoRA (``load_lora_weights(directory)`` reads the file; the metadata,
+# JSON under this key with the pipeline component's prefix, gives peft's LoraConfig: rank, alpha, targets)
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"
+LORA_COMPONENT = "transformer"
+
+
+def write_lora(source: Source, directory: Path, scale: float = 1.0) -> int:
+    """A LoRA run's adapters (``source``: its checkpoint, whose header records them) as the PEFT /
+    diffusers LoRA file ``directory/pytorch_lora_weights.safetensors``: ``transformer.<module>.lora_A.weight``
+    ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` in the family's HuggingFace-side names (diffusers' for Wan:
+    ``transformer.blocks.0.attn1.to_q.lora_A.weight``), with the adapter config (r, lora_alpha = alpha x
+    ``scale``, target_modules) in the file's metadata. Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    weights, lora = source.weights, source.header.lora
+    tensors: dict[str, torch.Tensor] = {}
+    for key in tqdm(source.keys(), desc="lora_to_hf", unit="tensor"):
+        rule, values = weights.rule_for(key)
+        (name,) = [s.format(**values) for s in rule.sources(weights.hf_format)]
+        tensors[f"{LORA_COMPONENT}.{name}"] = compact(source.parts(key)[0]).contiguous()
+    modules = sorted({name[len(LORA_COMPONENT) + 1:].rsplit(".lora_", 1)[0] for name in tensors})
+    config = {f"{LORA_COMPONENT}.r": int(lora["r"]), f"{LORA_COMPONENT}.lora_alpha": float(lora["alpha"]) * scale,
+              f"{LORA_COMPONENT}.target_modules": modules}
+    save_file(tensors, str(directory / LORA_FILE),
+              metadata={"format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+    default_mode(directory / LORA_FILE)
+    source.release()
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def open_mode() -> int:
     """The mode ``open()`` gives a new file: 0666 less the umask."""
     return 0o666 & ~_umask()

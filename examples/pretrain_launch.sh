@@ -16,6 +16,8 @@
 #   RING_ARGS      flags added with megatron_cp_algo and hybrid_cp_algo (e.g. --attention-mask-type general)
 #   PP_ARGS        flags added with PP > 1 (e.g. the pipeline's variable sequence lengths)
 #   MM_EXTRA_ARGS  flags after --mm-model / --mm-data (e.g. Wan2.2's timestep range of one expert)
+#   LORA_ARGS      LoRA fine-tuning's flags (--lora-r, --lora-alpha, --lora-target-modules, --lora-load:
+#                  finetune_lora.sh)
 #
 # TP > 1 adds --sequence-parallel; ring attention (megatron_cp_algo, and the ring part of hybrid_cp_algo)
 # overlaps its send/recv with compute (--use-cp-send-recv-overlap).
@@ -87,6 +89,7 @@ if [[ -n "$LOAD_PATH" ]]; then
     OUTPUT_ARGS="$OUTPUT_ARGS --load $LOAD_PATH --ckpt-format $CKPT_FORMAT $LOAD_ARGS"
 fi
 
-mm_preflight $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS  # exit 2 on a bad configuration
+LORA_ARGS=${LORA_ARGS:-}
+mm_preflight $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS $LORA_ARGS  # exit 2 on a bad configuration
 mkdir -p "$LOG_DIR"
-torchrun $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"
+torchrun $DISTRIBUTED_ARGS $ENTRY_POINT $GPT_ARGS $MM_ARGS $OUTPUT_ARGS $LORA_ARGS 2>&1 | tee "${LOG_DIR}/train_${RUN_NAME}_$(date +%Y%m%d_%H%M%S).log"

@@ -20,7 +20,7 @@ from mm.arguments.json_configs import (
     parse_data_config,
     parse_model_config,
 )
-from mm.arguments.validation import parallel_sizes, ulysses_degree, validate, virtual_pipeline_size
+from mm.arguments.validation import lora_notes, parallel_sizes, ulysses_degree, validate, virtual_pipeline_size
 from mm.parallel.groups import ParallelSizes
 
 
@@ -118,6 +118,7 @@ def config_from_args(args: argparse.Namespace, world_size: int, mode: str = "tra
         problems = validate(args, model, data, world_size, mode=mode, accelerator=accelerator)
     if problems:
         raise ConfigError(problems)
+    notes.extend(lora_notes(args))
     note = kernel_note(accelerator, args.attention_kernel) if accelerator is not None else None
     if note:
         notes.append(note)

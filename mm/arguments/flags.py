@@ -182,6 +182,29 @@ def _checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
                         "mm silences (mm.accelerator.notices; MM_VERBOSE=1 does the same)")
 
 
+def _lora(p: argparse.ArgumentParser) -> None:
+    """LoRA fine-tuning (``mm.models.predictor.lora``): the names of MindSpeed-MM's finetune_lora.sh."""
+    g = p.add_argument_group("LoRA fine-tuning (pretrain_t2v.py, pretrain_i2v.py)")
+    g.add_argument("--lora-r", type=_positive_int, default=None,
+                   help="train low-rank adapters of this rank on the DiT layers' linears, every other weight frozen; "
+                        "checkpoints then hold the adapters alone")
+    g.add_argument("--lora-alpha", type=float, default=None,
+                   help="the adapters' scale is alpha / r; default: r (scale 1)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on each adapter's input (training)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                   help="the layer linears to adapt, by mm's name (linear_qkv, self_attention.linear_proj, mlp.linear_fc1 "
+                        "...), the release's (diffusers' to_q, attn1.to_k, ffn.net.0.proj ...; the original Wan's "
+                        "self_attn.q, ffn.0 ...) or MindSpeed-MM's (proj_q ... proj_out); a name selects every linear "
+                        "whose name ends with it; default: every linear of the layers")
+    g.add_argument("--lora-load", default=None,
+                   help="an adapter checkpoint (a LoRA run's --save directory) to start from or, the same directory "
+                        "as --save, to resume; the base weights come from --load or predictor.from_pretrained")
+    g.add_argument("--lora-register-forward-hook", nargs="+", default=None, metavar="MODULE",
+                   help="accepted for MindSpeed-MM's scripts: the first recomputed layer's input is made to need "
+                        "gradients whatever module is named, so recompute reaches the adapters behind frozen "
+                        "embeddings")
+
+
 def _inference(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference")
     g.add_argument("--cfg-parallel", action="store_true",
@@ -230,7 +253,7 @@ def _mm(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="mm: Megatron-style training and inference for video DiTs")
-    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _inference, _vae_training, _feature_extraction, _mm):
+    for add in (_parallel, _training, _optimizer, _checkpoint_and_logging, _lora, _inference, _vae_training, _feature_extraction, _mm):
         add(parser)
     return parser
 

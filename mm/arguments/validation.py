@@ -7,6 +7,7 @@ configuration are reported at once.
 from __future__ import annotations
 
 import argparse
+import os
 
 from mm.accelerator.attention_kernels import flash3_problem, kernels_for
 from mm.accelerator.device import BACKENDS, backend_accepted
@@ -363,6 +364,59 @@ def _check_vae(args: argparse.Namespace, model: ModelConfig | None, data: DataCo
         problems.append(f"ae.dtype = {ae.dtype!r}: pretrain_vae.py trains in fp32; valid: fp32 (or leave it out)")
 
 
+LORA_FLAGS = (("--lora-alpha", "lora_alpha"), ("--lora-target-modules", "lora_target_modules"),
+              ("--lora-load", "lora_load"), ("--lora-register-forward-hook", "lora_register_forward_hook"))
+
+
+def _check_lora(args: argparse.Namespace, mode: str, problems: list[str]) -> None:
+    """--lora-*: LoRA fine-tuning of the DiT (the target names are the family's: ``FamilySpec.lora_settings``)."""
+    given = [flag for flag, name in LORA_FLAGS if getattr(args, name) is not None]
+    if args.lora_dropout:
+        given.append("--lora-dropout")
+    if args.lora_r is None:
+        problems.extend(f"{flag} needs --lora-r (the adapters' rank, e.g. 16), which turns LoRA on" for flag in given)
+        return
+    if mode != "train":
+        problems.append(f"--lora-r {args.lora_r} trains adapters (pretrain_t2v.py, pretrain_i2v.py); to sample with an "
+                        "adapter, name it in the model JSON's inference section: \"lora\": {\"path\": ..., \"scale\": 1.0}")
+        return
+    alpha = args.lora_alpha
+    if alpha is not None and not (0.0 < alpha < float("inf")):
+        problems.append(f"--lora-alpha {alpha}; valid: a number > 0 (the adapters' scale is alpha / r; e.g. the rank)")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        problems.append(f"--lora-dropout {args.lora_dropout}; valid: 0 <= dropout < 1")
+    redrawn = sorted(set(args.recompute_modules or ()) & {"mlp", "layernorm"})
+    if args.lora_dropout and redrawn:
+        # these regions run again in the backward without restoring the RNG: the adapters' dropout masks would differ
+        problems.append(f"--lora-dropout {args.lora_dropout} with --recompute-modules {' '.join(redrawn)}: the recompute "
+                        "would draw other dropout masks than the forward; use --lora-dropout 0, or core_attn / full "
+                        "recompute (which restore the RNG)")
+    if args.ema_decay is not None:
+        problems.append(f"--ema-decay {args.ema_decay} with --lora-r {args.lora_r}: the EMA averages the DiT's weights, a "
+                        "LoRA run trains and saves its adapters alone; drop one of the two")
+    if args.load is not None and args.save is not None and os.path.realpath(args.load) == os.path.realpath(args.save):
+        problems.append(f"--load {args.load} is --save's directory: with --lora-r, --load is the base model (a converted "
+                        "release or a full checkpoint) and the adapters resume with --lora-load (the same directory "
+                        "as --save)")
+    if args.lora_load is not None:
+        load = args.lora_load
+        resumable = args.save is not None and os.path.realpath(args.save) == os.path.realpath(load)
+        if not resumable and not os.path.isfile(os.path.join(load, "latest_checkpointed_iteration.txt")) and \
+                not (os.path.isdir(load) and any(name.startswith("iter_") for name in os.listdir(load))):
+            problems.append(f"--lora-load {args.lora_load}: no adapter checkpoint there (no "
+                            "latest_checkpointed_iteration.txt); give a LoRA run's --save directory, or the same "
+                            "directory as --save to start a resumable run")
+
+
+def lora_notes(args: argparse.Namespace) -> list[str]:
+    """What the user should know about the LoRA flags that is not an error."""
+    if args.lora_r is None or args.lora_register_forward_hook is None:
+        return []
+    return [f"--lora-register-forward-hook {' '.join(args.lora_register_forward_hook)}: mm needs no hook; with frozen "
+            "embeddings, the input of the first layer a full recompute checkpoints is made to need gradients itself, "
+            "so the recompute reaches the adapters"]
+
+
 def _check_extraction(args: argparse.Namespace, model: ModelConfig | None, data: DataConfig | None,
                       problems: list[str]) -> None:
     """extract_features.py: every rank encodes its share of the samples alone (data-parallel only)."""
@@ -397,6 +451,7 @@ def validate(args: argparse.Namespace, model: ModelConfig | None, data: DataConf
     _check_precision_and_recompute(args, problems)
     _check_batch(args, world_size, mode, problems)
     _check_vae(args, model, data, mode, problems)
+    _check_lora(args, mode, problems)
     if mode == "features":
         _check_extraction(args, model, data, problems)
     elif args.save_features is not None:

@@ -9,8 +9,9 @@ directories, torch_dist as common (unsharded) entries of its state dict. On disk
     parallel             the layout that wrote it (ParallelLayout)
     content              what it holds besides the model: optimizer? RNG? EMA? (Content)
     extra                entry_point, predictor (the model JSON's predictor keys), pipeline_layers
-                         (predictor.pipeline_num_layers / mm-convert's pp_layers), and the writer's
-                         own notes (mm-convert: verb, source, its --version)
+                         (predictor.pipeline_num_layers / mm-convert's pp_layers), lora (a LoRA run's
+                         adapters: the checkpoint holds them alone), and the writer's own notes
+                         (mm-convert: verb, source, its --version)
 
 Every header mm has written carries ``checkpoint_version`` 1; one without it is not mm's.
 """
@@ -37,7 +38,7 @@ from mm.ckpt.layout import (
 CHECKPOINT_VERSION = 1
 MODEL_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size")
-_TYPED_EXTRA = ("entry_point", "predictor", "pipeline_layers")  # kept under "extra" on disk
+_TYPED_EXTRA = ("entry_point", "predictor", "pipeline_layers", "lora")  # kept under "extra" on disk
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ class CheckpointHeader:
         predictor: the model JSON's predictor keys (the family's predictor config as a dict).
         pipeline_layers: the layers per pipeline stage (and virtual chunk) it was split into;
             None when the writer did not say.
+        lora: a LoRA run's adapters (``mm.models.predictor.lora.LoraSettings.to_dict``: rank, alpha, the
+            linears and parts adapted): the checkpoint then holds those adapters and no base weight; None
+            for a checkpoint of whole weights.
         extra: the writer's other notes (JSON-able).
         version: mm's content layout, ``checkpoint_version`` on disk.
         format: ``torch`` or ``torch_dist``: where the header was found (not stored).
@@ -110,6 +114,7 @@ class CheckpointHeader:
     entry_point: str | None = None
     predictor: dict[str, Any] | None = None
     pipeline_layers: list | None = None
+    lora: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = CHECKPOINT_VERSION
     format: str | None = None
@@ -119,7 +124,9 @@ class CheckpointHeader:
         return {"checkpoint_version": self.version, "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples, "parallel": dataclasses.asdict(self.parallel),
                 "content": dataclasses.asdict(self.content),
-                "extra": dict(self.extra, **{name: getattr(self, name) for name in _TYPED_EXTRA})}
+                # lora only where there are adapters: a header of whole weights reads as before it existed
+                "extra": dict(self.extra, **{name: getattr(self, name) for name in _TYPED_EXTRA
+                                             if name != "lora" or self.lora is not None})}
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any], ckpt_format: str | None = None,

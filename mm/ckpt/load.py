@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,8 @@ from mm.ckpt.layout import (
     read_tracker,
 )
 
+# which of a model's tensors a checkpoint holds, by state-dict name (a LoRA run's: its adapters)
+Keep = Callable[[str], bool]
 # checkpoint keys outside the model (optimizer state, RNG, EMA, megatron's common entries)
 _NOT_MODEL = ("optimizer.", "rng_state", "common_state", "ema.")
 
@@ -167,9 +169,42 @@ def open_checkpoint(path: Path, flag: str = "--load") -> CheckpointHeader:
 # ---------------------------------------------------------------------------------------------- torch_dist
 
 
-def model_sharded_state(model_chunks: Sequence[torch.nn.Module]) -> dict:
-    """``{chunk key: the chunk's sharded_state_dict()}``: the model part of a torch_dist checkpoint."""
-    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(chunk_keys(len(model_chunks)), model_chunks)}
+def model_sharded_state(model_chunks: Sequence[torch.nn.Module], keep: Keep | None = None) -> dict:
+    """``{chunk key: the chunk's sharded_state_dict()}``: the model part of a torch_dist checkpoint;
+    ``keep``: only the tensors whose state-dict names it accepts (a LoRA run's adapters, or its base)."""
+    return {key: {name: value for name, value in unwrap(chunk).sharded_state_dict().items()
+                  if keep is None or keep(name)}
+            for key, chunk in zip(chunk_keys(len(model_chunks)), model_chunks)}
+
+
+def check_adapters(header: CheckpointHeader, path: Path, flag: str, adapters: dict | None) -> None:
+    """A checkpoint of a LoRA run holds adapters alone (``header.lora``): it is read as adapters, into a
+    model with the same adapters (``adapters``: this run's, ``LoraSettings.to_dict``), never as whole
+    weights (``adapters`` None); CheckpointError naming ``flag`` and what to give instead."""
+    saved, root = header.lora, path.parent
+    if adapters is None and saved is not None:
+        raise CheckpointError(f"{flag} {root}: {path} holds LoRA adapters alone (r {saved['r']}, {len(saved['targets'])} "
+                              f"linear(s) per layer), no base weights; give the base model here (a converted release or "
+                              f"a full checkpoint) and the adapters to --lora-load (training) or inference.lora "
+                              f"(sampling), or merge them into the base with mm-convert mm_to_hf --cfg.lora_path")
+    if adapters is None:
+        return
+    if saved is None:
+        raise CheckpointError(f"{flag} {root}: {path} holds whole weights, no LoRA adapters; give a LoRA run's --save "
+                              f"directory (the base model goes to --load)")
+    if saved["r"] != adapters["r"] or saved["targets"] != adapters["targets"]:
+        raise CheckpointError(f"{flag} {root}: {path} holds adapters of rank {saved['r']} on {saved['targets']}; this "
+                              f"run's are of rank {adapters['r']} on {adapters['targets']} (--lora-r and "
+                              f"--lora-target-modules must be the ones it was trained with)")
+
+
+def _load_filtered(chunk: torch.nn.Module, state: dict, keep: Keep, where: str) -> None:
+    """``state`` into ``chunk``, which must take every entry and have every tensor ``keep`` accepts in it."""
+    missing, unexpected = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if keep(k) and not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not match this model: not in the checkpoint {missing[:20]}; not in "
+                              f"this model {list(unexpected)[:20]}")
 
 
 def _entries(value) -> list:
@@ -248,10 +283,15 @@ def load_sharded(path: Path, state: dict, model_keys: list[str], strict: bool, f
         raise DamagedCheckpointError(f"{flag} {path.parent}: cannot read {path}: {failure_reason(e)}") from e
 
 
-def load_model_state(model_chunks: Sequence[torch.nn.Module], loaded: dict, strict: bool) -> None:
-    """Each chunk's part of what ``load_sharded`` returned, into the chunk."""
+def load_model_state(model_chunks: Sequence[torch.nn.Module], loaded: dict, strict: bool,
+                     keep: Keep | None = None) -> None:
+    """Each chunk's part of what ``load_sharded`` returned, into the chunk (``keep``: the part of the
+    model it holds, ``model_sharded_state``'s)."""
     for key, chunk in zip(chunk_keys(len(model_chunks)), model_chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        if keep is None:
+            unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        else:
+            unwrap(chunk).load_state_dict(loaded[key], strict=False)  # match_checkpoint compared the keys
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -263,7 +303,8 @@ def my_rank_dir(path: Path) -> Path:
                     mpu.get_pipeline_model_parallel_world_size())
 
 
-def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict: bool, flag: str = "--load") -> dict:
+def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict: bool, flag: str = "--load",
+                    keep: Keep | None = None) -> dict:
     """This rank: read its (TP, PP) rank's file of the torch-format checkpoint ``path`` and load the
     model chunks from it (no collectives, so a rank that fails here can tell the others before
     anyone waits). Returns the file's dict (optimizer, scheduler, RNG, EMA for the caller); a file
@@ -282,7 +323,10 @@ def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict:
         for name, value in chunk.state_dict().items():
             if name.endswith("._extra_state") and name not in loaded:
                 loaded[name] = value
-        chunk.load_state_dict(loaded, strict=strict)
+        if keep is None:
+            chunk.load_state_dict(loaded, strict=strict)
+        else:
+            _load_filtered(chunk, loaded, keep, f"{flag} {path.parent}: {mine}")
     return state
 
 
@@ -290,22 +334,25 @@ def read_model_file(path: Path, model_chunks: Sequence[torch.nn.Module], strict:
 
 
 def load_model(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], *, strict: bool = True,
-               flag: str = "--load") -> CheckpointHeader:
+               flag: str = "--load", keep: Keep | None = None, adapters: dict | None = None) -> CheckpointHeader:
     """The model weights of the checkpoint the tracker in ``load_dir`` names (either format; no
     optimizer, RNG or EMA) into this rank's model chunks (megatron-wrapped or bare, one per virtual
     pipeline chunk). Returns its header. ``strict``: every model tensor must be in the checkpoint
-    and every model tensor of the checkpoint read by some rank. CheckpointError when ``load_dir``
-    holds no checkpoint or it does not fit. Every rank calls this."""
+    and every model tensor of the checkpoint read by some rank. ``keep``: the model's tensors to load, by
+    state-dict name (a LoRA model's base, or its adapters); ``adapters``: the model's LoRA adapters
+    (``LoraSettings.to_dict``) when the checkpoint is to be an adapter checkpoint (``check_adapters``).
+    CheckpointError when ``load_dir`` holds no checkpoint or it does not fit. Every rank calls this."""
     root = Path(load_dir)
     path = choose_checkpoint(root, flag)
     if path is None:
         raise CheckpointError(f"{flag} {root}: no checkpoint there (no {TRACKER}); give mm-convert's output or a "
                               "training run's --save directory")
     header = open_checkpoint(path, flag)
+    check_adapters(header, path, flag, adapters)
     if header.format == "torch":
         error = None
         try:
-            read_model_file(path, model_chunks, strict, flag)
+            read_model_file(path, model_chunks, strict, flag, keep)
         except CheckpointError as e:
             error = e
         except (OSError, KeyError, RuntimeError, ValueError) as e:
@@ -313,8 +360,8 @@ def load_model(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Modu
         agree(error)
     else:
         keys = chunk_keys(len(model_chunks))
-        loaded = load_sharded(path, model_sharded_state(model_chunks), keys, strict, flag)
-        load_model_state(model_chunks, loaded, strict)
+        loaded = load_sharded(path, model_sharded_state(model_chunks, keep), keys, strict, flag)
+        load_model_state(model_chunks, loaded, strict, keep)
     dist.barrier()
     rank0_print(f"  loaded model weights from {path}")
     return header

@@ -252,6 +252,9 @@ class FamilySpec:
     # a model JSON of the encoders alone (MindSpeed-MM's feature-extraction files: ae and text_encoder, no predictor)
     # -> the predictor section its features are for: (model JSON, problems, notes) -> predictor section
     feature_predictor: Callable[[dict, list[str], list[str]], dict] | None = None
+    # the linears of the DiT's layers LoRA may adapt, with their names (``mm.models.predictor.lora.LoraTargets``);
+    # None: the family offers no LoRA
+    lora: Any = None
 
     def arch(self, predictor) -> Any:
         """The typed architecture config of the model JSON's ``predictor`` section."""
@@ -289,6 +292,35 @@ class FamilySpec:
         """Whether the DiT compiles its layers (``--compile-dit-blocks``)."""
         return bool(getattr(self.predictors[model_id][0], "COMPILES_BLOCKS", False))
 
+    def lora_settings(self, args, problems: list[str] | None = None):
+        """The run's adapters from ``--lora-r``, ``--lora-alpha``, ``--lora-dropout`` and
+        ``--lora-target-modules`` (``mm.models.predictor.lora.LoraSettings``), None without ``--lora-r``;
+        a target name the family's layers do not have, or a family without LoRA, goes to ``problems``
+        (ValueError without a list)."""
+        if getattr(args, "lora_r", None) is None:
+            return None
+        from mm.models.predictor.lora import LoraSettings
+
+        found: list[str] = []
+        if self.lora is None:
+            found.append(f"--lora-r {args.lora_r}: the {self.name} family's DiT offers no LoRA adapters")
+            targets = {}
+        else:
+            targets = self.lora.resolve(args.lora_target_modules, found, f"the {self.name} DiT")
+        if problems is None and found:
+            raise ValueError("; ".join(found))
+        if problems is not None:
+            problems.extend(found)
+        alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_r
+        return LoraSettings(r=args.lora_r, alpha=alpha, targets=targets, dropout=args.lora_dropout)
+
+    def lora_part_counts(self) -> dict[str, int]:
+        """How many parts each adaptable linear fuses (self-attention q/k/v: 3)."""
+        counts: dict[str, int] = {}
+        for part in self.lora.parts:
+            counts[part.linear] = counts.get(part.linear, 0) + 1
+        return counts
+
     def problems(self, config, arch, weights: bool = True) -> list[str]:
         """The checks every entry point makes of this family's model JSON (``weights``: with the release's
         files, ``weight_checks``)."""
@@ -317,6 +349,7 @@ class FamilySpec:
                             f"({self.name}) recomputes {', '.join(can) or 'no module selectively'}; valid: those")
         if ae is not None and ae.model_id in self.ae_model_ids:
             problems.extend(self._channel_problems(ae, arch))
+        self.lora_settings(config.args, problems)
         for check in (self.weight_checks if weights else ()) + self.extra_checks:
             problems.extend(check(config, arch))
         return problems

@@ -49,6 +49,10 @@ Keys (the names of Wan's and Phantom's generate scripts are accepted as aliases,
 - ``dit_fsdp``, ``t5_fsdp`` (Wan's names): shard the DiT's parameters over its context-parallel
   group, the text encoder's over its TP x CP group (the ranks that run each forward together; see
   ``mm.parallel.fsdp``): each rank keeps a 1/group share and gathers one block at a time.
+- ``lora``: ``{"path": ..., "scale": 1.0}``, a LoRA adapter applied over the predictor's weights without
+  merging them (``mm.models.predictor.lora``): a LoRA run's ``--save`` directory (any TP layout), or
+  ``mm-convert ... lora_to_hf``'s ``pytorch_lora_weights.safetensors`` (or its directory); ``scale``
+  multiplies its alpha / r.
 - ``low_noise_model`` with ``boundary_ratio`` (Wan2.2 A14B: 0.875 for T2V, 0.9 for I2V): the
   low-noise expert's weights (a HuggingFace directory or an mm checkpoint directory); the model of
   ``predictor`` (the high-noise expert) denoises timesteps >= ``boundary_ratio`` x 1000, the
@@ -80,7 +84,7 @@ KEYS = ("prompt", "prompt_file", "negative_prompt", "seed", "num_frames", "heigh
         "guidance_scale_2", "ulysses_size", "ring_size", "offload_model", "t5_cpu", "dit_fsdp", "t5_fsdp",
         "ref_images", "guidance_scale_img", "guidance_scale_text", "prompt_suffix", "use_prompt_extend",
         "prompt_extend_method", "prompt_extend_model", "prompt_extend_target_lang", "prompt_prefix", "crop_images",
-        "videos_per_prompt")
+        "videos_per_prompt", "lora")
 # a null is "not given" (the default), as Wan's generate.py reads its None arguments
 NULLABLE = ("num_frames", "fps", "sample_steps", "sample_shift", "guidance_scale", "offload_model", "size",
             "prompt_extend_model", "prompt_extend_method", "prompt_extend_target_lang", "use_prompt_extend")
@@ -123,7 +127,30 @@ class SamplingConfig:
     # use_prompt_extend: (prompt_extend_method, prompt_extend_model, prompt_extend_target_lang)
     prompt_extend: tuple[str, str | None, str] | None = None
     extended_prompts: list[str] | None = None  # set by the run: the prompts as extended, encoded instead
+    # ``lora``: an adapter over the predictor's weights, unmerged: (a LoRA run's --save directory or
+    # mm-convert lora_to_hf's PEFT file / its directory, the scale of its alpha / r)
+    lora: tuple[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _lora(value, problems: list[str]) -> tuple[str, float] | None:
+    """``lora``: ``{"path": ..., "scale": 1.0}`` or the path alone (scale 1)."""
+    if value is None:
+        return None
+    path, scale = (value, 1.0) if isinstance(value, str) else \
+        (value.get("path"), value.get("scale", 1.0)) if isinstance(value, dict) else (None, None)
+    unknown = sorted(set(value) - {"path", "scale"}) if isinstance(value, dict) else []
+    if unknown:
+        problems.append(f"inference.lora: unknown key(s) {', '.join(unknown)}; valid: path, scale")
+    if not isinstance(path, str) or not Path(path).exists():
+        problems.append(f"inference.lora = {value!r}: its path is not there; valid: {{\"path\": a LoRA run's --save "
+                        "directory, or mm-convert lora_to_hf's output (a pytorch_lora_weights.safetensors file or its "
+                        "directory), \"scale\": a number (default 1)}")
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        problems.append(f"inference.lora.scale = {scale!r}; valid: a number (1: the adapter as trained)")
+        return None
+    return path, float(scale)
 
 
 def _max_length(value, problems: list[str]) -> int | tuple[int, ...] | None:
@@ -313,7 +340,8 @@ def parse_sampling(section: dict[str, Any], spatial: int, temporal: int | FrameR
         t5_fsdp=flag("t5_fsdp"), ref_images=references,
         guidance_scale_img=number("guidance_scale_img", float, 0.0, defaults.guidance_scale_img),
         guidance_scale_text=number("guidance_scale_text", float, 0.0, defaults.guidance_scale_text),
-        prompt_extend=_prompt_extend(values, flag("use_prompt_extend"), problems))
+        prompt_extend=_prompt_extend(values, flag("use_prompt_extend"), problems),
+        lora=_lora(values.get("lora"), problems))
     if config.offload_model and (config.dit_fsdp or config.t5_fsdp):
         problems.append("inference.offload_model moves whole models between host and device; with dit_fsdp or "
                         "t5_fsdp each rank holds a shard: use one or the other")

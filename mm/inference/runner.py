@@ -22,7 +22,7 @@ either, it stops at once (exit status 1).
 
 The DiT's weights come from ``predictor.from_pretrained`` (the family's release layout, read by its
 weight table) or from ``--load`` (an mm checkpoint of either format: a training run's, or
-mm-convert's).
+mm-convert's); ``inference.lora`` adds a LoRA adapter over them, unmerged (``mm.inference.adapters``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from mm.arguments import ConfigError
 from mm.ckpt import TRACKER, load_model
 from mm.data.video_writer import write_mp4
 from mm.families import FrameRule, Texts, expand_model_json, family_for, resolve
+from mm.inference.adapters import apply_adapter
 from mm.inference.config import SamplingConfig, os_reason, parse_sampling, save_path_problem
 from mm.models.predictor.name_table import read_weights
 from mm.parallel import get_group, get_group_ranks
@@ -241,7 +242,7 @@ class Runner:
         # (encode, denoise, decode); t5_cpu: the text encoders stay on the host
         home = torch.device("cpu") if sampling.offload_model else self.device
         self.home = home
-        self.dits = [self._build_dit(args.load or pred.from_pretrained, args.load is not None)]
+        self.dits = [self._build_dit(args.load or pred.from_pretrained, args.load is not None, sampling.lora)]
         if sampling.low_noise_model is not None:  # an mm checkpoint has a tracker file, a release directory not
             low = sampling.low_noise_model
             self.dits.append(self._build_dit(low, (Path(low) / TRACKER).is_file()))
@@ -268,7 +269,9 @@ class Runner:
         self.guided = self.family.sampler.guided(cfg, sampling)
         self.keeper, self.unwritten = LatentKeeper(), []
 
-    def _build_dit(self, weights: str, from_checkpoint: bool):
+    def _build_dit(self, weights: str, from_checkpoint: bool, adapter: tuple[str, float] | None = None):
+        """The DiT with ``weights`` (an mm checkpoint, or the release's files); ``adapter``: inference.lora's
+        (path, scale), applied over them unmerged."""
         args, pred = self.args, self.runtime.config.model.predictor
         model = self.family.build_predictor(pred.model_id, self.arch,
                                             transformer_config(args, self.arch, self.acc.is_cpu)).to(self.home).eval()
@@ -277,6 +280,12 @@ class Runner:
         else:
             self.family.load_weights(model, read_weights(weights), args.tensor_model_parallel_size,
                                      mpu.get_tensor_model_parallel_rank())
+        if adapter is not None:
+            settings = apply_adapter(model, self.family, *adapter, args.tensor_model_parallel_size,
+                                     mpu.get_tensor_model_parallel_rank())
+            if torch.distributed.get_rank() == 0:
+                print(f"{PROG}: inference.lora {adapter[0]}: rank {settings.r}, alpha {settings.alpha:g} x scale "
+                      f"{adapter[1]:g} on {', '.join(settings.targets)}", flush=True)
         if args.compile_dit_blocks:  # compiled on the first step (its time is left out of s/step)
             model.compile_blocks()
         return model

@@ -43,9 +43,10 @@ def _dp_cp_group():
 
 
 def save(tmp: Path, header: CheckpointHeader, chunk_keys: list[str], chunks: Sequence[torch.nn.Module], optimizer,
-         scheduler, rng_state: dict | None, distributed_parts: list, ema: list | None = None) -> None:
+         scheduler, rng_state: dict | None, distributed_parts: list, ema: list | None = None,
+         keep: Callable[[str], bool] | None = None) -> None:
     """Every rank: write this (TP, PP) rank's files into ``tmp`` (DP x CP rank 0 writes; the others
-    contribute their RNG states and optimizer shards)."""
+    contribute their RNG states and optimizer shards); ``keep``: the model tensors to write, by name."""
     group = _dp_cp_group()
     writer = dist.get_rank(group) == 0
     rng_states = None
@@ -63,7 +64,7 @@ def save(tmp: Path, header: CheckpointHeader, chunk_keys: list[str], chunks: Seq
     state: dict[str, Any] = {"checkpoint_version": MEGATRON_CHECKPOINT_VERSION, "iteration": header.iteration,
                              "consumed_samples": header.consumed_samples}
     for key, chunk in zip(chunk_keys, chunks):
-        state[key] = chunk.state_dict()
+        state[key] = {name: value for name, value in chunk.state_dict().items() if keep is None or keep(name)}
     if header.content.optimizer:
         state["optimizer"] = optimizer.state_dict()
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -84,11 +85,11 @@ def _save_file(obj, path: Path) -> None:
 
 
 def read(path: Path, chunks: Sequence[torch.nn.Module], *, strict: bool,
-         read_param_state: bool) -> tuple[dict, list | None]:
+         read_param_state: bool, keep: Callable[[str], bool] | None = None) -> tuple[dict, list | None]:
     """This rank: read its (TP, PP) rank's file and load the model chunks from it (``mm.ckpt``'s
     model part; no collectives). Returns the file's dict and, on DP x CP rank 0 with
     ``read_param_state``, the distributed optimizer's parameter states."""
-    state = read_model_file(path, chunks, strict)
+    state = read_model_file(path, chunks, strict, keep=keep)
     param_states = None
     if read_param_state and dist.get_rank(_dp_cp_group()) == 0:
         param_states = load_torch_file(my_rank_dir(path) / OPTIM_FILE, f"--load {path.parent}", weights_only=False)

@@ -84,7 +84,9 @@ from mm.ckpt import (
     write_tracker,
 )
 from mm.ckpt.load import (
+    Keep,
     agree,
+    check_adapters,
     choose_checkpoint,
     load_model_state,
     load_sharded,
@@ -202,9 +204,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_state_dict(model_chunks, optimizer, with_optim: bool, with_rng: bool, optimizer_sharding: str,
-                        is_loading: bool) -> dict[str, Any]:
-    """What a checkpoint holds (sharded parts; the caller adds the common values when saving)."""
-    state: dict[str, Any] = model_sharded_state(model_chunks)
+                        is_loading: bool, keep: Keep | None = None) -> dict[str, Any]:
+    """What a checkpoint holds (sharded parts; the caller adds the common values when saving);
+    ``keep``: the model tensors it holds (a LoRA run's adapters), by state-dict name."""
+    state: dict[str, Any] = model_sharded_state(model_chunks, keep)
     if with_optim:
         metadata = {"distrib_optim_sharding_type": optimizer_sharding, "chained_optim_avoid_prefix": True}
         model_state = {k: state[k] for k in chunk_keys(len(model_chunks))}
@@ -304,7 +307,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
                     entry_point: str | None = None, predictor: dict[str, Any] | None = None,
                     pipeline_layers: list | None = None, extra: dict[str, Any] | None = None,
                     optimizer_sharding: str = "fully_reshardable", ckpt_format: str = "torch_dist",
-                    ema=None, keep_last: int | None = None, protect: Path | None = None) -> Path:
+                    ema=None, keep_last: int | None = None, protect: Path | None = None,
+                    keep: Keep | None = None, lora: dict[str, Any] | None = None) -> Path:
     """Write ``<save_dir>/iter_{iteration:07d}`` and point the tracker at it; every rank calls this.
 
     ``model_chunks``: this rank's model chunks (megatron DDP-wrapped or bare), one per virtual
@@ -319,7 +323,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
     ``checkpoint_torch``); ``ema``: a ``ModelEMA`` whose averages the checkpoint keeps too;
     ``keep_last``: once the tracker names this checkpoint, rank 0 deletes older ones beyond the
     newest ``keep_last`` (``prune_checkpoints``; None keeps all), never ``protect`` (the checkpoint
-    this run loaded). Returns the checkpoint directory.
+    this run loaded); ``keep``: the model tensors to save, by state-dict name (None: all), and ``lora``
+    the header's record of them (a LoRA run: its adapters alone, ``LoraSettings.to_dict``). Returns the
+    checkpoint directory.
     """
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ValueError(f"optimizer_sharding = {optimizer_sharding!r}; valid: {', '.join(OPTIMIZER_SHARDINGS)}")
@@ -340,7 +346,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
         parallel=dataclasses.replace(ParallelLayout.current(), distributed_optimizer=distributed_optimizer,
                                      optimizer_sharding=sharding),
         content=Content(optimizer=save_optim, rng=save_rng, ema=ema is not None), entry_point=entry_point,
-        predictor=predictor, pipeline_layers=pipeline_layers, extra=dict(extra or {}), format=ckpt_format)
+        predictor=predictor, pipeline_layers=pipeline_layers, lora=lora, extra=dict(extra or {}), format=ckpt_format)
     failure = f"--save {root}: writing iteration {iteration} to {tmp} failed; {TRACKER} still names the previous " \
               "checkpoint"
     if ckpt_format == "torch":
@@ -349,13 +355,13 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model_chunks: S
             checkpoint_torch.save(tmp, header, chunk_keys(len(model_chunks)), [unwrap(c) for c in model_chunks],
                                   optimizer, scheduler, _rng_state() if save_rng else None,
                                   _distributed_parts(optimizer) if distributed_optimizer else [],
-                                  ema=None if ema is None else ema.state_dict())
+                                  ema=None if ema is None else ema.state_dict(), keep=keep)
         except OSError as e:
             error = f"{failure}: {e}"
         agree(error)
     else:
         state = _sharded_state_dict(model_chunks, optimizer, save_optim, save_rng, optimizer_sharding,
-                                    is_loading=False)
+                                    is_loading=False, keep=keep)
         if save_optim:
             state["opt_param_scheduler"] = scheduler.state_dict()
         if ema is not None:
@@ -399,7 +405,8 @@ def check_load_dir(args) -> None:
 
 def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, *,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
-                    strict: bool = True, ema=None, fallback: bool = False) -> Resumed:
+                    strict: bool = True, ema=None, fallback: bool = False, flag: str = "--load",
+                    keep: Keep | None = None, adapters: dict[str, Any] | None = None) -> Resumed:
     """Load the checkpoint the tracker in ``load_dir`` names into this run's model chunks (and,
     unless ``finetune`` or ``load_optim=False``, optimizer and scheduler; unless ``finetune`` or
     ``load_rng=False``, RNG states). Either format (torch_dist or torch) is recognised from the
@@ -412,23 +419,26 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     before anything is read (``mm.ckpt.integrity``); a damaged one is a DamagedCheckpointError
     naming the directory and the file, or with ``fallback`` (``--load-fallback``) gives way to the
     newest earlier checkpoint that verifies (rank 0 says which and why). The result's ``path`` is
-    the directory loaded. Every rank calls this.
+    the directory loaded. ``keep``: the model tensors the checkpoint holds, by state-dict name, and
+    ``adapters`` this run's LoRA adapters when it is a LoRA run's (``--lora-load``, named ``flag``). Every
+    rank calls this.
     """
     root = Path(load_dir)
-    path = choose_checkpoint(root, "--load", fallback, "--load-fallback")
+    path = choose_checkpoint(root, flag, fallback, "--load-fallback")
     if path is None:
-        rank0_print(f"no checkpoint to load: --load {root} has no {TRACKER}; training starts from scratch")
+        rank0_print(f"no checkpoint to load: {flag} {root} has no {TRACKER}; training starts from scratch")
         return Resumed(0, 0)
-    header = open_checkpoint(path)
+    header = open_checkpoint(path, flag)
+    check_adapters(header, path, flag, adapters)
     with_optim = load_optim and not finetune
     with_rng = load_rng and not finetune
-    _check_resumable(header, path, optimizer, with_optim=with_optim, with_rng=with_rng)
+    _check_resumable(header, path, optimizer, with_optim=with_optim, with_rng=with_rng, flag=flag)
     with_ema = ema is not None and not finetune and header.content.ema
     if with_optim:
         _allocate_optimizer_state(optimizer)
     load = _load_torch if header.format == "torch" else _load_torch_dist
     load(path, model_chunks, optimizer, scheduler, header, with_optim=with_optim, with_rng=with_rng, strict=strict,
-         ema=ema if with_ema else None)
+         ema=ema if with_ema else None, keep=keep, flag=flag)
     if ema is not None and not with_ema:
         ema.reset()
         rank0_print(f"  EMA starts from the loaded weights ({'--finetune' if finetune else 'no EMA in the checkpoint'})")
@@ -441,46 +451,48 @@ def load_checkpoint(load_dir: str | os.PathLike, model_chunks: Sequence[torch.nn
     return Resumed(header.iteration, header.consumed_samples, path)
 
 
-def _check_resumable(header: CheckpointHeader, path: Path, optimizer, *, with_optim: bool, with_rng: bool) -> None:
+def _check_resumable(header: CheckpointHeader, path: Path, optimizer, *, with_optim: bool, with_rng: bool,
+                     flag: str = "--load") -> None:
     """The optimizer and RNG states asked for are in the checkpoint and fit this run."""
     saved, layout, root = header.parallel, ParallelLayout.current(), path.parent
     if with_optim:
         if not header.content.optimizer:
-            raise CheckpointError(f"--load {root}: {path} holds no optimizer state (saved with --no-save-optim or "
+            raise CheckpointError(f"{flag} {root}: {path} holds no optimizer state (saved with --no-save-optim or "
                                   "converted weights); load with --no-load-optim or --finetune")
         if saved.distributed_optimizer != _is_distributed_optimizer(optimizer):
             raise CheckpointError(
-                f"--load {root}: {path} holds {'distributed' if saved.distributed_optimizer else 'plain'} optimizer "
+                f"{flag} {root}: {path} holds {'distributed' if saved.distributed_optimizer else 'plain'} optimizer "
                 f"state; this run uses the {'plain' if saved.distributed_optimizer else 'distributed'} optimizer "
                 "(--use-distributed-optimizer must match, or load with --no-load-optim)")
         if saved.optimizer_sharding == "dp_reshardable" and not saved.matches(
                 layout, MODEL_PARALLEL + ("context_parallel_size",)):
-            raise CheckpointError(f"--load {root}: {path} holds dp_reshardable optimizer state written by "
+            raise CheckpointError(f"{flag} {root}: {path} holds dp_reshardable optimizer state written by "
                                   f"{saved.describe()}; it loads only into the same TP/PP/VPP/CP layout (this run: "
                                   f"{layout.describe()}); load with --no-load-optim")
     if with_rng:
         if not header.content.rng:
-            raise CheckpointError(f"--load {root}: {path} holds no RNG state (saved with --no-save-rng or converted "
+            raise CheckpointError(f"{flag} {root}: {path} holds no RNG state (saved with --no-save-rng or converted "
                                   "weights); load with --no-load-rng")
         if not saved.matches(layout, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                       "context_parallel_size", "data_parallel_size")):
-            raise CheckpointError(f"--load {root}: {path} holds per-rank RNG states of {saved.describe()}; this run "
+            raise CheckpointError(f"{flag} {root}: {path} holds per-rank RNG states of {saved.describe()}; this run "
                                   f"is {layout.describe()}; load with --no-load-rng to keep this run's RNG states")
 
 
 def _load_torch(path: Path, model_chunks, optimizer, scheduler, header: CheckpointHeader, *, with_optim: bool,
-                with_rng: bool, strict: bool, ema=None) -> None:
+                with_rng: bool, strict: bool, ema=None, keep: Keep | None = None,
+                flag: str = "--load") -> None:
     distributed = _distributed_parts(optimizer) if with_optim else []
     error = None
     try:
         state, param_states = checkpoint_torch.read(path, model_chunks, strict=strict,
-                                                    read_param_state=bool(distributed))
+                                                    read_param_state=bool(distributed), keep=keep)
         if ema is not None:
             ema.load_state_dict(state["ema"])
     except CheckpointError as e:
         error = e
     except (OSError, KeyError, RuntimeError, ValueError) as e:
-        error = f"--load {path.parent}: cannot load {path}: {type(e).__name__}: {e}"
+        error = f"{flag} {path.parent}: cannot load {path}: {type(e).__name__}: {e}"
     agree(error)
     checkpoint_torch.restore(state, param_states, optimizer, scheduler, with_optim=with_optim, with_rng=with_rng,
                              distributed_parts=distributed,
@@ -490,14 +502,15 @@ def _load_torch(path: Path, model_chunks, optimizer, scheduler, header: Checkpoi
 
 
 def _load_torch_dist(path: Path, model_chunks, optimizer, scheduler, header: CheckpointHeader, *, with_optim: bool,
-                     with_rng: bool, strict: bool, ema=None) -> None:
+                     with_rng: bool, strict: bool, ema=None, keep: Keep | None = None,
+                     flag: str = "--load") -> None:
     keys = chunk_keys(len(model_chunks))
     state = _sharded_state_dict(model_chunks, optimizer, with_optim, with_rng,
-                                header.parallel.optimizer_sharding or "fully_reshardable", is_loading=True)
+                                header.parallel.optimizer_sharding or "fully_reshardable", is_loading=True, keep=keep)
     if ema is not None:
         state["ema"] = ema.sharded_state_dict(keys)
-    loaded = load_sharded(path, state, keys, strict)
-    load_model_state(model_chunks, loaded, strict)
+    loaded = load_sharded(path, state, keys, strict, flag=flag)
+    load_model_state(model_chunks, loaded, strict, keep)
     if with_optim:
         if header.parallel.distributed_optimizer:
             _load_distributed_optimizer(optimizer, loaded["optimizer"])

@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from mm.accelerator import destroy_distributed, naming_collective_failures, rank0_print, wait_for_peers
-from mm.ckpt import CheckpointError, unwrap
+from mm.ckpt import CheckpointError, load_model, unwrap
 from mm.data.dataset import SkipCounter, token_keys
 from mm.data.features import build_feature_dataloader
 from mm.data.loader import build_video_dataloader
@@ -34,6 +34,7 @@ from mm.families import family_for
 from mm.families.spec import TRAINING_ENTRY_POINTS as TASKS
 from mm.models.encoder_dp import encode_data_parallel
 from mm.models.encoder_offload import InterleavedEncoderOffload
+from mm.models.predictor.lora import add_adapters, is_adapter_key, is_base_key
 from mm.models.predictor.pipeline import layer_layout, stage_span
 from mm.models.predictor.transformer_config import params_dtype, transformer_config
 from mm.models.predictor.name_table import read_weights
@@ -173,6 +174,7 @@ class Trainer:
         self.family = family_for(pred.model_id)
         self.arch = self.family.arch(pred)
         self.recipe = self.family.recipe(args, cfg, self.arch)
+        self.lora = self.family.lora_settings(args)  # --lora-r: adapters on the frozen DiT (checked before start)
         self.tf_config = transformer_config(args, self.arch, acc.is_cpu, cfg.virtual_pipeline_size)
         self.model, self.optimizer = wrap_for_training(self._chunks(), self.tf_config, args, acc)
         # dynamic DP/CP (the model JSON's use_dynamic_dpcp): every DP x CP rank reads its own micro-batches
@@ -192,7 +194,18 @@ class Trainer:
         # (a damaged latest checkpoint is an error, or with --load-fallback gives way to an earlier one)
         self.start_iteration, consumed = 0, 0
         self.loaded = None  # the checkpoint directory loaded: --keep-last-checkpoints never deletes it
-        if args.load is not None:
+        if self.lora is not None:
+            # LoRA: --load (or predictor.from_pretrained) is the base, its weights alone; --lora-load the adapters,
+            # resumed as a whole run resumes (optimizer, schedule, RNG, iteration, data position)
+            if args.load is not None:
+                load_model(args.load, self.model, keep=is_base_key)
+            if args.lora_load is not None:
+                resumed = load_checkpoint(
+                    args.lora_load, self.model, self.optimizer, self.scheduler, load_optim=not args.no_load_optim,
+                    load_rng=not args.no_load_rng, finetune=args.finetune, fallback=args.load_fallback,
+                    flag="--lora-load", keep=is_adapter_key, adapters=self.lora.to_dict())
+                (self.start_iteration, consumed), self.loaded = resumed, resumed.path
+        elif args.load is not None:
             resumed = load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler, load_optim=not args.no_load_optim,
                 load_rng=not args.no_load_rng, finetune=args.finetune, ema=self.ema, fallback=args.load_fallback)
@@ -236,6 +249,14 @@ class Trainer:
             for chunk in chunks:
                 self.family.load_weights(chunk, source, args.tensor_model_parallel_size,
                                          mpu.get_tensor_model_parallel_rank())
+        if self.lora is not None:
+            for chunk in chunks:
+                add_adapters(chunk, self.lora, args.seed, self.family.lora_part_counts())
+            trained = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+            total = sum(p.numel() for c in chunks for p in c.parameters())
+            rank0_print(f"{TASKS[self.task]}: LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on "
+                        f"{', '.join(f'{k} {list(v)}' for k, v in self.lora.targets.items())}: rank 0 trains "
+                        f"{trained} of its {total} DiT parameters ({100 * trained / max(total, 1):.2f}%)")
         return chunks
 
     def _scheduler(self) -> OptimizerParamScheduler:
@@ -442,7 +463,8 @@ class Trainer:
                         entry_point=TASKS[self.task], predictor=dataclasses.asdict(self.arch),
                         pipeline_layers=self.cfg.model.predictor.pipeline_num_layers,
                         ckpt_format=args.ckpt_format, ema=self.ema, keep_last=args.keep_last_checkpoints,
-                        protect=self.loaded)
+                        protect=self.loaded, keep=None if self.lora is None else is_adapter_key,
+                        lora=None if self.lora is None else self.lora.to_dict())
         self.last_saved = iteration
 
     def run(self) -> list[float]:

@@ -81,11 +81,17 @@ def test_the_dit_step_benchmark_runs_each_variant_in_its_own_process(tmp_path):
                    '"in_channels": 4, "out_channels": 4, "cross_attention_dim": 24, "caption_channels": 16, '
                    '"sparse1d": true, "sparse_n": 2}}')
     cmd[cmd.index("--model") + 1] = str(osp)
-    result = subprocess.run(cmd[:cmd.index("--variants")] + ["--optimizer", "--variants", "mm:layernorm+mlp"], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    # and its LoRA fine-tuning (+loraR: the DiT frozen, adapters on MindSpeed-MM's module names as that family reads them)
+    result = subprocess.run(cmd[:cmd.index("--variants")] + ["--optimizer", "--variants", "mm:layernorm+mlp",
+                                                             "mm+lora4:block2", "--lora-target-modules", "proj_q",
+                                                             "proj_out"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("mm:layernorm+mlp"))
-    assert float(row[1]) > 0 and "4 layers, hidden 24" in result.stdout, result.stdout
+    for variant in ("mm:layernorm+mlp", "mm+lora4:block2"):
+        row = next(line.split() for line in result.stdout.splitlines() if line.startswith(variant))
+        assert float(row[1]) > 0, result.stdout
+    assert "4 layers, hidden 24" in result.stdout and "+loraR: adapters on proj_q proj_out" in result.stdout
     refused = subprocess.run(cmd[:cmd.index("--variants")] + ["--in-process", "--variants", "diffusers:ckpt"],
                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                              timeout=600)

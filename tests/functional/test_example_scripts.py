@@ -375,3 +375,27 @@ def test_feature_extraction_script_and_training_on_its_features(launcher, monkey
     from mm.training.pretrain import check_task
 
     check_task("t2v", config, files=False)
+
+
+def test_lora_finetune_script_flags_pass_validation_and_resume_into_its_save_path(launcher, monkeypatch, tmp_path):
+    script = "examples/wan2.1/1.3b/t2v/finetune_lora.sh"
+    result, argv, _ = launcher(script, SAVE_PATH=str(tmp_path / "adapters"))
+    assert result.returncode == 0, result.stderr
+    own, entry, flags = _split(argv)
+    assert (entry, own["--nproc_per_node"]) == ("pretrain_t2v.py", "8")
+    config, arch = _validate(flags, world_size=8, monkeypatch=monkeypatch)
+    args = config.args
+    assert (args.lora_r, args.lora_alpha, args.load) == (16, 16.0, None)  # the base: predictor.from_pretrained
+    assert args.lora_load == args.save == str(tmp_path / "adapters")  # a relaunch resumes the adapters
+    assert args.recompute_granularity == "full" and args.recompute_num_layers == arch.num_layers
+    from mm.families import family_for
+
+    settings = family_for(config.model.predictor.model_id).lora_settings(args)
+    # MindSpeed-MM's module names: q, k, v and output of both attentions and the FFN, as mm's linears and parts
+    assert settings.targets == {"self_attention.linear_qkv": (0, 1, 2), "self_attention.linear_proj": (0,),
+                                "cross_attention.linear_q": (0,), "cross_attention.linear_kv": (0, 1),
+                                "cross_attention.linear_proj": (0,), "mlp.linear_fc1": (0,), "mlp.linear_fc2": (0,)}
+    result, argv, _ = launcher(script, SAVE_PATH=str(tmp_path / "a"), LORA_R="0")
+    assert argv is not None  # the fake torchrun records; mm's parser refuses the rank
+    with pytest.raises(ConfigError, match="--lora-r: must be an integer >= 1, got 0"):
+        parse_flags(_split(argv)[2])

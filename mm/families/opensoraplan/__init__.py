@@ -6,6 +6,7 @@ from mm.families.opensoraplan.recipe import OpenSoraPlanRecipe
 from mm.families.opensoraplan.sampler import OpenSoraPlanSampler
 from mm.families.spec import FamilySpec
 from mm.models.predictor.opensoraplan import OpenSoraPlanDiT, OpenSoraPlanDiTConfig, OpenSoraPlanI2VConfig
+from mm.models.predictor.opensoraplan.weights import OSP_LORA
 
 
 def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
@@ -39,4 +40,4 @@ SPEC = FamilySpec(name="opensoraplan",
                               "videoditsparsei2v": (OpenSoraPlanDiT, OpenSoraPlanI2VConfig)},
                   recipe=OpenSoraPlanRecipe, sampler=OpenSoraPlanSampler, load_weights=_load_weights,
                   ae_model_ids=("wfvae",), converter=_converter, description="Open-Sora-Plan v1.3",
-                  translate=mindspeed.translate, extra_checks=(_vae_keys,))
+                  translate=mindspeed.translate, extra_checks=(_vae_keys,), lora=OSP_LORA)

@@ -11,6 +11,7 @@ from mm.families.stepvideo.sampler import StepVideoSampler
 from mm.families.stepvideo.text_encoders import (CLIP_MAX_LENGTH, STEP_LLM_MAX_LENGTH, stepvideo_text_encoder,
                                                  stepvideo_tokenizer)
 from mm.families.stepvideo.vae import FRAME_LEN, load_stepvideo_vae, stepvideo_vae_config, vae_factors
+from mm.families.stepvideo.weights import STEPVIDEO_LORA
 
 
 def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
@@ -49,4 +50,4 @@ SPEC = FamilySpec(name="stepvideo", predictors={"stepvideodit": (StepVideoDiT, S
                   tokenizer=stepvideo_tokenizer,
                   text_max_lengths=(STEP_LLM_MAX_LENGTH, CLIP_MAX_LENGTH), converter=_converter,
                   description="Step-Video-T2V", extra_checks=EXTRA_CHECKS,
-                  weight_checks=WEIGHT_CHECKS)
+                  weight_checks=WEIGHT_CHECKS, lora=STEPVIDEO_LORA)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mm.models.predictor.lora import LoraTargets
 from mm.models.predictor.name_table import NameTable, ReleaseConfigError, ShapeOf, WeightMappingError
 
 FORMATS = ("release",)
@@ -147,6 +148,10 @@ STEPVIDEO_WEIGHTS = NameTable("Step-Video-T2V DiT", STEPVIDEO_NAME_TABLE, FORMAT
                               head_prefixes=("scale_shift_table", "proj_out."), read_arch=read_stepvideo_arch,
                               hf_config=stepvideo_release_config, expected_keys=stepvideo_expected_keys)
 rule_for, hf_to_mm, mm_to_hf = STEPVIDEO_WEIGHTS.rule_for, STEPVIDEO_WEIGHTS.hf_to_mm, STEPVIDEO_WEIGHTS.mm_to_hf
+
+# what LoRA adapts in a layer (the release fuses q/k/v in one linear, wqkv: one adapter for the three)
+STEPVIDEO_LORA = LoraTargets(linears=("attn1.proj_qkv", "attn1.proj_out", "attn2.proj_q", "attn2.proj_kv",
+                                      "ff.net.0.proj", "ff.net.2"), table=STEPVIDEO_WEIGHTS)
 
 
 def load_weights(chunk: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0) -> None:

@@ -6,6 +6,7 @@ from mm.families.wan import mindspeed, release
 from mm.families.wan.recipe import WanRecipe
 from mm.families.wan.sampler import WanSampler
 from mm.models.predictor.wan import WanDiT, WanDiTConfig, load_hf_weights
+from mm.models.predictor.wan.weights import WAN_LORA
 
 
 def _load_weights(chunk, source, tp_size: int, tp_rank: int) -> None:
@@ -53,4 +54,4 @@ SPEC = FamilySpec(name="wan", predictors={"wan_dit": (WanDiT, WanDiTConfig)}, re
                   load_weights=_load_weights, ae_model_ids=("wan_vae",), text_encoders=_text_encoder,
                   converter=_converter, description="Wan2.1 / Wan2.2 / Phantom",
                   release=ReleaseConfig(tasks=tuple(release.WAN_TASKS), expand=release.expand),
-                  translate=mindspeed.translate, feature_predictor=mindspeed.feature_predictor, known_vae_factors=_known_vae_factors)
+                  translate=mindspeed.translate, feature_predictor=mindspeed.feature_predictor, known_vae_factors=_known_vae_factors, lora=WAN_LORA)

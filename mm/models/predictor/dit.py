@@ -255,6 +255,12 @@ class PipelinedDiT(MegatronModule):
         through megatron's checkpoint (which saves tensors only), the rest is bound."""
         leaves, spec = tree_flatten(inputs)
         where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        if torch.is_grad_enabled() and not x.requires_grad and \
+                any(p.requires_grad for block in blocks for p in block.parameters()):
+            # frozen embeddings (LoRA): megatron's checkpoint, a reentrant autograd Function, gives an output that
+            # needs gradients only when an input does, so the backward would never reach the blocks' trainable
+            # parameters (what MindSpeed-MM's --lora-register-forward-hook on the patch embedding is for)
+            x = x.detach().requires_grad_()
 
         def run(x_, *tensors):
             filled = list(leaves)

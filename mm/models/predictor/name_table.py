@@ -76,6 +76,40 @@ def global_name(local_name: str, layer_offset: int) -> str:
     return f"blocks.{int(index) + layer_offset}.{rest}"
 
 
+# a LoRA adapter tensor of a linear: ``<linear>.lora_A.<part>`` / ``<linear>.lora_B.<part>`` (mm.models.predictor.lora)
+_ADAPTER = re.compile(r"^(?P<linear>.+)\.lora_(?P<matrix>[AB])\.(?P<part>\d+)$")
+# how TP splits an adapter matrix, by the split of its linear's weight: a column-parallel linear splits
+# B by output rows and keeps A whole; a row-parallel one splits A by input columns and keeps B whole
+_ADAPTER_SPLIT = {("column", "A"): None, ("column", "B"): "column", ("row", "A"): "row", ("row", "B"): None}
+
+
+@dataclass(frozen=True)
+class LoraRule:
+    """The row of one adapter matrix, derived from its linear's weight row: part ``part`` of a fused
+    linear is the release's own linear (diffusers' ``to_k`` of q/k/v), so its release names are that
+    part's with ``.weight`` -> ``.lora_A.weight`` / ``.lora_B.weight`` (PEFT's names)."""
+
+    base: Any
+    matrix: str  # "A" or "B"
+    part: int
+
+    @property
+    def mm(self) -> str:
+        return f"{self.base.mm[:-len('.weight')]}.lora_{self.matrix}.{self.part}"
+
+    @property
+    def split(self) -> str | None:
+        return _ADAPTER_SPLIT[(self.base.split, self.matrix)]
+
+    @property
+    def fused_parts(self) -> int:
+        return 1
+
+    def sources(self, fmt: str) -> tuple[str, ...]:
+        source = self.base.sources(fmt)[self.part]
+        return (f"{source[:-len('.weight')]}.lora_{self.matrix}.weight",)
+
+
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
@@ -130,7 +164,15 @@ class NameTable:
         return re.compile("^(?:" + "|".join(map(re.escape, prefixes)) + r")(\d+)\.")
 
     def rule_for(self, mm_key: str):
-        """The row of an mm key and its placeholder values."""
+        """The row of an mm key and its placeholder values (an adapter's: ``LoraRule`` of its linear's)."""
+        adapter = _ADAPTER.match(mm_key)
+        if adapter is not None:
+            base, values = self.rule_for(f"{adapter['linear']}.weight")
+            part = int(adapter["part"])
+            if base.split not in ("column", "row") or part >= base.fused_parts:
+                raise WeightMappingError(f"mm key {mm_key!r}: {adapter['linear']} is not a tensor-parallel linear "
+                                         f"with a part {part} in the {self.model} name table")
+            return LoraRule(base, adapter["matrix"], part), values
         for pattern, rule in self._patterns:
             match = pattern.match(mm_key)
             if match:

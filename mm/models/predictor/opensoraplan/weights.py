@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mm.models.predictor.lora import LoraTargets
 from mm.models.predictor.name_table import NameTable, WeightMappingError
 from mm.models.predictor.opensoraplan.hf_config import config_of, osp_hf_config, read_osp_arch
 
@@ -122,6 +123,11 @@ OSP_WEIGHTS = NameTable("Open-Sora-Plan v1.3 DiT", OSP_NAME_TABLE, FORMATS, dete
                         head_prefixes=("scale_shift_table", "proj_out."), read_arch=read_osp_arch,
                         hf_config=osp_hf_config, expected_keys=osp_expected_keys)
 rule_for, hf_to_mm, mm_to_hf = OSP_WEIGHTS.rule_for, OSP_WEIGHTS.hf_to_mm, OSP_WEIGHTS.mm_to_hf
+
+# what LoRA adapts in a layer (MindSpeed-MM's names, proj_q ... proj_out, are the table's mindspeed format)
+OSP_LORA = LoraTargets(linears=("self_attention.linear_qkv", "self_attention.linear_proj", "cross_attention.linear_q",
+                                "cross_attention.linear_kv", "cross_attention.linear_proj", "mlp.linear_fc1",
+                                "mlp.linear_fc2"), table=OSP_WEIGHTS)
 
 
 def load_reference_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mm.models.predictor.lora import LoraTargets
 from mm.models.predictor.name_table import NameTable, WeightMappingError
 from mm.models.predictor.wan.hf_config import diffusers_config, read_wan_arch
 
@@ -107,6 +108,17 @@ def detect_format(keys) -> str:
 WAN_WEIGHTS = NameTable("Wan DiT", WAN_NAME_TABLE, FORMATS, detect_format, IGNORED_SOURCE_KEYS,
                         head_prefixes=("head.",), read_arch=read_wan_arch, hf_config=diffusers_config)
 rule_for, hf_to_mm, mm_to_hf = WAN_WEIGHTS.rule_for, WAN_WEIGHTS.hf_to_mm, WAN_WEIGHTS.mm_to_hf
+
+# what LoRA adapts in a Wan layer; MindSpeed-MM's Wan layers name q/k/v/o ``proj_q`` ... ``proj_out`` and keep the
+# original release's ``ffn.0`` / ``ffn.2`` (its finetune_lora.sh targets ``ffn.2 ffn.0 proj_q proj_k proj_v proj_out``)
+WAN_LORA = LoraTargets(
+    linears=("self_attention.linear_qkv", "self_attention.linear_proj", "cross_attention.linear_q",
+             "cross_attention.linear_kv", "cross_attention.linear_kv_img", "cross_attention.linear_proj",
+             "mlp.linear_fc1", "mlp.linear_fc2"),
+    table=WAN_WEIGHTS,
+    aliases={f"{attn}.proj_{mine}": f"{attn}.{theirs}" for attn in ("self_attn", "cross_attn")
+             for mine, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "o"))},
+    alias_naming="MindSpeed-MM")
 
 
 def load_hf_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
