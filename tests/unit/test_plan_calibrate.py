@@ -177,7 +177,7 @@ def _with_tiny_vae(model_json: Path, root: Path) -> Path:
     """A copy of ``model_json`` whose VAE section names a tiny Wan VAE (mm-plan reads its compression)."""
     from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
 
-    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)), root / "vae")
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)), root / "vae")
     model = json.loads(model_json.read_text())
     model["ae"] = {"model_id": "wan_vae", "from_pretrained": str(root / "vae")}
     out = root / "model.json"
