@@ -544,6 +544,17 @@ MINDSPEED_WAN_FILES = ["wan2.1/1.3b/t2v", "wan2.1/1.3b/i2v", "wan2.1/14b/t2v", "
                        "wan2.2/5B/t2v", "wan2.2/5B/ti2v", "wan2.2/A14B/t2v", "wan2.2/A14B/i2v"]
 
 
+def _standin_vae(root: Path, channels: int) -> str:
+    from mm.models.ae import WanVAE, WanVAEConfig, save_wan_vae
+    from tests.vae_helpers import VARIANTS
+
+    config = dict(VARIANTS["wan2.2" if channels == 48 else "wan2.1"], z_dim=channels, latents_mean=[0.0] * channels,
+                  latents_std=[1.0] * channels)
+    path = root / f"vae_{channels}"
+    save_wan_vae(WanVAE(WanVAEConfig(**config)), path)
+    return str(path)
+
+
 @pytest.mark.skipif(not MINDSPEED_REF, reason="set MM_MINDSPEED_MM_REF to a MindSpeed-MM checkout to read its files")
 @pytest.mark.parametrize("example", MINDSPEED_WAN_FILES + ["wan2.1/1.3b/v2v"])
 def test_mindspeed_mm_s_own_wan_inference_files_validate(assets, tmp_path, example):
@@ -553,7 +564,8 @@ def test_mindspeed_mm_s_own_wan_inference_files_validate(assets, tmp_path, examp
     ref = Path(MINDSPEED_REF)
     data = json.loads((ref / "examples" / example / "inference_model.json").read_text())
     model = json.loads((assets / "model.json").read_text())
-    data["ae"]["from_pretrained"] = model["ae"]["from_pretrained"]
+    # a tiny VAE of the DiT's latent channels (16, or Wan2.2's 48 with its 16x compression) stands in
+    data["ae"]["from_pretrained"] = _standin_vae(tmp_path, data["predictor"].get("out_dim", 16))
     for key in ("text_encoder", "tokenizer", "image_encoder"):
         if key in data:
             data[key]["from_pretrained"] = model["text_encoder"]["from_pretrained"]  # a directory is what is checked
