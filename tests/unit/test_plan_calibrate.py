@@ -226,6 +226,7 @@ def test_a_points_model_state_is_freed_when_it_returns(jsons, monkeypatch):
     import weakref
 
     from mm.accelerator import destroy_distributed
+    from mm.parallel import destroy_parallel
     from mm.plan import calibrate
     from mm.runtime import start
     from mm.training.checks import check_task
@@ -251,4 +252,5 @@ def test_a_points_model_state_is_freed_when_it_returns(jsons, monkeypatch):
     finally:
         if enabled:
             gc.enable()
+        destroy_parallel()
         destroy_distributed()
